@@ -1,0 +1,1 @@
+"""Mapping Networks: train any torch.nn.Module through a small latent vector."""
