@@ -1,0 +1,82 @@
+"""Fixed projections from a latent vector to a flat parameter vector, regenerated from a seed.
+
+A projection maps u ∈ R^d to W u ∈ R^P with W never trained and never stored: the same seed
+rebuilds the same W. Every projection kind exposes the same small surface (forward, and what the
+mapping loss needs), so the generator in core.py does not care which one it holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+# Rows of the random matrix are drawn and orthonormalised in blocks of this many, so peak memory
+# stays at one P×d matrix plus a block. Part of the seed contract: changing it changes W.
+_BLOCK_ROWS = 1 << 16
+
+
+def derive_seed(seed: int, name: str) -> int:
+    """A stable 63-bit seed for one named part of a mapping (independent of the other parts)."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def orthonormal_matrix(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """A (rows, cols) float32 matrix with orthonormal columns (orthonormal rows when rows < cols).
+
+    Tall Gaussian matrices are so well conditioned (κ ≈ (1+√(c/r))/(1-√(c/r))) that one pass of
+    Cholesky-QR is accurate in float32 (‖WᵀW − I‖_max ≈ 1e-6 for CNN2 at d = 2048). It is
+    BLAS-3 throughout, works block by block in place, and is faster than Householder QR here.
+    """
+    if rows < cols:
+        return orthonormal_matrix(cols, rows, seed).T.contiguous()
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.empty(rows, cols)  # (P, d)
+    blocks = [(s, min(s + _BLOCK_ROWS, rows)) for s in range(0, rows, _BLOCK_ROWS)]
+    for start, stop in blocks:
+        a[start:stop].normal_(generator=generator)
+    if rows < 4 * cols:  # near-square: conditioning too poor for Cholesky-QR
+        q, r = torch.linalg.qr(a.double())
+        q *= torch.sign(torch.diagonal(r)).masked_fill_(torch.diagonal(r) == 0, 1.0)
+        return q.float()
+    gram = torch.zeros(cols, cols)  # (d, d)
+    for start, stop in blocks:
+        gram += a[start:stop].T @ a[start:stop]
+    # gram = Rᵀ R; W = A R⁻¹. Multiplying by the explicit inverse is as accurate here (κ(R) ≈ 1)
+    # and faster than a triangular solve.
+    inverse = torch.linalg.inv(torch.linalg.cholesky(gram.double()).T).float()  # (d, d)
+    for start, stop in blocks:
+        a[start:stop] = a[start:stop] @ inverse
+    return a
+
+
+class DenseProjection(nn.Module):
+    """W ∈ R^{P×d}, orthonormal columns scaled per row, held in memory (P·d floats).
+
+    `row_scale` (P,) is folded into W once, so generation is a single matrix-vector product.
+    """
+
+    weight: torch.Tensor
+
+    def __init__(self, out_features: int, in_features: int, seed: int, row_scale: torch.Tensor):
+        super().__init__()
+        weight = orthonormal_matrix(out_features, in_features, seed)  # (P, d)
+        weight *= row_scale.to(weight.dtype)[:, None]
+        # Not persistent: the seed regenerates it, so checkpoints never carry it.
+        self.register_buffer("weight", weight, persistent=False)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:  # (d,) -> (P,)
+        return self.weight @ u
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.out_features}, in_features={self.in_features}"

