@@ -139,6 +139,38 @@ def _run_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="measure what a mapping costs on this machine",
+        description=(
+            "construction: time, projection memory and peak RSS to build the mapping of CNN2 and "
+            "CNN1 (single, d=2048) and CNN2 layer-wise (4 × 468), each in a fresh process. "
+            "defaults: one epoch of CNN2 single d=2048 per candidate setting, scored on the "
+            "validation split (resumable; the runs behind the defaults in docs/method.md)."
+        ),
+    )
+    p.add_argument("what", choices=["construction", "defaults"])
+    p.add_argument("--dataset", choices=DATASETS, default="mnist", help="for 'defaults'")
+    p.add_argument("--out", type=Path, default=None, help="default: results/bench/<what>...")
+    p.add_argument("--smoke", action="store_true", help="one tiny case (what CI runs)")
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from mapnet.bench import DEFAULT_VARIANTS, construction_table, defaults_sweep
+
+    if args.what == "defaults":
+        out = args.out or Path(f"results/bench/defaults-{args.dataset}.jsonl")
+        defaults_sweep(args.dataset, out, DEFAULT_VARIANTS[:1] if args.smoke else DEFAULT_VARIANTS)
+        return 0
+    cases = [("cnn2", 64, "single")] if args.smoke else [
+        ("cnn2", 2048, "single"), ("cnn2", 468, "layerwise"), ("cnn1", 2048, "single"),
+    ]  # fmt: skip
+    construction_table(cases, args.out or Path("results/bench/construction.json"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mapnet",
@@ -149,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     _train_parser(sub)
     _data_parser(sub)
+    _bench_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -39,7 +39,7 @@ class TrainConfig:
     mode: str = "mapped"
     epochs: int = 1
     batch_size: int = 128
-    lr: float = 0.01
+    lr: float = 0.1
     seed: int = 0
     val_size: int = 5000
     mapping: MappingConfig = field(default_factory=MappingConfig)

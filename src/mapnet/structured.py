@@ -1,0 +1,385 @@
+"""A structured fixed projection: W u in O(P log d) time and O(P) bytes, without a P×d matrix.
+
+Construction (all integers come from a seeded counter hash, see "Reproducibility" below):
+
+    n = 2^k ≥ d           Walsh–Hadamard size; H ∈ {±1}^{n×n} (Sylvester order), H Hᵀ = n I
+    B = ⌈P / n⌉           number of blocks
+    block j (0 ≤ j < B):  x_j = S_j u        scatter: u_i goes, times a random sign s_j[i], to a
+                                            random slot σ_j(i) of n (σ_j injective; other slots 0)
+                          y_j = H x_j        fast Walsh–Hadamard transform, exact ±1 arithmetic
+    interleave:           row a of block j becomes output p = a·B + j; outputs p ≥ P are dropped
+    output:               (W u)_p = row_scale_p · t_p · y_{p mod B}[p div B] / √max(P, d)
+                          t_p a random output sign
+
+So W = diag(row_scale) · (1/√max(P, d)) · M[:P, :d], where M ∈ {±1}^{Bn × n} is a row permutation
+of the stack [T_j H S̃_j]_j of B signed, permuted Hadamard matrices (S̃_j the full n×n signed
+permutation that S_j is the first d columns of). Each block H S̃_j / √n is exactly orthogonal, so
+Mᵀ M = B n I. What holds exactly (with row_scale = 1):
+
+* Every entry has the same magnitude: |W_pi| = 1 / √max(P, d).
+* P ≥ d: every column has unit norm exactly. WᵀW = I exactly when P is a multiple of n (nothing
+  dropped). Otherwise WᵀW = (Bn·I − Rᵀ R) / P, R ∈ {±1}^{(Bn−P)×d} the dropped rows of M
+  (diag(RᵀR) = Bn − P, so the diagonal is still 1): the off-diagonal entries satisfy
+  |(WᵀW)_ik| ≤ (Bn − P)/P < n/P (typically ~√(Bn−P)/P), and all singular values are ≤ √(Bn/P).
+  Exact orthonormality for every P is impossible with equal-magnitude entries (two ±1 columns of
+  odd length cannot be orthogonal).
+* P < d (then B = 1): every row has unit norm exactly, and W Wᵀ = I exactly when d = n.
+
+Why a single Hadamard per block (not Fastfood's H D Π H D): equal-magnitude entries make the exact
+Jacobian norm of the mapping loss closed form (`weighted_row_sq_norms`), and one transform is half
+the work. Why the interleave and the output signs: a block maps u isometrically (‖y_j‖ = √n ‖u‖
+for every u), so contiguous blocks would force every run of n consecutive parameters to move by
+the same norm; interleaving spreads each block over the whole vector (every layer gets rows from
+every block), and t_p stops a column from being a plain Walsh pattern (e.g. a constant shift of
+a whole weight matrix). The input signs s_j stop the Walsh "bucket collisions" of columns within a
+layer from adding up with the same sign across blocks.
+
+Reproducibility: slots, input signs and output signs come from splitmix64 on uint64 counters
+(NumPy's uint64 arithmetic wraps modulo 2^64 by definition) keyed by SHA-256 of the seed, and
+slots from sorting distinct integer keys, so W is bit-identical everywhere. The forward and its
+transpose use only scatter/gather, ±1 sign flips, additions and subtractions in a fixed order
+(butterflies, and a pairwise tree for the sum over blocks: never a BLAS call or a library
+reduction) and one final multiplication, so W u is bit-identical for any thread count, process
+or machine with IEEE floats.
+
+Memory: slots (int16 when n ≤ 32768) and input signs (int8) take 3 bytes per (block, input), at
+most 3 bytes per target parameter (B·d ≤ P + d); the per-row gain (row_scale folded with t_p and
+the normalisation, float32) takes 4. Autograd saves nothing: the backward is the transposed pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+# splitmix64 constants (Steele, Lea & Flood 2014).
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+# Counters hashed per NumPy pass: the in-place temporaries stay in cache (8x faster than one pass).
+_HASH_CHUNK = 1 << 18
+# Index elements per scatter/gather call: bounds the transient int64 copy of the slot table.
+_INDEX_CHUNK = 1 << 20
+
+
+def _stream_key(seed: int, name: str) -> int:
+    """A 64-bit key for one named random stream of the projection with this seed."""
+    digest = hashlib.sha256(f"mapnet.structured/{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def _hash64(key: int, start: int, stop: int) -> np.ndarray:
+    """splitmix64 outputs for counters start..stop-1 of the stream `key`: (stop - start,) uint64."""
+    out = np.empty(stop - start, dtype=np.uint64)
+    for lo in range(start, stop, _HASH_CHUNK):
+        hi = min(stop, lo + _HASH_CHUNK)
+        z = np.arange(lo, hi, dtype=np.uint64)
+        z *= _GAMMA
+        z += np.uint64(key)
+        tmp = np.empty_like(z)
+        np.right_shift(z, np.uint64(30), out=tmp)
+        z ^= tmp
+        z *= _MIX1
+        np.right_shift(z, np.uint64(27), out=tmp)
+        z ^= tmp
+        z *= _MIX2
+        np.right_shift(z, np.uint64(31), out=tmp)
+        z ^= tmp
+        out[lo - start : hi - start] = z
+    return out
+
+
+def _signs(key: int, start: int, stop: int) -> torch.Tensor:
+    """±1 from the top bit of each hash (the best-mixed bit): (stop - start,) int8."""
+    out = torch.empty(stop - start, dtype=torch.int8)
+    for lo in range(start, stop, _HASH_CHUNK):
+        hi = min(stop, lo + _HASH_CHUNK)
+        top = (_hash64(key, lo, hi) >> np.uint64(63)).astype(np.int8)
+        out[lo - start : hi - start] = torch.from_numpy(1 - 2 * top)
+    return out
+
+
+def _slots(key: int, blocks: int, n: int, d: int) -> torch.Tensor:
+    """σ_j(i) for every block j and input i: the first d entries of a random permutation of n.
+
+    The permutation sorts n keys whose high bits are hashed and whose low log2(n) bits are the slot
+    itself, so keys are distinct and the sorted order (hence W) does not depend on the sort
+    algorithm. Returns (blocks, d), int16 when the slots fit, else int32.
+    """
+    k = n.bit_length() - 1
+    dtype = torch.int16 if n <= 1 << 15 else torch.int32
+    slots = torch.empty(blocks, d, dtype=dtype)
+    rows = max(1, _INDEX_CHUNK // n)
+    low = np.arange(n, dtype=np.uint64)
+    for j0 in range(0, blocks, rows):
+        j1 = min(blocks, j0 + rows)
+        keys = _hash64(key, j0 * n, j1 * n).reshape(j1 - j0, n)  # (b, n)
+        keys >>= np.uint64(k + 1)  # keep 63 - k hash bits: the key fits a non-negative int64
+        keys <<= np.uint64(k)
+        keys |= low
+        order = torch.sort(torch.from_numpy(keys.view(np.int64)), dim=1).indices  # (b, n)
+        slots[j0:j1] = order[:, :d].to(dtype)
+    return slots
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalised Walsh–Hadamard transform along the last axis (length a power of two): H x.
+
+    H is symmetric with H H = n I, so this is also its own transpose (and inverse up to 1/n).
+    log2(n) radix-2 butterfly passes, each an elementwise add and subtract between two buffers:
+    O(n log n) work, exact order of operations, no BLAS. Consumes `x` (used as a work buffer).
+    """
+    n = x.shape[-1]
+    if n & (n - 1):
+        raise ValueError(f"fwht needs a power-of-two length, got {n}")
+    rows = x.numel() // n
+    src = x.reshape(rows, n)  # (R, n)
+    dst = torch.empty_like(src)
+    h = 1
+    while h < n:
+        a = src.view(rows, n // (2 * h), 2, h)  # pairs (c, c + h) inside every 2h-run
+        b = dst.view(rows, n // (2 * h), 2, h)
+        torch.add(a[:, :, 0], a[:, :, 1], out=b[:, :, 0])
+        torch.sub(a[:, :, 0], a[:, :, 1], out=b[:, :, 1])
+        src, dst = dst, src
+        h *= 2
+    return src.view(x.shape)
+
+
+def _tree_sum(v: torch.Tensor) -> torch.Tensor:
+    """Sum over axis 1 by pairwise halving: a fixed order, unlike torch.sum whose order may follow
+    the thread count. (N, B, d) -> (N, d)."""
+    while v.shape[1] > 1:
+        half = v.shape[1] // 2
+        head = v[:, :half] + v[:, half : 2 * half]  # (N, half, d)
+        v = torch.cat([head, v[:, 2 * half :]], dim=1) if v.shape[1] % 2 else head
+    return v[:, 0]
+
+
+class _Project(torch.autograd.Function):
+    """u (..., d) -> W u (..., P); the backward is the transposed pass, so nothing is saved."""
+
+    @staticmethod
+    def forward(u: torch.Tensor, projection: StructuredProjection) -> torch.Tensor:
+        return projection._matvec(u)
+
+    @staticmethod
+    def setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.projection = inputs[1]  # type: ignore[attr-defined]
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _ProjectAdjoint.apply(grad, ctx.projection), None  # type: ignore[attr-defined]
+
+    @staticmethod
+    def jvp(ctx: object, tangent: torch.Tensor, _: None) -> torch.Tensor:
+        return ctx.projection._matvec(tangent)  # type: ignore[attr-defined]  # linear map
+
+    @staticmethod
+    def vmap(info: object, in_dims: tuple, u: torch.Tensor, projection: object) -> tuple:
+        # The pass already takes leading batch axes, so vmap only has to put them in front.
+        if in_dims[0] is not None:
+            u = u.movedim(in_dims[0], 0)
+        return _Project.apply(u, projection), 0 if in_dims[0] is not None else None
+
+
+class _ProjectAdjoint(torch.autograd.Function):
+    """g (..., P) -> Wᵀ g (..., d); its backward is the forward pass (double backward works)."""
+
+    @staticmethod
+    def forward(g: torch.Tensor, projection: StructuredProjection) -> torch.Tensor:
+        return projection._rmatvec(g)
+
+    @staticmethod
+    def setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.projection = inputs[1]  # type: ignore[attr-defined]
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _Project.apply(grad, ctx.projection), None  # type: ignore[attr-defined]
+
+    @staticmethod
+    def jvp(ctx: object, tangent: torch.Tensor, _: None) -> torch.Tensor:
+        return ctx.projection._rmatvec(tangent)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def vmap(info: object, in_dims: tuple, g: torch.Tensor, projection: object) -> tuple:
+        if in_dims[0] is not None:
+            g = g.movedim(in_dims[0], 0)
+        return _ProjectAdjoint.apply(g, projection), 0 if in_dims[0] is not None else None
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+class StructuredProjection(nn.Module):
+    """Implicit W ∈ R^{P×d}: signed, permuted Walsh–Hadamard blocks, interleaved (module docstring).
+
+    Same constructor and forward as DenseProjection: `row_scale` (P,) is a per-row gain folded
+    into W, and forward maps u (d,) to row_scale ⊙ (W u) (P,), or (..., d) to (..., P). Exact
+    properties: |W_pi| = |row_scale_p| / √max(P, d) for every entry; with row_scale = 1 and P ≥ d,
+    unit-norm columns, WᵀW = I when n divides P and |(WᵀW − I)_ik| ≤ (⌈P/n⌉n − P)/P otherwise.
+    Memory 3·⌈P/n⌉·d + 4·⌈P/n⌉·n ≤ 7(P + n) bytes; time O((P + n) log n) per pass.
+    """
+
+    slots: torch.Tensor
+    input_signs: torch.Tensor
+    gain: torch.Tensor
+    column_mean: torch.Tensor | None
+
+    def __init__(self, out_features: int, in_features: int, seed: int, row_scale: torch.Tensor):
+        super().__init__()
+        _positive_int("out_features", out_features)
+        _positive_int("in_features", in_features)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+        if not isinstance(row_scale, torch.Tensor):
+            raise TypeError(f"row_scale must be a tensor, got {type(row_scale).__name__}")
+        if tuple(row_scale.shape) != (out_features,):
+            raise ValueError(
+                f"row_scale must have shape ({out_features},) (one gain per output), "
+                f"got {tuple(row_scale.shape)}"
+            )
+        self._out = out_features
+        self._in = in_features
+        self.seed = seed
+        self.n = 1 << (in_features - 1).bit_length()  # smallest power of two ≥ d
+        self.blocks = -(-out_features // self.n)
+
+        slots = _slots(_stream_key(seed, "slots"), self.blocks, self.n, in_features)  # (B, d)
+        input_signs = _signs(_stream_key(seed, "input_signs"), 0, self.blocks * in_features)
+        output_signs = _signs(_stream_key(seed, "output_signs"), 0, out_features)  # (P,)
+        # Folding the sign and 1/√max(P, d) into the row gain costs nothing per forward. Computed
+        # in float64 (sqrt is correctly rounded) and rounded once, so it is identical everywhere.
+        scale = 1.0 / math.sqrt(max(out_features, in_features))
+        gain = torch.zeros(self.blocks * self.n)  # (Bn,) zero past P, so dropped rows vanish
+        row_scale = row_scale.detach().cpu()
+        for lo in range(0, out_features, _HASH_CHUNK):  # chunks: no float64 copy of all P
+            hi = min(out_features, lo + _HASH_CHUNK)
+            exact = row_scale[lo:hi].to(torch.float64) * output_signs[lo:hi] * scale
+            gain[lo:hi] = exact.to(torch.float32)
+        # Not persistent: the seed (and row_scale) regenerate everything, as for DenseProjection.
+        self.register_buffer("slots", slots, persistent=False)
+        self.register_buffer(
+            "input_signs", input_signs.view(self.blocks, in_features), persistent=False
+        )
+        self.register_buffer("gain", gain, persistent=False)
+        self.register_buffer("column_mean", None, persistent=False)  # filled on first use
+
+    @property
+    def in_features(self) -> int:
+        return self._in
+
+    @property
+    def out_features(self) -> int:
+        return self._out
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., P)
+        self._check_last(u, self._in, "u")
+        return _Project.apply(u, self)
+
+    def adjoint(self, g: torch.Tensor) -> torch.Tensor:  # (..., P) -> (..., d)
+        """Wᵀ g (row_scale included), differentiable; the transposed pass of forward."""
+        self._check_last(g, self._out, "g")
+        return _ProjectAdjoint.apply(g, self)
+
+    def weighted_row_sq_norms(self, c: torch.Tensor) -> torch.Tensor:  # (d,) -> (P,)
+        """Σ_i W_pi² c_i with row_scale: exactly row_scale_p² · Σ_i c_i / max(P, d), because every
+        entry of a row has the same magnitude. Differentiable in c."""
+        if tuple(c.shape) != (self._in,):
+            raise ValueError(f"c must have shape ({self._in},), got {tuple(c.shape)}")
+        gain = self.gain[: self._out]
+        return gain.to(c.dtype).square() * c.sum()
+
+    def column_means(self) -> torch.Tensor:  # () -> (d,)
+        """mean_p W_pi with row_scale: Wᵀ 1 / P by one transposed pass (in float64), then cached."""
+        if self.column_mean is None:
+            ones = torch.ones(self._out, dtype=torch.float64, device=self.gain.device)
+            self.column_mean = (self._rmatvec(ones) / self._out).to(self.gain.dtype)
+        return self.column_mean
+
+    def to_dense(self) -> torch.Tensor:  # () -> (P, d)
+        """W materialised (P·d floats): for tests and comparisons on small sizes only."""
+        eye = torch.eye(self._in, dtype=self.gain.dtype, device=self.gain.device)  # (d, d)
+        return self._matvec(eye).T.contiguous()
+
+    def extra_repr(self) -> str:
+        return f"out_features={self._out}, in_features={self._in}, n={self.n}, blocks={self.blocks}"
+
+    # The two passes. Both take leading batch axes, run under no autograd (the Functions above
+    # supply the derivatives) and compute in the input's floating dtype.
+
+    def _blocks(self, u: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, B, n), y_j = H S_j u
+        count, blocks, n, d = u.shape[0], self.blocks, self.n, self._in
+        x = u.new_zeros(count, blocks, n)  # (N, B, n)
+        step = max(1, _INDEX_CHUNK // d)  # chunks of blocks bound the int64 index and sign copies
+        for j0 in range(0, blocks, step):
+            j1 = min(blocks, j0 + step)
+            index = self.slots[j0:j1].long().expand(count, -1, -1)  # (N, b, d)
+            signed = u[:, None, :] * self.input_signs[j0:j1].to(u.dtype)  # (N, b, d)
+            x[:, j0:j1].scatter_(2, index, signed)
+        return fwht(x)
+
+    def _matvec(self, u: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., P)
+        lead = u.shape[:-1]
+        flat = u.reshape(-1, self._in)  # (N, d)
+        if not flat.is_floating_point():
+            raise TypeError(f"u must be floating point, got {u.dtype}")
+        y = self._blocks(flat)  # (N, B, n)
+        count = y.shape[0]
+        # Interleave: row a of block j -> output a·B + j, i.e. a transpose of each (B, n) slab.
+        # A plain 2-D copy takes torch's blocked transpose path (2x faster than a strided mul).
+        out = torch.empty(count, self.n, self.blocks, dtype=y.dtype, device=y.device)  # (N, n, B)
+        for i in range(count):
+            out[i].copy_(y[i].t())
+        out *= self.gain.to(y.dtype).view(self.n, self.blocks)
+        out = out.view(count, self.n * self.blocks)[:, : self._out]  # (N, P), drops rows ≥ P
+        if count > 1:
+            out = out.contiguous()
+        return out.view(*lead, self._out)
+
+    def _rmatvec(self, g: torch.Tensor) -> torch.Tensor:  # (..., P) -> (..., d)
+        lead = g.shape[:-1]
+        flat = g.reshape(-1, self._out)  # (N, P)
+        if not flat.is_floating_point():
+            raise TypeError(f"g must be floating point, got {g.dtype}")
+        count, blocks, n, d = flat.shape[0], self.blocks, self.n, self._in
+        # Apply the gain (zero for the dropped rows ≥ P), then undo the interleave: output a·B + j
+        # -> row a of block j, a 2-D transpose per slab (torch's blocked copy path).
+        padded = flat.new_empty(count, n * blocks)  # (N, Bn)
+        torch.mul(flat, self.gain[: self._out].to(flat.dtype), out=padded[:, : self._out])
+        padded[:, self._out :].zero_()
+        y = torch.empty(count, blocks, n, dtype=flat.dtype, device=flat.device)  # (N, B, n)
+        for i in range(count):
+            y[i].copy_(padded[i].view(n, blocks).t())
+        del padded
+        y = fwht(y)  # Hᵀ = H
+        # Gather each input's slot, sign it, and sum over blocks: a pairwise tree within a chunk,
+        # then chunk after chunk; the chunking is fixed, so the order of additions is too.
+        total: torch.Tensor | None = None
+        step = max(1, _INDEX_CHUNK // d)
+        for j0 in range(0, blocks, step):
+            j1 = min(blocks, j0 + step)
+            index = self.slots[j0:j1].long().expand(count, -1, -1)  # (N, b, d)
+            picked = torch.gather(y[:, j0:j1], 2, index)  # (N, b, d)
+            picked *= self.input_signs[j0:j1].to(y.dtype)
+            part = _tree_sum(picked)  # (N, d)
+            total = part if total is None else total + part
+        assert total is not None  # blocks ≥ 1
+        return total.view(*lead, d)
+
+    @staticmethod
+    def _check_last(t: torch.Tensor, size: int, name: str) -> None:
+        if t.dim() == 0 or t.shape[-1] != size:
+            raise ValueError(f"{name} must have shape (..., {size}), got {tuple(t.shape)}")

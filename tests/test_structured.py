@@ -1,0 +1,283 @@
+"""Tests for mapnet.structured: the exact properties its docstring states, checked against a
+materialised W on small sizes, plus gradients, loss helpers and bit-reproducibility."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mapnet.structured import StructuredProjection, fwht
+
+# (P, d) cases: n divides P, truncated last block, d not a power of two, P < d, d = 1.
+SIZES = [(512, 128), (1536, 512), (1000, 100), (2500, 300), (300, 500), (7, 1), (96, 96)]
+
+
+def make(p: int, d: int, seed: int = 0, row_scale: torch.Tensor | None = None):
+    scale = torch.ones(p) if row_scale is None else row_scale
+    return StructuredProjection(p, d, seed, scale)
+
+
+def dense(proj: StructuredProjection) -> torch.Tensor:  # (P, d) float64
+    return proj.double().to_dense()
+
+
+def hadamard(n: int) -> torch.Tensor:  # (n, n) Sylvester order
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def test_fwht_is_the_sylvester_hadamard_and_its_own_inverse_up_to_n() -> None:
+    x = torch.randn(3, 64, dtype=torch.float64)
+    y = fwht(x.clone())  # (3, 64)
+    torch.testing.assert_close(y, x @ hadamard(64).T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(fwht(y.clone()), 64 * x, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="power-of-two"):
+        fwht(torch.zeros(2, 12))
+
+
+@pytest.mark.parametrize(("p", "d"), SIZES)
+def test_every_entry_has_the_same_magnitude(p: int, d: int) -> None:
+    row_scale = 0.5 + torch.rand(p, generator=torch.Generator().manual_seed(1))
+    w = dense(make(p, d, 3, row_scale))  # (P, d)
+    expected = row_scale.double()[:, None] / math.sqrt(max(p, d))  # (P, 1)
+    torch.testing.assert_close(w.abs(), expected.expand(p, d), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(("p", "d"), SIZES)
+def test_unit_columns_or_rows_and_exact_orthogonality_when_nothing_is_dropped(p: int, d: int):
+    proj = make(p, d, 5)
+    w = dense(proj)  # (P, d)
+    n, blocks = proj.n, proj.blocks
+    if p >= d:
+        gram = w.T @ w  # (d, d)
+        torch.testing.assert_close(
+            gram.diagonal(), torch.ones(d, dtype=gram.dtype), rtol=0, atol=1e-6
+        )
+        off = gram - torch.diag(gram.diagonal())
+        if p % n == 0:  # every block complete: WᵀW = I
+            assert off.abs().max() <= 1e-6
+        # The stated bound, and the spectral bound ‖W‖² ≤ Bn/P.
+        assert off.abs().max() <= (blocks * n - p) / p + 1e-6
+        assert torch.linalg.eigvalsh(gram).max() <= blocks * n / p + 1e-6
+    else:
+        rows = w @ w.T  # (P, P)
+        torch.testing.assert_close(
+            rows.diagonal(), torch.ones(p, dtype=rows.dtype), rtol=0, atol=1e-6
+        )
+        if d == n:
+            torch.testing.assert_close(rows, torch.eye(p, dtype=rows.dtype), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("p", "d"), [(1000, 100), (2500, 300), (130, 3)])
+def test_truncated_w_is_the_prefix_of_the_untruncated_one(p: int, d: int) -> None:
+    """W(P) = √(Bn/P) · W(Bn)[:P], hence WᵀW = (Bn·I − RᵀR)/P with R the dropped ±1 rows."""
+    proj = make(p, d, 11)
+    full_size = proj.blocks * proj.n
+    full = dense(make(full_size, d, 11))  # (Bn, d), complete blocks
+    torch.testing.assert_close(full.T @ full, torch.eye(d, dtype=full.dtype), rtol=0, atol=1e-6)
+    w = dense(proj)
+    torch.testing.assert_close(w, full[:p] * math.sqrt(full_size / p), rtol=1e-6, atol=0)
+    dropped = full[p:] * math.sqrt(full_size)  # (Bn - P, d) entries ±1
+    torch.testing.assert_close(dropped.abs(), torch.ones_like(dropped), rtol=1e-6, atol=0)
+    expected = (full_size * torch.eye(d, dtype=w.dtype) - dropped.T @ dropped) / p
+    torch.testing.assert_close(w.T @ w, expected, rtol=0, atol=1e-6)
+
+
+def test_each_block_is_exactly_orthogonal() -> None:
+    """Block j maps u to H S_j u with S_j a signed injection: Q_jᵀ Q_j = n I, exactly."""
+    proj = make(3000, 100).double()
+    n = proj.n
+    q = proj._blocks(torch.eye(100, dtype=torch.float64))  # (d, B, n): column i of every block
+    gram = torch.einsum("ibn,kbn->bik", q, q)  # (B, d, d), integer-valued, so exact
+    assert torch.equal(gram, n * torch.eye(100, dtype=torch.float64).expand_as(gram))
+    u = torch.randint(-9, 10, (1, 100)).double()  # integers: every operation is exact
+    energy = proj._blocks(u).square().sum(-1)  # (1, B)
+    assert torch.equal(energy, torch.full_like(energy, n * u.square().sum().item()))
+
+
+def test_interleave_spreads_blocks_so_a_contiguous_run_is_not_isometric() -> None:
+    """Each block carries exactly ‖u‖²/B, but a run of n consecutive outputs must not: the
+    interleave spreads every block over all outputs (so over every layer)."""
+    proj = make(64 * 128, 128)
+    u = torch.randn(200, 128, generator=torch.Generator().manual_seed(0))
+    u = u / u.norm(dim=1, keepdim=True)
+    run = proj(u)[:, : proj.n].square().sum(1)  # (200,) energy of the first n outputs
+    assert run.std() / run.mean() > 0.05
+    comb = proj(u)[:, :: proj.blocks].square().sum(1)  # block 0's rows: exactly isometric
+    torch.testing.assert_close(comb, torch.full_like(comb, 1 / proj.blocks), rtol=1e-5, atol=0)
+
+
+def test_shapes_dtypes_and_batches() -> None:
+    proj = make(1000, 100)
+    assert (proj.out_features, proj.in_features) == (1000, 100)
+    u = torch.randn(4, 100)
+    y = proj(u[0])
+    assert y.shape == (1000,) and y.dtype == torch.float32 and y.is_contiguous()
+    batch = proj(u)  # (4, P)
+    assert batch.shape == (4, 1000) and batch.is_contiguous()
+    assert all(torch.equal(batch[i], proj(u[i])) for i in range(4))  # bit-identical rows
+    assert proj(u.view(2, 2, 100)).shape == (2, 2, 1000)
+    assert proj.adjoint(batch).shape == (4, 100)
+    assert proj(u[0].double()).dtype == torch.float64
+    assert proj.state_dict() == {}  # the seed regenerates everything
+    with pytest.raises(ValueError, match=r"\(\.\.\., 100\)"):
+        proj(torch.zeros(99))
+    with pytest.raises(TypeError, match="floating"):
+        proj(torch.zeros(100, dtype=torch.int64))
+
+
+def test_forward_and_adjoint_match_the_materialised_matrix() -> None:
+    row_scale = torch.linspace(0.1, 2.0, 5000)
+    proj = make(5000, 1000, 2, row_scale)
+    w = dense(proj)  # (P, d)
+    u = torch.randn(3, 1000, dtype=torch.float64)
+    g = torch.randn(3, 5000, dtype=torch.float64)
+    torch.testing.assert_close(proj(u), u @ w.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(proj.adjoint(g), g @ w, rtol=0, atol=1e-12)
+    proj32 = make(5000, 1000, 2, row_scale)
+    torch.testing.assert_close(proj32(u[0].float()), (w @ u[0]).float(), rtol=0, atol=1e-5)
+
+
+# torch.func.jvp itself triggers torch's own torch.jit.script deprecation warning.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_gradients() -> None:
+    proj = make(300, 20, 4, torch.linspace(0.5, 1.5, 300)).double()
+    u = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(proj, (u,))
+    assert torch.autograd.gradgradcheck(proj, (u,))
+    g = torch.randn(300, dtype=torch.float64)
+    assert torch.autograd.gradcheck(proj.adjoint, (g.requires_grad_(),))
+    (grad,) = torch.autograd.grad(proj(u) @ g.detach(), u)
+    torch.testing.assert_close(grad, dense(proj).T @ g.detach(), rtol=0, atol=1e-12)
+    # torch.func transforms (a JVP for Hutchinson, vmap over noise samples).
+    v = torch.randn(20, dtype=torch.float64)
+    _, tangent = torch.func.jvp(proj, (u.detach(),), (v,))
+    torch.testing.assert_close(tangent, proj(v), rtol=0, atol=0)
+    batch = torch.randn(5, 20, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(proj)(batch), proj(batch), rtol=0, atol=0)
+
+
+def test_autograd_saves_nothing() -> None:
+    proj = make(4096, 256)
+    saved: list[torch.Tensor] = []
+    u = torch.randn(256, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = proj(u)
+    assert saved == []
+    y.sum().backward()
+    assert u.grad is not None and u.grad.shape == (256,)
+
+
+def test_loss_helpers_match_the_materialised_matrix() -> None:
+    for p, d in [(5000, 1000), (300, 500)]:
+        row_scale = torch.linspace(-2.0, 3.0, p)
+        proj = make(p, d, 8, row_scale)
+        w = dense(make(p, d, 8, row_scale))  # (P, d)
+        c = torch.rand(d, requires_grad=True)
+        norms = proj.weighted_row_sq_norms(c)  # (P,)
+        assert norms.shape == (p,)
+        expected = w.square() @ c.detach().double()
+        torch.testing.assert_close(norms.double(), expected, rtol=1e-5, atol=0)
+        norms.sum().backward()  # the mapping loss differentiates through c = (1 + 2αz)²
+        assert c.grad is not None
+        means = proj.column_means()  # (d,)
+        assert means.shape == (d,) and means.dtype == torch.float32
+        torch.testing.assert_close(means.double(), w.mean(0), rtol=1e-5, atol=1e-9)
+        assert proj.column_means() is means  # cached: W is fixed
+    with pytest.raises(ValueError, match=r"\(500,\)"):
+        proj.weighted_row_sq_norms(torch.ones(499))
+
+
+def test_memory_is_a_few_bytes_per_output_and_construction_is_fast() -> None:
+    p, d = 200_000, 2048
+    proj = make(p, d)
+    buffers = {name: b for name, b in proj.named_buffers()}
+    total = sum(b.numel() * b.element_size() for b in buffers.values())
+    assert total <= 7 * (p + proj.n)  # 2 (slot) + 1 (sign) per (block, input), 4 per gain
+    assert max(b.numel() for b in buffers.values()) < p + proj.n  # nothing P×d
+    assert buffers["slots"].dtype == torch.int16 and buffers["input_signs"].dtype == torch.int8
+
+
+def test_seed_determines_w() -> None:
+    a, b, c = make(3000, 64, 1), make(3000, 64, 1), make(3000, 64, 2)
+    u = torch.randn(64)
+    assert torch.equal(a(u), b(u))
+    assert not torch.equal(a(u), c(u))
+
+
+def _fingerprint_case() -> tuple[StructuredProjection, torch.Tensor, torch.Tensor]:
+    p, d = 100_003, 300
+    row_scale = 0.5 + (torch.arange(p) % 7).float() / 7
+    u = ((torch.arange(d) * 37) % 101 - 50).float() / 50  # exact float32 values, no RNG
+    g = ((torch.arange(p) * 13) % 29 - 14).float() / 14
+    return StructuredProjection(p, d, 7, row_scale), u, g
+
+
+def _sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def test_pinned_fingerprint() -> None:
+    """Changing these values changes every seeded W: a breaking change for saved latents."""
+    proj, u, g = _fingerprint_case()
+    tables = torch.cat([t.reshape(-1).view(torch.uint8) for t in proj.buffers()])
+    assert _sha(tables) == "f3f634633e99d84ff2efd427514c338e6acad0ec996352331944e32f89fe8751"
+    assert _sha(proj(u)) == "dc3e8e802f0eca4faa03fe9f07bdb472a4cc421e920786692ead126fbd9ebba2"
+    assert _sha(proj.adjoint(g)) == (
+        "2fb1c56545b41ec3fb890103fb16d6f4baceb8e0cec4f1e963a47382a859d9f4"
+    )
+
+
+def test_same_bytes_with_one_thread_in_another_process() -> None:
+    script = textwrap.dedent(
+        """
+        import hashlib, torch
+        torch.set_num_threads(1)
+        from mapnet.structured import StructuredProjection
+        p = StructuredProjection(300_000, 512, 3, torch.linspace(0.5, 2.0, 300_000))
+        u = torch.sin(torch.arange(512, dtype=torch.float32))
+        g = torch.cos(torch.arange(300_000, dtype=torch.float32))
+        for t in (p(u), p(torch.stack([u, 2 * u])), p.adjoint(g)):
+            print(hashlib.sha256(t.numpy().tobytes()).hexdigest())
+        """
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        p = StructuredProjection(300_000, 512, 3, torch.linspace(0.5, 2.0, 300_000))
+        u = torch.sin(torch.arange(512, dtype=torch.float32))
+        g = torch.cos(torch.arange(300_000, dtype=torch.float32))
+        here = [_sha(t) for t in (p(u), p(torch.stack([u, 2 * u])), p.adjoint(g))]
+    finally:
+        torch.set_num_threads(threads)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.split() == here
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        ((0, 10, 0, torch.ones(0)), ValueError, "out_features must be > 0"),
+        ((-3, 10, 0, torch.ones(3)), ValueError, "out_features must be > 0"),
+        ((10, 0, 0, torch.ones(10)), ValueError, "in_features must be > 0"),
+        ((10, 4, 0, torch.ones(11)), ValueError, r"row_scale must have shape \(10,\)"),
+        ((10, 4, 0, torch.ones(10, 1)), ValueError, r"row_scale must have shape \(10,\)"),
+        ((10, 4, -1, torch.ones(10)), ValueError, "seed"),
+        ((10.0, 4, 0, torch.ones(10)), TypeError, "out_features must be an int"),
+        ((10, True, 0, torch.ones(10)), TypeError, "in_features must be an int"),
+        ((10, 4, 0, [1.0] * 10), TypeError, "row_scale must be a tensor"),
+    ],
+)
+def test_bad_arguments(args: tuple, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        StructuredProjection(*args)
