@@ -401,3 +401,16 @@ def test_parameters_without_reset_are_kept_from_the_model() -> None:
     mapped = mapnet.wrap(Scaled(), MappingConfig(latent_dim=5))
     assert mapped.stored_base_names == ["scale"]
     assert torch.equal(mapped.generate()["scale"], torch.full((4,), 2.0))
+
+
+def test_dense_projection_loss_helpers_match_the_matrix() -> None:
+    from mapnet.projection import DenseProjection
+
+    row_scale = torch.linspace(0.5, 2.0, 300)
+    projection = DenseProjection(300, 20, seed=3, row_scale=row_scale)
+    w = projection.weight
+    torch.testing.assert_close(w, orthonormal_matrix(300, 20, 3) * row_scale[:, None])
+    c = torch.rand(20)
+    torch.testing.assert_close(projection.weighted_row_sq_norms(c), (w * w) @ c)
+    torch.testing.assert_close(projection.column_sq_norms(), (w * w).sum(0))
+    torch.testing.assert_close(projection.column_means(), w.mean(0))

@@ -80,3 +80,21 @@ class DenseProjection(nn.Module):
 
     def extra_repr(self) -> str:
         return f"out_features={self.out_features}, in_features={self.in_features}"
+
+    # What the mapping loss needs (SPEC §4), exact, in row blocks so no second P×d buffer exists.
+
+    def weighted_row_sq_norms(self, c: torch.Tensor) -> torch.Tensor:  # (d,) -> (P,)
+        """Σ_i W_pi² c_i for every row p."""
+        out = torch.empty(self.out_features, dtype=self.weight.dtype, device=self.weight.device)
+        for start in range(0, self.out_features, _BLOCK_ROWS):
+            block = self.weight[start : start + _BLOCK_ROWS]
+            out[start : start + _BLOCK_ROWS] = block.square() @ c
+        return out
+
+    def column_sq_norms(self) -> torch.Tensor:  # (d,)
+        """Σ_p W_pi² for every column i."""
+        return self.weight.square().sum(0)
+
+    def column_means(self) -> torch.Tensor:  # (d,)
+        """mean_p W_pi for every column i."""
+        return self.weight.mean(0)
