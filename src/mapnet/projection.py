@@ -93,7 +93,10 @@ class DenseProjection(nn.Module):
 
     def column_sq_norms(self) -> torch.Tensor:  # (d,)
         """Σ_p W_pi² for every column i."""
-        return self.weight.square().sum(0)
+        out = torch.zeros(self.in_features, dtype=self.weight.dtype, device=self.weight.device)
+        for start in range(0, self.out_features, _BLOCK_ROWS):
+            out += self.weight[start : start + _BLOCK_ROWS].square().sum(0)
+        return out
 
     def column_means(self) -> torch.Tensor:  # (d,)
         """mean_p W_pi for every column i."""
