@@ -414,3 +414,22 @@ def test_dense_projection_loss_helpers_match_the_matrix() -> None:
     torch.testing.assert_close(projection.weighted_row_sq_norms(c), (w * w) @ c)
     torch.testing.assert_close(projection.column_sq_norms(), (w * w).sum(0))
     torch.testing.assert_close(projection.column_means(), w.mean(0))
+
+
+@pytest.mark.parametrize("strategy", ["single", "layerwise"])
+def test_structured_projection_end_to_end(strategy: str) -> None:
+    config = MappingConfig(latent_dim=16, strategy=strategy, projection="structured")
+    mapped = mapnet.wrap(small_cnn(), config)
+    assert mapped.projection_bytes() < 8 * mapped.num_target_parameters()
+    x = torch.randn(4, 1, 8, 8)
+    optimizer = torch.optim.Adam(mapped.parameters(), lr=0.1)
+    losses = []
+    for _ in range(5):
+        loss = mapped(x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    mapped.eval()
+    torch.testing.assert_close(mapped.materialize()(x), mapped(x), rtol=0, atol=0)

@@ -188,6 +188,9 @@ def test_loss_helpers_match_the_materialised_matrix() -> None:
         torch.testing.assert_close(norms.double(), expected, rtol=1e-5, atol=0)
         norms.sum().backward()  # the mapping loss differentiates through c = (1 + 2αz)²
         assert c.grad is not None
+        sq = proj.column_sq_norms()  # (d,)
+        assert sq.shape == (d,) and sq.dtype == torch.float32
+        torch.testing.assert_close(sq.double(), w.square().sum(0), rtol=1e-5, atol=0)
         means = proj.column_means()  # (d,)
         assert means.shape == (d,) and means.dtype == torch.float32
         torch.testing.assert_close(means.double(), w.mean(0), rtol=1e-5, atol=1e-9)

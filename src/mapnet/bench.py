@@ -98,7 +98,7 @@ DEFAULT_VARIANTS: list[dict[str, Any]] = [
     {"lr": 0.003}, {"lr": 0.01}, {"lr": 0.03}, {"lr": 0.1}, {"lr": 0.3}, {"lr": 1.0},
     {"lr": 0.1, "alpha": 0.0}, {"lr": 0.1, "alpha": 1.0},
     {"lr": 0.1, "activation": "tanh"},
-    {"lr": 0.1, "scaling": "none"},
+    {"lr": 0.1, "scaling": "none"}, {"lr": 0.1, "projection": "structured"},
     {"lr": 0.01, "literal": True}, {"lr": 0.1, "literal": True},
 ]  # fmt: skip
 

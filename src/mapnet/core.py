@@ -26,12 +26,13 @@ from torch import nn
 from torch.func import functional_call
 
 from mapnet.projection import DenseProjection, derive_seed
+from mapnet.structured import StructuredProjection
 
 STRATEGIES = ("single", "layerwise")
 SCALINGS = ("init_std", "none")
 BASES = ("init", "zero", "model")
 LAYER_SPLITS = ("per_layer", "equal", "proportional")
-PROJECTIONS = ("dense",)
+PROJECTIONS = ("dense", "structured")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda t: t,
     "tanh": torch.tanh,
@@ -80,7 +81,9 @@ class MappingConfig:
         latent_dim numbers (the paper's 4×468 = 1872); "equal" and "proportional" split a total
         of latent_dim across layers evenly or in proportion to their parameter counts.
     latent_init_std: z starts at N(0, std²) (seeded); 0 starts at z = 0, i.e. θ = σ(b).
-    projection: kind of fixed projection; "dense" holds W in memory (P·d floats).
+    projection: kind of fixed projection. "dense": W in memory (P·d floats, orthonormal columns
+        by Cholesky-QR). "structured": signed, permuted Walsh–Hadamard blocks (see structured.py):
+        O(P) memory, O(P log d) time, unit-norm columns, bit-identical on every machine.
     """
 
     latent_dim: int | dict[str, int] = 2048
@@ -344,7 +347,8 @@ class MappedModule(nn.Module):
             gains = [g * self._unit_scale(group) for g in self._gains(ref)]
             row_scale = torch.cat([torch.full_like(r, g) for r, g in zip(ref, gains)])
             seed = derive_seed(config.seed, f"projection/{group.name}")
-            projection = DenseProjection(group.numel, group.latent_dim, seed, row_scale)
+            kind = DenseProjection if config.projection == "dense" else StructuredProjection
+            projection = kind(group.numel, group.latent_dim, seed, row_scale)
             self.projections.append(projection.to(device))
             base = torch.cat(ref) if config.base != "zero" else torch.zeros(0)
             self.register_buffer(f"base_{index}", base.to(device), persistent=False)

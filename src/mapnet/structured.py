@@ -151,8 +151,8 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
 
 
 def _tree_sum(v: torch.Tensor) -> torch.Tensor:
-    """Sum over axis 1 by pairwise halving: a fixed order, unlike torch.sum whose order may follow
-    the thread count. (N, B, d) -> (N, d)."""
+    """Sum over axis 1 by pairwise halving, (N, B, d) -> (N, d): the order of additions is ours,
+    not a detail of torch's reduction kernels (which may split a reduction across threads)."""
     while v.shape[1] > 1:
         half = v.shape[1] // 2
         head = v[:, :half] + v[:, half : 2 * half]  # (N, half, d)
@@ -301,6 +301,11 @@ class StructuredProjection(nn.Module):
             raise ValueError(f"c must have shape ({self._in},), got {tuple(c.shape)}")
         gain = self.gain[: self._out]
         return gain.to(c.dtype).square() * c.sum()
+
+    def column_sq_norms(self) -> torch.Tensor:  # () -> (d,)
+        """Σ_p W_pi² with row_scale: the same for every column, Σ_p row_scale_p² / max(P, d)."""
+        total = self.gain[: self._out].double().square().sum()  # float64: P terms
+        return total.to(self.gain.dtype).expand(self._in).clone()
 
     def column_means(self) -> torch.Tensor:  # () -> (d,)
         """mean_p W_pi with row_scale: Wᵀ 1 / P by one transposed pass (in float64), then cached."""
