@@ -418,7 +418,7 @@ def test_dense_projection_loss_helpers_match_the_matrix() -> None:
 
 @pytest.mark.parametrize("strategy", ["single", "layerwise"])
 def test_structured_projection_end_to_end(strategy: str) -> None:
-    config = MappingConfig(latent_dim=16, strategy=strategy, projection="structured")
+    config = MappingConfig(latent_dim=6, strategy=strategy, projection="structured")
     mapped = mapnet.wrap(small_cnn(), config)
     assert mapped.projection_bytes() < 8 * mapped.num_target_parameters()
     x = torch.randn(4, 1, 8, 8)

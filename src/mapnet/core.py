@@ -252,8 +252,8 @@ def latent_groups(specs: list[ParamSpec], config: MappingConfig) -> list[LatentG
     ]
     if wide:
         warnings.warn(
-            "latent larger than the layer it generates (the projection then has orthonormal "
-            f"rows and the surplus latent numbers are redundant): {', '.join(wide)}",
+            "latent larger than the layer it generates (the surplus latent numbers add no "
+            f"freedom to that layer): {', '.join(wide)}",
             stacklevel=3,
         )
     return groups
