@@ -433,3 +433,13 @@ def test_structured_projection_end_to_end(strategy: str) -> None:
     assert losses[-1] < losses[0]
     mapped.eval()
     torch.testing.assert_close(mapped.materialize()(x), mapped(x), rtol=0, atol=0)
+
+
+def test_intrinsic_dimension_preset_is_theta0_plus_projection() -> None:
+    config = MappingConfig.intrinsic_dimension(latent_dim=12, latent_init_std=0.5)
+    mapped = mapnet.wrap(small_cnn(), config)
+    z = mapped.latent.detach()
+    w = mapped.projections[0].weight
+    torch.testing.assert_close(w.T @ w, torch.eye(12), atol=1e-5, rtol=0)
+    expected = mapped._base(0) + w @ z
+    torch.testing.assert_close(mapped.generate_flat(0).detach(), expected)

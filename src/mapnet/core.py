@@ -137,6 +137,13 @@ class MappingConfig:
         settings: dict[str, Any] = {"scaling": "none", "base": "zero", "latent_init_std": 1.0}
         return cls(**(settings | overrides))
 
+    @classmethod
+    def intrinsic_dimension(cls, **overrides: Any) -> MappingConfig:
+        """Prior art at the same budget (Li et al. 2018): θ = θ₀ + W z, unit-norm random columns,
+        no modulation, no per-tensor gains. projection="dense" or "structured" (their Fastfood)."""
+        settings: dict[str, Any] = {"alpha": 0.0, "scaling": "none", "base": "init"}
+        return cls(**(settings | overrides))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
