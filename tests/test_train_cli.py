@@ -77,6 +77,95 @@ def test_cli_help_teaches(capsys: pytest.CaptureFixture[str]) -> None:
         assert expected in text
 
 
+def write_tiny_dataset(root: Path, train: int = 1000, test: int = 200) -> Path:
+    """A generated 10-class IDX data set in <root>/tiny/: class k brightens rows 2k+4 and 2k+5."""
+    from test_data import write_idx
+
+    generator = torch.Generator().manual_seed(0)
+    for split, n in (("train", train), ("test", test)):
+        labels = torch.randint(0, 10, (n,), generator=generator)
+        images = torch.randint(0, 80, (n, 28, 28), generator=generator)
+        for offset in (4, 5):
+            images[torch.arange(n), 2 * labels + offset] += 150
+        prefix = "train" if split == "train" else "t10k"
+        write_idx(root / "tiny" / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(root / "tiny" / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
+def tiny_run_args(root: Path, out: Path, epochs: int = 4) -> list[str]:
+    return ["train", "--data-dir", str(root), "--dataset", "tiny", "--epochs", str(epochs),
+            "--val-size", "200", "--batch-size", "50", "--latent-dim", "64", "--quiet",
+            "--loss.stability", "true", "--out", str(out)]  # fmt: skip
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    root = write_tiny_dataset(tmp_path / "data")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main(tiny_run_args(root, straight)) == 0
+
+    code = "import sys; from mapnet.cli import main; sys.exit(main(sys.argv[1:]))"
+    process = subprocess.Popen([sys.executable, "-c", code, *tiny_run_args(root, killed)])
+    metrics = killed / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert process.poll() is None and time.monotonic() < deadline, "run ended too early"
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = metrics.read_text().count("\n")
+    assert 1 <= finished < 4 and not (killed / "results.json").exists()
+
+    assert main(["train", "--out", str(killed), "--resume", *tiny_run_args(root, killed)[1:]]) == 0
+    a = json.loads((straight / "results.json").read_text())
+    b = json.loads((killed / "results.json").read_text())
+    strip = [{k: v for k, v in row.items() if k != "seconds"} for row in a["history"]]
+    assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in b["history"]]
+    assert a["test_acc"] == b["test_acc"] > 50
+    latent_a = load_file(straight / "checkpoint" / "tensors.safetensors")["latent.*"]
+    latent_b = load_file(killed / "checkpoint" / "tensors.safetensors")["latent.*"]
+    assert torch.equal(latent_a, latent_b)
+    assert len((killed / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_run_folder_protects_finished_and_different_runs(tmp_path: Path) -> None:
+    root = write_tiny_dataset(tmp_path / "data", train=300, test=50)
+    out = tmp_path / "run"
+    args = tiny_run_args(root, out, epochs=1)
+    args[args.index("--val-size") + 1] = "50"
+    assert main(args) == 0
+    assert main(args) == 2  # already holds a run, no --resume
+    different = [*args, "--lr", "0.5", "--resume"]
+    assert main(different) == 2
+
+
+def test_config_file_and_overrides(tmp_path: Path) -> None:
+    from mapnet.cli import make_train_config, parse_overrides
+
+    assert parse_overrides(["--mapping.alpha", "0.2", "--epochs", "3", "--dataset", "mnist"]) == {
+        "mapping": {"alpha": 0.2}, "epochs": 3, "dataset": "mnist"}  # fmt: skip
+    file = tmp_path / "run.toml"
+    file.write_text('epochs = 4\nlr = 0.05\n[mapping]\nlatent_dim = 1024\nalpha = 0.3\n')
+    import argparse
+
+    args = argparse.Namespace(config=file, paper_literal=False)
+    config = make_train_config(args, ["--alpha", "0.5", "--latent-dim", "512"])
+    assert (config.epochs, config.lr) == (4, 0.05)
+    assert (config.mapping.latent_dim, config.mapping.alpha) == (512, 0.5)
+    with pytest.raises(ValueError, match=r"unknown TrainConfig field\(s\) \['epoch'\]"):
+        make_train_config(args, ["--epoch", "3"])
+    with pytest.raises(ValueError, match="--KEY VALUE pairs"):
+        parse_overrides(["--epochs"])
+
+
 def test_cli_reports_bad_values_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--latent-dim", "0"]) == 2
     assert capsys.readouterr().err.strip() == "mapnet: error: latent_dim must be > 0, got 0"

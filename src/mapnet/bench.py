@@ -2,22 +2,38 @@
 
 Every figure is measured in a fresh subprocess, so peak RSS (VmHWM) belongs to that measurement
 alone and nothing is warm from the previous one.
+
+    construction   time and memory to build a mapping (`measure_construction`)
+    step           one training step (batch, cross-entropy, Adam) of the plain target, of the
+                   mapped target (dense / structured projection) and of intrinsic-dimension
+                   training θ₀ + W z (Li et al. 2018), plus a per-phase breakdown of a mapped
+                   step (`step_bench`, `measure_step`, `measure_breakdown`)
+    report         docs/results/bench.md from results/bench/*.json (`write_report`)
 """
 
 from __future__ import annotations
 
+import copy
+import datetime
 import json
+import math
+import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.func import functional_call
 
-from mapnet.core import MappingConfig, wrap
-from mapnet.models import MODELS
+from mapnet.core import ACTIVATIONS, MappedModule, MappingConfig, wrap
+from mapnet.models import CNN1, CNN2, MODELS, ResNet50
 
 
 def peak_rss_bytes() -> int:
@@ -28,17 +44,21 @@ def peak_rss_bytes() -> int:
     raise RuntimeError("VmHWM not found in /proc/self/status (Linux only)")
 
 
-def measure_construction(model: str, latent_dim: int, strategy: str) -> dict[str, Any]:
+def measure_construction(
+    model: str, latent_dim: int, strategy: str, projection: str = "dense"
+) -> dict[str, Any]:
     """Time and memory to build the mapping for one of the paper's models (run in a subprocess)."""
     torch.manual_seed(0)
     target = MODELS[model]()
     baseline_rss = peak_rss_bytes()
     started = time.perf_counter()
-    mapped = wrap(target, MappingConfig(latent_dim=latent_dim, strategy=strategy))
+    config = MappingConfig(latent_dim=latent_dim, strategy=strategy, projection=projection)
+    mapped = wrap(target, config)
     seconds = time.perf_counter() - started
     return {
         "model": model,
         "strategy": strategy,
+        "projection": projection,
         "latent_dim": latent_dim,
         "trainable_parameters": mapped.num_trainable_parameters(),
         "target_parameters": mapped.num_target_parameters(),
@@ -62,32 +82,80 @@ def in_subprocess(function: str, **kwargs: Any) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_total_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def load() -> dict[str, Any]:
+    """The machine's load right now: other jobs on a 2-core machine move every timing."""
+    try:
+        uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        uptime = ""
+    return {"uptime": uptime, "loadavg": list(os.getloadavg())}
+
+
 def machine() -> dict[str, Any]:
     return {
         "platform": platform.platform(),
         "processor": platform.machine(),
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "memory_bytes": _memory_total_bytes(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
 
 
-def construction_table(cases: list[tuple[str, int, str]], out: Path | None) -> list[dict[str, Any]]:
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def construction_table(
+    cases: list[tuple[str, int, str] | tuple[str, int, str, str]],
+    out: Path | None,
+    command: str = "mapnet bench construction",
+) -> list[dict[str, Any]]:
+    """Each case (model, latent_dim, strategy[, projection]) built in a fresh process."""
     rows = []
-    for model, latent_dim, strategy in cases:
+    started = load()
+    for case in cases:
+        model, latent_dim, strategy = case[:3]
+        projection = case[3] if len(case) > 3 else "dense"
         row = in_subprocess(
-            "measure_construction", model=model, latent_dim=latent_dim, strategy=strategy
-        )
+            "measure_construction",
+            model=model, latent_dim=latent_dim, strategy=strategy, projection=projection,
+        )  # fmt: skip
         rows.append(row)
         print(
             f"{model} {strategy} d={latent_dim}: built in {row['construction_seconds']:.1f} s, "
             f"projection {row['projection_bytes'] / 2**30:.2f} GiB, "
-            f"peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB",
+            f"peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB"
+            + (f" ({projection})" if projection != "dense" else ""),
             flush=True,
         )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
+        data = {"what": "construction", "command": command, "date": _now(), "machine": machine(),
+                "load": {"start": started, "end": load()}, "rows": rows}  # fmt: skip
+        out.write_text(json.dumps(data, indent=2) + "\n")
         print(f"wrote {out}")
     return rows
 
@@ -113,10 +181,11 @@ def defaults_sweep(dataset: str, out: Path, variants: list[dict[str, Any]]) -> l
     for variant in variants:
         if json.dumps(variant, sort_keys=True) in seen:
             continue
-        splits = splits or load_splits(dataset, 5000, 0)
         settings = {k: v for k, v in variant.items() if k not in ("lr", "literal")}
         make = MappingConfig.paper_literal if variant.get("literal") else MappingConfig
         config = TrainConfig(dataset=dataset, lr=variant["lr"], mapping=make(**settings))
+        # Every variant shares the split (same dataset, val_size and seed): load it once.
+        splits = splits or load_splits(config)
         result = train(config, splits, progress=False)
         row = {
             "variant": variant,
@@ -130,3 +199,878 @@ def defaults_sweep(dataset: str, out: Path, variants: list[dict[str, Any]]) -> l
             handle.write(json.dumps(row) + "\n")
         done.append(row)
     return done
+
+
+# ============================================================================ step
+#
+# One training step (fixed batch, cross-entropy, Adam) of the plain target and of four ways of
+# training it through a latent of d numbers. Each (model, variant) runs in a fresh process, in
+# rounds whose order alternates, so slow drift of the machine (other jobs on a 2-core box) hits
+# every variant alike; ratios are to the plain step of the same run.
+
+
+class TinyNet(nn.Module):
+    """What `--smoke` trains: conv + BatchNorm + linear, 1,498 parameters, 1×8×8 input."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 6 * 6, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 8, 8) -> (B, classes)
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+@dataclass(frozen=True)
+class StepModel:
+    """A target of the step bench: how to build it, its input, learning rates and step counts.
+
+    Learning rates only matter for the loss columns (the time of an Adam step does not depend on
+    them). Plain: Adam's usual 1e-3. Latents: the project's default 0.1 (docs/method.md) for the
+    CNNs; for ResNet-50 a 5-step probe on the fixed batch gave loss 7.15 -> 7.13 at 0.1 (no fall),
+    -> 6.82 at 0.01 and -> 6.65 at 1e-3 (mapped), and -> 6.55 at 0.01 for θ₀ + W z.
+    """
+
+    factory: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]  # (C, H, W)
+    num_classes: int
+    lr_plain: float
+    lr_mapped: float
+    lr_intrinsic: float
+    warmup: int
+    steps: int  # measured steps per process
+    rounds: int  # processes per variant (dense variants: see step_bench's dense_rounds)
+
+
+STEP_MODELS: dict[str, StepModel] = {
+    "cnn2": StepModel(CNN2, (1, 28, 28), 10, 1e-3, 0.1, 0.1, warmup=3, steps=10, rounds=3),
+    "cnn1": StepModel(CNN1, (1, 28, 28), 10, 1e-3, 0.1, 0.1, warmup=3, steps=10, rounds=3),
+    # 3×64×64, not 224×224: a 224² step of ResNet-50 at batch 128 would take minutes on 2 cores.
+    "resnet50": StepModel(ResNet50, (3, 64, 64), 1000, 1e-3, 1e-3, 0.01, warmup=1, steps=3,
+                          rounds=2),
+    "tiny": StepModel(TinyNet, (1, 8, 8), 10, 1e-3, 0.1, 0.1, warmup=0, steps=2, rounds=1),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StepVariant:
+    name: str
+    label: str
+    kind: str  # "plain" | "mapped" | "intrinsic"
+    projection: str | None
+
+
+STEP_VARIANTS: tuple[StepVariant, ...] = (
+    StepVariant("plain", "plain training (all P weights)", "plain", None),
+    StepVariant("mapped-dense", "mapped, single d, dense W", "mapped", "dense"),
+    StepVariant("mapped-structured", "mapped, single d, structured W", "mapped", "structured"),
+    StepVariant("id-dense", "intrinsic dim. θ₀ + W z, dense", "intrinsic", "dense"),
+    StepVariant("id-structured", "intrinsic dim. θ₀ + W z, structured (Fastfood's role)",
+                "intrinsic", "structured"),
+)  # fmt: skip
+VARIANTS_BY_NAME = {v.name: v for v in STEP_VARIANTS}
+
+
+def variant_config(variant: StepVariant, latent_dim: int) -> MappingConfig:
+    assert variant.projection is not None
+    if variant.kind == "intrinsic":
+        return MappingConfig.intrinsic_dimension(
+            latent_dim=latent_dim, projection=variant.projection
+        )
+    return MappingConfig(latent_dim=latent_dim, projection=variant.projection)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def _fixed_batch(spec: StepModel, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic, seeded: N(0, 1) images (B, C, H, W) and uniform labels (B,). The same batch
+    every step, so a falling loss shows the latent can fit it (timings do not depend on data)."""
+    generator = torch.Generator().manual_seed(1234)
+    x = torch.randn(batch, *spec.input_shape, generator=generator)
+    y = torch.randint(0, spec.num_classes, (batch,), generator=generator)
+    return x, y
+
+
+def target_parameter_count(model: str) -> int:
+    """P without allocating it (meta device): ResNet-50's 25.6M would cost 100 MB here."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in STEP_MODELS[model].factory().parameters())
+
+
+def _tensor_bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def measure_step(
+    model: str, variant: str, latent_dim: int, batch: int, warmup: int, steps: int,
+    threads: int | None,
+) -> dict[str, Any]:  # fmt: skip
+    """Build one variant and time `warmup + steps` training steps on a fixed batch (subprocess)."""
+    _set_threads(threads)
+    loadavg = list(os.getloadavg())
+    spec, kind = STEP_MODELS[model], VARIANTS_BY_NAME[variant]
+    torch.manual_seed(0)
+    target = spec.factory()
+    x, y = _fixed_batch(spec, batch)
+    rss_before = peak_rss_bytes()
+    construction: float | None = None
+    module: nn.Module = target
+    lr = spec.lr_plain
+    if kind.kind != "plain":
+        started = time.perf_counter()
+        module = wrap(target, variant_config(kind, latent_dim))
+        construction = time.perf_counter() - started
+        lr = spec.lr_mapped if kind.kind == "mapped" else spec.lr_intrinsic
+    module.train()
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=lr)
+    seconds, losses = [], []
+    for _ in range(warmup + steps):
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(module(x), y)
+        loss.backward()
+        optimizer.step()
+        seconds.append(time.perf_counter() - started)
+        losses.append(loss.item())
+    with torch.no_grad():
+        loss_after = nn.functional.cross_entropy(module(x), y).item()
+    optimizer_state = [t for state in optimizer.state.values() for t in state.values()]
+    is_mapped = isinstance(module, MappedModule)
+    return {
+        "model": model,
+        "variant": variant,
+        "threads": torch.get_num_threads(),
+        "loadavg": loadavg,
+        "input_shape": list(spec.input_shape),
+        "batch": batch,
+        "latent_dim": latent_dim if is_mapped else None,
+        "lr": lr,
+        "target_parameters": sum(p.numel() for p in target.parameters()),
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "construction_seconds": construction,
+        "projection_bytes": module.projection_bytes() if isinstance(module, MappedModule) else 0,
+        # Everything the module holds (mapped: latents, W, θ₀ and the target's buffers).
+        "module_bytes": _tensor_bytes(module.parameters()) + _tensor_bytes(module.buffers()),
+        "optimizer_state_bytes": _tensor_bytes(optimizer_state),
+        "warmup_seconds": seconds[:warmup],
+        "step_seconds": seconds[warmup:],
+        "losses": losses,
+        "loss_after": loss_after,
+        "rss_before_bytes": rss_before,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def _summarise(
+    model: str, runs: dict[str, list[dict[str, Any]]], skipped: dict[str, str]
+) -> list[dict[str, Any]]:
+    """One row per variant: pooled median step, ratio to plain (pooled and per round)."""
+    plain_runs = runs.get("plain", [])
+    plain_median = _median([s for r in plain_runs for s in r["step_seconds"]])
+    plain_by_round = {r["round"]: _median(r["step_seconds"]) for r in plain_runs}
+    rows = []
+    for variant in STEP_VARIANTS:
+        row: dict[str, Any] = {"model": model, "variant": variant.name, "label": variant.label}
+        if variant.name in skipped:
+            rows.append(row | {"skipped": True, "reason": skipped[variant.name]})
+            continue
+        done = runs[variant.name]
+        first = done[0]
+        median = _median([s for r in done for s in r["step_seconds"]])
+        builds = [r["construction_seconds"] for r in done if r["construction_seconds"] is not None]
+        row |= {
+            "skipped": False,
+            "processes": len(done),
+            "step_ms_median": median * 1e3,
+            "step_ms_round_medians": [_median(r["step_seconds"]) * 1e3 for r in done],
+            "ratio_to_plain": median / plain_median,
+            "ratio_per_round": [
+                _median(r["step_seconds"]) / plain_by_round[r["round"]]
+                for r in done
+                if r["round"] in plain_by_round
+            ],
+            "construction_seconds": _median(builds) if builds else None,
+            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in done),
+            "rss_before_bytes": first["rss_before_bytes"],
+            "projection_bytes": first["projection_bytes"],
+            "projection_bytes_per_parameter": first["projection_bytes"]
+            / first["target_parameters"],
+            "module_bytes": first["module_bytes"],
+            "optimizer_state_bytes": first["optimizer_state_bytes"],
+            "target_parameters": first["target_parameters"],
+            "trainable_parameters": first["trainable_parameters"],
+            "lr": first["lr"],
+            "loss_first": first["losses"][0],
+            "loss_after": first["loss_after"],
+            "losses": first["losses"],
+            "runs": done,
+        }
+        rows.append(row)
+    return rows
+
+
+def _dense_skip_reason(parameters: int, latent_dim: int) -> str | None:
+    """Why a dense W cannot be built here, or None: it needs P·d float32 numbers in memory."""
+    needed = parameters * latent_dim * 4
+    memory = _memory_total_bytes()
+    if memory and needed > memory / 2:
+        return (
+            f"dense W needs P·d·4 B = {parameters:,} × {latent_dim} × 4 B = {needed / 1e9:.0f} GB; "
+            f"this machine has {memory / 2**30:.0f} GiB"
+        )
+    return None
+
+
+def step_bench(
+    models: list[str],
+    out: Path,
+    *,
+    latent_dim: int = 2048,
+    batch: int = 128,
+    threads: int | None = 1,
+    dense_rounds: int = 1,
+    breakdown: list[str] | None = None,
+    command: str = "mapnet bench step",
+    smoke: bool = False,
+) -> dict[str, Any]:
+    """Run the step bench for `models` and the phase breakdown for `breakdown`; write `out`.
+
+    `smoke` runs every measurement in this process instead of a fresh one: starting Python and
+    torch costs seconds per process, which is most of what CI would wait for (the subprocess
+    path itself is exercised by the construction smoke test). Its peak RSS is then shared.
+    """
+
+    def run(function: str, **kwargs: Any) -> dict[str, Any]:
+        if not smoke:
+            return in_subprocess(function, **kwargs)
+        threads_before = torch.get_num_threads()
+        try:  # through JSON, as from a subprocess
+            return json.loads(json.dumps(globals()[function](**kwargs)))
+        finally:
+            torch.set_num_threads(threads_before)  # the measurement set its own
+
+    data: dict[str, Any] = {
+        "what": "step",
+        "smoke": smoke,
+        "fresh_process_per_measurement": not smoke,
+        "command": command,
+        "argv": sys.argv,
+        "date": _now(),
+        "machine": machine() | {"threads": threads or torch.get_num_threads()},
+        "load": {"start": load()},
+        "settings": {
+            "batch": batch,
+            "latent_dim": latent_dim,
+            "strategy": "single",
+            "loss": "cross-entropy, fixed synthetic batch",
+            "optimizer": "Adam",
+            "dense_rounds": dense_rounds,
+            "models": {
+                name: {
+                    "input_shape": list(STEP_MODELS[name].input_shape),
+                    "warmup": STEP_MODELS[name].warmup,
+                    "steps": STEP_MODELS[name].steps,
+                    "rounds": STEP_MODELS[name].rounds,
+                }
+                for name in models
+            },
+        },
+        "rows": [],
+        "breakdown": [],
+    }
+    started = time.perf_counter()
+    for model in models:
+        spec = STEP_MODELS[model]
+        parameters = target_parameter_count(model)
+        skipped: dict[str, str] = {}
+        for variant in STEP_VARIANTS:
+            reason = _dense_skip_reason(parameters, latent_dim)
+            if variant.projection == "dense" and reason:
+                skipped[variant.name] = reason
+                print(f"{model} {variant.name}: skipped ({reason})", flush=True)
+        runs: dict[str, list[dict[str, Any]]] = {v.name: [] for v in STEP_VARIANTS}
+        for round_index in range(spec.rounds):
+            order = [
+                v for v in STEP_VARIANTS
+                if v.name not in skipped and (v.projection != "dense" or round_index < dense_rounds)
+            ]  # fmt: skip
+            if round_index % 2:  # alternate the order: ABC CBA ABC ...
+                order.reverse()
+            for variant in order:
+                elapsed = time.perf_counter() - started
+                print(f"[{elapsed:6.0f} s] {model} {variant.name} round "
+                      f"{round_index + 1}/{spec.rounds} ...", end=" ", flush=True)  # fmt: skip
+                result = run(
+                    "measure_step", model=model, variant=variant.name, latent_dim=latent_dim,
+                    batch=batch, warmup=spec.warmup, steps=spec.steps, threads=threads,
+                )  # fmt: skip
+                result["round"] = round_index
+                runs[variant.name].append(result)
+                build = result["construction_seconds"]
+                print(f"step {_median(result['step_seconds']) * 1e3:.1f} ms"
+                      + (f", built in {build:.2f} s" if build is not None else "")
+                      + f", peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB, loss "
+                      f"{result['losses'][0]:.3f} -> {result['loss_after']:.3f}, "
+                      f"load {result['loadavg'][0]:.1f}", flush=True)  # fmt: skip
+        data["rows"].extend(_summarise(model, runs, skipped))
+    for model in breakdown or []:
+        spec = STEP_MODELS[model]
+        print(f"[{time.perf_counter() - started:6.0f} s] {model} breakdown (structured) ...",
+              end=" ", flush=True)  # fmt: skip
+        result = run(
+            "measure_breakdown", model=model, latent_dim=latent_dim, batch=batch,
+            warmup=spec.warmup, steps=spec.steps, threads=threads,
+        )  # fmt: skip
+        data["breakdown"].append(result)
+        print(f"mapped {result['mapped_step_ms']:.1f} ms, plain {result['plain_step_ms']:.1f} ms",
+              flush=True)  # fmt: skip
+    data["load"]["end"] = load()
+    data["wall_seconds"] = time.perf_counter() - started
+    data["targets"] = targets_status(data, None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {out} ({data['wall_seconds']:.0f} s)")
+    return data
+
+
+# --------------------------------------------------------------------- breakdown
+
+
+def _phased_mapped_step(
+    mapped: MappedModule, optimizer: torch.optim.Optimizer | None, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, float]:
+    """One mapped training step cut into timed phases.
+
+    Mirrors MappedModule.generate() and forward() (core.py) statement by statement, because the
+    module's own forward is one call; `measure_breakdown` checks that the latent gradient equals
+    the one of `mapped(x)`. Phases are contiguous, so they add up to the whole step. Without an
+    optimiser the step stops after the backward pass (the latent's .grad is left in place).
+    """
+    (group,) = mapped.groups  # the single strategy
+    config, clock, marks = mapped.config, time.perf_counter, {}
+    t = clock()
+
+    def mark(name: str) -> None:
+        nonlocal t
+        now = clock()
+        marks[name] = now - t
+        t = now
+
+    z = mapped.latents[0]  # (d,)
+    if not torch.isfinite(z).all():
+        raise ValueError("latent holds non-finite values")
+    mark("isfinite check")
+    u = z + config.alpha * z * z  # (d,)
+    mark("modulation u = z + αz⊙z")
+    flat = mapped.projections[0](u)  # (P,)
+    mark("projection W u")
+    base = mapped._base(0)
+    if base.numel():
+        flat = flat + base
+    flat = ACTIVATIONS[config.activation](flat)
+    mark("+ θ₀, activation")
+    params: dict[str, torch.Tensor] = {}
+    tensors = []
+    for spec, piece in zip(group.specs, flat.split([s.numel for s in group.specs])):
+        tensor = piece.view(spec.shape).to(spec.dtype)
+        tensors.append(tensor)
+        for alias in spec.names:
+            params[alias] = tensor
+    mark("split / view / cast")
+    loss = nn.functional.cross_entropy(functional_call(mapped.target, params, (x,)), y)
+    mark("target forward (functional_call) + loss")
+    grads = torch.autograd.grad(loss, tensors)
+    mark("target backward (to θ)")
+    torch.autograd.backward(tensors, grads)
+    mark("latent gradient (θ → z: cat, Wᵀg, modulation)")
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        mark("optimiser (Adam on z, zero_grad)")
+    return marks
+
+
+def _adjoint(projector: nn.Module, g: torch.Tensor) -> torch.Tensor:  # (P,) -> (d,)
+    """Wᵀ g: the structured projection has its transposed pass, the dense one its matrix."""
+    adjoint = getattr(projector, "adjoint", None)
+    return adjoint(g) if callable(adjoint) else projector.weight.T @ g
+
+
+def _profile(step: Callable[[], None], steps: int, top: int = 12) -> list[dict[str, Any]]:
+    """torch.profiler's busiest ops (self CPU time) over `steps` calls, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [
+        {
+            "op": e.key,
+            "calls_per_step": e.count / steps,
+            "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+            "total_ms_per_step": e.cpu_time_total / 1e3 / steps,
+        }
+        for e in events[:top]
+    ]
+
+
+def measure_breakdown(
+    model: str, latent_dim: int, batch: int, warmup: int, steps: int, threads: int | None,
+    projection: str = "structured", profile_steps: int = 3,
+) -> dict[str, Any]:  # fmt: skip
+    """Where a mapped step's time goes, next to the plain step of the same target (subprocess).
+
+    Every iteration runs, in rotating order: a whole mapped step (as `measure_step` does), the
+    same step cut into phases, a plain step cut into forward / backward / optimiser, and probes
+    (plain forward directly vs through functional_call; W u and Wᵀg alone).
+    """
+    _set_threads(threads)
+    loadavg = list(os.getloadavg())
+    spec = STEP_MODELS[model]
+    torch.manual_seed(0)
+    target = spec.factory()
+    x, y = _fixed_batch(spec, batch)
+    plain = copy.deepcopy(target)
+    mapped = wrap(target, MappingConfig(latent_dim=latent_dim, projection=projection))
+    mapped.train()
+    plain.train()
+    projector = mapped.projections[0]
+    mapped_opt = torch.optim.Adam(mapped.parameters(), lr=spec.lr_mapped)
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=spec.lr_plain)
+    cross_entropy = nn.functional.cross_entropy
+
+    # The phases must compute what mapped(x) computes: compare the latent gradients once.
+    z = mapped.latent
+    reference = torch.autograd.grad(cross_entropy(mapped(x), y), z)[0]  # (d,)
+    _phased_mapped_step(mapped, None, x, y)
+    assert z.grad is not None
+    grad_diff = (z.grad - reference).abs().max().item()
+    z.grad = None
+
+    samples: dict[str, dict[str, list[float]]] = {"mapped": {}, "plain": {}, "probe": {}}
+
+    def add(kind: str, name: str, seconds: float) -> None:
+        samples[kind].setdefault(name, []).append(seconds)
+
+    def whole_mapped() -> None:
+        mapped_opt.zero_grad(set_to_none=True)
+        cross_entropy(mapped(x), y).backward()
+        mapped_opt.step()
+
+    def whole_plain() -> None:
+        plain_opt.zero_grad(set_to_none=True)
+        cross_entropy(plain(x), y).backward()
+        plain_opt.step()
+
+    def timed_whole_mapped(record: bool) -> None:
+        started = time.perf_counter()
+        whole_mapped()
+        if record:
+            add("mapped", "whole step", time.perf_counter() - started)
+
+    def timed_phases(record: bool) -> None:
+        marks = _phased_mapped_step(mapped, mapped_opt, x, y)
+        if record:
+            for name, seconds in marks.items():
+                add("mapped", name, seconds)
+
+    def timed_plain(record: bool) -> None:
+        clock = time.perf_counter
+        t0 = clock()
+        loss = cross_entropy(plain(x), y)
+        t1 = clock()
+        loss.backward()
+        t2 = clock()
+        plain_opt.step()
+        plain_opt.zero_grad(set_to_none=True)
+        t3 = clock()
+        if record:
+            add("plain", "forward + loss", t1 - t0)
+            add("plain", "backward", t2 - t1)
+            add("plain", "optimiser (Adam on θ, zero_grad)", t3 - t2)
+
+    params = dict(plain.named_parameters())
+    u = torch.randn(projector.in_features)  # (d,)
+    g = torch.randn(projector.out_features)  # (P,)
+
+    def timed_probes(record: bool) -> None:
+        clock = time.perf_counter
+        t0 = clock()
+        cross_entropy(plain(x), y)
+        t1 = clock()
+        cross_entropy(functional_call(plain, params, (x,)), y)
+        t2 = clock()
+        with torch.no_grad():
+            projector(u)
+            t3 = clock()
+            _adjoint(projector, g)
+            t4 = clock()
+        if record:
+            add("probe", "plain forward + loss, direct", t1 - t0)
+            add("probe", "plain forward + loss, via functional_call", t2 - t1)
+            add("probe", "W u alone", t3 - t2)
+            add("probe", "Wᵀ g alone", t4 - t3)
+
+    order = [timed_whole_mapped, timed_phases, timed_plain, timed_probes]
+    for index in range(warmup + steps):
+        rotation = index % len(order)
+        for phase_run in order[rotation:] + order[:rotation]:
+            phase_run(index >= warmup)
+
+    def medians(kind: str) -> dict[str, float]:
+        return {name: _median(values) * 1e3 for name, values in samples[kind].items()}
+
+    mapped_ms, plain_ms = medians("mapped"), medians("plain")
+    whole = mapped_ms.pop("whole step")
+    return {
+        "model": model,
+        "projection": projection,
+        "latent_dim": latent_dim,
+        "batch": batch,
+        "threads": torch.get_num_threads(),
+        "loadavg": loadavg,
+        "steps": steps,
+        "target_parameters": mapped.num_target_parameters(),
+        "mapped_step_ms": whole,
+        "mapped_phases_ms": mapped_ms,
+        "mapped_phases_sum_ms": sum(mapped_ms.values()),
+        "plain_step_ms": sum(plain_ms.values()),
+        "plain_phases_ms": plain_ms,
+        "probes_ms": medians("probe"),
+        "grad_check_max_abs_diff": grad_diff,
+        "profile_mapped": _profile(whole_mapped, profile_steps),
+        "profile_plain": _profile(whole_plain, profile_steps),
+    }
+
+
+# ------------------------------------------------------------------------ targets
+
+STEP_RATIO_TARGET = 1.10  # mapped-structured step / plain step, CNN1 and CNN2
+BUILD_TARGETS = {"cnn1": 1.0, "resnet50": 10.0}  # seconds to build the structured mapping
+BYTES_PER_PARAMETER_TARGET = 8.0  # projection memory per target parameter
+
+
+def _row(data: dict[str, Any], model: str, variant: str) -> dict[str, Any] | None:
+    for row in data.get("rows", []):
+        if row["model"] == model and row["variant"] == variant and not row.get("skipped"):
+            return row
+    return None
+
+
+def targets_status(step: dict[str, Any], construction: dict[str, Any] | None) -> list[dict]:
+    """The project's targets for issue 4, each with the measured value and whether it is met
+    (None: not measured in this run). Read from the measurements, never set by hand."""
+    out: list[dict[str, Any]] = []
+    for model in ("cnn2", "cnn1"):
+        row = _row(step, model, "mapped-structured")
+        value = row["ratio_to_plain"] if row else None
+        spread = row["ratio_per_round"] if row else []
+        out.append({
+            "target": f"step time mapped-structured / plain ≤ {STEP_RATIO_TARGET:.2f}, {model}",
+            "value": value,
+            "detail": "per round " + ", ".join(f"{r:.3f}" for r in spread) if spread else "",
+            "met": None if value is None else value <= STEP_RATIO_TARGET,
+        })  # fmt: skip
+    for model, limit in BUILD_TARGETS.items():
+        row = _row(step, model, "mapped-structured")
+        value = row["construction_seconds"] if row else None
+        dense = _row(step, model, "mapped-dense")
+        detail = "structured W" + (
+            f"; dense W: {dense['construction_seconds']:.1f} s" if dense else ""
+        )
+        out.append({
+            "target": f"construction < {limit:g} s, {model}",
+            "value": value,
+            "detail": detail,
+            "met": None if value is None else value < limit,
+        })  # fmt: skip
+    per_parameter = {
+        row["model"]: row["projection_bytes_per_parameter"]
+        for row in step.get("rows", [])
+        if row["variant"] == "mapped-structured" and not row.get("skipped")
+    }
+    worst = max(per_parameter.values()) if per_parameter else None
+    out.append({
+        "target": f"projection memory ≤ {BYTES_PER_PARAMETER_TARGET:g} B per target parameter",
+        "value": worst,
+        "detail": "structured W: " + ", ".join(f"{m} {v:.2f}" for m, v in per_parameter.items()),
+        "met": None if worst is None else worst <= BYTES_PER_PARAMETER_TARGET,
+    })  # fmt: skip
+    row = _row(step, "resnet50", "mapped-structured")
+    out.append({
+        "target": "the 25M target trains from d=2048, single strategy (loss falls)",
+        "value": row["loss_after"] - row["loss_first"] if row else None,
+        "detail": ("loss " + " → ".join(f"{v:.3f}" for v in [*row["losses"], row["loss_after"]])
+                   + f" (lr {row['lr']:g}, fixed batch)") if row else "",
+        "met": None if row is None else row["loss_after"] < row["loss_first"],
+    })  # fmt: skip
+    return out
+
+
+# ------------------------------------------------------------------------- report
+
+
+def _ms(value: float) -> str:
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def _gib(value: float) -> str:
+    return f"{value / 2**30:.2f}"
+
+
+def _load_results(results: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The newest step and construction results in `results`; smoke runs only when nothing
+    else is there (the report then says so in its first line)."""
+    steps, construction = [], None
+    for path in sorted(results.glob("*.json")):
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            continue
+        if data.get("what") == "step":
+            steps.append(data | {"file": str(path)})
+        elif data.get("what", "construction") == "construction" and "rows" in data:
+            construction = data | {"file": str(path)}
+    # Real runs first, then the newest.
+    steps.sort(key=lambda d: (not d.get("smoke"), d["date"]))
+    return (steps[-1] if steps else None), construction
+
+
+def _machine_line(data: dict[str, Any]) -> str:
+    m = data["machine"]
+    memory = f", {m['memory_bytes'] / 2**30:.0f} GiB" if m.get("memory_bytes") else ""
+    return (
+        f"{m.get('cpu', m['processor'])} ({m.get('logical_cpus', '?')} logical CPUs{memory}), "
+        f"{m['platform']}, torch {m['torch']}, Python {m['python']}, {m['threads']} torch thread(s)"
+    )
+
+
+def _step_section(step: dict[str, Any]) -> list[str]:
+    settings = step["settings"]
+    shapes = ", ".join(
+        f"{name} {'×'.join(map(str, s['input_shape']))}" for name, s in settings["models"].items()
+    )
+    fresh = step.get("fresh_process_per_measurement")
+    where = "a fresh process" if fresh else "the calling process (smoke)"
+    plans = ", ".join(
+        f"{name} {s['warmup']}+{s['steps']} × {s['rounds']}"
+        for name, s in settings["models"].items()
+    )
+    lines = [
+        "## Training step",
+        "",
+        f"Command: `{step['command']}` · measured {step['date']} · "
+        f"{step['wall_seconds'] / 60:.1f} min",
+        "",
+        f"Machine: {_machine_line(step)}.",
+        "",
+        f"Load (`uptime`) at start: `{step['load']['start']['uptime']}`; at end: "
+        f"`{step['load']['end']['uptime']}`.",
+        "",
+        f"One step = zero_grad + forward + cross-entropy + backward + Adam, batch "
+        f"{settings['batch']}, on one fixed synthetic batch (N(0, 1) images, uniform labels). "
+        f"Inputs: {shapes}. Latent d = {settings['latent_dim']}, single strategy. Each variant "
+        f"runs in {where}: "
+        f"warm-up + measured steps × processes = {plans}; the processes "
+        f"are interleaved in rounds of alternating order (ABC CBA …), dense variants in "
+        f"{settings['dense_rounds']} round(s) only (building a dense W takes minutes). "
+        "Step = median of all measured steps; ratio = that median / plain's median in the same "
+        "run, with the per-round ratios in brackets. Build = `wrap()` time; peak RSS = VmHWM "
+        "of the process (torch itself ≈ 0.3 GiB); loss = first step → one forward after the "
+        "last update.",
+        "",
+        "| model | variant | trainable / P | build (s) | W bytes / param | peak RSS (GiB) "
+        "| step (ms) | ratio to plain | loss first → after (lr) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in step["rows"]:
+        if row.get("skipped"):
+            lines.append(f"| {row['model']} | {row['label']} | – | – | – | – | – | – "
+                         f"| skipped: {row['reason']} |")  # fmt: skip
+            continue
+        build = row["construction_seconds"]
+        rounds = ", ".join(f"{r:.2f}" for r in row["ratio_per_round"])
+        per_parameter = f"{row['projection_bytes_per_parameter']:.2f}"
+        lines.append(
+            f"| {row['model']} | {row['label']} "
+            f"| {row['trainable_parameters']:,} / {row['target_parameters']:,} "
+            f"| {'–' if build is None else f'{build:.2f}'} "
+            f"| {per_parameter if row['projection_bytes'] else '–'} "
+            f"| {_gib(row['peak_rss_bytes'])} | {_ms(row['step_ms_median'])} "
+            f"| {row['ratio_to_plain']:.3f} [{rounds}] "
+            f"| {row['loss_first']:.3f} → {row['loss_after']:.3f} ({row['lr']:g}) |"
+        )
+    return [*lines, ""]
+
+
+def _breakdown_section(step: dict[str, Any]) -> list[str]:
+    results = step.get("breakdown", [])
+    if not results:
+        return []
+    names = [f"{r['model']} ({r['target_parameters']:,})" for r in results]
+    lines = [
+        "## Where a mapped step's time goes",
+        "",
+        "Structured W, d = {d}, batch {b}; medians (ms) over {s} steps of one process that runs, "
+        "in rotating order, the whole mapped step, the same step cut into phases (a statement-"
+        "by-statement copy of `MappedModule.generate` / `forward`; its latent gradient matches "
+        "`mapped(x)`'s to {diff}), a plain step cut into phases, and probes.".format(
+            d=results[0]["latent_dim"],
+            b=results[0]["batch"],
+            s=results[0]["steps"],
+            diff=", ".join(f"{r['grad_check_max_abs_diff']:.1e}" for r in results),
+        ),
+        "",
+        "| phase | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(results),
+    ]
+    phases = list(results[0]["mapped_phases_ms"])
+    for phase in phases:
+        cells = []
+        for r in results:
+            value = r["mapped_phases_ms"][phase]
+            cells.append(f"{_ms(value)} ({100 * value / r['mapped_phases_sum_ms']:.0f}%)")
+        lines.append(f"| mapped: {phase} | " + " | ".join(cells) + " |")
+    lines.append(
+        "| **mapped: sum of phases** | "
+        + " | ".join(f"**{_ms(r['mapped_phases_sum_ms'])}**" for r in results)
+        + " |"
+    )
+    lines.append("| mapped: whole step, unsplit | "
+                 + " | ".join(_ms(r["mapped_step_ms"]) for r in results) + " |")  # fmt: skip
+    for phase in results[0]["plain_phases_ms"]:
+        lines.append(
+            f"| plain: {phase} | "
+            + " | ".join(_ms(r["plain_phases_ms"][phase]) for r in results)
+            + " |"
+        )
+    lines.append(
+        "| **plain: sum** | " + " | ".join(f"**{_ms(r['plain_step_ms'])}**" for r in results) + " |"
+    )
+    for probe in results[0]["probes_ms"]:
+        lines.append(
+            f"| probe: {probe} | " + " | ".join(_ms(r["probes_ms"][probe]) for r in results) + " |"
+        )
+    lines += ["", "Overhead of the mapped step over the plain one, by cause (ms; from the phase "
+              "medians above):", "", "| cause | " + " | ".join(names) + " |",
+              "|---|" + "---|" * len(results)]  # fmt: skip
+    for cause in _overhead_causes(results[0]):
+        cells = [_ms_signed(_overhead_causes(r)[cause]) for r in results]
+        lines.append(f"| {cause} | " + " | ".join(cells) + " |")
+    for r in results:
+        for kind in ("mapped", "plain"):
+            lines += ["", f"torch.profiler, {r['model']} {kind} step: busiest ops by self CPU time "
+                      "(ms per step; profiling adds its own overhead per op):", "",
+                      "| op | calls | self ms | total ms |", "|---|---|---|---|"]  # fmt: skip
+            for e in r[f"profile_{kind}"][:10]:
+                lines.append(
+                    f"| `{e['op']}` | {e['calls_per_step']:g} "
+                    f"| {_ms(e['self_ms_per_step'])} | {_ms(e['total_ms_per_step'])} |"
+                )
+    return [*lines, ""]
+
+
+def _ms_signed(value: float) -> str:
+    return ("+" if value >= 0 else "−") + _ms(abs(value))
+
+
+def _overhead_causes(result: dict[str, Any]) -> dict[str, float]:
+    """mapped − plain, split by cause; the causes add up to the difference of the phase sums."""
+    m, p, probe = result["mapped_phases_ms"], result["plain_phases_ms"], result["probes_ms"]
+    generation = sum(v for k, v in m.items() if not k.startswith(("target", "latent", "optim")))
+    forward = m["target forward (functional_call) + loss"] - p["forward + loss"]
+    call_overhead = (
+        probe["plain forward + loss, via functional_call"] - probe["plain forward + loss, direct"]
+    )
+    return {
+        "generation θ = θ₀ + W u (check, modulation, W u, + θ₀, split)": generation,
+        "target forward, mapped − plain": forward,
+        "  of which functional_call itself (probe)": call_overhead,
+        "target backward to θ, mapped − plain": m["target backward (to θ)"] - p["backward"],
+        "latent gradient θ → z (Wᵀg …)": m["latent gradient (θ → z: cat, Wᵀg, modulation)"],
+        "optimiser: Adam on z − Adam on θ": m["optimiser (Adam on z, zero_grad)"]
+        - p["optimiser (Adam on θ, zero_grad)"],
+        "**total (sum of phases, mapped − plain)**": result["mapped_phases_sum_ms"]
+        - result["plain_step_ms"],
+    }
+
+
+def _construction_section(construction: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Construction",
+        "",
+        f"Command: `{construction.get('command', 'mapnet bench construction')}`"
+        + (f" · measured {construction['date']}" if "date" in construction else "")
+        + (
+            f" · load at start `{construction['load']['start']['uptime']}`"
+            if "load" in construction
+            else ""
+        ),
+        "",
+        f"Machine: {_machine_line(construction)}.",
+        "",
+        "`wrap()` in a fresh process, torch's default thread count.",
+        "",
+        "| model | strategy | projection | d | P | build (s) | W (GiB) | W bytes / param "
+        "| peak RSS (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in construction["rows"]:
+        lines.append(
+            f"| {row['model']} | {row['strategy']} | {row.get('projection', 'dense')} "
+            f"| {row['latent_dim']} | {row['target_parameters']:,} "
+            f"| {row['construction_seconds']:.2f} | {_gib(row['projection_bytes'])} "
+            f"| {row['projection_bytes'] / row['target_parameters']:.2f} "
+            f"| {_gib(row['peak_rss_bytes'])} |"
+        )
+    return [*lines, ""]
+
+
+def _targets_section(step: dict[str, Any], construction: dict[str, Any] | None) -> list[str]:
+    lines = ["## Targets (issue 4)", "", "| target | measured | met? | detail |"]
+    lines.append("|---|---|---|---|")
+    for t in targets_status(step, construction):
+        value = "–" if t["value"] is None else f"{t['value']:.3f}"
+        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        lines.append(f"| {t['target']} | {value} | {met} | {t['detail']} |")
+    return [*lines, ""]
+
+
+def write_report(results: Path, out: Path) -> Path:
+    """docs/results/bench.md from the JSON files in `results` (smoke runs are ignored)."""
+    step, construction = _load_results(results)
+    if step is None:
+        raise FileNotFoundError(f"no step results in {results}: run `mapnet bench step` first")
+    sources = ", ".join(f"`{d['file']}`" for d in (step, construction) if d is not None)
+    lines = [
+        "# `mapnet bench`: what a mapping costs",
+        "",
+        *(
+            ["**SMOKE RUN: a tiny model and two steps; these figures measure nothing.**", ""]
+            if step.get("smoke")
+            else []
+        ),
+        f"Generated by `mapnet bench step --report` on {_now()} from {sources}; do not edit by "
+        "hand. Re-measure with `mapnet bench step` (about 15 min on the machine below) and "
+        "`mapnet bench construction`.",
+        "",
+        f"Measured with `{step['command']}` on {step['date']}, on: {_machine_line(step)}.",
+        "",
+        *_targets_section(step, construction),
+        *_step_section(step),
+        *_breakdown_section(step),
+        *(_construction_section(construction) if construction else []),
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {out}")
+    return out

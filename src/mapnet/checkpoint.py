@@ -138,13 +138,7 @@ def _compare_fingerprints(expected: dict[str, Any], actual: dict[str, Any], wher
         )
 
 
-def load(path: str | os.PathLike[str], model: nn.Module) -> MappedModule:
-    """Rebuild the MappedModule saved at `path` around `model` (a fresh instance of the target).
-
-    `model` supplies the architecture (and, for base='model', θ₀); it is left untouched.
-    """
-    folder = Path(path)
-    description = read_description(folder)
+def _read_tensors(folder: Path, description: dict[str, Any]) -> dict[str, torch.Tensor]:
     tensor_file = folder / TENSOR_FILE
     if not tensor_file.is_file():
         raise CheckpointError(f"{tensor_file} not found: the checkpoint is incomplete")
@@ -155,12 +149,21 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> MappedModule:
             "edited or belongs to another save"
         )
     try:
-        tensors = load_safetensors(blob)
+        return load_safetensors(blob)
     except SafetensorError as error:
         raise CheckpointError(
             f"{tensor_file} is not a readable safetensors file: {error}"
         ) from None
 
+
+def load(path: str | os.PathLike[str], model: nn.Module) -> MappedModule:
+    """Rebuild the MappedModule saved at `path` around `model` (a fresh instance of the target).
+
+    `model` supplies the architecture (and, for base='model', θ₀); it is left untouched.
+    """
+    folder = Path(path)
+    description = read_description(folder)
+    tensors = _read_tensors(folder, description)
     config = MappingConfig.from_dict(description["config"])
     # θ₀ entries no seed regenerates come from the file; they also set their tensors' gains.
     stored_base = {k[len("base.") :]: v for k, v in tensors.items() if k.startswith("base.")}
@@ -168,6 +171,28 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> MappedModule:
         mapped = MappedModule(model, config, stored_base=stored_base)
     except ValueError as error:
         raise CheckpointError(f"{folder} does not fit the model passed to load: {error}") from None
+    _restore(mapped, folder, description, tensors)
+    return mapped
+
+
+def load_into(path: str | os.PathLike[str], mapped: MappedModule) -> None:
+    """Load the latents and buffers saved at `path` into an existing, matching `mapped`, in place
+    (no projection is rebuilt: resuming a run costs a file read, not a QR)."""
+    folder = Path(path)
+    description = read_description(folder)
+    if MappingConfig.from_dict(description["config"]) != mapped.config:
+        raise CheckpointError(f"{folder} was saved with a different MappingConfig")
+    _restore(mapped, folder, description, _read_tensors(folder, description))
+
+
+def _restore(
+    mapped: MappedModule,
+    folder: Path,
+    description: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+) -> None:
+    """Check that the file fits `mapped`, then copy its latents and buffers in."""
+    tensor_file = folder / TENSOR_FILE
     layout = [
         {"name": g.name, "latent_dim": g.latent_dim, "parameters": [s.name for s in g.specs]}
         for g in mapped.groups
@@ -177,28 +202,26 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> MappedModule:
             f"{folder} was saved for a model whose layers or latent sizes differ from the one "
             "passed to load"
         )
-    missing = sorted(set(mapped.stored_base_names) - set(stored_base))
+    stored = {k[len("base.") :] for k in tensors if k.startswith("base.")}
+    missing = sorted(set(mapped.stored_base_names) - stored)
     if missing:
         raise CheckpointError(f"{tensor_file} lacks the stored θ₀ of {missing}")
     _compare_fingerprints(description.get("fingerprint", {}), mapped.fingerprint(), folder)
 
-    with torch.no_grad():
-        for group, z in zip(mapped.groups, mapped.latents):
-            z.copy_(_take(tensors, f"latent.{group.name}", z.shape, tensor_file))
-        buffers = {
-            name[len("buffer.") :]: value
-            for name, value in tensors.items()
-            if name.startswith("buffer.")
-        }
-        expected = set(mapped.target.state_dict())
-        if set(buffers) != expected:
-            raise CheckpointError(
-                f"{tensor_file} holds buffers {sorted(buffers)}, the model has {sorted(expected)}"
-            )
-        mapped.target.load_state_dict(buffers)
-    if not all(torch.isfinite(z).all() for z in mapped.latents):
+    buffers = {k[len("buffer.") :]: v for k, v in tensors.items() if k.startswith("buffer.")}
+    expected = set(mapped.target.state_dict())
+    if set(buffers) != expected:
+        raise CheckpointError(
+            f"{tensor_file} holds buffers {sorted(buffers)}, the model has {sorted(expected)}"
+        )
+    latents = [_take(tensors, f"latent.{g.name}", z.shape, tensor_file)
+               for g, z in zip(mapped.groups, mapped.latents)]  # fmt: skip
+    if not all(torch.isfinite(z).all() for z in latents):
         raise CheckpointError(f"{tensor_file} holds non-finite latent values")
-    return mapped
+    with torch.no_grad():
+        for z, value in zip(mapped.latents, latents):
+            z.copy_(value)
+        mapped.target.load_state_dict(buffers)
 
 
 def _take(

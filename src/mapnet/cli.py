@@ -3,117 +3,158 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from mapnet.core import ACTIVATIONS, STRATEGIES, MappingConfig
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from mapnet.core import MappingConfig
 from mapnet.data import DATASETS, DataUnavailableError, fetch
-from mapnet.models import MODELS
-from mapnet.train import MODES, TrainConfig, train
+from mapnet.train import TrainConfig, train
 
 EXAMPLES = """\
 examples:
-  mapnet train                                   # CNN2 on MNIST from a 2048-number latent, 1 epoch
+  mapnet train                                    # CNN2 on MNIST from a 2048-number latent, 1 epoch
   mapnet train --dataset fashion-mnist --epochs 5 --out runs/fmnist
+  mapnet train --out runs/fmnist --resume         # continue an interrupted run where it stopped
   mapnet train --strategy layerwise --latent-dim 468   # the paper's CNN2 "Ours† 1872" (4 × 468)
-  mapnet train --mode plain                      # the ordinary 108,618-parameter baseline
-  mapnet data fetch fashion-mnist                # download / verify data into the cache
+  mapnet train --mode plain --lr 0.001            # the ordinary 108,618-parameter baseline
+  mapnet train --config run.toml --loss.stability true --mapping.alpha 0.05
+  mapnet data fetch fashion-mnist                 # download / verify data into the cache
 
 Data come from $MAPNET_DATA_DIR (a folder with mnist/ and fashion-mnist/) when it is set, else
 from a cache (~/.cache/mapnet/data) filled on first use.
 """
 
+# Short flags for the settings people change most; every other setting is --<field> or
+# --mapping.<field> / --loss.<option>.
+ALIASES = {
+    "latent_dim": "mapping.latent_dim",
+    "strategy": "mapping.strategy",
+    "alpha": "mapping.alpha",
+    "activation": "mapping.activation",
+    "projection": "mapping.projection",
+}
+
+
+def _settings_help() -> str:
+    defaults = TrainConfig()
+    lines = ["settings (config-file keys; override any with --KEY VALUE, '-' or '_' alike):"]
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in ("mapping", "loss"):
+            lines.append(f"  {f.name} = {json.dumps(getattr(defaults, f.name))}")
+    for f in dataclasses.fields(MappingConfig):
+        lines.append(f"  mapping.{f.name} = {json.dumps(getattr(defaults.mapping, f.name))}")
+    lines.append(
+        "  loss.{stability,smoothness,alignment} = false, loss.coefficients = \"uncertainty\", "
+        "… (any MappingLoss option; see docs/method.md)"
+    )
+    lines.append("short flags: " + ", ".join(f"--{k.replace('_', '-')} = --{v}"
+                                             for k, v in ALIASES.items()))  # fmt: skip
+    return "\n".join(lines)
+
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
+        allow_abbrev=False,  # unknown --KEYs are settings, never abbreviations of options
         help="train a paper model, plainly or through a latent vector",
         description=(
             "Train CNN1/CNN2 on MNIST or Fashion-MNIST. In 'mapped' mode only the latent vector "
-            "is trained: every weight of the network is generated from it by a fixed, seeded, "
-            "orthonormal mapping. A validation split is carved from the training set; the test "
-            "set is evaluated once, after training."
+            "(and the mapping loss's coefficients, when its terms are on) is trained: every "
+            "weight of the network is generated from it by a fixed, seeded mapping. A validation "
+            "split is carved from the training set for choices; the test set is only reported. "
+            "With --out, each epoch is checkpointed atomically and metrics go to metrics.jsonl."
         ),
-        epilog=EXAMPLES,
+        epilog=_settings_help() + "\n\n" + EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    defaults = TrainConfig()
-    mapping = defaults.mapping
-    p.add_argument("--model", choices=sorted(MODELS), default=defaults.model)
-    p.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
-    p.add_argument(
-        "--mode",
-        choices=MODES,
-        default=defaults.mode,
-        help="mapped: train the latent only; plain: train all weights (baseline)",
-    )
-    p.add_argument(
-        "--strategy",
-        choices=STRATEGIES,
-        default=mapping.strategy,
-        help="single: one latent for all weights; layerwise: one latent per layer",
-    )
-    p.add_argument(
-        "--latent-dim",
-        type=int,
-        default=mapping.latent_dim,
-        help="latent size (layerwise: per layer) (default: %(default)s)",
-    )
-    p.add_argument(
-        "--alpha",
-        type=float,
-        default=mapping.alpha,
-        help="modulation scale α in W_i(1+αz_i) (default: %(default)s)",
-    )
-    p.add_argument("--activation", choices=sorted(ACTIVATIONS), default=mapping.activation)
-    p.add_argument(
-        "--paper-literal",
-        action="store_true",
-        help="plain orthonormal mapping, no θ₀ base or gains, z ~ N(0, 1)",
-    )
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=defaults.seed,
-        help="seeds the mapping, the split, the init and the batch order",
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="folder for results.json and the checkpoint (default: none written)",
-    )
+    p.add_argument("--config", type=Path, help="a .toml or .json file of settings")
+    p.add_argument("--out", type=Path, help="run folder (checkpoints, metrics, results)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--paper-literal", action="store_true",
+                   help="plain orthonormal mapping, no θ₀ base or gains, z ~ N(0, 1)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_train)
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    overrides = {"latent_dim": args.latent_dim, "strategy": args.strategy, "seed": args.seed,
-                 "alpha": args.alpha, "activation": args.activation}  # fmt: skip
-    mapping = (MappingConfig.paper_literal if args.paper_literal else MappingConfig)(**overrides)
-    config = TrainConfig(
-        model=args.model, dataset=args.dataset, mode=args.mode, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, mapping=mapping,
-    )  # fmt: skip
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """['--mapping.alpha', '0.2', '--epochs', '3'] -> {'mapping': {'alpha': 0.2}, 'epochs': 3}."""
+    settings: dict[str, Any] = {}
+    if len(tokens) % 2:
+        raise ValueError(f"settings come in --KEY VALUE pairs; got {' '.join(tokens)!r}")
+    for key, raw in zip(tokens[::2], tokens[1::2]):
+        if not key.startswith("--"):
+            raise ValueError(f"expected --KEY before {raw!r}, got {key!r}")
+        path = key[2:].replace("-", "_")
+        path = ALIASES.get(path, path)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # a bare word: a string setting such as --dataset mnist
+        *parents, leaf = path.split(".")
+        node = settings
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return settings
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        return tomllib.loads(text)
+    if path.suffix == ".json":
+        return json.loads(text)
+    raise ValueError(f"config file {path} must end in .toml or .json")
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def make_train_config(args: argparse.Namespace, overrides: list[str]) -> TrainConfig:
+    settings = read_config_file(args.config) if args.config else {}
+    settings = _merge(settings, parse_overrides(overrides))
+    mapping = settings.pop("mapping", {})
+    if not isinstance(mapping, dict):
+        raise ValueError(f"mapping must be a table of MappingConfig fields, got {mapping!r}")
+    make = MappingConfig.paper_literal if args.paper_literal else MappingConfig
+    mapping = make(**mapping)
+    return TrainConfig.from_dict({**settings, "mapping": mapping})
+
+
+def _run_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    config = make_train_config(args, overrides)
+    mapping = config.mapping
+    described = f", strategy={mapping.strategy}, latent={mapping.latent_dim}"
     print(f"mapnet train: {config.model} on {config.dataset}, mode={config.mode}"
-          + (f", strategy={mapping.strategy}, latent={mapping.latent_dim}"
-             if config.mode == "mapped" else ""), flush=True)  # fmt: skip
-    result = train(config, progress=not args.quiet, out_dir=args.out)
-    for row in result["history"]:
-        print(f"  epoch {row['epoch']}: train acc {row['train_acc']:.2f}%  "
-              f"val acc {row['val_acc']:.2f}%  ({row['seconds']:.0f} s)")  # fmt: skip
+          + (described if config.mode == "mapped" else ""), flush=True)  # fmt: skip
+    result = train(config, progress=not args.quiet, out_dir=args.out, resume=args.resume)
     ratio = result["target_parameters"] / result["trainable_parameters"]
     print(f"trainable parameters: {result['trainable_parameters']:,} "
           f"(target network: {result['target_parameters']:,}, {ratio:.0f}x fewer)")  # fmt: skip
-    print(f"test accuracy: {result['test_acc']:.2f}%  (test loss {result['test_loss']:.4f})")
+    print(f"test accuracy: {result['test_acc']:.2f}%  (train {result['train_acc']:.2f}%, "
+          f"{result['epochs']} epoch(s), test loss {result['test_loss']:.4f})")  # fmt: skip
     print(f"wall time: {result['wall_seconds']:.1f} s  (building the mapping: "
           f"{result['build_seconds']:.1f} s; {result['threads']} threads)")  # fmt: skip
     if args.out is not None:
-        print(f"wrote {args.out / 'results.json'} and {args.out / 'checkpoint'}")
+        print(f"wrote {args.out}/results.json, metrics.jsonl and checkpoint/")
     return 0
 
 
@@ -145,27 +186,99 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
         help="measure what a mapping costs on this machine",
         description=(
             "construction: time, projection memory and peak RSS to build the mapping of CNN2 and "
-            "CNN1 (single, d=2048) and CNN2 layer-wise (4 × 468), each in a fresh process. "
+            "CNN1 (single, d=2048, dense and structured), CNN2 layer-wise (4 × 468) and the "
+            "ResNet-50-sized target (structured), each in a fresh process. "
             "defaults: one epoch of CNN2 single d=2048 per candidate setting, scored on the "
-            "validation split (resumable; the runs behind the defaults in docs/method.md)."
+            "validation split (resumable; the runs behind the defaults in docs/method.md). "
+            "step: one training step (batch 128, cross-entropy, Adam) of CNN2, CNN1 (1×28×28) and "
+            "ResNet-50 (3×64×64), plain vs mapped (dense / structured W) vs intrinsic-dimension "
+            "θ₀ + W z, each variant in fresh processes, interleaved; plus a per-phase breakdown of "
+            "a mapped step (about 15 min). step --report: write docs/results/bench.md from "
+            "results/bench/*.json without measuring."
         ),
     )
-    p.add_argument("what", choices=["construction", "defaults"])
+    p.add_argument("what", choices=["construction", "defaults", "step"])
     p.add_argument("--dataset", choices=DATASETS, default="mnist", help="for 'defaults'")
     p.add_argument("--out", type=Path, default=None, help="default: results/bench/<what>...")
-    p.add_argument("--smoke", action="store_true", help="one tiny case (what CI runs)")
+    p.add_argument("--smoke", action="store_true", help="a tiny case, a few seconds (what CI runs)")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="step: write the report from the JSON files beside --out (default results/bench/)",
+    )
+    p.add_argument(
+        "--report-out",
+        type=Path,
+        default=Path("docs/results/bench.md"),
+        help="step --report: where to write it (default: %(default)s)",
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        choices=["cnn2", "cnn1", "resnet50"],
+        default=["cnn2", "cnn1", "resnet50"],
+        help="step: targets to measure (default: all)",
+    )
+    p.add_argument("--latent-dim", type=int, default=2048, help="step: d (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=128, help="step (default: %(default)s)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help=(
+            "step: torch threads per measurement (default: %(default)s; on a 2-core machine "
+            "shared with other jobs, 2 threads stall at every parallel region)"
+        ),
+    )
     p.set_defaults(run=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from mapnet.bench import DEFAULT_VARIANTS, construction_table, defaults_sweep
+    from mapnet.bench import (
+        DEFAULT_VARIANTS,
+        construction_table,
+        defaults_sweep,
+        step_bench,
+        write_report,
+    )
 
     if args.what == "defaults":
         out = args.out or Path(f"results/bench/defaults-{args.dataset}.jsonl")
         defaults_sweep(args.dataset, out, DEFAULT_VARIANTS[:1] if args.smoke else DEFAULT_VARIANTS)
         return 0
+    if args.what == "step":
+        default = "results/bench/step-smoke.json" if args.smoke else "results/bench/step.json"
+        out = args.out or Path(default)
+        if args.report:
+            write_report(out.parent, args.report_out)
+            return 0
+        for name in ("latent_dim", "batch_size", "threads"):
+            value = getattr(args, name)
+            if value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        models = ["tiny"] if args.smoke else args.models
+        # The command that reproduces this run, every setting spelled out.
+        command = (
+            f"mapnet bench step{' --smoke' if args.smoke else ''} --models {' '.join(models)} "
+            f"--latent-dim {args.latent_dim if not args.smoke else 64} "
+            f"--batch-size {args.batch_size} --threads {args.threads}"
+        )
+        step_bench(
+            models,
+            out,
+            # The tiny smoke target has 1,498 parameters: d must stay below that.
+            latent_dim=64 if args.smoke else args.latent_dim,
+            batch=args.batch_size,
+            threads=args.threads,
+            breakdown=[m for m in models if m in ("cnn2", "cnn1", "tiny")],
+            command=command,
+            smoke=args.smoke,
+        )
+        return 0
     cases = [("cnn2", 64, "single")] if args.smoke else [
         ("cnn2", 2048, "single"), ("cnn2", 468, "layerwise"), ("cnn1", 2048, "single"),
+        ("cnn2", 2048, "single", "structured"), ("cnn1", 2048, "single", "structured"),
+        ("resnet50", 2048, "single", "structured"),
     ]  # fmt: skip
     construction_table(cases, args.out or Path("results/bench/construction.json"))
     return 0
@@ -182,8 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub)
     _data_parser(sub)
     _bench_parser(sub)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     try:
+        if args.run is _run_train:
+            return _run_train(args, extra)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.run(args)
     except (ValueError, TypeError, DataUnavailableError, FileNotFoundError) as error:
         print(f"mapnet: error: {error}", file=sys.stderr)

@@ -43,3 +43,87 @@ class CNN2(nn.Module):
 
 
 MODELS: dict[str, type[nn.Module]] = {"cnn1": CNN1, "cnn2": CNN2}
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck: 1×1 reduce, 3×3 (carries the stride), 1×1 expand ×4, BatchNorm."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, width: int, stride: int = 1):
+        super().__init__()
+        out_channels = width * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        # A projection shortcut only where the shape changes (first block of each stage).
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, 4w, H/s, W/s)
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet50(nn.Module):
+    """ResNet-50 (the paper's fine-tuning target, SPEC §7): bottlenecks [3, 4, 6, 3], widths
+    64..512 (outputs 256..2048), BatchNorm; 25,557,032 parameters at 1000 classes, the same
+    layout and count as torchvision's resnet50 (torchvision is not a dependency).
+
+    Any input of at least 32×32 works: the stem divides the resolution by 4, the stages by 8 more,
+    and the adaptive pooling takes whatever is left (3×64×64 -> 2×2 before pooling), which is what
+    makes a CPU training step affordable in `mapnet bench step`.
+    """
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False),  # (B, 64, H/2, W/2)
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, stride=2, padding=1),  # (B, 64, H/4, W/4)
+        )
+        stages, channels = [], 64
+        for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+            layers = []
+            for index in range(blocks):
+                layers.append(Bottleneck(channels, width, stride if index == 0 else 1))
+                channels = width * Bottleneck.expansion
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages  # (B, 2048, H/32, W/32) last
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torchvision's initialisation (He-normal fan-out convs, BN γ = 1, β = 0).
+
+        A method rather than a loop in __init__, because mapnet regenerates θ₀ by calling every
+        module's reset_parameters() children first (core.seeded_initialisation): defined here,
+        it runs last and wins over Conv2d's own default, so θ₀ is this initialisation.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes)
+        x = self.stem(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+MODELS["resnet50"] = ResNet50

@@ -1,4 +1,12 @@
-"""Image-classification training, plain or mapped: the loop behind `mapnet train`.
+"""Image classification, plain or mapped: the recipe behind `mapnet train`.
+
+A run folder holds everything needed to resume it exactly:
+
+    config.json     the TrainConfig (a resumed run must be given the same one)
+    metrics.jsonl   one line per finished epoch: train/val/test loss and accuracy, lr, seconds
+    state/          model + optimiser + RNG state after the last finished epoch (atomic swap)
+    checkpoint/     the final model (a mapnet checkpoint, or model.safetensors for plain runs)
+    results.json    written last: its presence means the run is complete
 
 Data stay in memory as tensors (MNIST is 47 MB) and batches are index slices: on a 2-core
 machine a DataLoader's worker processes cost more than they save.
@@ -8,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,71 +26,112 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 from tqdm import tqdm
 
-from mapnet.checkpoint import atomic_write_bytes, save
+from mapnet.checkpoint import CheckpointError, atomic_write_bytes, load_into, save
 from mapnet.core import MappedModule, MappingConfig, wrap
 from mapnet.data import DATASETS, load_idx_dataset, train_val_split
+from mapnet.loss import MappingLoss
 from mapnet.models import MODELS
 
 MODES = ("mapped", "plain")
-# Per-dataset pixel mean and std of the training split, for input standardisation.
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine")
+# Per-dataset pixel mean and std of the training split, for input standardisation; other
+# (custom) data sets are standardised with their own training-split statistics.
 NORMALISATION = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
+STATE_FORMAT = 1
 
 
 @dataclass
 class TrainConfig:
-    """One training run. `mapping` is used when mode == "mapped"."""
+    """One training run. `mapping` and `loss` are used when mode == "mapped".
+
+    loss: keyword arguments of MappingLoss (e.g. {"stability": true, "coefficients": "fixed"});
+        empty = the task loss alone.
+    data_dir: read `dataset` from <data_dir>/<dataset>/ (IDX files) instead of the built-in
+        sources; any name is then allowed (a custom data set is checked for structure only).
+    """
 
     model: str = "cnn2"
     dataset: str = "mnist"
     mode: str = "mapped"
     epochs: int = 1
     batch_size: int = 128
+    optimizer: str = "adam"
     lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"
     seed: int = 0
     val_size: int = 5000
+    data_dir: str | None = None
     mapping: MappingConfig = field(default_factory=MappingConfig)
+    loss: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name, allowed in (("model", tuple(MODELS)), ("dataset", DATASETS), ("mode", MODES)):
+        if isinstance(self.mapping, dict):
+            self.mapping = MappingConfig.from_dict(self.mapping)
+        choices = {"model": tuple(MODELS), "mode": MODES, "optimizer": OPTIMIZERS,
+                   "schedule": SCHEDULES}  # fmt: skip
+        if self.data_dir is None:
+            choices["dataset"] = DATASETS
+        for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         for name in ("epochs", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.val_size, int) or self.val_size < 0:
+            raise ValueError(f"val_size must be an int >= 0, got {self.val_size!r}")
+        for name in ("lr", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if isinstance(self.mapping, dict):
-            self.mapping = MappingConfig.from_dict(self.mapping)
+        if not isinstance(self.loss, dict):
+            raise ValueError(f"loss must be a dict of MappingLoss options, got {self.loss!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
 
 @dataclass
 class Split:
-    images: torch.Tensor  # (N, 1, 28, 28) float32, standardised
+    images: torch.Tensor  # (N, C, H, W) float32, standardised
     labels: torch.Tensor  # (N,) int64
 
 
-def load_splits(dataset: str, val_size: int, seed: int) -> dict[str, Split]:
+def load_splits(config: TrainConfig) -> dict[str, Split]:
     """Train / validation (carved from train, seeded) / test, standardised."""
-    mean, std = NORMALISATION[dataset]
-
-    def prepare(images: torch.Tensor) -> torch.Tensor:
-        return (images.float() / 255.0 - mean) / std
-
-    train_images, train_labels = load_idx_dataset(dataset, "train")
-    test_images, test_labels = load_idx_dataset(dataset, "test")
-    train_idx, val_idx = train_val_split(len(train_labels), val_size, seed)
-    train_images = prepare(train_images)
+    root = Path(config.data_dir) if config.data_dir is not None else None
+    train_images, train_labels = load_idx_dataset(config.dataset, "train", root)
+    test_images, test_labels = load_idx_dataset(config.dataset, "test", root)
+    train_idx, val_idx = train_val_split(len(train_labels), config.val_size, config.seed)
+    train_images = train_images.float() / 255.0
+    if config.dataset in NORMALISATION:
+        mean, std = NORMALISATION[config.dataset]
+    else:
+        fit = train_images[train_idx]
+        mean, std = fit.mean().item(), fit.std().item() or 1.0
+    train_images = (train_images - mean) / std
     return {
         "train": Split(train_images[train_idx], train_labels[train_idx]),
         "val": Split(train_images[val_idx], train_labels[val_idx]),
-        "test": Split(prepare(test_images), test_labels),
+        "test": Split((test_images.float() / 255.0 - mean) / std, test_labels),
     }
 
 
@@ -88,7 +139,7 @@ def load_splits(dataset: str, val_size: int, seed: int) -> dict[str, Split]:
 def evaluate(model: nn.Module, split: Split, batch_size: int = 1000) -> tuple[float, float]:
     """Mean cross-entropy and accuracy (%) of `model` (plain, in eval mode) on `split`."""
     if len(split.labels) == 0:
-        return float("nan"), float("nan")
+        return math.nan, math.nan
     model.eval()
     loss, correct = 0.0, 0
     for start in range(0, len(split.labels), batch_size):
@@ -112,75 +163,249 @@ def plain_view(module: nn.Module) -> nn.Module:
     return module.materialize() if isinstance(module, MappedModule) else module
 
 
+class Trainer:
+    """Model, loss, optimiser and batch order of one run, with exact save/restore."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.module = build(config)
+        self.loss_fn = None
+        if config.mode == "mapped":
+            # The recipe's loss is the task loss alone unless config.loss switches terms on.
+            terms = {"stability": False, "smoothness": False, "alignment": False}
+            self.loss_fn = MappingLoss(self.module, **(terms | config.loss))
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if self.loss_fn is not None:
+            params += list(self.loss_fn.parameters())
+        if config.optimizer == "adam":
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
+                params, lr=config.lr, weight_decay=config.weight_decay
+            )
+        else:
+            self.optimizer = torch.optim.SGD(
+                params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            )
+        self.batch_order = torch.Generator().manual_seed(config.seed)
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+
+    def trainable_parameters(self) -> int:
+        """What every table reports: latents (or weights) plus trainable loss coefficients."""
+        count = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+        return count + (self.loss_fn.num_trainable_parameters() if self.loss_fn else 0)
+
+    def lr_at(self, step: int, total: int) -> float:
+        if self.config.schedule == "cosine":
+            return self.config.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+        return self.config.lr
+
+    def train_epoch(self, split: Split, progress: bool) -> dict[str, float]:
+        config = self.config
+        self.module.train()
+        order = torch.randperm(len(split.labels), generator=self.batch_order)
+        steps_per_epoch = math.ceil(len(order) / config.batch_size)
+        bar = tqdm(range(steps_per_epoch), disable=not progress, leave=False,
+                   desc=f"epoch {self.epoch + 1}/{config.epochs}")  # fmt: skip
+        total, seen, correct = 0.0, 0, 0
+        terms: dict[str, float] = {}
+        for step in bar:
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            x, y = split.images[idx], split.labels[idx]
+            lr = self.lr_at(self.epoch * steps_per_epoch + step, config.epochs * steps_per_epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            if self.loss_fn is not None:
+                out = self.loss_fn(x, y)
+                loss, logits = out.total, out.outputs
+                for key, value in out.values.items():
+                    terms[key] = terms.get(key, 0.0) + value * len(y)
+                task = out.values.get("task", loss.item())
+            else:
+                logits = self.module(x)
+                loss = nn.functional.cross_entropy(logits, y)
+                task = loss.item()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += task * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{100 * correct / seen:.2f}")
+        self.epoch += 1
+        row = {"train_loss": total / seen, "train_acc": 100.0 * correct / seen, "lr": lr}
+        row.update({f"loss_{k}": v / seen for k, v in terms.items() if k != "task"})
+        return row
+
+    # ------------------------------------------------------------ exact save / restore
+
+    def save_state(self, folder: Path) -> None:
+        """Everything needed to continue as if never stopped; replaces `folder` atomically."""
+        staging = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(self.module, MappedModule):
+            save(self.module, staging / "model")
+        else:
+            atomic_write_bytes(staging / "model.safetensors",
+                               save_safetensors(self.module.state_dict()))  # fmt: skip
+        tensors, meta = _flatten_optimizer(self.optimizer.state_dict())
+        tensors["rng.batch_order"] = self.batch_order.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        if self.loss_fn is not None:
+            for key, value in self.loss_fn.state_dict().items():
+                tensors[f"loss.{key}"] = value.detach().clone()
+        atomic_write_bytes(staging / "trainer.safetensors", save_safetensors(tensors))
+        description = {"format": STATE_FORMAT, "epoch": self.epoch, "history": self.history,
+                       "optimizer": meta, "config": self.config.to_dict()}  # fmt: skip
+        atomic_write_bytes(staging / "trainer.json", json.dumps(description, indent=1).encode())
+        # Swap: the old state is removed only after the new one is complete on disk.
+        previous = folder.with_name(folder.name + ".old")
+        shutil.rmtree(previous, ignore_errors=True)
+        if folder.exists():
+            folder.rename(previous)
+        staging.rename(folder)
+        shutil.rmtree(previous, ignore_errors=True)
+
+    def restore_state(self, folder: Path) -> None:
+        try:
+            description = json.loads((folder / "trainer.json").read_text())
+            tensors = load_safetensors((folder / "trainer.safetensors").read_bytes())
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{folder}: training state unreadable: {error}") from None
+        if description.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"{folder}: unknown training-state format")
+        if isinstance(self.module, MappedModule):
+            load_into(folder / "model", self.module)
+        else:
+            model_file = (folder / "model.safetensors").read_bytes()
+            self.module.load_state_dict(load_safetensors(model_file))
+        self.optimizer.load_state_dict(_unflatten_optimizer(tensors, description["optimizer"]))
+        self.batch_order.set_state(tensors["rng.batch_order"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if self.loss_fn is not None:
+            prefix = "loss."
+            self.loss_fn.load_state_dict(
+                {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            )
+        self.epoch = description["epoch"]
+        self.history = description["history"]
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimiser state as safetensors-ready tensors plus JSON-ready scalars (no pickle)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{pid}.{key}"] = value.detach().clone()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for pid, values in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
 def train(
     config: TrainConfig,
     splits: dict[str, Split] | None = None,
     progress: bool = True,
     out_dir: Path | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Train per `config`; returns its figures. The test split is evaluated once, at the end."""
+    """Train per `config`; returns its figures. With `out_dir`, every epoch is checkpointed and
+    `resume=True` continues from the last finished one, to the same result as an uninterrupted
+    run. The test split is evaluated after each epoch for the record; choices use validation."""
     started = time.perf_counter()
-    splits = splits or load_splits(config.dataset, config.val_size, config.seed)
-    module = build(config)
+    if out_dir is not None:
+        _prepare_run_dir(Path(out_dir), config, resume)
+    splits = splits or load_splits(config)
+    trainer = Trainer(config)
     build_seconds = time.perf_counter() - started
-    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
-    train_split = splits["train"]
-    history = []
-    for epoch in range(config.epochs):
-        module.train()
-        order = torch.randperm(len(train_split.labels), generator=generator)
-        steps = range(0, len(order), config.batch_size)
-        bar = tqdm(
-            steps, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False
-        )
-        total, seen, correct = 0.0, 0, 0
-        for start in bar:
-            idx = order[start : start + config.batch_size]
-            x, y = train_split.images[idx], train_split.labels[idx]
-            logits = module(x)
-            loss = nn.functional.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-            bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{100 * correct / seen:.2f}")
-        val_loss, val_acc = evaluate(plain_view(module), splits["val"])
-        history.append(
-            {"epoch": epoch + 1, "train_loss": total / seen, "train_acc": 100 * correct / seen,
-             "val_loss": val_loss, "val_acc": val_acc, "seconds": time.perf_counter() - started}
-        )  # fmt: skip
-    final = plain_view(module)
-    test_loss, test_acc = evaluate(final, splits["test"])
-    target_params = sum(p.numel() for p in MODELS[config.model]().parameters())
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    state_dir = Path(out_dir) / "state" if out_dir is not None else None
+    if resume and state_dir is not None and state_dir.exists():
+        trainer.restore_state(state_dir)
+        if progress:
+            print(f"resuming after epoch {trainer.epoch} of {config.epochs}", file=sys.stderr)
+    elapsed_before = trainer.history[-1]["seconds"] if trainer.history else 0.0
+    while trainer.epoch < config.epochs:
+        row: dict[str, Any] = trainer.train_epoch(splits["train"], progress)
+        view = plain_view(trainer.module)
+        row["val_loss"], row["val_acc"] = evaluate(view, splits["val"])
+        row["test_loss"], row["test_acc"] = evaluate(view, splits["test"])
+        row["epoch"] = trainer.epoch
+        row["seconds"] = elapsed_before + time.perf_counter() - started
+        trainer.history.append(row)
+        if progress:
+            print(f"  epoch {row['epoch']}: train {row['train_acc']:.2f}%  val "
+                  f"{row['val_acc']:.2f}%  ({row['seconds']:.0f} s)", file=sys.stderr)  # fmt: skip
+        if state_dir is not None:
+            trainer.save_state(state_dir)
+            _write_metrics(Path(out_dir) / "metrics.jsonl", trainer.history)
+
+    history = trainer.history
+    best = max(history, key=lambda r: (r["val_acc"], -r["epoch"])) if history else {}
     result = {
         "config": config.to_dict(),
-        "trainable_parameters": trainable,
-        "target_parameters": target_params,
+        "trainable_parameters": trainer.trainable_parameters(),
+        "target_parameters": sum(p.numel() for p in MODELS[config.model]().parameters()),
+        "epochs": len(history),
         "history": history,
-        "test_loss": test_loss,
-        "test_acc": test_acc,
+        "test_loss": history[-1]["test_loss"],
+        "test_acc": history[-1]["test_acc"],
+        "train_acc": history[-1]["train_acc"],
+        "best_val_epoch": best.get("epoch"),
+        "best_val_test_acc": best.get("test_acc"),
         "build_seconds": build_seconds,
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": history[-1]["seconds"],
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "threads": torch.get_num_threads(),
-        "argv": sys.argv,
     }
     if out_dir is not None:
-        save_checkpoint(module, out_dir / "checkpoint")
-        write_json(out_dir / "results.json", result)
+        out = Path(out_dir)
+        if isinstance(trainer.module, MappedModule):
+            save(trainer.module, out / "checkpoint")
+        else:
+            atomic_write_bytes(out / "checkpoint" / "model.safetensors",
+                               save_safetensors(trainer.module.state_dict()))  # fmt: skip
+        write_json(out / "results.json", result)
     return result
 
 
-def save_checkpoint(module: nn.Module, folder: Path) -> None:
-    """A mapped model as a mapnet checkpoint; a plain one as a safetensors state dict."""
-    if isinstance(module, MappedModule):
-        save(module, folder)
-    else:
-        atomic_write_bytes(folder / "model.safetensors", save_safetensors(module.state_dict()))
+def _prepare_run_dir(out: Path, config: TrainConfig, resume: bool) -> None:
+    config_file = out / "config.json"
+    if config_file.exists():
+        saved = json.loads(config_file.read_text())
+        if not resume:
+            raise ValueError(
+                f"{out} already holds a run; pass --resume to continue it, or choose another --out"
+            )
+        wanted = json.loads(json.dumps(config.to_dict()))
+        if saved != wanted:
+            differing = sorted(k for k in saved if saved[k] != wanted.get(k))
+            raise ValueError(
+                f"{out} holds a run with a different config (fields {differing}); resume it "
+                "with the same settings or choose another --out"
+            )
+        shutil.rmtree(out / "state.tmp", ignore_errors=True)  # an interrupted save's leftovers
+        old, state = out / "state.old", out / "state"
+        if old.exists() and not state.exists():
+            old.rename(state)  # interrupted between the two renames of a swap
+        return
+    write_json(config_file, config.to_dict())
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    # Rewritten whole from the saved state, so after a resume it never holds a lost epoch.
+    atomic_write_bytes(path, "".join(json.dumps(row) + "\n" for row in history).encode())
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
