@@ -10,7 +10,7 @@ from torch import nn
 
 import mapnet
 from mapnet.core import ACTIVATIONS, MappedModule, MappingConfig
-from mapnet.loss import LossOutput, MappingLoss, generated_parameters, pre_activation
+from mapnet.loss import LossOutput, MappingLoss
 
 ALL_OFF = {"stability": False, "smoothness": False, "alignment": False}
 
@@ -70,7 +70,7 @@ def test_pre_activation_is_generate_flat_before_the_activation(activation: str) 
     mapped = mapped_mlp(activation=activation, strategy="layerwise")
     for index, z in enumerate(mapped.latents):
         expected = mapped.generate_flat(index, z)
-        assert torch.equal(ACTIVATIONS[activation](pre_activation(mapped, index, z)), expected)
+        assert torch.equal(ACTIVATIONS[activation](mapped.pre_activation(index, z)), expected)
 
 
 @pytest.mark.parametrize("projection", ["dense", "structured"])
@@ -91,6 +91,14 @@ def test_exact_smoothness_matches_autograd_jacobian(
     expected = torch.autograd.grad(reference, latents)
     for grad, want in zip(grads, expected):
         torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("activation", sorted(set(ACTIVATIONS) - {"identity", "tanh"}))
+def test_exact_smoothness_other_activations_and_no_grad(activation: str) -> None:
+    mapped = mapped_mlp(activation=activation)
+    with torch.no_grad():  # σ'(a) still comes out (logging a validation value)
+        exact = MappingLoss(mapped).smoothness_loss()
+    torch.testing.assert_close(exact, jacobian_sq_norm(mapped), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("projection", ["dense", "structured"])
@@ -153,9 +161,11 @@ def stability_only(mapped: MappedModule, **kwargs: object) -> MappingLoss:
 def test_generated_parameters_override_matches_generate() -> None:
     mapped = mapped_mlp()
     expected = mapped.generate()
-    got = generated_parameters(mapped, list(mapped.latents))
+    got = mapped.generate(list(mapped.latents))
     assert list(got) == list(expected)
     assert all(torch.equal(got[n], expected[n]) for n in expected)
+    with pytest.raises(ValueError, match="need one latent per group"):
+        mapped.generate([])
 
 
 def test_stability_vanishes_with_sigma_and_is_positive_otherwise() -> None:

@@ -153,7 +153,7 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
     assert parse_overrides(["--mapping.alpha", "0.2", "--epochs", "3", "--dataset", "mnist"]) == {
         "mapping": {"alpha": 0.2}, "epochs": 3, "dataset": "mnist"}  # fmt: skip
     file = tmp_path / "run.toml"
-    file.write_text('epochs = 4\nlr = 0.05\n[mapping]\nlatent_dim = 1024\nalpha = 0.3\n')
+    file.write_text("epochs = 4\nlr = 0.05\n[mapping]\nlatent_dim = 1024\nalpha = 0.3\n")
     import argparse
 
     args = argparse.Namespace(config=file, paper_literal=False)

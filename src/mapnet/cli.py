@@ -53,7 +53,7 @@ def _settings_help() -> str:
     for f in dataclasses.fields(MappingConfig):
         lines.append(f"  mapping.{f.name} = {json.dumps(getattr(defaults.mapping, f.name))}")
     lines.append(
-        "  loss.{stability,smoothness,alignment} = false, loss.coefficients = \"uncertainty\", "
+        '  loss.{stability,smoothness,alignment} = false, loss.coefficients = "uncertainty", '
         "… (any MappingLoss option; see docs/method.md)"
     )
     lines.append("short flags: " + ", ".join(f"--{k.replace('_', '-')} = --{v}"

@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -418,21 +418,32 @@ class MappedModule(nn.Module):
             return 1.0
         return math.sqrt(group.numel / min(group.numel, group.latent_dim))
 
-    def generate_flat(self, index: int, z: torch.Tensor | None = None) -> torch.Tensor:
-        """θ for one latent group as a flat vector (P_g,); `z` overrides the trained latent."""
+    def pre_activation(self, index: int, z: torch.Tensor | None = None) -> torch.Tensor:
+        """a = b + W u for one latent group (P_g,), θ before σ; `z` overrides the trained latent.
+
+        The mapping loss needs it for the exact Jacobian norm (σ'(a)) of a non-identity σ.
+        """
         z = self.latents[index] if z is None else z  # (d,)
         u = z + self.config.alpha * z * z  # (d,)  = W̃z / W with W̃_i = W_i(1 + αz_i)
         flat = self.projections[index](u)  # (P_g,)
         base = self._base(index)
-        if base.numel():
-            flat = flat + base
-        return ACTIVATIONS[self.config.activation](flat)
+        return flat + base if base.numel() else flat
 
-    def generate(self) -> dict[str, torch.Tensor]:
-        """Every target parameter, by name (tied aliases map to the same tensor)."""
+    def generate_flat(self, index: int, z: torch.Tensor | None = None) -> torch.Tensor:
+        """θ for one latent group as a flat vector (P_g,); `z` overrides the trained latent."""
+        return ACTIVATIONS[self.config.activation](self.pre_activation(index, z))
+
+    def generate(self, latents: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Every target parameter, by name (tied aliases map to the same tensor).
+
+        `latents` (one per group, in `groups` order) override the trained ones, e.g. z + ε for the
+        mapping loss's stability term: `functional_call(mapped.target, mapped.generate(zs), x)`.
+        """
+        if latents is not None and len(latents) != len(self.groups):
+            raise ValueError(f"need one latent per group ({len(self.groups)}), got {len(latents)}")
         params: dict[str, torch.Tensor] = {}
         for index, group in enumerate(self.groups):
-            z = self.latents[index]
+            z = self.latents[index] if latents is None else latents[index]
             if not torch.isfinite(z).all():
                 bad = (~torch.isfinite(z)).sum().item()
                 raise ValueError(
@@ -440,7 +451,7 @@ class MappedModule(nn.Module):
                     "diverged or the latent was set by hand; lower the learning rate or reload a "
                     "checkpoint"
                 )
-            flat = self.generate_flat(index)
+            flat = self.generate_flat(index, z)
             for spec, piece in zip(group.specs, flat.split([s.numel for s in group.specs])):
                 tensor = piece.view(spec.shape).to(spec.dtype)
                 for alias in spec.names:

@@ -20,14 +20,14 @@ Usage (the optimiser must see both the latents and the coefficients):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp
+from torch.func import functional_call
 
 from mapnet.core import ACTIVATIONS, MappedModule
 from mapnet.projection import derive_seed
@@ -54,29 +54,6 @@ class LossOutput:
     total: torch.Tensor
     values: dict[str, float] = field(default_factory=dict)
     outputs: Any = None
-
-
-def generated_parameters(
-    mapped: MappedModule, latents: Sequence[torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Every target parameter by name, generated from `latents` (one per group) instead of the
-    trained ones: MappedModule.generate() with an override (tied aliases share one tensor)."""
-    params: dict[str, torch.Tensor] = {}
-    for index, group in enumerate(mapped.groups):
-        flat = mapped.generate_flat(index, latents[index])
-        for spec, piece in zip(group.specs, flat.split([s.numel for s in group.specs])):
-            tensor = piece.view(spec.shape).to(spec.dtype)
-            for alias in spec.names:
-                params[alias] = tensor
-    return params
-
-
-def pre_activation(mapped: MappedModule, index: int, z: torch.Tensor) -> torch.Tensor:
-    """a = b + W u, u = z + α z⊙z: generate_flat before σ (a test keeps it in step with core)."""
-    u = z + mapped.config.alpha * z * z  # (d,)
-    a = mapped.projections[index](u)  # (P_g,)
-    base = mapped._base(index)
-    return a + base if base.numel() else a
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -285,7 +262,7 @@ class MappingLoss(nn.Module):
                 for name, buffer in mapped.target.named_buffers(remove_duplicate=False)
                 if name not in params_names
             }
-            tensors.update(generated_parameters(mapped, noisy))
+            tensors.update(mapped.generate(noisy))
             with rng.replay() if rng is not None else nullcontext():
                 perturbed = functional_call(mapped.target, tensors, args)
             squared = (perturbed - clean).square()  # (B, ...)
@@ -317,10 +294,14 @@ class MappingLoss(nn.Module):
             if column_sq is not None:
                 return (column_sq.to(c.dtype) * c).sum()
             return projection.weighted_row_sq_norms(c).sum()
-        a = pre_activation(mapped, index, z)  # (P_g,)
-        # σ is elementwise, so its JVP with a tangent of ones is σ'(a); forward mode keeps it
+        a = mapped.pre_activation(index, z)  # (P_g,)
+        # σ is elementwise, so the gradient of Σσ(a) is σ'(a); create_graph keeps it
         # differentiable in a (hence in z) for the outer backward.
-        _, slope = jvp(ACTIVATIONS[activation], (a,), (torch.ones_like(a),))
+        with torch.enable_grad():  # also under no_grad (evaluation)
+            point = a if a.requires_grad else a.detach().requires_grad_()
+            (slope,) = torch.autograd.grad(
+                ACTIVATIONS[activation](point).sum(), point, create_graph=True
+            )
         return (slope.square() * projection.weighted_row_sq_norms(c.to(a.dtype))).sum()
 
     def _hutchinson_jacobian_sq_norm(self, index: int, z: torch.Tensor) -> torch.Tensor:
