@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,16 +12,6 @@ from mapnet.core import ACTIVATIONS, MappedModule, MappingConfig
 from mapnet.loss import LossOutput, MappingLoss
 
 ALL_OFF = {"stability": False, "smoothness": False, "alignment": False}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    # These models are tiny: a second thread only adds synchronisation, which costs 10x when
-    # another process is using the CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_mlp(dropout: float = 0.0) -> nn.Module:

@@ -75,8 +75,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.mapping, dict):
             self.mapping = MappingConfig.from_dict(self.mapping)
-        choices = {"model": tuple(MODELS), "mode": MODES, "optimizer": OPTIMIZERS,
-                   "schedule": SCHEDULES}  # fmt: skip
+        choices = {
+            "model": tuple(MODELS),
+            "mode": MODES,
+            "optimizer": OPTIMIZERS,
+            "schedule": SCHEDULES,
+        }
         if self.data_dir is None:
             choices["dataset"] = DATASETS
         for name, allowed in choices.items():
@@ -204,8 +208,12 @@ class Trainer:
         self.module.train()
         order = torch.randperm(len(split.labels), generator=self.batch_order)
         steps_per_epoch = math.ceil(len(order) / config.batch_size)
-        bar = tqdm(range(steps_per_epoch), disable=not progress, leave=False,
-                   desc=f"epoch {self.epoch + 1}/{config.epochs}")  # fmt: skip
+        bar = tqdm(
+            range(steps_per_epoch),
+            disable=not progress,
+            leave=False,
+            desc=f"epoch {self.epoch + 1}/{config.epochs}",
+        )
         total, seen, correct = 0.0, 0, 0
         terms: dict[str, float] = {}
         for step in bar:
@@ -242,11 +250,7 @@ class Trainer:
         """Everything needed to continue as if never stopped; replaces `folder` atomically."""
         staging = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(self.module, MappedModule):
-            save(self.module, staging / "model")
-        else:
-            atomic_write_bytes(staging / "model.safetensors",
-                               save_safetensors(self.module.state_dict()))  # fmt: skip
+        save_model(self.module, staging / "model")
         tensors, meta = _flatten_optimizer(self.optimizer.state_dict())
         tensors["rng.batch_order"] = self.batch_order.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
@@ -254,8 +258,13 @@ class Trainer:
             for key, value in self.loss_fn.state_dict().items():
                 tensors[f"loss.{key}"] = value.detach().clone()
         atomic_write_bytes(staging / "trainer.safetensors", save_safetensors(tensors))
-        description = {"format": STATE_FORMAT, "epoch": self.epoch, "history": self.history,
-                       "optimizer": meta, "config": self.config.to_dict()}  # fmt: skip
+        description = {
+            "format": STATE_FORMAT,
+            "epoch": self.epoch,
+            "history": self.history,
+            "optimizer": meta,
+            "config": self.config.to_dict(),
+        }
         atomic_write_bytes(staging / "trainer.json", json.dumps(description, indent=1).encode())
         # Swap: the old state is removed only after the new one is complete on disk.
         previous = folder.with_name(folder.name + ".old")
@@ -276,7 +285,7 @@ class Trainer:
         if isinstance(self.module, MappedModule):
             load_into(folder / "model", self.module)
         else:
-            model_file = (folder / "model.safetensors").read_bytes()
+            model_file = (folder / "model" / "model.safetensors").read_bytes()
             self.module.load_state_dict(load_safetensors(model_file))
         self.optimizer.load_state_dict(_unflatten_optimizer(tensors, description["optimizer"]))
         self.batch_order.set_state(tensors["rng.batch_order"])
@@ -288,6 +297,14 @@ class Trainer:
             )
         self.epoch = description["epoch"]
         self.history = description["history"]
+
+
+def save_model(module: nn.Module, folder: Path) -> None:
+    """A mapped model as a mapnet checkpoint; a plain one as folder/model.safetensors."""
+    if isinstance(module, MappedModule):
+        save(module, folder)
+    else:
+        atomic_write_bytes(folder / "model.safetensors", save_safetensors(module.state_dict()))
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -345,8 +362,11 @@ def train(
         row["seconds"] = elapsed_before + time.perf_counter() - started
         trainer.history.append(row)
         if progress:
-            print(f"  epoch {row['epoch']}: train {row['train_acc']:.2f}%  val "
-                  f"{row['val_acc']:.2f}%  ({row['seconds']:.0f} s)", file=sys.stderr)  # fmt: skip
+            print(
+                f"  epoch {row['epoch']}: train {row['train_acc']:.2f}%  val "
+                f"{row['val_acc']:.2f}%  ({row['seconds']:.0f} s)",
+                file=sys.stderr,
+            )
         if state_dir is not None:
             trainer.save_state(state_dir)
             _write_metrics(Path(out_dir) / "metrics.jsonl", trainer.history)
@@ -370,13 +390,8 @@ def train(
         "threads": torch.get_num_threads(),
     }
     if out_dir is not None:
-        out = Path(out_dir)
-        if isinstance(trainer.module, MappedModule):
-            save(trainer.module, out / "checkpoint")
-        else:
-            atomic_write_bytes(out / "checkpoint" / "model.safetensors",
-                               save_safetensors(trainer.module.state_dict()))  # fmt: skip
-        write_json(out / "results.json", result)
+        save_model(trainer.module, Path(out_dir) / "checkpoint")
+        write_json(Path(out_dir) / "results.json", result)
     return result
 
 
