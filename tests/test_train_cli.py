@@ -182,3 +182,23 @@ def test_bench_construction_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert row["construction_seconds"] > 0
     assert row["peak_rss_bytes"] >= row["rss_before_bytes"] > 0
     assert "cnn2 single d=64: built in" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:latent larger than the layer")  # the paper's 468 > 160
+def test_repro_table1_runs_resumes_and_reports_on_tiny_data(tmp_path: Path) -> None:
+    root = write_tiny_dataset(tmp_path / "data", train=400, test=100)
+    results, report = tmp_path / "results", tmp_path / "table1.md"
+    args = ["repro", "table1", "--rows", "cnn2-baseline,cnn2-layerwise-1872", "--datasets",
+            "tiny", "--epochs", "1", "--data-dir", str(root), "--root", str(results),
+            "--report-to", str(report), "--val-size", "100", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    finished = json.loads((results / "cnn2-layerwise-1872-tiny.json").read_text())
+    assert finished["trainable_parameters"] == 1872
+    assert finished["label"] == "Ours† 1872 (4×468)"
+    assert (results / "runs" / "cnn2-layerwise-1872-tiny" / "metrics.jsonl").is_file()
+    stamp = (results / "cnn2-baseline-tiny.json").stat().st_mtime_ns
+    assert main(args) == 0  # finished runs are skipped, not redone
+    assert (results / "cnn2-baseline-tiny.json").stat().st_mtime_ns == stamp
+    text = report.read_text()
+    assert "| CNN2 | Ours† 1872 (4×468) | 1,872 | 98.98 / 92.84 | – / – | " in text
+    assert main(["repro", "table1", "--rows", "cnn3-unet"]) == 2

@@ -284,6 +284,52 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _repro_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "repro",
+        help="reproduce the paper's tables (resumable; results/<table>/*.json)",
+        description=(
+            "table1: every row of the paper's Table 1 (CNN1/CNN2 baselines, single and "
+            "layer-wise mappings) plus intrinsic-dimension training at 2048, on MNIST and "
+            "Fashion-MNIST. Finished runs are skipped, interrupted ones resume from their last "
+            "epoch. --report writes docs/results/table1.md from the result files."
+        ),
+    )
+    p.add_argument("table", choices=["table1"])
+    p.add_argument("--report", action="store_true", help="only write the report")
+    p.add_argument("--rows", default=None, help="comma-separated row ids (default: all)")
+    p.add_argument("--datasets", default="mnist,fashion-mnist", help="comma-separated")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: 10)")
+    p.add_argument("--hours", type=float, default=None,
+                   help="start no new run after this many hours (a session's budget)")
+    p.add_argument("--data-dir", default=None, help="read <data-dir>/<dataset>/ IDX files")
+    p.add_argument("--val-size", type=int, default=5000, help="validation images from train")
+    p.add_argument("--root", type=Path, default=Path("results/table1"), help="results folder")
+    p.add_argument("--report-to", type=Path, default=Path("docs/results/table1.md"))
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_repro)
+
+
+def _run_repro(args: argparse.Namespace) -> int:
+    from mapnet import repro
+
+    root = args.root
+    if not args.report:
+        known = {row.id: row for row in repro.TABLE1}
+        wanted = args.rows.split(",") if args.rows else list(known)
+        unknown = sorted(set(wanted) - set(known))
+        if unknown:
+            raise ValueError(f"unknown row(s) {unknown}; rows: {', '.join(known)}")
+        deadline = time.monotonic() + 3600 * args.hours if args.hours else None
+        repro.run_table(
+            [known[i] for i in wanted], tuple(args.datasets.split(",")), root,
+            epochs=args.epochs or repro.EPOCHS, deadline=deadline, progress=not args.quiet,
+            data_dir=args.data_dir, val_size=args.val_size,
+        )  # fmt: skip
+    print(repro.report(root, args.report_to, tuple(args.datasets.split(","))))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mapnet",
@@ -295,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub)
     _data_parser(sub)
     _bench_parser(sub)
+    _repro_parser(sub)
     args, extra = parser.parse_known_args(argv)
     try:
         if args.run is _run_train:
