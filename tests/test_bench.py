@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from mapnet.bench import (
+    MALLOC_TUNED_ENV,
     STEP_VARIANTS,
     _dense_skip_reason,
     _memory_total_bytes,
+    in_subprocess,
     target_parameter_count,
     targets_status,
 )
@@ -82,6 +84,13 @@ def test_report_without_results_is_a_clean_error(
     args = ["bench", "step", "--report", "--out", str(tmp_path / "step.json")]
     assert main([*args, "--report-out", str(tmp_path / "bench.md")]) == 2
     assert "no step results" in capsys.readouterr().err
+
+
+def test_a_measurement_in_a_fresh_process_gets_the_allocator_settings() -> None:
+    kwargs = {"model": "tiny", "latent_dim": 64, "batch": 8, "warmup": 0, "steps": 1}
+    row = in_subprocess("measure_step", env=MALLOC_TUNED_ENV, variant="plain", threads=1, **kwargs)
+    assert row["malloc_env"] == MALLOC_TUNED_ENV and row["threads"] == 1
+    assert row["minor_faults_per_step"] >= 0 and _positive(row["peak_rss_bytes"])
 
 
 def test_dense_projection_of_the_25m_target_is_skipped_with_its_size() -> None:

@@ -69,17 +69,36 @@ def measure_construction(
     }
 
 
-def in_subprocess(function: str, **kwargs: Any) -> dict[str, Any]:
+def in_subprocess(
+    function: str, *, env: dict[str, str] | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    """`mapnet.bench.<function>(**kwargs)` in a fresh Python; `env` adds environment variables."""
     code = (
         "import json, sys, mapnet.bench as b; "
         f"print(json.dumps(b.{function}(**json.loads(sys.argv[1]))))"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True
+        [sys.executable, "-c", code, json.dumps(kwargs)],
+        capture_output=True,
+        text=True,
+        env=None if env is None else os.environ | env,
     )
     if done.returncode != 0:
         raise RuntimeError(f"{function}({kwargs}) failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# glibc returns freed blocks above its mmap threshold to the kernel, so every training step
+# re-faults its activations page by page (≈3,500 minor faults per CNN2 step, a quarter of its
+# time, and the main source of process-to-process spread). A 1 GiB threshold keeps them.
+MALLOC_TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (a page first touched after an mmap)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _cpu_model() -> str:
@@ -244,8 +263,10 @@ class StepModel:
 
 
 STEP_MODELS: dict[str, StepModel] = {
-    "cnn2": StepModel(CNN2, (1, 28, 28), 10, 1e-3, 0.1, 0.1, warmup=3, steps=10, rounds=3),
-    "cnn1": StepModel(CNN1, (1, 28, 28), 10, 1e-3, 0.1, 0.1, warmup=3, steps=10, rounds=3),
+    # Five rounds: the spread between processes (allocator state, the other core's jobs) is
+    # larger than the spread between steps of one process.
+    "cnn2": StepModel(CNN2, (1, 28, 28), 10, 1e-3, 0.1, 0.1, warmup=3, steps=20, rounds=5),
+    "cnn1": StepModel(CNN1, (1, 28, 28), 10, 1e-3, 0.1, 0.1, warmup=3, steps=10, rounds=5),
     # 3×64×64, not 224×224: a 224² step of ResNet-50 at batch 128 would take minutes on 2 cores.
     "resnet50": StepModel(ResNet50, (3, 64, 64), 1000, 1e-3, 1e-3, 0.01, warmup=1, steps=3,
                           rounds=2),
@@ -328,14 +349,16 @@ def measure_step(
     module.train()
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=lr)
-    seconds, losses = [], []
+    seconds, losses, faults = [], [], []
     for _ in range(warmup + steps):
+        faults_before = minor_faults()
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(module(x), y)
         loss.backward()
         optimizer.step()
         seconds.append(time.perf_counter() - started)
+        faults.append(minor_faults() - faults_before)
         losses.append(loss.item())
     with torch.no_grad():
         loss_after = nn.functional.cross_entropy(module(x), y).item()
@@ -359,6 +382,8 @@ def measure_step(
         "optimizer_state_bytes": _tensor_bytes(optimizer_state),
         "warmup_seconds": seconds[:warmup],
         "step_seconds": seconds[warmup:],
+        "minor_faults_per_step": _median(faults[warmup:]),
+        "malloc_env": {name: os.environ.get(name) for name in MALLOC_TUNED_ENV},
         "losses": losses,
         "loss_after": loss_after,
         "rss_before_bytes": rss_before,
@@ -399,6 +424,7 @@ def _summarise(
                 if r["round"] in plain_by_round
             ],
             "construction_seconds": _median(builds) if builds else None,
+            "minor_faults_per_step": _median([r["minor_faults_per_step"] for r in done]),
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in done),
             "rss_before_bytes": first["rss_before_bytes"],
             "projection_bytes": first["projection_bytes"],
@@ -441,17 +467,20 @@ def step_bench(
     breakdown: list[str] | None = None,
     command: str = "mapnet bench step",
     smoke: bool = False,
+    malloc_tuned: bool = False,
 ) -> dict[str, Any]:
     """Run the step bench for `models` and the phase breakdown for `breakdown`; write `out`.
 
     `smoke` runs every measurement in this process instead of a fresh one: starting Python and
     torch costs seconds per process, which is most of what CI would wait for (the subprocess
     path itself is exercised by the construction smoke test). Its peak RSS is then shared.
+    `malloc_tuned` runs the measurements with MALLOC_TUNED_ENV (subprocesses only).
     """
+    env = MALLOC_TUNED_ENV if malloc_tuned else None
 
     def run(function: str, **kwargs: Any) -> dict[str, Any]:
         if not smoke:
-            return in_subprocess(function, **kwargs)
+            return in_subprocess(function, env=env, **kwargs)
         threads_before = torch.get_num_threads()
         try:  # through JSON, as from a subprocess
             return json.loads(json.dumps(globals()[function](**kwargs)))
@@ -474,6 +503,7 @@ def step_bench(
             "loss": "cross-entropy, fixed synthetic batch",
             "optimizer": "Adam",
             "dense_rounds": dense_rounds,
+            "malloc_env": env or {},
             "models": {
                 name: {
                     "input_shape": list(STEP_MODELS[name].input_shape),
@@ -520,6 +550,7 @@ def step_bench(
                       + (f", built in {build:.2f} s" if build is not None else "")
                       + f", peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB, loss "
                       f"{result['losses'][0]:.3f} -> {result['loss_after']:.3f}, "
+                      f"{result['minor_faults_per_step']:.0f} page faults/step, "
                       f"load {result['loadavg'][0]:.1f}", flush=True)  # fmt: skip
         data["rows"].extend(_summarise(model, runs, skipped))
     for model in breakdown or []:
@@ -672,11 +703,15 @@ def measure_breakdown(
         cross_entropy(plain(x), y).backward()
         plain_opt.step()
 
+    faults: dict[str, list[int]] = {"mapped": [], "plain": []}
+
     def timed_whole_mapped(record: bool) -> None:
+        faults_before = minor_faults()
         started = time.perf_counter()
         whole_mapped()
         if record:
             add("mapped", "whole step", time.perf_counter() - started)
+            faults["mapped"].append(minor_faults() - faults_before)
 
     def timed_phases(record: bool) -> None:
         marks = _phased_mapped_step(mapped, mapped_opt, x, y)
@@ -686,6 +721,7 @@ def measure_breakdown(
 
     def timed_plain(record: bool) -> None:
         clock = time.perf_counter
+        faults_before = minor_faults()
         t0 = clock()
         loss = cross_entropy(plain(x), y)
         t1 = clock()
@@ -695,6 +731,7 @@ def measure_breakdown(
         plain_opt.zero_grad(set_to_none=True)
         t3 = clock()
         if record:
+            faults["plain"].append(minor_faults() - faults_before)
             add("plain", "forward + loss", t1 - t0)
             add("plain", "backward", t2 - t1)
             add("plain", "optimiser (Adam on θ, zero_grad)", t3 - t2)
@@ -747,6 +784,7 @@ def measure_breakdown(
         "plain_step_ms": sum(plain_ms.values()),
         "plain_phases_ms": plain_ms,
         "probes_ms": medians("probe"),
+        "minor_faults_per_step": {kind: _median(values) for kind, values in faults.items()},
         "grad_check_max_abs_diff": grad_diff,
         "profile_mapped": _profile(whole_mapped, profile_steps),
         "profile_plain": _profile(whole_plain, profile_steps),
@@ -828,9 +866,9 @@ def _gib(value: float) -> str:
     return f"{value / 2**30:.2f}"
 
 
-def _load_results(results: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """The newest step and construction results in `results`; smoke runs only when nothing
-    else is there (the report then says so in its first line)."""
+def _load_results(results: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The step runs in `results` (step.json first, then by date; smoke runs only when there
+    is nothing else, and the report then says so) and the construction results."""
     steps, construction = [], None
     for path in sorted(results.glob("*.json")):
         data = json.loads(path.read_text())
@@ -840,9 +878,9 @@ def _load_results(results: Path) -> tuple[dict[str, Any] | None, dict[str, Any] 
             steps.append(data | {"file": str(path)})
         elif data.get("what", "construction") == "construction" and "rows" in data:
             construction = data | {"file": str(path)}
-    # Real runs first, then the newest.
-    steps.sort(key=lambda d: (not d.get("smoke"), d["date"]))
-    return (steps[-1] if steps else None), construction
+    real = [d for d in steps if not d.get("smoke")]
+    steps = sorted(real or steps, key=lambda d: (Path(d["file"]).name != "step.json", d["date"]))
+    return steps, construction
 
 
 def _machine_line(data: dict[str, Any]) -> str:
@@ -854,7 +892,11 @@ def _machine_line(data: dict[str, Any]) -> str:
     )
 
 
-def _step_section(step: dict[str, Any]) -> list[str]:
+def _run_name(index: int) -> str:
+    return f"run {chr(ord('A') + index)}"
+
+
+def _step_section(step: dict[str, Any], name: str) -> list[str]:
     settings = step["settings"]
     shapes = ", ".join(
         f"{name} {'×'.join(map(str, s['input_shape']))}" for name, s in settings["models"].items()
@@ -865,11 +907,17 @@ def _step_section(step: dict[str, Any]) -> list[str]:
         f"{name} {s['warmup']}+{s['steps']} × {s['rounds']}"
         for name, s in settings["models"].items()
     )
+    malloc = settings.get("malloc_env") or {}
+    allocator = (
+        "glibc malloc tuned: " + ", ".join(f"{k}={v}" for k, v in malloc.items())
+        if malloc
+        else "glibc malloc defaults (what `mapnet train` gets)"
+    )
     lines = [
-        "## Training step",
+        f"## Training step, {name}: `{step['command']}`",
         "",
-        f"Command: `{step['command']}` · measured {step['date']} · "
-        f"{step['wall_seconds'] / 60:.1f} min",
+        f"Measured {step['date']} in {step['wall_seconds'] / 60:.1f} min; {allocator}; "
+        f"results `{step['file']}`.",
         "",
         f"Machine: {_machine_line(step)}.",
         "",
@@ -885,18 +933,19 @@ def _step_section(step: dict[str, Any]) -> list[str]:
         f"{settings['dense_rounds']} round(s) only (building a dense W takes minutes). "
         "Step = median of all measured steps; ratio = that median / plain's median in the same "
         "run, with the per-round ratios in brackets. Build = `wrap()` time; peak RSS = VmHWM "
-        "of the process (torch itself ≈ 0.3 GiB); loss = first step → one forward after the "
-        "last update.",
+        "of the process (torch itself ≈ 0.3 GiB); faults = minor page faults per step "
+        "(median); loss = first step → one forward after the last update.",
         "",
         "| model | variant | trainable / P | build (s) | W bytes / param | peak RSS (GiB) "
-        "| step (ms) | ratio to plain | loss first → after (lr) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| step (ms) | ratio to plain | faults / step | loss first → after (lr) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in step["rows"]:
         if row.get("skipped"):
-            lines.append(f"| {row['model']} | {row['label']} | – | – | – | – | – | – "
+            lines.append(f"| {row['model']} | {row['label']} | – | – | – | – | – | – | – "
                          f"| skipped: {row['reason']} |")  # fmt: skip
             continue
+        faults = row.get("minor_faults_per_step")
         build = row["construction_seconds"]
         rounds = ", ".join(f"{r:.2f}" for r in row["ratio_per_round"])
         per_parameter = f"{row['projection_bytes_per_parameter']:.2f}"
@@ -907,23 +956,27 @@ def _step_section(step: dict[str, Any]) -> list[str]:
             f"| {per_parameter if row['projection_bytes'] else '–'} "
             f"| {_gib(row['peak_rss_bytes'])} | {_ms(row['step_ms_median'])} "
             f"| {row['ratio_to_plain']:.3f} [{rounds}] "
+            f"| {'–' if faults is None else f'{faults:,.0f}'} "
             f"| {row['loss_first']:.3f} → {row['loss_after']:.3f} ({row['lr']:g}) |"
         )
     return [*lines, ""]
 
 
-def _breakdown_section(step: dict[str, Any]) -> list[str]:
+def _breakdown_section(step: dict[str, Any], name: str) -> list[str]:
     results = step.get("breakdown", [])
     if not results:
         return []
     names = [f"{r['model']} ({r['target_parameters']:,})" for r in results]
     lines = [
-        "## Where a mapped step's time goes",
+        f"### Where a mapped step's time goes ({name})",
         "",
         "Structured W, d = {d}, batch {b}; medians (ms) over {s} steps of one process that runs, "
         "in rotating order, the whole mapped step, the same step cut into phases (a statement-"
         "by-statement copy of `MappedModule.generate` / `forward`; its latent gradient matches "
-        "`mapped(x)`'s to {diff}), a plain step cut into phases, and probes.".format(
+        "`mapped(x)`'s to {diff}), a plain step cut into phases, and probes. Interleaving "
+        "makes each step run with caches the others left behind, so these absolute times (and "
+        "their ratio) differ from the step table's; they attribute the time, the step table "
+        "gives the ratio.".format(
             d=results[0]["latent_dim"],
             b=results[0]["batch"],
             s=results[0]["steps"],
@@ -1035,22 +1088,32 @@ def _construction_section(construction: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def _targets_section(step: dict[str, Any], construction: dict[str, Any] | None) -> list[str]:
-    lines = ["## Targets (issue 4)", "", "| target | measured | met? | detail |"]
-    lines.append("|---|---|---|---|")
-    for t in targets_status(step, construction):
-        value = "–" if t["value"] is None else f"{t['value']:.3f}"
-        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
-        lines.append(f"| {t['target']} | {value} | {met} | {t['detail']} |")
-    return [*lines, ""]
+def _targets_section(steps: list[dict[str, Any]], construction: dict[str, Any] | None) -> list[str]:
+    """One (measured, met?) column pair per step run; the detail column is run A's."""
+    statuses = [targets_status(step, construction) for step in steps]
+    head = " | ".join(f"{_run_name(i)} | met?" for i in range(len(steps)))
+    lines = ["## Targets (issue 4)", "", f"| target | {head} | detail ({_run_name(0)}) |"]
+    lines.append("|---|" + "---|---|" * len(steps) + "---|")
+    for index, target in enumerate(statuses[0]):
+        cells = []
+        for status in statuses:
+            t = status[index]
+            cells.append("–" if t["value"] is None else f"{t['value']:.3f}")
+            cells.append({True: "yes", False: "**no**", None: "not measured"}[t["met"]])
+        lines.append(f"| {target['target']} | {' | '.join(cells)} | {target['detail']} |")
+    runs = "; ".join(
+        f"{_run_name(i)} = `{s['command']}` ({s['date']})" for i, s in enumerate(steps)
+    )
+    return [*lines, "", f"Runs: {runs}.", ""]
 
 
 def write_report(results: Path, out: Path) -> Path:
     """docs/results/bench.md from the JSON files in `results` (smoke runs are ignored)."""
-    step, construction = _load_results(results)
-    if step is None:
+    steps, construction = _load_results(results)
+    if not steps:
         raise FileNotFoundError(f"no step results in {results}: run `mapnet bench step` first")
-    sources = ", ".join(f"`{d['file']}`" for d in (step, construction) if d is not None)
+    step = steps[0]
+    sources = ", ".join(f"`{d['file']}`" for d in [*steps, construction] if d is not None)
     lines = [
         "# `mapnet bench`: what a mapping costs",
         "",
@@ -1063,11 +1126,17 @@ def write_report(results: Path, out: Path) -> Path:
         "hand. Re-measure with `mapnet bench step` (about 15 min on the machine below) and "
         "`mapnet bench construction`.",
         "",
-        f"Measured with `{step['command']}` on {step['date']}, on: {_machine_line(step)}.",
+        f"Machine: {_machine_line(step)}.",
         "",
-        *_targets_section(step, construction),
-        *_step_section(step),
-        *_breakdown_section(step),
+        *_targets_section(steps, construction),
+        *(
+            line
+            for index, run in enumerate(steps)
+            for line in (
+                *_step_section(run, _run_name(index)),
+                *_breakdown_section(run, _run_name(index)),
+            )
+        ),
         *(_construction_section(construction) if construction else []),
     ]
     out.parent.mkdir(parents=True, exist_ok=True)

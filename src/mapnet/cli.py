@@ -230,6 +230,14 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
             "shared with other jobs, 2 threads stall at every parallel region)"
         ),
     )
+    p.add_argument(
+        "--malloc-tuned",
+        action="store_true",
+        help=(
+            "step: measure with glibc's mmap/trim thresholds at 1 GiB, so freed activations are "
+            "reused instead of re-faulted page by page every step"
+        ),
+    )
     p.set_defaults(run=_run_bench)
 
 
@@ -262,6 +270,8 @@ def _run_bench(args: argparse.Namespace) -> int:
             f"mapnet bench step{' --smoke' if args.smoke else ''} --models {' '.join(models)} "
             f"--latent-dim {args.latent_dim if not args.smoke else 64} "
             f"--batch-size {args.batch_size} --threads {args.threads}"
+            + (" --malloc-tuned" if args.malloc_tuned else "")
+            + (f" --out {out}" if args.out else "")
         )
         step_bench(
             models,
@@ -273,6 +283,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             breakdown=[m for m in models if m in ("cnn2", "cnn1", "tiny")],
             command=command,
             smoke=args.smoke,
+            malloc_tuned=args.malloc_tuned,
         )
         return 0
     cases = [("cnn2", 64, "single")] if args.smoke else [
