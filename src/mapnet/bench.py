@@ -45,9 +45,14 @@ def peak_rss_bytes() -> int:
 
 
 def measure_construction(
-    model: str, latent_dim: int, strategy: str, projection: str = "dense"
+    model: str,
+    latent_dim: int,
+    strategy: str,
+    projection: str = "dense",
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Time and memory to build the mapping for one of the paper's models (run in a subprocess)."""
+    _set_threads(threads)
     torch.manual_seed(0)
     target = MODELS[model]()
     baseline_rss = peak_rss_bytes()
@@ -59,6 +64,7 @@ def measure_construction(
         "model": model,
         "strategy": strategy,
         "projection": projection,
+        "threads": torch.get_num_threads(),
         "latent_dim": latent_dim,
         "trainable_parameters": mapped.num_trainable_parameters(),
         "target_parameters": mapped.num_target_parameters(),
@@ -151,8 +157,10 @@ def construction_table(
     cases: list[tuple[str, int, str] | tuple[str, int, str, str]],
     out: Path | None,
     command: str = "mapnet bench construction",
+    threads: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Each case (model, latent_dim, strategy[, projection]) built in a fresh process."""
+    """Each case (model, latent_dim, strategy[, projection]) built in a fresh process, with
+    `threads` torch threads (None: torch's default)."""
     rows = []
     started = load()
     for case in cases:
@@ -161,6 +169,7 @@ def construction_table(
         row = in_subprocess(
             "measure_construction",
             model=model, latent_dim=latent_dim, strategy=strategy, projection=projection,
+            threads=threads,
         )  # fmt: skip
         rows.append(row)
         print(
@@ -172,7 +181,8 @@ def construction_table(
         )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        data = {"what": "construction", "command": command, "date": _now(), "machine": machine(),
+        data = {"what": "construction", "command": command, "date": _now(),
+                "machine": machine() | {"threads": rows[0]["threads"] if rows else None},
                 "load": {"start": started, "end": load()}, "rows": rows}  # fmt: skip
         out.write_text(json.dumps(data, indent=2) + "\n")
         print(f"wrote {out}")
@@ -866,10 +876,10 @@ def _gib(value: float) -> str:
     return f"{value / 2**30:.2f}"
 
 
-def _load_results(results: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+def _load_results(results: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The step runs in `results` (step.json first, then by date; smoke runs only when there
-    is nothing else, and the report then says so) and the construction results."""
-    steps, construction = [], None
+    is nothing else, and the report then says so) and the construction runs (by date)."""
+    steps, constructions = [], []
     for path in sorted(results.glob("*.json")):
         data = json.loads(path.read_text())
         if not isinstance(data, dict):
@@ -877,10 +887,10 @@ def _load_results(results: Path) -> tuple[list[dict[str, Any]], dict[str, Any] |
         if data.get("what") == "step":
             steps.append(data | {"file": str(path)})
         elif data.get("what", "construction") == "construction" and "rows" in data:
-            construction = data | {"file": str(path)}
+            constructions.append(data | {"file": str(path)})
     real = [d for d in steps if not d.get("smoke")]
     steps = sorted(real or steps, key=lambda d: (Path(d["file"]).name != "step.json", d["date"]))
-    return steps, construction
+    return steps, sorted(constructions, key=lambda d: d.get("date", ""))
 
 
 def _machine_line(data: dict[str, Any]) -> str:
@@ -1009,6 +1019,10 @@ def _breakdown_section(step: dict[str, Any], name: str) -> list[str]:
     lines.append(
         "| **plain: sum** | " + " | ".join(f"**{_ms(r['plain_step_ms'])}**" for r in results) + " |"
     )
+    if all("minor_faults_per_step" in r for r in results):
+        for kind in ("mapped", "plain"):
+            cells = [f"{r['minor_faults_per_step'][kind]:,.0f}" for r in results]
+            lines.append(f"| {kind}: minor page faults / whole step | " + " | ".join(cells) + " |")
     for probe in results[0]["probes_ms"]:
         lines.append(
             f"| probe: {probe} | " + " | ".join(_ms(r["probes_ms"][probe]) for r in results) + " |"
@@ -1059,9 +1073,9 @@ def _overhead_causes(result: dict[str, Any]) -> dict[str, float]:
 
 def _construction_section(construction: dict[str, Any]) -> list[str]:
     lines = [
-        "## Construction",
+        f"## Construction: `{construction.get('command', 'mapnet bench construction')}`",
         "",
-        f"Command: `{construction.get('command', 'mapnet bench construction')}`"
+        f"Results `{construction['file']}`"
         + (f" · measured {construction['date']}" if "date" in construction else "")
         + (
             f" · load at start `{construction['load']['start']['uptime']}`"
@@ -1071,7 +1085,8 @@ def _construction_section(construction: dict[str, Any]) -> list[str]:
         "",
         f"Machine: {_machine_line(construction)}.",
         "",
-        "`wrap()` in a fresh process, torch's default thread count.",
+        "`wrap()` in a fresh process; torch threads: "
+        f"{construction['rows'][0].get('threads', 'default') if construction['rows'] else '–'}.",
         "",
         "| model | strategy | projection | d | P | build (s) | W (GiB) | W bytes / param "
         "| peak RSS (GiB) |",
@@ -1088,9 +1103,9 @@ def _construction_section(construction: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def _targets_section(steps: list[dict[str, Any]], construction: dict[str, Any] | None) -> list[str]:
+def _targets_section(steps: list[dict[str, Any]]) -> list[str]:
     """One (measured, met?) column pair per step run; the detail column is run A's."""
-    statuses = [targets_status(step, construction) for step in steps]
+    statuses = [targets_status(step, None) for step in steps]
     head = " | ".join(f"{_run_name(i)} | met?" for i in range(len(steps)))
     lines = ["## Targets (issue 4)", "", f"| target | {head} | detail ({_run_name(0)}) |"]
     lines.append("|---|" + "---|---|" * len(steps) + "---|")
@@ -1104,16 +1119,20 @@ def _targets_section(steps: list[dict[str, Any]], construction: dict[str, Any] |
     runs = "; ".join(
         f"{_run_name(i)} = `{s['command']}` ({s['date']})" for i, s in enumerate(steps)
     )
-    return [*lines, "", f"Runs: {runs}.", ""]
+    note = (
+        "Construction here is `wrap()` inside the step runs (their thread count); the "
+        "Construction sections below also give it with torch's default thread count."
+    )
+    return [*lines, "", f"Runs: {runs}.", "", note, ""]
 
 
 def write_report(results: Path, out: Path) -> Path:
     """docs/results/bench.md from the JSON files in `results` (smoke runs are ignored)."""
-    steps, construction = _load_results(results)
+    steps, constructions = _load_results(results)
     if not steps:
         raise FileNotFoundError(f"no step results in {results}: run `mapnet bench step` first")
     step = steps[0]
-    sources = ", ".join(f"`{d['file']}`" for d in [*steps, construction] if d is not None)
+    sources = ", ".join(f"`{d['file']}`" for d in [*steps, *constructions])
     lines = [
         "# `mapnet bench`: what a mapping costs",
         "",
@@ -1128,7 +1147,7 @@ def write_report(results: Path, out: Path) -> Path:
         "",
         f"Machine: {_machine_line(step)}.",
         "",
-        *_targets_section(steps, construction),
+        *_targets_section(steps),
         *(
             line
             for index, run in enumerate(steps)
@@ -1137,7 +1156,7 @@ def write_report(results: Path, out: Path) -> Path:
                 *_breakdown_section(run, _run_name(index)),
             )
         ),
-        *(_construction_section(construction) if construction else []),
+        *(line for construction in constructions for line in _construction_section(construction)),
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")

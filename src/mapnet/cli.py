@@ -224,10 +224,11 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads",
         type=int,
-        default=1,
+        default=None,
         help=(
-            "step: torch threads per measurement (default: %(default)s; on a 2-core machine "
-            "shared with other jobs, 2 threads stall at every parallel region)"
+            "torch threads per measurement (step default: 1, since on a 2-core machine shared "
+            "with other jobs 2 threads stall at every parallel region; construction default: "
+            "torch's own)"
         ),
     )
     p.add_argument(
@@ -260,16 +261,17 @@ def _run_bench(args: argparse.Namespace) -> int:
         if args.report:
             write_report(out.parent, args.report_out)
             return 0
-        for name in ("latent_dim", "batch_size", "threads"):
-            value = getattr(args, name)
+        threads = 1 if args.threads is None else args.threads
+        for name, value in (("latent-dim", args.latent_dim), ("batch-size", args.batch_size),
+                            ("threads", threads)):  # fmt: skip
             if value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+                raise ValueError(f"--{name} must be > 0, got {value}")
         models = ["tiny"] if args.smoke else args.models
         # The command that reproduces this run, every setting spelled out.
         command = (
             f"mapnet bench step{' --smoke' if args.smoke else ''} --models {' '.join(models)} "
             f"--latent-dim {args.latent_dim if not args.smoke else 64} "
-            f"--batch-size {args.batch_size} --threads {args.threads}"
+            f"--batch-size {args.batch_size} --threads {threads}"
             + (" --malloc-tuned" if args.malloc_tuned else "")
             + (f" --out {out}" if args.out else "")
         )
@@ -279,7 +281,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             # The tiny smoke target has 1,498 parameters: d must stay below that.
             latent_dim=64 if args.smoke else args.latent_dim,
             batch=args.batch_size,
-            threads=args.threads,
+            threads=threads,
             breakdown=[m for m in models if m in ("cnn2", "cnn1", "tiny")],
             command=command,
             smoke=args.smoke,
@@ -291,7 +293,15 @@ def _run_bench(args: argparse.Namespace) -> int:
         ("cnn2", 2048, "single", "structured"), ("cnn1", 2048, "single", "structured"),
         ("resnet50", 2048, "single", "structured"),
     ]  # fmt: skip
-    construction_table(cases, args.out or Path("results/bench/construction.json"))
+    if args.threads is not None and args.threads <= 0:
+        raise ValueError(f"--threads must be > 0, got {args.threads}")
+    command = "mapnet bench construction" + (" --smoke" if args.smoke else "")
+    command += (f" --threads {args.threads}" if args.threads else "") + (
+        f" --out {args.out}" if args.out else ""
+    )
+    construction_table(
+        cases, args.out or Path("results/bench/construction.json"), command, args.threads
+    )
     return 0
 
 
@@ -311,8 +321,12 @@ def _repro_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rows", default=None, help="comma-separated row ids (default: all)")
     p.add_argument("--datasets", default="mnist,fashion-mnist", help="comma-separated")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: 10)")
-    p.add_argument("--hours", type=float, default=None,
-                   help="start no new run after this many hours (a session's budget)")
+    p.add_argument(
+        "--hours",
+        type=float,
+        default=None,
+        help="start no new run after this many hours (a session's budget)",
+    )
     p.add_argument("--data-dir", default=None, help="read <data-dir>/<dataset>/ IDX files")
     p.add_argument("--val-size", type=int, default=5000, help="validation images from train")
     p.add_argument("--root", type=Path, default=Path("results/table1"), help="results folder")
@@ -341,7 +355,23 @@ def _run_repro(args: argparse.Namespace) -> int:
     return 0
 
 
+def keep_freed_memory() -> None:
+    """Stop glibc returning freed activations to the kernel after every step (each step then
+    re-faults them page by page: ~3,000 faults per CNN2 step; plain steps 17–33 % faster without,
+    see docs/results/bench.md). No-op off glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     parser = argparse.ArgumentParser(
         prog="mapnet",
         description="Mapping Networks: train any network through a small latent vector.",

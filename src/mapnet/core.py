@@ -359,6 +359,17 @@ class MappedModule(nn.Module):
             self.projections.append(projection.to(device))
             base = torch.cat(ref) if config.base != "zero" else torch.zeros(0)
             self.register_buffer(f"base_{index}", base.to(device), persistent=False)
+            if base.numel():
+                # The target's placeholders are never read by forward (functional_call swaps in
+                # the generated tensors): make them views of θ₀ instead of a second copy.
+                start = 0
+                for spec in group.specs:
+                    if spec.dtype == torch.float32:
+                        view = self._base(index)[start : start + spec.numel].view(spec.shape)
+                        for alias in spec.names:
+                            owner, attr = _resolve(self.target, alias)
+                            setattr(owner, attr, view)
+                    start += spec.numel
 
     def _reference_parameters(
         self, model: nn.Module, stored: dict[str, torch.Tensor]

@@ -52,8 +52,15 @@ class Row:
         else:
             mapping = MappingConfig(**self.mapping, seed=seed)
         return TrainConfig(
-            model=self.model, dataset=dataset, mode=self.mode, epochs=epochs, seed=seed,
-            data_dir=data_dir, val_size=val_size, mapping=mapping, **settings,
+            model=self.model,
+            dataset=dataset,
+            mode=self.mode,
+            epochs=epochs,
+            seed=seed,
+            data_dir=data_dir,
+            val_size=val_size,
+            mapping=mapping,
+            **settings,
         )
 
 
