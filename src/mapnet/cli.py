@@ -246,11 +246,15 @@ def _run_bench(args: argparse.Namespace) -> int:
     from mapnet.bench import (
         DEFAULT_VARIANTS,
         construction_table,
+        defaults_report,
         defaults_sweep,
         step_bench,
         write_report,
     )
 
+    if args.what == "defaults" and args.report:
+        print(defaults_report(Path("results/bench"), Path("docs/results/defaults.md")))
+        return 0
     if args.what == "defaults":
         out = args.out or Path(f"results/bench/defaults-{args.dataset}.jsonl")
         defaults_sweep(args.dataset, out, DEFAULT_VARIANTS[:1] if args.smoke else DEFAULT_VARIANTS)
