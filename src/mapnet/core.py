@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from mapnet.checks import from_dict, positive_int
 from mapnet.projection import DenseProjection, derive_seed
 from mapnet.structured import StructuredProjection
 
@@ -52,14 +53,6 @@ ALL = "*"
 def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return value
 
 
 @dataclass
@@ -110,9 +103,9 @@ class MappingConfig:
             if not self.latent_dim:
                 raise ValueError("latent_dim dict is empty: name at least one layer")
             for layer, size in self.latent_dim.items():
-                _positive_int(f"latent_dim[{layer!r}]", size)
+                positive_int(f"latent_dim[{layer!r}]", size)
         else:
-            _positive_int("latent_dim", self.latent_dim)
+            positive_int("latent_dim", self.latent_dim)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if not 0 <= self.seed < 2**63:
@@ -149,11 +142,7 @@ class MappingConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MappingConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown MappingConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return from_dict(cls, data)
 
 
 @dataclass

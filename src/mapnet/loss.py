@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from mapnet.checks import positive_int
 from mapnet.core import ACTIVATIONS, MappedModule
 from mapnet.projection import derive_seed
 
@@ -54,14 +55,6 @@ class LossOutput:
     total: torch.Tensor
     values: dict[str, float] = field(default_factory=dict)
     outputs: Any = None
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return value
 
 
 def _finite_number(name: str, value: object) -> float:
@@ -162,8 +155,8 @@ class MappingLoss(nn.Module):
                 f"stability_sigma must be > 0, got {stability_sigma} (switch the term off with "
                 "stability=False)"
             )
-        self.stability_samples = _positive_int("stability_samples", stability_samples)
-        self.hutchinson_samples = _positive_int("hutchinson_samples", hutchinson_samples)
+        self.stability_samples = positive_int("stability_samples", stability_samples)
+        self.hutchinson_samples = positive_int("hutchinson_samples", hutchinson_samples)
 
         if smoothness_estimator not in ESTIMATORS:
             raise ValueError(

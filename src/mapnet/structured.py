@@ -56,6 +56,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mapnet.checks import positive_int
+
 # splitmix64 constants (Steele, Lea & Flood 2014).
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -213,14 +215,6 @@ class _ProjectAdjoint(torch.autograd.Function):
         return _ProjectAdjoint.apply(g, projection), 0 if in_dims[0] is not None else None
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return value
-
-
 class StructuredProjection(nn.Module):
     """Implicit W ∈ R^{P×d}: signed, permuted Walsh–Hadamard blocks, interleaved (module docstring).
 
@@ -238,8 +232,8 @@ class StructuredProjection(nn.Module):
 
     def __init__(self, out_features: int, in_features: int, seed: int, row_scale: torch.Tensor):
         super().__init__()
-        _positive_int("out_features", out_features)
-        _positive_int("in_features", in_features)
+        positive_int("out_features", out_features)
+        positive_int("in_features", in_features)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
         if not 0 <= seed < 2**64:

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mapnet.checkpoint import CheckpointError, atomic_write_bytes, load_into, save
+from mapnet.checks import from_dict
 from mapnet.core import MappedModule, MappingConfig, wrap
 from mapnet.data import DATASETS, load_idx_dataset, train_val_split
 from mapnet.loss import MappingLoss
@@ -106,11 +107,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return from_dict(cls, data)
 
 
 @dataclass
