@@ -84,6 +84,9 @@ TABLE1 = [
         (97.88, 89.49), (97.10, 85.04)),
     Row("cnn2-single-2048", "cnn2", "Ours* 2048", "mapped", {"latent_dim": 2048},
         (98.66, 91.88), (98.08, 86.82)),
+    # Not in the paper: the same row with the O(P) structured projection (issue 4's parity check).
+    Row("cnn2-single-2048-structured", "cnn2", "Ours* 2048, structured W", "mapped",
+        {"latent_dim": 2048, "projection": "structured"}, (None, None), (None, None)),
     Row("cnn2-layerwise-1872", "cnn2", "Ours† 1872 (4×468)", "mapped", _layerwise(1872),
         (98.98, 92.84), (None, None)),
     Row("cnn2-layerwise-2688", "cnn2", "Ours† 2688 (4×672)", "mapped", _layerwise(2688),
