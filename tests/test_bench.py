@@ -109,11 +109,23 @@ def test_targets_are_read_from_the_measurements_not_assumed() -> None:
     def row(model: str, variant: str, **figures: object) -> dict:
         return {"model": model, "variant": variant, "skipped": False, **figures}
 
-    common = {"ratio_per_round": [1.2], "construction_seconds": 0.5,
-              "projection_bytes_per_parameter": 7.1}  # fmt: skip
-    resnet = row("resnet50", "mapped-structured", ratio_to_plain=1.0, ratio_per_round=[],
-                 construction_seconds=12.0, projection_bytes_per_parameter=9.0, lr=1e-3,
-                 losses=[7.0, 6.9], loss_first=7.0, loss_after=7.1)  # fmt: skip
+    common = {
+        "ratio_per_round": [1.2],
+        "construction_seconds": 0.5,
+        "projection_bytes_per_parameter": 7.1,
+    }
+    resnet = row(
+        "resnet50",
+        "mapped-structured",
+        ratio_to_plain=1.0,
+        ratio_per_round=[],
+        construction_seconds=12.0,
+        projection_bytes_per_parameter=9.0,
+        lr=1e-3,
+        losses=[7.0, 6.9],
+        loss_first=7.0,
+        loss_after=7.1,
+    )
     rows = [
         row("cnn2", "mapped-structured", ratio_to_plain=1.05, **common),
         row("cnn1", "mapped-structured", ratio_to_plain=1.20, **common),

@@ -94,9 +94,26 @@ def write_tiny_dataset(root: Path, train: int = 1000, test: int = 200) -> Path:
 
 
 def tiny_run_args(root: Path, out: Path, epochs: int = 4) -> list[str]:
-    return ["train", "--data-dir", str(root), "--dataset", "tiny", "--epochs", str(epochs),
-            "--val-size", "200", "--batch-size", "50", "--latent-dim", "64", "--quiet",
-            "--loss.stability", "true", "--out", str(out)]  # fmt: skip
+    return [
+        "train",
+        "--data-dir",
+        str(root),
+        "--dataset",
+        "tiny",
+        "--epochs",
+        str(epochs),
+        "--val-size",
+        "200",
+        "--batch-size",
+        "50",
+        "--latent-dim",
+        "64",
+        "--quiet",
+        "--loss.stability",
+        "true",
+        "--out",
+        str(out),
+    ]
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
@@ -151,7 +168,10 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
     from mapnet.cli import make_train_config, parse_overrides
 
     assert parse_overrides(["--mapping.alpha", "0.2", "--epochs", "3", "--dataset", "mnist"]) == {
-        "mapping": {"alpha": 0.2}, "epochs": 3, "dataset": "mnist"}  # fmt: skip
+        "mapping": {"alpha": 0.2},
+        "epochs": 3,
+        "dataset": "mnist",
+    }
     file = tmp_path / "run.toml"
     file.write_text("epochs = 4\nlr = 0.05\n[mapping]\nlatent_dim = 1024\nalpha = 0.3\n")
     import argparse
@@ -188,9 +208,25 @@ def test_bench_construction_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_repro_table1_runs_resumes_and_reports_on_tiny_data(tmp_path: Path) -> None:
     root = write_tiny_dataset(tmp_path / "data", train=400, test=100)
     results, report = tmp_path / "results", tmp_path / "table1.md"
-    args = ["repro", "table1", "--rows", "cnn2-baseline,cnn2-layerwise-1872", "--datasets",
-            "tiny", "--epochs", "1", "--data-dir", str(root), "--root", str(results),
-            "--report-to", str(report), "--val-size", "100", "--quiet"]  # fmt: skip
+    args = [
+        "repro",
+        "table1",
+        "--rows",
+        "cnn2-baseline,cnn2-layerwise-1872",
+        "--datasets",
+        "tiny",
+        "--epochs",
+        "1",
+        "--data-dir",
+        str(root),
+        "--root",
+        str(results),
+        "--report-to",
+        str(report),
+        "--val-size",
+        "100",
+        "--quiet",
+    ]
     assert main(args) == 0
     finished = json.loads((results / "cnn2-layerwise-1872-tiny.json").read_text())
     assert finished["trainable_parameters"] == 1872

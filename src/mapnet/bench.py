@@ -168,9 +168,12 @@ def construction_table(
         projection = case[3] if len(case) > 3 else "dense"
         row = in_subprocess(
             "measure_construction",
-            model=model, latent_dim=latent_dim, strategy=strategy, projection=projection,
+            model=model,
+            latent_dim=latent_dim,
+            strategy=strategy,
+            projection=projection,
             threads=threads,
-        )  # fmt: skip
+        )
         rows.append(row)
         print(
             f"{model} {strategy} d={latent_dim}: built in {row['construction_seconds']:.1f} s, "
@@ -181,9 +184,14 @@ def construction_table(
         )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        data = {"what": "construction", "command": command, "date": _now(),
-                "machine": machine() | {"threads": rows[0]["threads"] if rows else None},
-                "load": {"start": started, "end": load()}, "rows": rows}  # fmt: skip
+        data = {
+            "what": "construction",
+            "command": command,
+            "date": _now(),
+            "machine": machine() | {"threads": rows[0]["threads"] if rows else None},
+            "load": {"start": started, "end": load()},
+            "rows": rows,
+        }
         out.write_text(json.dumps(data, indent=2) + "\n")
         print(f"wrote {out}")
     return rows
@@ -192,12 +200,20 @@ def construction_table(
 # One epoch of CNN2 (single, d=2048) per variant, scored on the validation split only: the runs
 # that chose the defaults in docs/method.md. Keys other than lr/literal are MappingConfig fields.
 DEFAULT_VARIANTS: list[dict[str, Any]] = [
-    {"lr": 0.003}, {"lr": 0.01}, {"lr": 0.03}, {"lr": 0.1}, {"lr": 0.3}, {"lr": 1.0},
-    {"lr": 0.1, "alpha": 0.0}, {"lr": 0.1, "alpha": 1.0},
+    {"lr": 0.003},
+    {"lr": 0.01},
+    {"lr": 0.03},
+    {"lr": 0.1},
+    {"lr": 0.3},
+    {"lr": 1.0},
+    {"lr": 0.1, "alpha": 0.0},
+    {"lr": 0.1, "alpha": 1.0},
     {"lr": 0.1, "activation": "tanh"},
-    {"lr": 0.1, "scaling": "none"}, {"lr": 0.1, "projection": "structured"},
-    {"lr": 0.01, "literal": True}, {"lr": 0.1, "literal": True},
-]  # fmt: skip
+    {"lr": 0.1, "scaling": "none"},
+    {"lr": 0.1, "projection": "structured"},
+    {"lr": 0.01, "literal": True},
+    {"lr": 0.1, "literal": True},
+]
 
 
 def defaults_sweep(dataset: str, out: Path, variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -278,10 +294,11 @@ STEP_MODELS: dict[str, StepModel] = {
     "cnn2": StepModel(CNN2, (1, 28, 28), 10, 1e-3, 0.1, 0.1, warmup=3, steps=20, rounds=5),
     "cnn1": StepModel(CNN1, (1, 28, 28), 10, 1e-3, 0.1, 0.1, warmup=3, steps=10, rounds=5),
     # 3×64×64, not 224×224: a 224² step of ResNet-50 at batch 128 would take minutes on 2 cores.
-    "resnet50": StepModel(ResNet50, (3, 64, 64), 1000, 1e-3, 1e-3, 0.01, warmup=1, steps=3,
-                          rounds=2),
+    "resnet50": StepModel(
+        ResNet50, (3, 64, 64), 1000, 1e-3, 1e-3, 0.01, warmup=1, steps=3, rounds=2
+    ),
     "tiny": StepModel(TinyNet, (1, 8, 8), 10, 1e-3, 0.1, 0.1, warmup=0, steps=2, rounds=1),
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -297,9 +314,13 @@ STEP_VARIANTS: tuple[StepVariant, ...] = (
     StepVariant("mapped-dense", "mapped, single d, dense W", "mapped", "dense"),
     StepVariant("mapped-structured", "mapped, single d, structured W", "mapped", "structured"),
     StepVariant("id-dense", "intrinsic dim. θ₀ + W z, dense", "intrinsic", "dense"),
-    StepVariant("id-structured", "intrinsic dim. θ₀ + W z, structured (Fastfood's role)",
-                "intrinsic", "structured"),
-)  # fmt: skip
+    StepVariant(
+        "id-structured",
+        "intrinsic dim. θ₀ + W z, structured (Fastfood's role)",
+        "intrinsic",
+        "structured",
+    ),
+)
 VARIANTS_BY_NAME = {v.name: v for v in STEP_VARIANTS}
 
 
@@ -337,9 +358,14 @@ def _tensor_bytes(tensors: Any) -> int:
 
 
 def measure_step(
-    model: str, variant: str, latent_dim: int, batch: int, warmup: int, steps: int,
+    model: str,
+    variant: str,
+    latent_dim: int,
+    batch: int,
+    warmup: int,
+    steps: int,
     threads: int | None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Build one variant and time `warmup + steps` training steps on a fixed batch (subprocess)."""
     _set_threads(threads)
     loadavg = list(os.getloadavg())
@@ -540,40 +566,64 @@ def step_bench(
         runs: dict[str, list[dict[str, Any]]] = {v.name: [] for v in STEP_VARIANTS}
         for round_index in range(spec.rounds):
             order = [
-                v for v in STEP_VARIANTS
+                v
+                for v in STEP_VARIANTS
                 if v.name not in skipped and (v.projection != "dense" or round_index < dense_rounds)
-            ]  # fmt: skip
+            ]
             if round_index % 2:  # alternate the order: ABC CBA ABC ...
                 order.reverse()
             for variant in order:
                 elapsed = time.perf_counter() - started
-                print(f"[{elapsed:6.0f} s] {model} {variant.name} round "
-                      f"{round_index + 1}/{spec.rounds} ...", end=" ", flush=True)  # fmt: skip
+                print(
+                    f"[{elapsed:6.0f} s] {model} {variant.name} round "
+                    f"{round_index + 1}/{spec.rounds} ...",
+                    end=" ",
+                    flush=True,
+                )
                 result = run(
-                    "measure_step", model=model, variant=variant.name, latent_dim=latent_dim,
-                    batch=batch, warmup=spec.warmup, steps=spec.steps, threads=threads,
-                )  # fmt: skip
+                    "measure_step",
+                    model=model,
+                    variant=variant.name,
+                    latent_dim=latent_dim,
+                    batch=batch,
+                    warmup=spec.warmup,
+                    steps=spec.steps,
+                    threads=threads,
+                )
                 result["round"] = round_index
                 runs[variant.name].append(result)
                 build = result["construction_seconds"]
-                print(f"step {_median(result['step_seconds']) * 1e3:.1f} ms"
-                      + (f", built in {build:.2f} s" if build is not None else "")
-                      + f", peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB, loss "
-                      f"{result['losses'][0]:.3f} -> {result['loss_after']:.3f}, "
-                      f"{result['minor_faults_per_step']:.0f} page faults/step, "
-                      f"load {result['loadavg'][0]:.1f}", flush=True)  # fmt: skip
+                print(
+                    f"step {_median(result['step_seconds']) * 1e3:.1f} ms"
+                    + (f", built in {build:.2f} s" if build is not None else "")
+                    + f", peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB, loss "
+                    f"{result['losses'][0]:.3f} -> {result['loss_after']:.3f}, "
+                    f"{result['minor_faults_per_step']:.0f} page faults/step, "
+                    f"load {result['loadavg'][0]:.1f}",
+                    flush=True,
+                )
         data["rows"].extend(_summarise(model, runs, skipped))
     for model in breakdown or []:
         spec = STEP_MODELS[model]
-        print(f"[{time.perf_counter() - started:6.0f} s] {model} breakdown (structured) ...",
-              end=" ", flush=True)  # fmt: skip
+        print(
+            f"[{time.perf_counter() - started:6.0f} s] {model} breakdown (structured) ...",
+            end=" ",
+            flush=True,
+        )
         result = run(
-            "measure_breakdown", model=model, latent_dim=latent_dim, batch=batch,
-            warmup=spec.warmup, steps=spec.steps, threads=threads,
-        )  # fmt: skip
+            "measure_breakdown",
+            model=model,
+            latent_dim=latent_dim,
+            batch=batch,
+            warmup=spec.warmup,
+            steps=spec.steps,
+            threads=threads,
+        )
         data["breakdown"].append(result)
-        print(f"mapped {result['mapped_step_ms']:.1f} ms, plain {result['plain_step_ms']:.1f} ms",
-              flush=True)  # fmt: skip
+        print(
+            f"mapped {result['mapped_step_ms']:.1f} ms, plain {result['plain_step_ms']:.1f} ms",
+            flush=True,
+        )
     data["load"]["end"] = load()
     data["wall_seconds"] = time.perf_counter() - started
     data["targets"] = targets_status(data, None)
@@ -666,9 +716,15 @@ def _profile(step: Callable[[], None], steps: int, top: int = 12) -> list[dict[s
 
 
 def measure_breakdown(
-    model: str, latent_dim: int, batch: int, warmup: int, steps: int, threads: int | None,
-    projection: str = "structured", profile_steps: int = 3,
-) -> dict[str, Any]:  # fmt: skip
+    model: str,
+    latent_dim: int,
+    batch: int,
+    warmup: int,
+    steps: int,
+    threads: int | None,
+    projection: str = "structured",
+    profile_steps: int = 3,
+) -> dict[str, Any]:
     """Where a mapped step's time goes, next to the plain step of the same target (subprocess).
 
     Every iteration runs, in rotating order: a whole mapped step (as `measure_step` does), the
@@ -823,12 +879,14 @@ def targets_status(step: dict[str, Any], construction: dict[str, Any] | None) ->
         row = _row(step, model, "mapped-structured")
         value = row["ratio_to_plain"] if row else None
         spread = row["ratio_per_round"] if row else []
-        out.append({
-            "target": f"step time mapped-structured / plain ≤ {STEP_RATIO_TARGET:.2f}, {model}",
-            "value": value,
-            "detail": "per round " + ", ".join(f"{r:.3f}" for r in spread) if spread else "",
-            "met": None if value is None else value <= STEP_RATIO_TARGET,
-        })  # fmt: skip
+        out.append(
+            {
+                "target": f"step time mapped-structured / plain ≤ {STEP_RATIO_TARGET:.2f}, {model}",
+                "value": value,
+                "detail": "per round " + ", ".join(f"{r:.3f}" for r in spread) if spread else "",
+                "met": None if value is None else value <= STEP_RATIO_TARGET,
+            }
+        )
     for model, limit in BUILD_TARGETS.items():
         row = _row(step, model, "mapped-structured")
         value = row["construction_seconds"] if row else None
@@ -836,32 +894,44 @@ def targets_status(step: dict[str, Any], construction: dict[str, Any] | None) ->
         detail = "structured W" + (
             f"; dense W: {dense['construction_seconds']:.1f} s" if dense else ""
         )
-        out.append({
-            "target": f"construction < {limit:g} s, {model}",
-            "value": value,
-            "detail": detail,
-            "met": None if value is None else value < limit,
-        })  # fmt: skip
+        out.append(
+            {
+                "target": f"construction < {limit:g} s, {model}",
+                "value": value,
+                "detail": detail,
+                "met": None if value is None else value < limit,
+            }
+        )
     per_parameter = {
         row["model"]: row["projection_bytes_per_parameter"]
         for row in step.get("rows", [])
         if row["variant"] == "mapped-structured" and not row.get("skipped")
     }
     worst = max(per_parameter.values()) if per_parameter else None
-    out.append({
-        "target": f"projection memory ≤ {BYTES_PER_PARAMETER_TARGET:g} B per target parameter",
-        "value": worst,
-        "detail": "structured W: " + ", ".join(f"{m} {v:.2f}" for m, v in per_parameter.items()),
-        "met": None if worst is None else worst <= BYTES_PER_PARAMETER_TARGET,
-    })  # fmt: skip
+    out.append(
+        {
+            "target": f"projection memory ≤ {BYTES_PER_PARAMETER_TARGET:g} B per target parameter",
+            "value": worst,
+            "detail": "structured W: "
+            + ", ".join(f"{m} {v:.2f}" for m, v in per_parameter.items()),
+            "met": None if worst is None else worst <= BYTES_PER_PARAMETER_TARGET,
+        }
+    )
     row = _row(step, "resnet50", "mapped-structured")
-    out.append({
-        "target": "the 25M target trains from d=2048, single strategy (loss falls)",
-        "value": row["loss_after"] - row["loss_first"] if row else None,
-        "detail": ("loss " + " → ".join(f"{v:.3f}" for v in [*row["losses"], row["loss_after"]])
-                   + f" (lr {row['lr']:g}, fixed batch)") if row else "",
-        "met": None if row is None else row["loss_after"] < row["loss_first"],
-    })  # fmt: skip
+    out.append(
+        {
+            "target": "the 25M target trains from d=2048, single strategy (loss falls)",
+            "value": row["loss_after"] - row["loss_first"] if row else None,
+            "detail": (
+                "loss "
+                + " → ".join(f"{v:.3f}" for v in [*row["losses"], row["loss_after"]])
+                + f" (lr {row['lr']:g}, fixed batch)"
+            )
+            if row
+            else "",
+            "met": None if row is None else row["loss_after"] < row["loss_first"],
+        }
+    )
     return out
 
 
@@ -952,8 +1022,10 @@ def _step_section(step: dict[str, Any], name: str) -> list[str]:
     ]
     for row in step["rows"]:
         if row.get("skipped"):
-            lines.append(f"| {row['model']} | {row['label']} | – | – | – | – | – | – | – "
-                         f"| skipped: {row['reason']} |")  # fmt: skip
+            lines.append(
+                f"| {row['model']} | {row['label']} | – | – | – | – | – | – | – "
+                f"| skipped: {row['reason']} |"
+            )
             continue
         faults = row.get("minor_faults_per_step")
         build = row["construction_seconds"]
@@ -1008,8 +1080,11 @@ def _breakdown_section(step: dict[str, Any], name: str) -> list[str]:
         + " | ".join(f"**{_ms(r['mapped_phases_sum_ms'])}**" for r in results)
         + " |"
     )
-    lines.append("| mapped: whole step, unsplit | "
-                 + " | ".join(_ms(r["mapped_step_ms"]) for r in results) + " |")  # fmt: skip
+    lines.append(
+        "| mapped: whole step, unsplit | "
+        + " | ".join(_ms(r["mapped_step_ms"]) for r in results)
+        + " |"
+    )
     for phase in results[0]["plain_phases_ms"]:
         lines.append(
             f"| plain: {phase} | "
@@ -1027,17 +1102,27 @@ def _breakdown_section(step: dict[str, Any], name: str) -> list[str]:
         lines.append(
             f"| probe: {probe} | " + " | ".join(_ms(r["probes_ms"][probe]) for r in results) + " |"
         )
-    lines += ["", "Overhead of the mapped step over the plain one, by cause (ms; from the phase "
-              "medians above):", "", "| cause | " + " | ".join(names) + " |",
-              "|---|" + "---|" * len(results)]  # fmt: skip
+    lines += [
+        "",
+        "Overhead of the mapped step over the plain one, by cause (ms; from the phase "
+        "medians above):",
+        "",
+        "| cause | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(results),
+    ]
     for cause in _overhead_causes(results[0]):
         cells = [_ms_signed(_overhead_causes(r)[cause]) for r in results]
         lines.append(f"| {cause} | " + " | ".join(cells) + " |")
     for r in results:
         for kind in ("mapped", "plain"):
-            lines += ["", f"torch.profiler, {r['model']} {kind} step: busiest ops by self CPU time "
-                      "(ms per step; profiling adds its own overhead per op):", "",
-                      "| op | calls | self ms | total ms |", "|---|---|---|---|"]  # fmt: skip
+            lines += [
+                "",
+                f"torch.profiler, {r['model']} {kind} step: busiest ops by self CPU time "
+                "(ms per step; profiling adds its own overhead per op):",
+                "",
+                "| op | calls | self ms | total ms |",
+                "|---|---|---|---|",
+            ]
             for e in r[f"profile_{kind}"][:10]:
                 lines.append(
                     f"| `{e['op']}` | {e['calls_per_step']:g} "
@@ -1177,15 +1262,21 @@ def defaults_report(results: Path, out: Path) -> str:
     ]
     for file in sorted(results.glob("defaults-*.jsonl")):
         rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-        lines += ["", f"## {file.stem.removeprefix('defaults-')}", "",
-                  "| setting | val acc % | train acc % (running, epoch 1) | seconds |",
-                  "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"## {file.stem.removeprefix('defaults-')}",
+            "",
+            "| setting | val acc % | train acc % (running, epoch 1) | seconds |",
+            "|---|---|---|---|",
+        ]
         for row in sorted(rows, key=lambda r: -r["val_acc"]):
             variant = dict(row["variant"])
             literal = " (paper-literal)" if variant.pop("literal", False) else ""
             setting = ", ".join(f"{k}={v}" for k, v in variant.items()) + literal
-            lines.append(f"| {setting} | {row['val_acc']:.2f} | {row['train_acc']:.2f} | "
-                         f"{row['seconds']:.0f} |")  # fmt: skip
+            lines.append(
+                f"| {setting} | {row['val_acc']:.2f} | {row['train_acc']:.2f} | "
+                f"{row['seconds']:.0f} |"
+            )
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -214,8 +214,10 @@ def _restore(
         raise CheckpointError(
             f"{tensor_file} holds buffers {sorted(buffers)}, the model has {sorted(expected)}"
         )
-    latents = [_take(tensors, f"latent.{g.name}", z.shape, tensor_file)
-               for g, z in zip(mapped.groups, mapped.latents)]  # fmt: skip
+    latents = [
+        _take(tensors, f"latent.{g.name}", z.shape, tensor_file)
+        for g, z in zip(mapped.groups, mapped.latents)
+    ]
     if not all(torch.isfinite(z).all() for z in latents):
         raise CheckpointError(f"{tensor_file} holds non-finite latent values")
     with torch.no_grad():

@@ -56,8 +56,9 @@ def _settings_help() -> str:
         '  loss.{stability,smoothness,alignment} = false, loss.coefficients = "uncertainty", '
         "… (any MappingLoss option; see docs/method.md)"
     )
-    lines.append("short flags: " + ", ".join(f"--{k.replace('_', '-')} = --{v}"
-                                             for k, v in ALIASES.items()))  # fmt: skip
+    lines.append(
+        "short flags: " + ", ".join(f"--{k.replace('_', '-')} = --{v}" for k, v in ALIASES.items())
+    )
     return "\n".join(lines)
 
 
@@ -79,8 +80,11 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, help="a .toml or .json file of settings")
     p.add_argument("--out", type=Path, help="run folder (checkpoints, metrics, results)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--paper-literal", action="store_true",
-                   help="plain orthonormal mapping, no θ₀ base or gains, z ~ N(0, 1)")  # fmt: skip
+    p.add_argument(
+        "--paper-literal",
+        action="store_true",
+        help="plain orthonormal mapping, no θ₀ base or gains, z ~ N(0, 1)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_train)
 
@@ -143,16 +147,25 @@ def _run_train(args: argparse.Namespace, overrides: list[str]) -> int:
     config = make_train_config(args, overrides)
     mapping = config.mapping
     described = f", strategy={mapping.strategy}, latent={mapping.latent_dim}"
-    print(f"mapnet train: {config.model} on {config.dataset}, mode={config.mode}"
-          + (described if config.mode == "mapped" else ""), flush=True)  # fmt: skip
+    print(
+        f"mapnet train: {config.model} on {config.dataset}, mode={config.mode}"
+        + (described if config.mode == "mapped" else ""),
+        flush=True,
+    )
     result = train(config, progress=not args.quiet, out_dir=args.out, resume=args.resume)
     ratio = result["target_parameters"] / result["trainable_parameters"]
-    print(f"trainable parameters: {result['trainable_parameters']:,} "
-          f"(target network: {result['target_parameters']:,}, {ratio:.0f}x fewer)")  # fmt: skip
-    print(f"test accuracy: {result['test_acc']:.2f}%  (train {result['train_acc']:.2f}%, "
-          f"{result['epochs']} epoch(s), test loss {result['test_loss']:.4f})")  # fmt: skip
-    print(f"wall time: {result['wall_seconds']:.1f} s  (building the mapping: "
-          f"{result['build_seconds']:.1f} s; {result['threads']} threads)")  # fmt: skip
+    print(
+        f"trainable parameters: {result['trainable_parameters']:,} "
+        f"(target network: {result['target_parameters']:,}, {ratio:.0f}x fewer)"
+    )
+    print(
+        f"test accuracy: {result['test_acc']:.2f}%  (train {result['train_acc']:.2f}%, "
+        f"{result['epochs']} epoch(s), test loss {result['test_loss']:.4f})"
+    )
+    print(
+        f"wall time: {result['wall_seconds']:.1f} s  (building the mapping: "
+        f"{result['build_seconds']:.1f} s; {result['threads']} threads)"
+    )
     if args.out is not None:
         print(f"wrote {args.out}/results.json, metrics.jsonl and checkpoint/")
     return 0
@@ -266,8 +279,11 @@ def _run_bench(args: argparse.Namespace) -> int:
             write_report(out.parent, args.report_out)
             return 0
         threads = 1 if args.threads is None else args.threads
-        for name, value in (("latent-dim", args.latent_dim), ("batch-size", args.batch_size),
-                            ("threads", threads)):  # fmt: skip
+        for name, value in (
+            ("latent-dim", args.latent_dim),
+            ("batch-size", args.batch_size),
+            ("threads", threads),
+        ):
             if value <= 0:
                 raise ValueError(f"--{name} must be > 0, got {value}")
         models = ["tiny"] if args.smoke else args.models
@@ -292,11 +308,18 @@ def _run_bench(args: argparse.Namespace) -> int:
             malloc_tuned=args.malloc_tuned,
         )
         return 0
-    cases = [("cnn2", 64, "single")] if args.smoke else [
-        ("cnn2", 2048, "single"), ("cnn2", 468, "layerwise"), ("cnn1", 2048, "single"),
-        ("cnn2", 2048, "single", "structured"), ("cnn1", 2048, "single", "structured"),
-        ("resnet50", 2048, "single", "structured"),
-    ]  # fmt: skip
+    cases = (
+        [("cnn2", 64, "single")]
+        if args.smoke
+        else [
+            ("cnn2", 2048, "single"),
+            ("cnn2", 468, "layerwise"),
+            ("cnn1", 2048, "single"),
+            ("cnn2", 2048, "single", "structured"),
+            ("cnn1", 2048, "single", "structured"),
+            ("resnet50", 2048, "single", "structured"),
+        ]
+    )
     if args.threads is not None and args.threads <= 0:
         raise ValueError(f"--threads must be > 0, got {args.threads}")
     command = "mapnet bench construction" + (" --smoke" if args.smoke else "")
@@ -351,10 +374,15 @@ def _run_repro(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown row(s) {unknown}; rows: {', '.join(known)}")
         deadline = time.monotonic() + 3600 * args.hours if args.hours else None
         repro.run_table(
-            [known[i] for i in wanted], tuple(args.datasets.split(",")), root,
-            epochs=args.epochs or repro.EPOCHS, deadline=deadline, progress=not args.quiet,
-            data_dir=args.data_dir, val_size=args.val_size,
-        )  # fmt: skip
+            [known[i] for i in wanted],
+            tuple(args.datasets.split(",")),
+            root,
+            epochs=args.epochs or repro.EPOCHS,
+            deadline=deadline,
+            progress=not args.quiet,
+            data_dir=args.data_dir,
+            val_size=args.val_size,
+        )
     print(repro.report(root, args.report_to, tuple(args.datasets.split(","))))
     return 0
 
