@@ -414,6 +414,8 @@ def test_dense_projection_loss_helpers_match_the_matrix() -> None:
     torch.testing.assert_close(projection.weighted_row_sq_norms(c), (w * w) @ c)
     torch.testing.assert_close(projection.column_sq_norms(), (w * w).sum(0))
     torch.testing.assert_close(projection.column_means(), w.mean(0))
+    u, offset = torch.randn(20), torch.randn(300)
+    torch.testing.assert_close(projection(u, offset), w @ u + offset)  # θ₀ + W u in one addmv
 
 
 @pytest.mark.parametrize("strategy", ["single", "layerwise"])

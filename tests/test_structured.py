@@ -43,6 +43,14 @@ def test_fwht_is_the_sylvester_hadamard_and_its_own_inverse_up_to_n() -> None:
         fwht(torch.zeros(2, 12))
 
 
+def test_fwht_along_a_middle_axis_is_bit_identical_to_the_last_axis() -> None:
+    """The (n, B) layout the projection uses changes where numbers live, not the arithmetic."""
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))  # (L, B, n)
+    along_last = fwht(x.clone())
+    along_middle = fwht(x.transpose(1, 2).contiguous(), dim=1)  # (L, n, B)
+    assert torch.equal(along_middle.transpose(1, 2), along_last)
+
+
 @pytest.mark.parametrize(("p", "d"), SIZES)
 def test_every_entry_has_the_same_magnitude(p: int, d: int) -> None:
     row_scale = 0.5 + torch.rand(p, generator=torch.Generator().manual_seed(1))
@@ -95,11 +103,11 @@ def test_each_block_is_exactly_orthogonal() -> None:
     """Block j maps u to H S_j u with S_j a signed injection: Q_jᵀ Q_j = n I, exactly."""
     proj = make(3000, 100).double()
     n = proj.n
-    q = proj._blocks(torch.eye(100, dtype=torch.float64))  # (d, B, n): column i of every block
-    gram = torch.einsum("ibn,kbn->bik", q, q)  # (B, d, d), integer-valued, so exact
+    q = proj._blocks(torch.eye(100, dtype=torch.float64))  # (d, n, B): column i of every block
+    gram = torch.einsum("inb,knb->bik", q, q)  # (B, d, d), integer-valued, so exact
     assert torch.equal(gram, n * torch.eye(100, dtype=torch.float64).expand_as(gram))
     u = torch.randint(-9, 10, (1, 100)).double()  # integers: every operation is exact
-    energy = proj._blocks(u).square().sum(-1)  # (1, B)
+    energy = proj._blocks(u).square().sum(1)  # (1, B)
     assert torch.equal(energy, torch.full_like(energy, n * u.square().sum().item()))
 
 
@@ -163,6 +171,38 @@ def test_gradients() -> None:
     torch.testing.assert_close(tangent, proj(v), rtol=0, atol=0)
     batch = torch.randn(5, 20, dtype=torch.float64)
     torch.testing.assert_close(torch.func.vmap(proj)(batch), proj(batch), rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_offset_is_added_in_the_pass_with_its_own_gradient() -> None:
+    """offset + W u in one pass (θ₀ + W u without a second buffer), exact and differentiable in
+    both inputs, under jvp and vmap too."""
+    proj = make(300, 20, 4, torch.linspace(0.5, 1.5, 300)).double()
+    u = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    offset = torch.randn(300, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(proj(u, offset), proj(u) + offset)
+    assert torch.autograd.gradcheck(proj, (u, offset))
+    assert torch.autograd.gradgradcheck(proj, (u, offset))
+    v, w = torch.randn(20, dtype=torch.float64), torch.randn(300, dtype=torch.float64)
+    _, tangent = torch.func.jvp(proj, (u.detach(), offset.detach()), (v, w))
+    torch.testing.assert_close(tangent, proj(v) + w, rtol=0, atol=1e-12)
+    batch = torch.randn(5, 20, dtype=torch.float64)
+    offsets = torch.randn(5, 300, dtype=torch.float64)
+    fixed = offset.detach()
+    torch.testing.assert_close(
+        torch.func.vmap(lambda b: proj(b, fixed))(batch), proj(batch) + fixed, rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        torch.func.vmap(proj)(batch, offsets), proj(batch) + offsets, rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        torch.func.vmap(lambda o: proj(u.detach(), o))(offsets),
+        proj(u.detach()) + offsets,
+        rtol=0,
+        atol=0,
+    )
+    with pytest.raises(ValueError, match=r"offset must have shape \(300,\)"):
+        proj(u, torch.zeros(299, dtype=torch.float64))
 
 
 def test_autograd_saves_nothing() -> None:

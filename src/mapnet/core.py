@@ -425,9 +425,8 @@ class MappedModule(nn.Module):
         """
         z = self.latents[index] if z is None else z  # (d,)
         u = z + self.config.alpha * z * z  # (d,)  = W̃z / W with W̃_i = W_i(1 + αz_i)
-        flat = self.projections[index](u)  # (P_g,)
         base = self._base(index)
-        return flat + base if base.numel() else flat
+        return self.projections[index](u, base if base.numel() else None)  # (P_g,) = b + W u
 
     def generate_flat(self, index: int, z: torch.Tensor | None = None) -> torch.Tensor:
         """θ for one latent group as a flat vector (P_g,); `z` overrides the trained latent."""

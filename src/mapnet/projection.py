@@ -75,8 +75,9 @@ class DenseProjection(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:  # (d,) -> (P,)
-        return self.weight @ u
+    def forward(self, u: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """(d,) -> (P,): offset + W u (one fused addmv when an offset is given)."""
+        return self.weight @ u if offset is None else torch.addmv(offset, self.weight, u)
 
     def extra_repr(self) -> str:
         return f"out_features={self.out_features}, in_features={self.in_features}"

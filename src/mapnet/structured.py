@@ -128,25 +128,31 @@ def _slots(key: int, blocks: int, n: int, d: int) -> torch.Tensor:
     return slots
 
 
-def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalised Walsh–Hadamard transform along the last axis (length a power of two): H x.
+def fwht(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Unnormalised Walsh–Hadamard transform along `dim` (length a power of two): H x.
 
     H is symmetric with H H = n I, so this is also its own transpose (and inverse up to 1/n).
-    log2(n) radix-2 butterfly passes, each an elementwise add and subtract between two buffers:
-    O(n log n) work, exact order of operations, no BLAS. Consumes `x` (used as a work buffer).
+    log2(n) radix-2 butterfly passes (a, b) -> (a + b, a - b): O(n log n) work, exact order of
+    operations, no BLAS. Each pass is one `addcmul(a, [1, -1], b)` over both halves (a + (±1)·b is
+    exactly a ± b in IEEE arithmetic, fused or not), one kernel instead of an add and a subtract.
+    The axes after `dim` ride along inside every butterfly, so a transform along a leading axis
+    of (n, T) runs on contiguous runs of h·T numbers, not of h (several times faster for h < 8).
+    Consumes `x` (used as a work buffer).
     """
-    n = x.shape[-1]
+    dim = dim % x.dim()
+    n = x.shape[dim]
     if n & (n - 1):
         raise ValueError(f"fwht needs a power-of-two length, got {n}")
-    rows = x.numel() // n
-    src = x.reshape(rows, n)  # (R, n)
+    trail = math.prod(x.shape[dim + 1 :])
+    lead = x.numel() // (n * trail)
+    src = x.reshape(lead, n, trail)  # (L, n, T)
     dst = torch.empty_like(src)
+    plus_minus = torch.tensor([1.0, -1.0], dtype=x.dtype, device=x.device).view(1, 1, 2, 1)
     h = 1
     while h < n:
-        a = src.view(rows, n // (2 * h), 2, h)  # pairs (c, c + h) inside every 2h-run
-        b = dst.view(rows, n // (2 * h), 2, h)
-        torch.add(a[:, :, 0], a[:, :, 1], out=b[:, :, 0])
-        torch.sub(a[:, :, 0], a[:, :, 1], out=b[:, :, 1])
+        pairs = src.view(lead, n // (2 * h), 2, h * trail)  # (c, c + h) inside every 2h-run
+        out = dst.view(lead, n // (2 * h), 2, h * trail)
+        torch.addcmul(pairs[:, :, :1], plus_minus, pairs[:, :, 1:], out=out)
         src, dst = dst, src
         h *= 2
     return src.view(x.shape)
@@ -163,30 +169,55 @@ def _tree_sum(v: torch.Tensor) -> torch.Tensor:
 
 
 class _Project(torch.autograd.Function):
-    """u (..., d) -> W u (..., P); the backward is the transposed pass, so nothing is saved."""
+    """(u (..., d), offset (P,) or None) -> offset + W u (..., P); the backward is the transposed
+    pass, so nothing is saved. The offset (θ₀) is added into the pass's own output buffer: no
+    second P-sized tensor and no extra autograd node per step."""
 
     @staticmethod
-    def forward(u: torch.Tensor, projection: StructuredProjection) -> torch.Tensor:
-        return projection._matvec(u)
+    def forward(
+        u: torch.Tensor, projection: StructuredProjection, offset: torch.Tensor | None
+    ) -> torch.Tensor:
+        out = projection._matvec(u)
+        return out if offset is None else out.add_(offset.to(out.dtype))
 
     @staticmethod
     def setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
         ctx.projection = inputs[1]  # type: ignore[attr-defined]
+        ctx.offset_shape = None if inputs[2] is None else inputs[2].shape  # type: ignore[attr-defined]
 
     @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _ProjectAdjoint.apply(grad, ctx.projection), None  # type: ignore[attr-defined]
+    def backward(
+        ctx: object, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        grad_u = _ProjectAdjoint.apply(grad, ctx.projection) if needs[0] else None  # type: ignore[attr-defined]
+        grad_offset = grad.sum_to_size(ctx.offset_shape) if needs[2] else None  # type: ignore[attr-defined]
+        return grad_u, None, grad_offset
 
     @staticmethod
-    def jvp(ctx: object, tangent: torch.Tensor, _: None) -> torch.Tensor:
-        return ctx.projection._matvec(tangent)  # type: ignore[attr-defined]  # linear map
+    def jvp(
+        ctx: object, tangent: torch.Tensor | None, _: None, offset_tangent: torch.Tensor | None
+    ) -> torch.Tensor:
+        projection = ctx.projection  # type: ignore[attr-defined]
+        if tangent is None:
+            tangent = torch.zeros(projection.in_features, dtype=offset_tangent.dtype)  # type: ignore[union-attr]
+        out = projection._matvec(tangent)  # linear map
+        return out if offset_tangent is None else out + offset_tangent
 
     @staticmethod
-    def vmap(info: object, in_dims: tuple, u: torch.Tensor, projection: object) -> tuple:
+    def vmap(
+        info: object, in_dims: tuple, u: torch.Tensor, projection: object, offset: object
+    ) -> tuple:
         # The pass already takes leading batch axes, so vmap only has to put them in front.
-        if in_dims[0] is not None:
-            u = u.movedim(in_dims[0], 0)
-        return _Project.apply(u, projection), 0 if in_dims[0] is not None else None
+        u_dim, _, offset_dim = in_dims
+        if u_dim is not None:
+            u = u.movedim(u_dim, 0)
+        if offset_dim is not None:
+            offset = offset.movedim(offset_dim, 0)  # type: ignore[union-attr]
+            if u_dim is None:
+                u = u.expand(info.batch_size, *u.shape)  # type: ignore[attr-defined]
+        batched = u_dim is not None or offset_dim is not None
+        return _Project.apply(u, projection, offset), 0 if batched else None
 
 
 class _ProjectAdjoint(torch.autograd.Function):
@@ -202,7 +233,7 @@ class _ProjectAdjoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _Project.apply(grad, ctx.projection), None  # type: ignore[attr-defined]
+        return _Project.apply(grad, ctx.projection, None), None  # type: ignore[attr-defined]
 
     @staticmethod
     def jvp(ctx: object, tangent: torch.Tensor, _: None) -> torch.Tensor:
@@ -279,9 +310,12 @@ class StructuredProjection(nn.Module):
     def out_features(self) -> int:
         return self._out
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., P)
+    def forward(self, u: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., d) -> (..., P): offset + row_scale ⊙ (W u); `offset` (P,) is optional."""
         self._check_last(u, self._in, "u")
-        return _Project.apply(u, self)
+        if offset is not None and tuple(offset.shape) != (self._out,):
+            raise ValueError(f"offset must have shape ({self._out},), got {tuple(offset.shape)}")
+        return _Project.apply(u, self, offset)
 
     def adjoint(self, g: torch.Tensor) -> torch.Tensor:  # (..., P) -> (..., d)
         """Wᵀ g (row_scale included), differentiable; the transposed pass of forward."""
@@ -317,33 +351,34 @@ class StructuredProjection(nn.Module):
         return f"out_features={self._out}, in_features={self._in}, n={self.n}, blocks={self.blocks}"
 
     # The two passes. Both take leading batch axes, run under no autograd (the Functions above
-    # supply the derivatives) and compute in the input's floating dtype.
+    # supply the derivatives) and compute in the input's floating dtype. Layout: block j's
+    # transform y_j is column j of an (n, B) matrix, because the interleave (row a of block j ->
+    # output a·B + j) is then that matrix's own memory order (no transpose copy), and every
+    # butterfly of `fwht(·, dim=1)` runs over contiguous runs of ≥ B numbers.
 
-    def _blocks(self, u: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, B, n), y_j = H S_j u
+    def _blocks(self, u: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, n, B), [:, a, j] = y_j[a]
         count, blocks, n, d = u.shape[0], self.blocks, self.n, self._in
-        x = u.new_zeros(count, blocks, n)  # (N, B, n)
+        # With d = n every slot is filled (σ_j is a permutation), so nothing needs zeroing.
+        x = u.new_empty(count, n, blocks) if d == n else u.new_zeros(count, n, blocks)  # (N, n, B)
+        columns = x.transpose(1, 2)  # (N, B, n) view: block j's scatter target
         step = max(1, _INDEX_CHUNK // d)  # chunks of blocks bound the int64 index and sign copies
         for j0 in range(0, blocks, step):
             j1 = min(blocks, j0 + step)
             index = self.slots[j0:j1].long().expand(count, -1, -1)  # (N, b, d)
-            signed = u[:, None, :] * self.input_signs[j0:j1].to(u.dtype)  # (N, b, d)
-            x[:, j0:j1].scatter_(2, index, signed)
-        return fwht(x)
+            signed = u[:, None, :] * self.input_signs[j0:j1]  # (N, b, d); int8 promotes, no copy
+            columns[:, j0:j1].scatter_(2, index, signed)
+        return fwht(x, dim=1)
 
     def _matvec(self, u: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., P)
         lead = u.shape[:-1]
         flat = u.reshape(-1, self._in)  # (N, d)
         if not flat.is_floating_point():
             raise TypeError(f"u must be floating point, got {u.dtype}")
-        y = self._blocks(flat)  # (N, B, n)
+        y = self._blocks(flat)  # (N, n, B), already in output order
         count = y.shape[0]
-        # Interleave: row a of block j -> output a·B + j, i.e. a transpose of each (B, n) slab.
-        # A plain 2-D copy takes torch's blocked transpose path (2x faster than a strided mul).
-        out = torch.empty(count, self.n, self.blocks, dtype=y.dtype, device=y.device)  # (N, n, B)
-        for i in range(count):
-            out[i].copy_(y[i].t())
-        out *= self.gain.to(y.dtype).view(self.n, self.blocks)
-        out = out.view(count, self.n * self.blocks)[:, : self._out]  # (N, P), drops rows ≥ P
+        out = y.view(count, self.n * self.blocks)  # (N, Bn)
+        out *= self.gain.to(y.dtype)
+        out = out[:, : self._out]  # (N, P), drops rows ≥ P
         if count > 1:
             out = out.contiguous()
         return out.view(*lead, self._out)
@@ -354,16 +389,11 @@ class StructuredProjection(nn.Module):
         if not flat.is_floating_point():
             raise TypeError(f"g must be floating point, got {g.dtype}")
         count, blocks, n, d = flat.shape[0], self.blocks, self.n, self._in
-        # Apply the gain (zero for the dropped rows ≥ P), then undo the interleave: output a·B + j
-        # -> row a of block j, a 2-D transpose per slab (torch's blocked copy path).
+        # Apply the gain (zero for the dropped rows ≥ P); output order is the (n, B) layout.
         padded = flat.new_empty(count, n * blocks)  # (N, Bn)
         torch.mul(flat, self.gain[: self._out].to(flat.dtype), out=padded[:, : self._out])
         padded[:, self._out :].zero_()
-        y = torch.empty(count, blocks, n, dtype=flat.dtype, device=flat.device)  # (N, B, n)
-        for i in range(count):
-            y[i].copy_(padded[i].view(n, blocks).t())
-        del padded
-        y = fwht(y)  # Hᵀ = H
+        y = fwht(padded.view(count, n, blocks), dim=1).transpose(1, 2)  # (N, B, n) view; Hᵀ = H
         # Gather each input's slot, sign it, and sum over blocks: a pairwise tree within a chunk,
         # then chunk after chunk; the chunking is fixed, so the order of additions is too.
         total: torch.Tensor | None = None
@@ -372,7 +402,7 @@ class StructuredProjection(nn.Module):
             j1 = min(blocks, j0 + step)
             index = self.slots[j0:j1].long().expand(count, -1, -1)  # (N, b, d)
             picked = torch.gather(y[:, j0:j1], 2, index)  # (N, b, d)
-            picked *= self.input_signs[j0:j1].to(y.dtype)
+            picked *= self.input_signs[j0:j1]
             part = _tree_sum(picked)  # (N, d)
             total = part if total is None else total + part
         assert total is not None  # blocks ≥ 1
