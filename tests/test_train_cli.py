@@ -238,3 +238,24 @@ def test_repro_table1_runs_resumes_and_reports_on_tiny_data(tmp_path: Path) -> N
     text = report.read_text()
     assert "| CNN2 | Ours† 1872 (4×468) | 1,872 | 98.98 / 92.84 | – / – | " in text
     assert main(["repro", "table1", "--rows", "cnn3-unet"]) == 2
+
+
+def test_repro_tuning_scores_on_validation_only(tmp_path: Path) -> None:
+    root = write_tiny_dataset(tmp_path / "data", train=400, test=100)
+    results, report = tmp_path / "results", tmp_path / "tuning.md"
+    args = ["repro", "tuning", "--rows", "recipe,alpha-0", "--datasets", "tiny", "--epochs", "1"]
+    args += ["--data-dir", str(root), "--root", str(results), "--report-to", str(report)]
+    assert main([*args, "--val-size", "100", "--quiet"]) == 0
+    recipe = json.loads((results / "recipe-tiny.json").read_text())
+    alpha0 = json.loads((results / "alpha-0-tiny.json").read_text())
+    assert recipe["config"]["mapping"]["projection"] == "structured"
+    assert (recipe["config"]["mapping"]["alpha"], alpha0["config"]["mapping"]["alpha"]) == (0.1, 0)
+    for result in (recipe, alpha0):  # a choice is never made on the test split
+        assert result["test_acc"] is None and result["best_val_test_acc"] is None
+        assert all(row["test_acc"] is None for row in result["history"])
+        assert 0 <= result["val_acc"] <= 100
+    text = report.read_text()
+    delta = alpha0["val_acc"] - recipe["val_acc"]
+    assert f"| α = 0 (no modulation) | {alpha0['val_acc']:.2f} | " in text
+    assert f"| {delta:+.2f} | 1 |" in text
+    assert "| α = 1 | – | – | – | – | – | – |" in text  # not run: shown as such

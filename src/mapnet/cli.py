@@ -340,10 +340,13 @@ def _repro_parser(sub: argparse._SubParsersAction) -> None:
             "table1: every row of the paper's Table 1 (CNN1/CNN2 baselines, single and "
             "layer-wise mappings) plus intrinsic-dimension training at 2048, on MNIST and "
             "Fashion-MNIST. Finished runs are skipped, interrupted ones resume from their last "
-            "epoch. --report writes docs/results/table1.md from the result files."
+            "epoch. --report writes docs/results/table1.md from the result files. "
+            "tuning: the Table 1 recipe against one-change variants (α, gains, learning rate, "
+            "σ, loss terms) on CNN2 d=2048, validation split only (results/tuning/, "
+            "docs/results/tuning.md)."
         ),
     )
-    p.add_argument("table", choices=["table1"])
+    p.add_argument("table", choices=["table1", "tuning"])
     p.add_argument("--report", action="store_true", help="only write the report")
     p.add_argument("--rows", default=None, help="comma-separated row ids (default: all)")
     p.add_argument("--datasets", default="mnist,fashion-mnist", help="comma-separated")
@@ -356,8 +359,8 @@ def _repro_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data-dir", default=None, help="read <data-dir>/<dataset>/ IDX files")
     p.add_argument("--val-size", type=int, default=5000, help="validation images from train")
-    p.add_argument("--root", type=Path, default=Path("results/table1"), help="results folder")
-    p.add_argument("--report-to", type=Path, default=Path("docs/results/table1.md"))
+    p.add_argument("--root", type=Path, default=None, help="results folder (results/<table>)")
+    p.add_argument("--report-to", type=Path, default=None, help="docs/results/<table>.md")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_repro)
 
@@ -365,9 +368,13 @@ def _repro_parser(sub: argparse._SubParsersAction) -> None:
 def _run_repro(args: argparse.Namespace) -> int:
     from mapnet import repro
 
-    root = args.root
+    tuning = args.table == "tuning"
+    rows = repro.TUNING if tuning else repro.TABLE1
+    root = args.root or (repro.TUNING_DIR if tuning else repro.TABLE1_DIR)
+    report_to = args.report_to or Path(f"docs/results/{args.table}.md")
+    datasets = tuple(args.datasets.split(","))
     if not args.report:
-        known = {row.id: row for row in repro.TABLE1}
+        known = {row.id: row for row in rows}
         wanted = args.rows.split(",") if args.rows else list(known)
         unknown = sorted(set(wanted) - set(known))
         if unknown:
@@ -375,15 +382,17 @@ def _run_repro(args: argparse.Namespace) -> int:
         deadline = time.monotonic() + 3600 * args.hours if args.hours else None
         repro.run_table(
             [known[i] for i in wanted],
-            tuple(args.datasets.split(",")),
+            datasets,
             root,
             epochs=args.epochs or repro.EPOCHS,
             deadline=deadline,
             progress=not args.quiet,
             data_dir=args.data_dir,
             val_size=args.val_size,
+            evaluate_test=not tuning,
         )
-    print(repro.report(root, args.report_to, tuple(args.datasets.split(","))))
+    report = repro.tuning_report if tuning else repro.report
+    print(report(root, report_to, datasets))
     return 0
 
 

@@ -336,10 +336,13 @@ def train(
     progress: bool = True,
     out_dir: Path | None = None,
     resume: bool = False,
+    evaluate_test: bool = True,
 ) -> dict[str, Any]:
     """Train per `config`; returns its figures. With `out_dir`, every epoch is checkpointed and
     `resume=True` continues from the last finished one, to the same result as an uninterrupted
-    run. The test split is evaluated after each epoch for the record; choices use validation."""
+    run. The test split is evaluated after each epoch for the record; choices use validation.
+    `evaluate_test=False` (runs that exist to make a choice) never touches the test split: its
+    figures are None."""
     started = time.perf_counter()
     if out_dir is not None:
         _prepare_run_dir(Path(out_dir), config, resume)
@@ -356,7 +359,9 @@ def train(
         row: dict[str, Any] = trainer.train_epoch(splits["train"], progress)
         view = plain_view(trainer.module)
         row["val_loss"], row["val_acc"] = evaluate(view, splits["val"])
-        row["test_loss"], row["test_acc"] = evaluate(view, splits["test"])
+        row["test_loss"], row["test_acc"] = (
+            evaluate(view, splits["test"]) if evaluate_test else (None, None)
+        )
         row["epoch"] = trainer.epoch
         row["seconds"] = elapsed_before + time.perf_counter() - started
         trainer.history.append(row)
@@ -381,6 +386,8 @@ def train(
         "test_loss": history[-1]["test_loss"],
         "test_acc": history[-1]["test_acc"],
         "train_acc": history[-1]["train_acc"],
+        "val_acc": history[-1]["val_acc"],
+        "best_val_acc": best.get("val_acc"),
         "best_val_epoch": best.get("epoch"),
         "best_val_test_acc": best.get("test_acc"),
         "build_seconds": build_seconds,
