@@ -259,3 +259,19 @@ def test_repro_tuning_scores_on_validation_only(tmp_path: Path) -> None:
     assert f"| α = 0 (no modulation) | {alpha0['val_acc']:.2f} | " in text
     assert f"| {delta:+.2f} | 1 |" in text
     assert "| α = 1 | – | – | – | – | – | – |" in text  # not run: shown as such
+
+
+def test_tuning_rows_override_seed_and_epochs_for_the_whole_run() -> None:
+    from mapnet.repro import TUNING
+
+    rows = {row.id: row for row in TUNING}
+    rival = rows["intrinsic-seed-2"].config("mnist", epochs=10)
+    assert (rival.seed, rival.mapping.seed, rival.mapping.alpha, rival.mapping.scaling) == (
+        2,
+        2,
+        0.0,
+        "none",
+    )
+    assert rows["epochs-20"].config("mnist", epochs=10).epochs == 20  # the row's own budget
+    assert rows["lr-0.3"].config("mnist").lr == 0.3
+    assert rows["recipe"].config("mnist").mapping.projection == "structured"

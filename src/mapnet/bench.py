@@ -662,13 +662,11 @@ def _phased_mapped_step(
     mark("isfinite check")
     u = z + config.alpha * z * z  # (d,)
     mark("modulation u = z + αz⊙z")
-    flat = mapped.projections[0](u)  # (P,)
-    mark("projection W u")
     base = mapped._base(0)
-    if base.numel():
-        flat = flat + base
+    flat = mapped.projections[0](u, base if base.numel() else None)  # (P,) = θ₀ + W u
+    mark("projection θ₀ + W u (θ₀ added inside the pass)")
     flat = ACTIVATIONS[config.activation](flat)
-    mark("+ θ₀, activation")
+    mark("activation")
     params: dict[str, torch.Tensor] = {}
     tensors = []
     for spec, piece in zip(group.specs, flat.split([s.numel for s in group.specs])):
