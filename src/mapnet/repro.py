@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,18 @@ def _cell(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
+def _per_dataset(results: list[dict[str, Any] | None], cell: Callable[[dict], str]) -> str:
+    """One table cell holding a figure per data set ('–' where the run is missing)."""
+    return " / ".join(cell(r) if r else "–" for r in results)
+
+
+def _write(lines: list[str], out: Path) -> str:
+    text = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text
+
+
 def report(
     root: Path = TABLE1_DIR,
     out: Path = Path("docs/results/table1.md"),
@@ -292,22 +305,17 @@ def report(
             results.append(json.loads(file.read_text()) if file.exists() else None)
         trainable = next((f"{r['trainable_parameters']:,}" for r in results if r), "–")
 
-        def pair(key: str, results: list[dict[str, Any] | None] = results) -> str:
-            return " / ".join(_cell(r[key]) if r else "–" for r in results)
-
-        gap = " / ".join(_cell(r["train_acc"] - r["test_acc"]) if r else "–" for r in results)
-        epochs = " / ".join(str(r["epochs"]) if r else "–" for r in results)
+        final = _per_dataset(results, lambda r: _cell(r["test_acc"]))
+        at_best_val = _per_dataset(results, lambda r: _cell(r["best_val_test_acc"]))
+        gap = _per_dataset(results, lambda r: _cell(r["train_acc"] - r["test_acc"]))
+        epochs = _per_dataset(results, lambda r: str(r["epochs"]))
         lines.append(
             f"| {row.model.upper()} | {row.label} | {trainable} | "
             f"{_cell(row.paper[0])} / {_cell(row.paper[1])} | "
-            f"{_cell(row.public[0])} / {_cell(row.public[1])} | {pair('test_acc')} | "
-            f"{pair('best_val_test_acc')} | {gap} | {epochs} |"
+            f"{_cell(row.public[0])} / {_cell(row.public[1])} | {final} | "
+            f"{at_best_val} | {gap} | {epochs} |"
         )
-    lines += _targets_section(root, datasets)
-    text = "\n".join(lines) + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return text
+    return _write(lines + _targets_section(root, datasets), out)
 
 
 def _targets_section(root: Path, datasets: tuple[str, ...]) -> list[str]:
@@ -398,25 +406,17 @@ def tuning_report(
         reference = "recipe" if row.seed == 0 else f"recipe-seed-{row.seed}"  # same draw
         recipe = [loaded.get((reference, dataset)) for dataset in datasets]
 
-        def pair(key: str, results: list[dict[str, Any] | None] = results) -> str:
-            return " / ".join(_cell(r[key]) if r else "–" for r in results)
-
-        gap = " / ".join(_cell(r["train_acc"] - r["val_acc"]) if r else "–" for r in results)
         delta = " / ".join(
             f"{r['val_acc'] - base['val_acc']:+.2f}" if r and base else "–"
             for r, base in zip(results, recipe)
         )
-        epochs = " / ".join(str(r["epochs"]) if r else "–" for r in results)
-        minutes = " / ".join(f"{r['wall_seconds'] / 60:.1f}" if r else "–" for r in results)
-        lines.append(
-            f"| {row.label} | {pair('val_acc')} | {pair('best_val_acc')} | {gap} | {delta} "
-            f"| {epochs} | {minutes} |"
-        )
-    lines += _seed_spread(loaded, datasets)
-    text = "\n".join(lines) + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return text
+        final = _per_dataset(results, lambda r: _cell(r["val_acc"]))
+        best = _per_dataset(results, lambda r: _cell(r["best_val_acc"]))
+        gap = _per_dataset(results, lambda r: _cell(r["train_acc"] - r["val_acc"]))
+        epochs = _per_dataset(results, lambda r: str(r["epochs"]))
+        minutes = _per_dataset(results, lambda r: f"{r['wall_seconds'] / 60:.1f}")
+        lines.append(f"| {row.label} | {final} | {best} | {gap} | {delta} | {epochs} | {minutes} |")
+    return _write(lines + _seed_spread(loaded, datasets), out)
 
 
 def _seed_spread(loaded: dict[tuple[str, str], dict[str, Any]], datasets: tuple[str, ...]) -> list:
