@@ -39,8 +39,8 @@ Reproducibility: slots, input signs and output signs come from splitmix64 on uin
 slots from sorting distinct integer keys, so W is bit-identical everywhere. The forward and its
 transpose use only scatter/gather, ±1 sign flips, additions and subtractions in a fixed order
 (butterflies, and a pairwise tree for the sum over blocks: never a BLAS call or a library
-reduction) and one final multiplication, so W u is bit-identical for any thread count, process
-or machine with IEEE floats.
+reduction), one final multiplication and the optional offset's addition, so W u is
+bit-identical for any thread count, process or machine with IEEE floats.
 
 Memory: slots (int16 when n ≤ 32768) and input signs (int8) take 3 bytes per (block, input), at
 most 3 bytes per target parameter (B·d ≤ P + d); the per-row gain (row_scale folded with t_p and
