@@ -337,14 +337,16 @@ def _repro_parser(sub: argparse._SubParsersAction) -> None:
         "repro",
         help="reproduce the paper's tables (resumable; results/<table>/*.json)",
         description=(
-            "table1: every row of the paper's Table 1 (CNN1/CNN2 baselines, single and "
-            "layer-wise mappings) plus intrinsic-dimension training at 2048, on MNIST and "
-            "Fashion-MNIST. Finished runs are skipped, interrupted ones resume from their last "
-            "epoch. --report writes docs/results/table1.md from the result files. "
-            "tuning: the Table 1 recipe against one-change variants (α, gains, learning rate, "
-            "σ, loss terms) on CNN2 d=2048, validation split only (results/tuning/, "
-            "docs/results/tuning.md)."
+            "table1   every row of the paper's Table 1 (CNN1/CNN2 baselines, single and\n"
+            "         layer-wise mappings) plus intrinsic-dimension training at 2048, on MNIST\n"
+            "         and Fashion-MNIST; --report writes docs/results/table1.md.\n"
+            "tuning   the Table 1 recipe against one-change variants (α, gains, learning rate,\n"
+            "         σ, loss terms, epochs, seeds) on CNN2 d=2048, scored on the validation\n"
+            "         split only; --report writes docs/results/tuning.md.\n\n"
+            "Finished runs are skipped and interrupted ones resume from their last epoch, so\n"
+            "the same command carries a long table across sessions (see --hours)."
         ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("table", choices=["table1", "tuning"])
     p.add_argument("--report", action="store_true", help="only write the report")
