@@ -201,6 +201,13 @@ def test_offset_is_added_in_the_pass_with_its_own_gradient() -> None:
         rtol=0,
         atol=0,
     )
+    with torch.autograd.forward_ad.dual_level():  # a tangent for one input only
+        dual = torch.autograd.forward_ad.make_dual(offset.detach(), w)
+        only_offset = torch.autograd.forward_ad.unpack_dual(proj(u.detach(), dual)).tangent
+        dual = torch.autograd.forward_ad.make_dual(u.detach(), v)
+        only_u = torch.autograd.forward_ad.unpack_dual(proj(dual, offset.detach())).tangent
+    assert torch.equal(only_offset, w)
+    torch.testing.assert_close(only_u, proj(v), rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"offset must have shape \(300,\)"):
         proj(u, torch.zeros(299, dtype=torch.float64))
 

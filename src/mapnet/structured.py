@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -177,45 +178,41 @@ class _Project(torch.autograd.Function):
     def forward(
         u: torch.Tensor, projection: StructuredProjection, offset: torch.Tensor | None
     ) -> torch.Tensor:
-        out = projection._matvec(u)
-        return out if offset is None else out.add_(offset.to(out.dtype))
+        # The result is a slice of the pass's (N, Bn) buffer; detach() makes it a plain tensor
+        # on the same storage (no copy), so forward-mode AD does not treat it as a view.
+        return projection._matvec(u, offset).detach()
 
     @staticmethod
-    def setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
-        ctx.projection = inputs[1]  # type: ignore[attr-defined]
-        ctx.offset_shape = None if inputs[2] is None else inputs[2].shape  # type: ignore[attr-defined]
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.projection = inputs[1]
+        ctx.offset_shape = None if inputs[2] is None else inputs[2].shape
+        ctx.output_shape = output.shape
 
     @staticmethod
-    def backward(
-        ctx: object, grad: torch.Tensor
-    ) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
-        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
-        grad_u = _ProjectAdjoint.apply(grad, ctx.projection) if needs[0] else None  # type: ignore[attr-defined]
-        grad_offset = grad.sum_to_size(ctx.offset_shape) if needs[2] else None  # type: ignore[attr-defined]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, Any]:
+        needs = ctx.needs_input_grad
+        grad_u = _ProjectAdjoint.apply(grad, ctx.projection) if needs[0] else None
+        grad_offset = grad.sum_to_size(ctx.offset_shape) if needs[2] else None
         return grad_u, None, grad_offset
 
     @staticmethod
-    def jvp(
-        ctx: object, tangent: torch.Tensor | None, _: None, offset_tangent: torch.Tensor | None
-    ) -> torch.Tensor:
-        projection = ctx.projection  # type: ignore[attr-defined]
+    def jvp(ctx: Any, tangent: Any, _: None, offset_tangent: Any) -> torch.Tensor:
+        # Linear in both inputs; either tangent may be absent (forward AD of one input only).
         if tangent is None:
-            tangent = torch.zeros(projection.in_features, dtype=offset_tangent.dtype)  # type: ignore[union-attr]
-        out = projection._matvec(tangent)  # linear map
+            return offset_tangent.expand(ctx.output_shape).clone()
+        out = ctx.projection._matvec(tangent)
         return out if offset_tangent is None else out + offset_tangent
 
     @staticmethod
-    def vmap(
-        info: object, in_dims: tuple, u: torch.Tensor, projection: object, offset: object
-    ) -> tuple:
+    def vmap(info: Any, in_dims: tuple, u: torch.Tensor, projection: object, offset: Any) -> tuple:
         # The pass already takes leading batch axes, so vmap only has to put them in front.
         u_dim, _, offset_dim = in_dims
         if u_dim is not None:
             u = u.movedim(u_dim, 0)
         if offset_dim is not None:
-            offset = offset.movedim(offset_dim, 0)  # type: ignore[union-attr]
+            offset = offset.movedim(offset_dim, 0)
             if u_dim is None:
-                u = u.expand(info.batch_size, *u.shape)  # type: ignore[attr-defined]
+                u = u.expand(info.batch_size, *u.shape)
         batched = u_dim is not None or offset_dim is not None
         return _Project.apply(u, projection, offset), 0 if batched else None
 
@@ -369,7 +366,8 @@ class StructuredProjection(nn.Module):
             columns[:, j0:j1].scatter_(2, index, signed)
         return fwht(x, dim=1)
 
-    def _matvec(self, u: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., P)
+    def _matvec(self, u: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., d) -> (..., P): row_scale ⊙ (W u), plus `offset` (broadcast) when given."""
         lead = u.shape[:-1]
         flat = u.reshape(-1, self._in)  # (N, d)
         if not flat.is_floating_point():
@@ -378,6 +376,8 @@ class StructuredProjection(nn.Module):
         count = y.shape[0]
         out = y.view(count, self.n * self.blocks)  # (N, Bn)
         out *= self.gain.to(y.dtype)
+        if offset is not None:  # into the buffer, before the output view is taken
+            out[:, : self._out] += offset.to(y.dtype).reshape(-1, self._out)
         out = out[:, : self._out]  # (N, P), drops rows ≥ P
         if count > 1:
             out = out.contiguous()
