@@ -176,6 +176,7 @@ DATASETS = ("mnist", "fashion-mnist")
 TUNING_DIR = Path("results/tuning")
 _TUNED = {"latent_dim": 2048, "projection": "structured"}
 _ALL_TERMS = {"stability": True, "smoothness": True, "alignment": True}
+_INTRINSIC = {"preset": "intrinsic_dimension"}  # α = 0, no gains: MappingConfig's own preset
 
 
 def _tuning(id: str, label: str, mapping: dict[str, Any], seed: int = 0, **train: Any) -> Row:
@@ -189,9 +190,7 @@ TUNING = [
     _tuning("alpha-0", "α = 0 (no modulation)", {"alpha": 0.0}),
     _tuning("alpha-1", "α = 1", {"alpha": 1.0}),
     _tuning("scaling-none", "no per-tensor gains (scaling none)", {"scaling": "none"}),
-    _tuning(
-        "intrinsic", "α = 0 and no gains (intrinsic dimension)", {"alpha": 0.0, "scaling": "none"}
-    ),
+    _tuning("intrinsic", "α = 0 and no gains (intrinsic dimension)", _INTRINSIC),
     _tuning("lr-0.03", "lr 0.03", {}, lr=0.03),
     _tuning("lr-0.3", "lr 0.3", {}, lr=0.3),
     _tuning("tanh", "σ = tanh", {"activation": "tanh"}),
@@ -206,12 +205,8 @@ TUNING = [
     # closest rival (α = 0, no gains), so a difference can be told from the draw.
     _tuning("recipe-seed-1", "the recipe, seed 1", {}, seed=1),
     _tuning("recipe-seed-2", "the recipe, seed 2", {}, seed=2),
-    _tuning(
-        "intrinsic-seed-1", "α = 0 and no gains, seed 1", {"alpha": 0.0, "scaling": "none"}, seed=1
-    ),
-    _tuning(
-        "intrinsic-seed-2", "α = 0 and no gains, seed 2", {"alpha": 0.0, "scaling": "none"}, seed=2
-    ),
+    _tuning("intrinsic-seed-1", "α = 0 and no gains, seed 1", _INTRINSIC, seed=1),
+    _tuning("intrinsic-seed-2", "α = 0 and no gains, seed 2", _INTRINSIC, seed=2),
 ]
 
 
@@ -267,6 +262,19 @@ def _per_dataset(results: list[dict[str, Any] | None], cell: Callable[[dict], st
     return " / ".join(cell(r) if r else "–" for r in results)
 
 
+Results = dict[tuple[str, str], dict[str, Any]]  # (row id, dataset) -> a finished run's JSON
+
+
+def _load_results(rows: list[Row], root: Path, datasets: tuple[str, ...]) -> Results:
+    """Every finished run of `rows` under `root`, read once for a whole report."""
+    return {
+        (row.id, dataset): json.loads(file.read_text())
+        for row in rows
+        for dataset in datasets
+        if (file := root / f"{run_id(row, dataset)}.json").exists()
+    }
+
+
 def _write(lines: list[str], out: Path) -> str:
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -280,7 +288,8 @@ def report(
     datasets: tuple[str, ...] = DATASETS,
 ) -> str:
     """Markdown table from results/table1/*.json: paper vs public reproduction vs ours."""
-    finished = sum((root / f"{run_id(r, d)}.json").exists() for r in TABLE1 for d in datasets)
+    loaded = _load_results(TABLE1, root, datasets)
+    finished = len(loaded)
     lines = [
         f"# Table 1 reproduced (test accuracy %, {' / '.join(datasets)})",
         "",
@@ -299,10 +308,7 @@ def report(
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in TABLE1:
-        results = []
-        for dataset in datasets:
-            file = root / f"{run_id(row, dataset)}.json"
-            results.append(json.loads(file.read_text()) if file.exists() else None)
+        results = [loaded.get((row.id, dataset)) for dataset in datasets]
         trainable = next((f"{r['trainable_parameters']:,}" for r in results if r), "–")
 
         final = _per_dataset(results, lambda r: _cell(r["test_acc"]))
@@ -315,10 +321,10 @@ def report(
             f"{_cell(row.public[0])} / {_cell(row.public[1])} | {final} | "
             f"{at_best_val} | {gap} | {epochs} |"
         )
-    return _write(lines + _targets_section(root, datasets), out)
+    return _write(lines + _targets_section(loaded, datasets), out)
 
 
-def _targets_section(root: Path, datasets: tuple[str, ...]) -> list[str]:
+def _targets_section(loaded: Results, datasets: tuple[str, ...]) -> list[str]:
     """Issue 3's targets for every finished mapped run: at least the public reproduction (the
     paper's figure is the goal), and a train–test gap ≤ 1.8 points and below the baseline's."""
     lines = [
@@ -342,16 +348,12 @@ def _targets_section(root: Path, datasets: tuple[str, ...]) -> list[str]:
         if row.mode == "plain":
             continue
         for index, dataset in enumerate(datasets):
-            file = root / f"{run_id(row, dataset)}.json"
-            if not file.exists():
+            result = loaded.get((row.id, dataset))
+            if result is None:
                 continue
-            result = json.loads(file.read_text())
-            base_file = root / f"{row.model}-baseline-{dataset}.json"
+            base = loaded.get((f"{row.model}-baseline", dataset))
             gap = result["train_acc"] - result["test_acc"]
-            base_gap = None
-            if base_file.exists():
-                base = json.loads(base_file.read_text())
-                base_gap = base["train_acc"] - base["test_acc"]
+            base_gap = None if base is None else base["train_acc"] - base["test_acc"]
             figures = index < 2 and dataset in names
             public = row.public[index] if figures else None
             paper = row.paper[index] if figures else None
@@ -395,12 +397,7 @@ def tuning_report(
         "| variant | final | best | train − val | Δ recipe | epochs | minutes |",
         "|---|---|---|---|---|---|---|",
     ]
-    loaded = {
-        (row.id, dataset): json.loads(file.read_text())
-        for row in TUNING
-        for dataset in datasets
-        if (file := root / f"{run_id(row, dataset)}.json").exists()
-    }
+    loaded = _load_results(TUNING, root, datasets)
     for row in TUNING:
         results = [loaded.get((row.id, dataset)) for dataset in datasets]
         reference = "recipe" if row.seed == 0 else f"recipe-seed-{row.seed}"  # same draw
@@ -419,7 +416,7 @@ def tuning_report(
     return _write(lines + _seed_spread(loaded, datasets), out)
 
 
-def _seed_spread(loaded: dict[tuple[str, str], dict[str, Any]], datasets: tuple[str, ...]) -> list:
+def _seed_spread(loaded: Results, datasets: tuple[str, ...]) -> list[str]:
     """Mean and range over seeds 0, 1, 2 of the recipe and of its closest rival."""
     groups = {
         "the recipe": ["recipe", "recipe-seed-1", "recipe-seed-2"],
