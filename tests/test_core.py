@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 import mapnet
-from mapnet.core import MappingConfig, seeded_initialisation
-from mapnet.projection import orthonormal_matrix
+from mapnet.core import MappingConfig, _GeneratedTensors, seeded_initialisation
+from mapnet.projection import DenseProjection, orthonormal_matrix
+from mapnet.structured import StructuredProjection
 
 
 class SmallCNN(nn.Module):
@@ -445,3 +446,90 @@ def test_intrinsic_dimension_preset_is_theta0_plus_projection() -> None:
     torch.testing.assert_close(w.T @ w, torch.eye(12), atol=1e-5, rtol=0)
     expected = mapped._base(0) + w @ z
     torch.testing.assert_close(mapped.generate_flat(0).detach(), expected)
+
+
+# The fused generator (one autograd node per group) against the composed path it replaces.
+FUSED_SHAPES = ((3, 4), (5,), (2, 2, 2))  # P = 25
+
+
+class WithUnusedLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(6, 3)
+        self.unused = nn.Linear(6, 3)  # its gradient is None: the fused backward must cope
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 6) -> (B, 3)
+        return self.used(x)
+
+
+def _composed_generate(mapped: mapnet.MappedModule) -> dict[str, torch.Tensor]:
+    """What generate() computed before the fused node: generate_flat, then split and view."""
+    params = {}
+    for index, group in enumerate(mapped.groups):
+        flat = mapped.generate_flat(index)
+        for spec, piece in zip(group.specs, flat.split([s.numel for s in group.specs])):
+            for alias in spec.names:
+                params[alias] = piece.view(spec.shape)
+    return params
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"projection": "dense"},
+        {"projection": "structured"},
+        {"projection": "structured", "strategy": "layerwise", "latent_dim": 5},
+        {"projection": "structured", "activation": "tanh", "alpha": 0.0},
+        {"projection": "dense", "base": "zero", "latent_init_std": 1.0},
+    ],
+)
+def test_fused_generation_equals_the_composed_path(settings: dict) -> None:
+    config = MappingConfig(**({"latent_dim": 8, "latent_init_std": 0.3} | settings))
+    for model in (small_cnn(), WithUnusedLayer()):
+        mapped = mapnet.wrap(model, config)
+        fused, composed = mapped.generate(), _composed_generate(mapped)
+        assert list(fused) == list(composed)
+        weights = {name: torch.randn(t.shape) for name, t in fused.items()}
+        grads = []
+        for params in (fused, composed):
+            torch.testing.assert_close(params, fused, rtol=0, atol=0)
+            used = {k: v for k, v in params.items() if not k.startswith("unused")}
+            loss = sum((t * weights[k]).sum() for k, t in used.items())
+            # A layerwise latent of the unused layer gets no gradient on either path.
+            grads.append(torch.autograd.grad(loss, list(mapped.parameters()), allow_unused=True))
+        for fused_grad, composed_grad in zip(*grads):
+            assert (fused_grad is None) == (composed_grad is None)
+            if fused_grad is not None:
+                torch.testing.assert_close(fused_grad, composed_grad, rtol=1e-5, atol=1e-7)
+
+
+# torch.func.jvp itself triggers torch's own torch.jit.script deprecation warning.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("kind", [DenseProjection, StructuredProjection])
+def test_fused_generation_derivatives(kind: type) -> None:
+    """First and second derivatives, forward mode and vmap, in z and in the offset θ₀."""
+    proj = kind(25, 6, 1, torch.linspace(0.5, 1.5, 25)).double()
+    sizes = [math.prod(s) for s in FUSED_SHAPES]
+
+    def fused(z: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return _GeneratedTensors.apply(z, proj, offset, 0.3, FUSED_SHAPES)
+
+    def composed(z: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        flat = proj(z + 0.3 * z * z) + offset  # (..., 25)
+        lead = flat.shape[:-1]
+        return tuple(p.reshape(*lead, *s) for p, s in zip(flat.split(sizes, -1), FUSED_SHAPES))
+
+    z = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    offset = torch.randn(25, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fused, (z, offset))
+    assert torch.autograd.gradgradcheck(fused, (z, offset))
+    tangents = (torch.randn(6, dtype=torch.float64), torch.randn(25, dtype=torch.float64))
+    primals = (z.detach(), offset.detach())
+    _, fused_tangent = torch.func.jvp(fused, primals, tangents)
+    _, composed_tangent = torch.func.jvp(composed, primals, tangents)
+    torch.testing.assert_close(fused_tangent, composed_tangent, rtol=1e-12, atol=1e-12)
+    zs, offsets = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 25, dtype=torch.float64)
+    for in_dims, args in (((0, None), (zs, primals[1])), ((0, 0), (zs, offsets))):
+        batched = torch.func.vmap(fused, in_dims=in_dims)(*args)
+        torch.testing.assert_close(batched, composed(*args), rtol=1e-12, atol=1e-12)
+    assert [t.shape for t in batched] == [(4, *s) for s in FUSED_SHAPES]

@@ -8,6 +8,7 @@ mapping loss needs), so the generator in core.py does not care which one it hold
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -21,6 +22,14 @@ def derive_seed(seed: int, name: str) -> int:
     """A stable 63-bit seed for one named part of a mapping (independent of the other parts)."""
     digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def concat_pieces(pieces: Sequence[torch.Tensor | None], sizes: Sequence[int]) -> torch.Tensor:
+    """(N, Σk) from consecutive pieces (N, k), a None standing for zeros (an unused parameter's
+    gradient). At least one piece must be a tensor."""
+    present = next(p for p in pieces if p is not None)
+    zeros = present.new_zeros
+    return torch.cat([zeros(len(present), k) if p is None else p for p, k in zip(pieces, sizes)], 1)
 
 
 def orthonormal_matrix(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -76,8 +85,27 @@ class DenseProjection(nn.Module):
         return self.weight.shape[0]
 
     def forward(self, u: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
-        """(d,) -> (P,): offset + W u (one fused addmv when an offset is given)."""
-        return self.weight @ u if offset is None else torch.addmv(offset, self.weight, u)
+        """(..., d) -> (..., P): offset + W u (one fused addmv for a single u with an offset);
+        `offset` (P,) or broadcastable to (..., P)."""
+        if u.dim() == 1:
+            return self.weight @ u if offset is None else torch.addmv(offset, self.weight, u)
+        out = u @ self.weight.T  # (..., P)
+        return out if offset is None else out + offset
+
+    def adjoint(self, g: torch.Tensor) -> torch.Tensor:  # (..., P) -> (..., d)
+        """Wᵀ g, differentiable."""
+        return g @ self.weight
+
+    # The raw passes the fused generator in core.py calls (it supplies the derivatives).
+
+    def _matvec(self, u: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward(u, offset)
+
+    def _rmatvec_pieces(
+        self, pieces: Sequence[torch.Tensor | None], sizes: Sequence[int]
+    ) -> torch.Tensor:
+        """Wᵀ g for g given as consecutive pieces (N, k) of its P entries (None: zeros): (N, d)."""
+        return concat_pieces(pieces, sizes) @ self.weight
 
     def extra_repr(self) -> str:
         return f"out_features={self.out_features}, in_features={self.in_features}"
