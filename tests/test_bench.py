@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mapnet.bench import (
+    LOSS_TERM_STEPS,
     MALLOC_TUNED_ENV,
     STEP_VARIANTS,
     _dense_skip_reason,
@@ -65,6 +66,10 @@ def test_step_smoke_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureFi
     assert all(v >= 0 for v in breakdown["mapped_phases_ms"].values())
     assert _positive(breakdown["mapped_step_ms"]) and _positive(breakdown["plain_step_ms"])
     assert breakdown["profile_mapped"] and breakdown["profile_plain"]
+    # Each mapping-loss term is timed on the same step, alone and all together.
+    assert list(breakdown["loss_terms_ms"]) == list(LOSS_TERM_STEPS)
+    assert all(_positive(v) for v in breakdown["loss_terms_ms"].values())
+    assert breakdown["profile_all_loss_terms"]
     assert {t["target"] for t in data["targets"]} >= {
         "the 25M target trains from d=2048, single strategy (loss falls)"
     }
@@ -76,6 +81,7 @@ def test_step_smoke_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureFi
     assert "SMOKE RUN" in text and data["command"] in text
     assert "| tiny | mapped, single d, structured W |" in text
     assert "## Where a mapped step's time goes" in text
+    assert "| + stability (one noisy forward) |" in text and "all three loss terms" in text
 
 
 def test_report_without_results_is_a_clean_error(

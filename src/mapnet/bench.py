@@ -33,6 +33,7 @@ from torch import nn
 from torch.func import functional_call
 
 from mapnet.core import ACTIVATIONS, MappedModule, MappingConfig, _GeneratedTensors, wrap
+from mapnet.loss import MappingLoss
 from mapnet.models import CNN1, CNN2, MODELS, ResNet50
 
 
@@ -322,6 +323,16 @@ STEP_VARIANTS: tuple[StepVariant, ...] = (
     ),
 )
 VARIANTS_BY_NAME = {v.name: v for v in STEP_VARIANTS}
+
+# The mapping loss's terms (SPEC §4) timed on the mapped step, each switched on alone and all
+# together, against the MappingLoss with every term off (the task loss through the same module).
+LOSS_TERM_STEPS: dict[str, dict[str, bool]] = {
+    "task only (MappingLoss, every term off)": {},
+    "+ stability (one noisy forward)": {"stability": True},
+    "+ smoothness (exact, closed form)": {"smoothness": True},
+    "+ alignment": {"alignment": True},
+    "all three terms": {"stability": True, "smoothness": True, "alignment": True},
+}
 
 
 def variant_config(variant: StepVariant, latent_dim: int) -> MappingConfig:
@@ -745,6 +756,17 @@ def measure_breakdown(
     plain_opt = torch.optim.Adam(plain.parameters(), lr=spec.lr_plain)
     cross_entropy = nn.functional.cross_entropy
 
+    loss_steps: dict[str, Callable[[], None]] = {}
+    for name, terms in LOSS_TERM_STEPS.items():
+        switches = {t: terms.get(t, False) for t in ("stability", "smoothness", "alignment")}
+        module = wrap(target, MappingConfig(latent_dim=latent_dim, projection=projection))
+        module.train()
+        loss_fn = MappingLoss(module, **switches)
+        optimizer = torch.optim.Adam(
+            [*module.parameters(), *loss_fn.parameters()], lr=spec.lr_mapped
+        )
+        loss_steps[name] = _loss_step(loss_fn, optimizer, x, y)
+
     # The phases must compute what mapped(x) computes: compare the latent gradients once.
     z = mapped.latent
     reference = torch.autograd.grad(cross_entropy(mapped(x), y), z)[0]  # (d,)
@@ -823,7 +845,15 @@ def measure_breakdown(
             add("probe", "W u alone", t3 - t2)
             add("probe", "Wᵀ g alone", t4 - t3)
 
-    order = [timed_whole_mapped, timed_phases, timed_plain, timed_probes]
+    def timed_loss_terms(record: bool) -> None:
+        for name, step in loss_steps.items():
+            started = time.perf_counter()
+            step()
+            if record:
+                add("loss", name, time.perf_counter() - started)
+
+    samples["loss"] = {}
+    order = [timed_whole_mapped, timed_phases, timed_plain, timed_probes, timed_loss_terms]
     for index in range(warmup + steps):
         rotation = index % len(order)
         for phase_run in order[rotation:] + order[:rotation]:
@@ -853,7 +883,20 @@ def measure_breakdown(
         "grad_check_max_abs_diff": grad_diff,
         "profile_mapped": _profile(whole_mapped, profile_steps),
         "profile_plain": _profile(whole_plain, profile_steps),
+        "loss_terms_ms": medians("loss"),
+        "profile_all_loss_terms": _profile(loss_steps["all three terms"], profile_steps),
     }
+
+
+def _loss_step(
+    loss_fn: MappingLoss, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], None]:
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(x, y).total.backward()
+        optimizer.step()
+
+    return step
 
 
 # ------------------------------------------------------------------------ targets
@@ -990,7 +1033,10 @@ def _step_section(step: dict[str, Any], name: str) -> list[str]:
     allocator = (
         "glibc malloc tuned: " + ", ".join(f"{k}={v}" for k, v in malloc.items())
         if malloc
-        else "glibc malloc defaults (what `mapnet train` gets)"
+        else (
+            "glibc malloc defaults (what a training loop of your own gets; the `mapnet` "
+            "command sets the tuned values)"
+        )
     )
     lines = [
         f"## Training step, {name}: `{step['command']}`",
@@ -1112,17 +1158,38 @@ def _breakdown_section(step: dict[str, Any], name: str) -> list[str]:
     for cause in _overhead_causes(results[0]):
         cells = [_ms_signed(_overhead_causes(r)[cause]) for r in results]
         lines.append(f"| {cause} | " + " | ".join(cells) + " |")
+    if all("loss_terms_ms" in r for r in results):
+        lines += [
+            "",
+            "The mapping loss's terms (`mapnet.MappingLoss`, trainable coefficients) on the same "
+            "mapped step, in the same rotation: median ms per step, and in brackets the cost "
+            "over the MappingLoss with every term off:",
+            "",
+            "| loss | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(results),
+        ]
+        for term in results[0]["loss_terms_ms"]:
+            cells = []
+            for r in results:
+                times = r["loss_terms_ms"]
+                base = next(iter(times.values()))
+                extra = "" if times[term] is base else f" ({_ms_signed(times[term] - base)})"
+                cells.append(_ms(times[term]) + extra)
+            lines.append(f"| {term} | " + " | ".join(cells) + " |")
     for r in results:
-        for kind in ("mapped", "plain"):
+        profiles = {"mapped step": "profile_mapped", "plain step": "profile_plain"}
+        if "profile_all_loss_terms" in r:
+            profiles["mapped step with all three loss terms"] = "profile_all_loss_terms"
+        for kind, key in profiles.items():
             lines += [
                 "",
-                f"torch.profiler, {r['model']} {kind} step: busiest ops by self CPU time "
+                f"torch.profiler, {r['model']} {kind}: busiest ops by self CPU time "
                 "(ms per step; profiling adds its own overhead per op):",
                 "",
                 "| op | calls | self ms | total ms |",
                 "|---|---|---|---|",
             ]
-            for e in r[f"profile_{kind}"][:10]:
+            for e in r[key][:10]:
                 lines.append(
                     f"| `{e['op']}` | {e['calls_per_step']:g} "
                     f"| {_ms(e['self_ms_per_step'])} | {_ms(e['total_ms_per_step'])} |"
