@@ -311,10 +311,7 @@ class _GeneratedTensors(torch.autograd.Function):
         shapes: tuple[tuple[int, ...], ...],
     ) -> tuple[torch.Tensor, ...]:
         u = z + alpha * z * z  # (d,)
-        flat = projection._matvec(u, offset)  # (P,) = θ₀ + W u
-        sizes = [math.prod(shape) for shape in shapes]
-        # detach(): plain tensors on the buffer's storage, not views of one another for autograd.
-        return tuple(p.view(shape).detach() for p, shape in zip(flat.split(sizes), shapes))
+        return _split_detached(projection._matvec(u, offset), shapes)  # θ₀ + W u, split
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -351,7 +348,7 @@ class _GeneratedTensors(torch.autograd.Function):
             flat = offset_tangent.clone()
         else:
             flat = ctx.projection._matvec(u_tangent, offset_tangent)
-        return tuple(p.view(shape).detach() for p, shape in zip(flat.split(ctx.sizes), ctx.shapes))
+        return _split_detached(flat, ctx.shapes)
 
     @staticmethod
     def vmap(
@@ -369,12 +366,21 @@ class _GeneratedTensors(torch.autograd.Function):
         if offset_dim is not None:
             offset = offset.movedim(offset_dim, 0)
         u = z + alpha * z * z  # (N, d)
-        flat = projection(u) if offset is None else projection(u) + offset  # (N, P)
+        flat = projection(u)  # (N, P)
+        if offset is not None:
+            flat = flat + offset
         sizes = [math.prod(shape) for shape in shapes]
         tensors = tuple(
             p.reshape(info.batch_size, *shape) for p, shape in zip(flat.split(sizes, -1), shapes)
         )
         return tensors, (0,) * len(tensors)
+
+
+def _split_detached(flat: torch.Tensor, shapes: tuple[tuple[int, ...], ...]) -> tuple:
+    """(P,) -> one tensor per shape on flat's storage. detach(): for autograd they are plain
+    tensors, not views of one another (a custom Function's outputs must not be)."""
+    sizes = [math.prod(shape) for shape in shapes]
+    return tuple(p.view(shape).detach() for p, shape in zip(flat.split(sizes), shapes))
 
 
 def _resolve(module: nn.Module, name: str) -> tuple[nn.Module, str]:
