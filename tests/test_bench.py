@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mapnet.bench import (
+from mapnet.core import seeded_initialisation
+from mapnet_experiments.bench import (
     LOSS_TERM_STEPS,
     MALLOC_TUNED_ENV,
     STEP_VARIANTS,
@@ -19,9 +20,8 @@ from mapnet.bench import (
     target_parameter_count,
     targets_status,
 )
-from mapnet.cli import main
-from mapnet.core import seeded_initialisation
-from mapnet.models import MODELS, ResNet50
+from mapnet_experiments.cli import main
+from mapnet_experiments.models import MODELS, ResNet50
 
 
 def _positive(value: object) -> bool:

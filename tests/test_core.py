@@ -9,8 +9,8 @@ from torch import nn
 
 import mapnet
 from mapnet.core import MappingConfig, _GeneratedTensors, seeded_initialisation
-from mapnet.projection import DenseProjection, orthonormal_matrix
-from mapnet.structured import StructuredProjection
+from mapnet.projections.dense import DenseProjection, orthonormal_matrix
+from mapnet.projections.structured import StructuredProjection
 
 
 class SmallCNN(nn.Module):
@@ -405,7 +405,7 @@ def test_parameters_without_reset_are_kept_from_the_model() -> None:
 
 
 def test_dense_projection_loss_helpers_match_the_matrix() -> None:
-    from mapnet.projection import DenseProjection
+    from mapnet.projections.dense import DenseProjection
 
     row_scale = torch.linspace(0.5, 2.0, 300)
     projection = DenseProjection(300, 20, seed=3, row_scale=row_scale)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mapnet import data
+from mapnet_experiments import data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Read before the autouse fixture below clears the variable for every test.

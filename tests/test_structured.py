@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from mapnet.structured import StructuredProjection, fwht
+from mapnet.projections.structured import StructuredProjection, fwht
 
 # (P, d) cases: n divides P, truncated last block, d not a power of two, P < d, d = 1.
 SIZES = [(512, 128), (1536, 512), (1000, 100), (2500, 300), (300, 500), (7, 1), (96, 96)]
@@ -303,7 +303,7 @@ def test_same_bytes_with_one_thread_in_another_process() -> None:
         """
         import hashlib, torch
         torch.set_num_threads(1)
-        from mapnet.structured import StructuredProjection
+        from mapnet.projections.structured import StructuredProjection
         p = StructuredProjection(300_000, 512, 3, torch.linspace(0.5, 2.0, 300_000))
         u = torch.sin(torch.arange(512, dtype=torch.float32))
         g = torch.cos(torch.arange(300_000, dtype=torch.float32))

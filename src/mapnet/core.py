@@ -26,8 +26,8 @@ from torch import nn
 from torch.func import functional_call
 
 from mapnet.checks import from_dict, positive_int
-from mapnet.projection import DenseProjection, concat_pieces, derive_seed
-from mapnet.structured import StructuredProjection
+from mapnet.projections.dense import DenseProjection, concat_pieces, derive_seed
+from mapnet.projections.structured import StructuredProjection
 
 STRATEGIES = ("single", "layerwise")
 SCALINGS = ("init_std", "none")

@@ -31,7 +31,7 @@ from torch.func import functional_call
 
 from mapnet.checks import positive_int
 from mapnet.core import ACTIVATIONS, MappedModule
-from mapnet.projection import derive_seed
+from mapnet.projections.dense import derive_seed
 
 TERMS = ("stability", "smoothness", "alignment")
 TASK_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {

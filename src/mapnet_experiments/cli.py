@@ -16,8 +16,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from mapnet.core import MappingConfig
-from mapnet.data import DATASETS, DataUnavailableError, fetch
-from mapnet.train import TrainConfig, train
+from mapnet_experiments.data import DATASETS, DataUnavailableError, fetch
+from mapnet_experiments.train import TrainConfig, train
 
 EXAMPLES = """\
 examples:
@@ -256,7 +256,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from mapnet.bench import (
+    from mapnet_experiments.bench import (
         DEFAULT_VARIANTS,
         construction_table,
         defaults_report,
@@ -368,7 +368,7 @@ def _repro_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_repro(args: argparse.Namespace) -> int:
-    from mapnet import repro
+    from mapnet_experiments import repro
 
     tuning = args.table == "tuning"
     rows = repro.TUNING if tuning else repro.TABLE1

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mapnet.core import MappingConfig
-from mapnet.train import TrainConfig, train, write_json
+from mapnet_experiments.train import TrainConfig, train, write_json
 
 TABLE1_DIR = Path("results/table1")
 

@@ -34,9 +34,9 @@ from tqdm import tqdm
 from mapnet.checkpoint import CheckpointError, atomic_write_bytes, load_into, save
 from mapnet.checks import from_dict
 from mapnet.core import MappedModule, MappingConfig, wrap
-from mapnet.data import DATASETS, load_idx_dataset, train_val_split
 from mapnet.loss import MappingLoss
-from mapnet.models import MODELS
+from mapnet_experiments.data import DATASETS, load_idx_dataset, train_val_split
+from mapnet_experiments.models import MODELS
 
 MODES = ("mapped", "plain")
 # The recipe feeds 1×28×28 images; resnet50 (3×64×64) is a benchmark target only.
