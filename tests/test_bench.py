@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mapnet.core import seeded_initialisation
+from mapnet.bases import seeded_initialisation
 from mapnet_experiments.bench import (
     LOSS_TERM_STEPS,
     MALLOC_TUNED_ENV,

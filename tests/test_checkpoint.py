@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import mapnet
-from mapnet.checkpoint import CONFIG_FILE, TENSOR_FILE, CheckpointError
-from mapnet.core import MappingConfig
+from mapnet.checkpoint.io import CONFIG_FILE, TENSOR_FILE, CheckpointError
+from mapnet.config import MappingConfig
 
 # The model lives in an importable module so a fresh interpreter can rebuild it.
 MODEL_SOURCE = textwrap.dedent(
@@ -94,16 +94,17 @@ def test_tensor_file_holds_latents_buffers_and_unregenerable_base_only(
     ckpt = mapnet.save(mapped, tmp_path / "ckpt")
     tensors = load_file(ckpt / TENSOR_FILE)
     assert sorted(tensors) == [
+        "_extra_state",
         "base.gate",
-        "buffer.bn.num_batches_tracked",
-        "buffer.bn.running_mean",
-        "buffer.bn.running_var",
-        "latent.*",
+        "latents.0",
+        "target.bn.num_batches_tracked",
+        "target.bn.running_mean",
+        "target.bn.running_var",
     ]
-    assert tensors["buffer.bn.num_batches_tracked"].item() == 3
+    assert tensors["target.bn.num_batches_tracked"].item() == 3
     description = json.loads((ckpt / CONFIG_FILE).read_text())
     assert description["config"]["latent_dim"] == 6
-    assert description["groups"][0]["latent_dim"] == 6
+    assert description["identity"]["groups"][0]["latent_dim"] == 6
 
 
 def test_load_restores_running_stats(net_module, tmp_path: Path) -> None:
@@ -145,18 +146,18 @@ def test_seed_edited_in_json(saved: Path, net_module) -> None:
     description = json.loads((saved / CONFIG_FILE).read_text())
     description["config"]["seed"] = 3
     (saved / CONFIG_FILE).write_text(json.dumps(description))
-    with pytest.raises(CheckpointError, match="regenerated mapping does not match"):
+    with pytest.raises(CheckpointError, match=r"another MappingConfig \(seed: saved 2, here 3\)"):
         mapnet.load(saved, net_module.Net())
 
 
 def test_different_architecture(saved: Path) -> None:
-    with pytest.raises(CheckpointError, match="layers or latent sizes differ"):
+    with pytest.raises(CheckpointError, match="does not generate"):
         mapnet.load(saved, nn.Sequential(nn.Linear(10, 20), nn.Linear(20, 2)))
 
 
 def test_same_layers_different_shapes(net_module, tmp_path: Path) -> None:
     ckpt = mapnet.save(mapnet.wrap(nn.Linear(4, 3), MappingConfig(latent_dim=5)), tmp_path / "c")
-    with pytest.raises(CheckpointError, match="different architecture"):
+    with pytest.raises(CheckpointError, match=r"another architecture.*\['bias', 'weight'\]"):
         mapnet.load(ckpt, nn.Linear(3, 4))
 
 

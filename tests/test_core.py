@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 import mapnet
-from mapnet.core import MappingConfig, _GeneratedTensors, seeded_initialisation
+from mapnet.bases import seeded_initialisation
+from mapnet.config import MappingConfig
+from mapnet.generator import _GeneratedTensors
 from mapnet.projections.dense import DenseProjection, orthonormal_matrix
 from mapnet.projections.structured import StructuredProjection
 
@@ -80,7 +82,9 @@ def test_generation_is_the_modulated_projection() -> None:
     """θ = b + g⊙(W̃ z) with W̃_i = W_i(1 + α z_i), built here explicitly."""
     model = small_cnn()
     alpha = 0.3
-    mapped = mapnet.wrap(model, MappingConfig(latent_dim=10, alpha=alpha, latent_init_std=0.5))
+    mapped = mapnet.wrap(
+        model, MappingConfig(latent_dim=10, alpha=alpha, latent_init_std=0.5, projection="dense")
+    )
     z = mapped.latent.detach()
     w = mapped.projections[0].weight  # (P, d), gains folded in
     modulated = w * (1 + alpha * z)[None, :]
@@ -129,7 +133,7 @@ def test_materialize_gives_same_outputs_and_class() -> None:
 
 
 def test_batchnorm_running_stats_update_in_training_and_not_in_eval() -> None:
-    mapped = mapnet.wrap(small_cnn(), MappingConfig(latent_dim=8))
+    mapped = mapnet.wrap(small_cnn(), MappingConfig(latent_dim=8, check_finite=True))
     stats = mapped.target.bn.running_mean
     assert torch.equal(stats, torch.zeros(4))
     mapped.train()
@@ -292,9 +296,9 @@ def test_paper_literal_config_trains() -> None:
 
 
 def test_projection_is_regenerated_identically_from_the_seed() -> None:
-    a = mapnet.wrap(small_cnn(), MappingConfig(latent_dim=16, seed=5))
-    b = mapnet.wrap(small_cnn(), MappingConfig(latent_dim=16, seed=5))
-    c = mapnet.wrap(small_cnn(), MappingConfig(latent_dim=16, seed=6))
+    a = mapnet.wrap(small_cnn(), MappingConfig(latent_dim=16, seed=5, projection="dense"))
+    b = mapnet.wrap(small_cnn(), MappingConfig(latent_dim=16, seed=5, projection="dense"))
+    c = mapnet.wrap(small_cnn(), MappingConfig(latent_dim=16, seed=6, projection="dense"))
     assert torch.equal(a.projections[0].weight, b.projections[0].weight)
     assert not torch.equal(a.projections[0].weight, c.projections[0].weight)
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
@@ -365,7 +369,7 @@ def test_wrap_rejects_bad_models() -> None:
 
 
 def test_single_latent_must_be_smaller_than_the_target() -> None:
-    with pytest.raises(ValueError, match=r"latent_dim=12 is not smaller than the target's 12"):
+    with pytest.raises(ValueError, match=r"latent_dim=12 is not smaller than the 12 generated"):
         mapnet.wrap(nn.Linear(3, 3), MappingConfig(latent_dim=12))
 
 
@@ -382,7 +386,7 @@ def test_budget_too_small_for_layers() -> None:
 
 
 def test_non_finite_latent_is_reported() -> None:
-    mapped = mapnet.wrap(small_cnn(), MappingConfig(latent_dim=8))
+    mapped = mapnet.wrap(small_cnn(), MappingConfig(latent_dim=8, check_finite=True))
     with torch.no_grad():
         mapped.latent[3] = math.nan
     with pytest.raises(ValueError, match=r"1 non-finite value"):
@@ -439,7 +443,9 @@ def test_structured_projection_end_to_end(strategy: str) -> None:
 
 
 def test_intrinsic_dimension_preset_is_theta0_plus_projection() -> None:
-    config = MappingConfig.intrinsic_dimension(latent_dim=12, latent_init_std=0.5)
+    config = MappingConfig.intrinsic_dimension(
+        latent_dim=12, latent_init_std=0.5, projection="dense"
+    )
     mapped = mapnet.wrap(small_cnn(), config)
     z = mapped.latent.detach()
     w = mapped.projections[0].weight

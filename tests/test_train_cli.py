@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mapnet
-from mapnet.core import MappingConfig
+from mapnet.config import MappingConfig
 from mapnet_experiments.cli import main
 from mapnet_experiments.models import CNN1, CNN2
 from mapnet_experiments.train import Split, TrainConfig, train
@@ -147,8 +147,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     strip = [{k: v for k, v in row.items() if k != "seconds"} for row in a["history"]]
     assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in b["history"]]
     assert a["test_acc"] == b["test_acc"] > 50
-    latent_a = load_file(straight / "checkpoint" / "tensors.safetensors")["latent.*"]
-    latent_b = load_file(killed / "checkpoint" / "tensors.safetensors")["latent.*"]
+    latent_a = load_file(straight / "checkpoint" / "tensors.safetensors")["latents.0"]
+    latent_b = load_file(killed / "checkpoint" / "tensors.safetensors")["latents.0"]
     assert torch.equal(latent_a, latent_b)
     assert len((killed / "metrics.jsonl").read_text().splitlines()) == 4
 

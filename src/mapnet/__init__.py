@@ -1,12 +1,15 @@
 """Mapping Networks: train any torch.nn.Module through a small latent vector.
 
 import mapnet
-mapped = mapnet.wrap(model, mapnet.MappingConfig(latent_dim=2048))
-optimizer = torch.optim.Adam(mapped.parameters(), lr=1e-2)   # only the latent
+mapped = mapnet.wrap(lambda: MyNet(), mapnet.MappingConfig(latent_dim=2048))
+optimizer = torch.optim.Adam(mapped.parameters(), lr=0.1)   # the latent (and any direct params)
+mapnet.save(mapped, "run/ckpt"); mapnet.load("run/ckpt", lambda: MyNet())
 """
 
-from mapnet.checkpoint import CheckpointError, load, save
-from mapnet.core import MappedModule, MappingConfig, wrap
+from mapnet.checkpoint.fingerprint import CheckpointError
+from mapnet.checkpoint.io import load, load_into, save
+from mapnet.config import MappingConfig
+from mapnet.module import MappedModule, wrap
 
-__all__ = ["CheckpointError", "MappedModule", "MappingConfig", "load", "save", "wrap"]
-__version__ = "0.1.0"
+__all__ = ["CheckpointError", "MappedModule", "MappingConfig", "load", "load_into", "save", "wrap"]
+__version__ = "0.2.0"

@@ -1,4 +1,4 @@
-"""The Mapping Loss (SPEC §4, paper eq. 26–30): the task loss plus three regularisers of the map.
+"""The Mapping Loss (paper §4, eq. 26–30): the task loss plus three regularisers of the map.
 
     L = L_task + λ₁ L_stab + λ₂ L_smooth + λ₃ L_align          λ trainable (or fixed, for ablations)
 
@@ -30,8 +30,9 @@ from torch import nn
 from torch.func import functional_call
 
 from mapnet.checks import positive_int
-from mapnet.core import ACTIVATIONS, MappedModule
-from mapnet.projections.dense import derive_seed
+from mapnet.config import ACTIVATIONS
+from mapnet.module import MappedModule
+from mapnet.projections.seeding import derive_seed
 
 TERMS = ("stability", "smoothness", "alignment")
 TASK_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -204,7 +205,7 @@ class MappingLoss(nn.Module):
                 self.log_variances[term] = nn.Parameter(torch.tensor(s0, device=device))
 
         if seed is None:
-            seed = derive_seed(mapped.config.seed, "mapping-loss")
+            seed = derive_seed(mapped.mapping_config.seed, "mapping-loss")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         self.generator = torch.Generator().manual_seed(seed)
@@ -214,7 +215,7 @@ class MappingLoss(nn.Module):
             if (
                 "smoothness" in self.terms
                 and self.smoothness_estimator == "exact"
-                and mapped.config.activation == "identity"
+                and mapped.mapping_config.activation == "identity"
                 and hasattr(projection, "column_sq_norms")
             ):
                 self.register_buffer(
@@ -274,14 +275,14 @@ class MappingLoss(nn.Module):
                 value = self._hutchinson_jacobian_sq_norm(index, z)
             total = value if total is None else total + value
         assert total is not None
-        return total / mapped.num_target_parameters()
+        return total / mapped.num_generated_parameters()
 
     def _exact_jacobian_sq_norm(self, index: int, z: torch.Tensor) -> torch.Tensor:
         # J = diag(σ'(a)) W diag(1 + 2αz): the modulation's derivative scales column i.
         mapped = self.mapped
         projection = mapped.projections[index]
-        c = (1 + 2 * mapped.config.alpha * z).square()  # (d,)
-        activation = mapped.config.activation
+        c = (1 + 2 * mapped.mapping_config.alpha * z).square()  # (d,)
+        activation = mapped.mapping_config.activation
         if activation == "identity":
             column_sq = getattr(self, f"column_sq_norms_{index}", None)
             if column_sq is not None:
@@ -323,7 +324,7 @@ class MappingLoss(nn.Module):
         total = None
         for index, z in enumerate(mapped.latents):
             means = getattr(self, f"column_means_{index}").to(z.dtype)  # (d,)
-            w = (1 + mapped.config.alpha * z) * means  # (d,)
+            w = (1 + mapped.mapping_config.alpha * z) * means  # (d,)
             z_norm = torch.sqrt(z.square().sum() + z.numel() * self.alignment_floor**2)
             denominator = (z_norm * w.norm()).clamp_min(torch.finfo(w.dtype).tiny)
             value = 1 - (z @ w) / denominator

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from mapnet.core import ACTIVATIONS, MappedModule, MappingConfig, _GeneratedTensors, wrap
+from mapnet import MappedModule, MappingConfig, wrap
 from mapnet.loss import MappingLoss
 from mapnet_experiments.models import CNN1, CNN2, MODELS, ResNet50
 
@@ -652,13 +652,13 @@ def _phased_mapped_step(
 ) -> dict[str, float]:
     """One mapped training step cut into timed phases.
 
-    Mirrors MappedModule.generate() and forward() (core.py) statement by statement, because the
-    module's own forward is one call; `measure_breakdown` checks that the latent gradient equals
-    the one of `mapped(x)`. Phases are contiguous, so they add up to the whole step. Without an
+    The module's forward is one call, so the step is taken apart through the public pieces:
+    `mapped.generate()` (the library's own generation), `functional_call` of the target, the
+    backward to θ, then θ → z; `measure_breakdown` checks that the latent gradient equals the one
+    of `mapped(x)`. Phases are contiguous, so they add up to the whole step. Without an
     optimiser the step stops after the backward pass (the latent's .grad is left in place).
     """
-    (group,) = mapped.groups  # the single strategy
-    config, clock, marks = mapped.config, time.perf_counter, {}
+    clock, marks = time.perf_counter, {}
     t = clock()
 
     def mark(name: str) -> None:
@@ -667,25 +667,9 @@ def _phased_mapped_step(
         marks[name] = now - t
         t = now
 
-    z = mapped.latents[0]  # (d,)
-    if not torch.isfinite(z).all():
-        raise ValueError("latent holds non-finite values")
-    mark("isfinite check")
-    base = mapped._base(0)
-    shapes = tuple(spec.shape for spec in group.specs)
-    pieces = _GeneratedTensors.apply(
-        z, mapped.projections[0], base if base.numel() else None, config.alpha, shapes
-    )
-    mark("generation θ₀ + W(z + αz⊙z), split: one autograd node")
-    params: dict[str, torch.Tensor] = {}
-    tensors = []
-    activation = ACTIVATIONS[config.activation]
-    for spec, piece in zip(group.specs, pieces):
-        tensor = activation(piece).to(spec.dtype)
-        tensors.append(tensor)
-        for alias in spec.names:
-            params[alias] = tensor
-    mark("activation / cast")
+    params = mapped.generate()
+    tensors = list({id(v): v for v in params.values()}.values())  # tied aliases once
+    mark("generation θ₀ + W(z + αz⊙z), split, σ: mapped.generate()")
     output = functional_call(mapped.target, params, (x,), tie_weights=False)
     loss = nn.functional.cross_entropy(output, y)
     mark("target forward (functional_call) + loss")

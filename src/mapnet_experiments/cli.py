@@ -15,7 +15,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from mapnet.core import MappingConfig
+from mapnet.config import MappingConfig
 from mapnet_experiments.data import DATASETS, DataUnavailableError, fetch
 from mapnet_experiments.train import TrainConfig, train
 

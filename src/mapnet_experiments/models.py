@@ -110,8 +110,8 @@ class ResNet50(nn.Module):
         """torchvision's initialisation (He-normal fan-out convs, BN γ = 1, β = 0).
 
         A method rather than a loop in __init__, because mapnet regenerates θ₀ by calling every
-        module's reset_parameters() children first (core.seeded_initialisation): defined here,
-        it runs last and wins over Conv2d's own default, so θ₀ is this initialisation.
+        module's reset_parameters() children first (mapnet.bases.seeded_initialisation):
+        defined here, it runs last and wins over Conv2d's own default, so θ₀ is this initialisation.
         """
         for module in self.modules():
             if isinstance(module, nn.Conv2d):

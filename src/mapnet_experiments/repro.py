@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mapnet.core import MappingConfig
+from mapnet.config import MappingConfig
 from mapnet_experiments.train import TrainConfig, train, write_json
 
 TABLE1_DIR = Path("results/table1")

@@ -31,9 +31,9 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 from tqdm import tqdm
 
-from mapnet.checkpoint import CheckpointError, atomic_write_bytes, load_into, save
+from mapnet import MappedModule, MappingConfig, wrap
+from mapnet.checkpoint.io import CheckpointError, atomic_write_bytes, load_into, save
 from mapnet.checks import from_dict
-from mapnet.core import MappedModule, MappingConfig, wrap
 from mapnet.loss import MappingLoss
 from mapnet_experiments.data import DATASETS, load_idx_dataset, train_val_split
 from mapnet_experiments.models import MODELS

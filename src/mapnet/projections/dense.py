@@ -1,35 +1,19 @@
-"""Fixed projections from a latent vector to a flat parameter vector, regenerated from a seed.
-
-A projection maps u ∈ R^d to W u ∈ R^P with W never trained and never stored: the same seed
-rebuilds the same W. Every projection kind exposes the same small surface (forward, and what the
-mapping loss needs), so the generator in core.py does not care which one it holds.
+"""The dense fixed projection: W ∈ R^{P×d} with orthonormal columns, in memory, regenerated from
+a seed (the paper's "orthogonally initialised" mapping, §3.1). P·d floats: for the ablations.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from mapnet.projections.protocol import concat_pieces
+
 # Rows of the random matrix are drawn and orthonormalised in blocks of this many, so peak memory
 # stays at one P×d matrix plus a block. Part of the seed contract: changing it changes W.
 _BLOCK_ROWS = 1 << 16
-
-
-def derive_seed(seed: int, name: str) -> int:
-    """A stable 63-bit seed for one named part of a mapping (independent of the other parts)."""
-    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def concat_pieces(pieces: Sequence[torch.Tensor | None], sizes: Sequence[int]) -> torch.Tensor:
-    """(N, Σk) from consecutive pieces (N, k), a None standing for zeros (an unused parameter's
-    gradient). At least one piece must be a tensor."""
-    present = next(p for p in pieces if p is not None)
-    zeros = present.new_zeros
-    return torch.cat([zeros(len(present), k) if p is None else p for p, k in zip(pieces, sizes)], 1)
 
 
 def orthonormal_matrix(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -71,10 +55,20 @@ class DenseProjection(nn.Module):
 
     def __init__(self, out_features: int, in_features: int, seed: int, row_scale: torch.Tensor):
         super().__init__()
+        self.seed = seed
         weight = orthonormal_matrix(out_features, in_features, seed)  # (P, d)
         weight *= row_scale.to(weight.dtype)[:, None]
         # Not persistent: the seed regenerates it, so checkpoints never carry it.
         self.register_buffer("weight", weight, persistent=False)
+
+    def set_row_scale(self, row_scale: torch.Tensor) -> None:
+        """Rebuild W with another per-row gain (as if constructed with it): regenerates W."""
+        weight = orthonormal_matrix(self.out_features, self.in_features, self.seed)
+        weight *= row_scale.to(weight.dtype)[:, None]
+        self.weight = weight.to(device=self.weight.device, dtype=self.weight.dtype)
+
+    def _weight_as(self, u: torch.Tensor) -> torch.Tensor:
+        return self.weight if self.weight.dtype == u.dtype else self.weight.to(u.dtype)
 
     @property
     def in_features(self) -> int:
@@ -87,16 +81,19 @@ class DenseProjection(nn.Module):
     def forward(self, u: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
         """(..., d) -> (..., P): offset + W u (one fused addmv for a single u with an offset);
         `offset` (P,) or broadcastable to (..., P)."""
+        weight = self._weight_as(u)
+        if offset is not None:
+            offset = offset.to(u.dtype)
         if u.dim() == 1:
-            return self.weight @ u if offset is None else torch.addmv(offset, self.weight, u)
-        out = u @ self.weight.T  # (..., P)
+            return weight @ u if offset is None else torch.addmv(offset, weight, u)
+        out = u @ weight.T  # (..., P)
         return out if offset is None else out + offset
 
     def adjoint(self, g: torch.Tensor) -> torch.Tensor:  # (..., P) -> (..., d)
         """Wᵀ g, differentiable."""
-        return g @ self.weight
+        return g @ self._weight_as(g)
 
-    # The raw passes the fused generator in core.py calls (it supplies the derivatives).
+    # The raw passes the fused generator (generator.py) calls (it supplies the derivatives).
 
     def _matvec(self, u: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward(u, offset)
@@ -105,12 +102,13 @@ class DenseProjection(nn.Module):
         self, pieces: Sequence[torch.Tensor | None], sizes: Sequence[int]
     ) -> torch.Tensor:
         """Wᵀ g for g given as consecutive pieces (N, k) of its P entries (None: zeros): (N, d)."""
-        return concat_pieces(pieces, sizes) @ self.weight
+        flat = concat_pieces(pieces, sizes)
+        return flat @ self._weight_as(flat)
 
     def extra_repr(self) -> str:
         return f"out_features={self.out_features}, in_features={self.in_features}"
 
-    # What the mapping loss needs (SPEC §4), exact, in row blocks so no second P×d buffer exists.
+    # What the mapping loss needs (paper §4, eq. 29–30), exact, in row blocks (no second P×d).
 
     def weighted_row_sq_norms(self, c: torch.Tensor) -> torch.Tensor:  # (d,) -> (P,)
         """Σ_i W_pi² c_i for every row p."""

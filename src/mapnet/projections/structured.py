@@ -51,7 +51,6 @@ all. Autograd saves nothing: the backward is the transposed pass.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -61,52 +60,10 @@ import torch
 from torch import nn
 
 from mapnet.checks import positive_int
+from mapnet.projections.seeding import HASH_CHUNK, hash64, hash_signs, stream_key
 
-# splitmix64 constants (Steele, Lea & Flood 2014).
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-# Counters hashed per NumPy pass: the in-place temporaries stay in cache (8x faster than one pass).
-_HASH_CHUNK = 1 << 18
 # Index elements per scatter/gather call: bounds the transient int64 copy of the slot table.
 _INDEX_CHUNK = 1 << 20
-
-
-def _stream_key(seed: int, name: str) -> int:
-    """A 64-bit key for one named random stream of the projection with this seed."""
-    digest = hashlib.sha256(f"mapnet.structured/{seed}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
-
-
-def _hash64(key: int, start: int, stop: int) -> np.ndarray:
-    """splitmix64 outputs for counters start..stop-1 of the stream `key`: (stop - start,) uint64."""
-    out = np.empty(stop - start, dtype=np.uint64)
-    for lo in range(start, stop, _HASH_CHUNK):
-        hi = min(stop, lo + _HASH_CHUNK)
-        z = np.arange(lo, hi, dtype=np.uint64)
-        z *= _GAMMA
-        z += np.uint64(key)
-        tmp = np.empty_like(z)
-        np.right_shift(z, np.uint64(30), out=tmp)
-        z ^= tmp
-        z *= _MIX1
-        np.right_shift(z, np.uint64(27), out=tmp)
-        z ^= tmp
-        z *= _MIX2
-        np.right_shift(z, np.uint64(31), out=tmp)
-        z ^= tmp
-        out[lo - start : hi - start] = z
-    return out
-
-
-def _signs(key: int, start: int, stop: int) -> torch.Tensor:
-    """±1 from the top bit of each hash (the best-mixed bit): (stop - start,) int8."""
-    out = torch.empty(stop - start, dtype=torch.int8)
-    for lo in range(start, stop, _HASH_CHUNK):
-        hi = min(stop, lo + _HASH_CHUNK)
-        top = (_hash64(key, lo, hi) >> np.uint64(63)).astype(np.int8)
-        out[lo - start : hi - start] = torch.from_numpy(1 - 2 * top)
-    return out
 
 
 def _slots(key: int, blocks: int, n: int, d: int) -> torch.Tensor:
@@ -123,7 +80,7 @@ def _slots(key: int, blocks: int, n: int, d: int) -> torch.Tensor:
     low = np.arange(n, dtype=np.uint64)
     for j0 in range(0, blocks, rows):
         j1 = min(blocks, j0 + rows)
-        keys = _hash64(key, j0 * n, j1 * n).reshape(j1 - j0, n)  # (b, n)
+        keys = hash64(key, j0 * n, j1 * n).reshape(j1 - j0, n)  # (b, n)
         keys >>= np.uint64(k + 1)  # keep 63 - k hash bits: the key fits a non-negative int64
         keys <<= np.uint64(k)
         keys |= low
@@ -175,20 +132,27 @@ def fwht(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     plus_minus = torch.tensor([1.0, -1.0], dtype=x.dtype, device=x.device).view(1, 1, 2, 1)
     # Views by as_strided from precomputed strides: one call each, where view + slice took three
     # (a pass on a small transform costs ~5 µs instead of ~15 µs of Python-side overhead).
+    # Under torch.compile the same arithmetic with view + slice (storage_offset() breaks graphs).
+    compiling = torch.compiler.is_compiling()
     h = 1
     while h < n:
         run = h * trail  # (c, c + h) inside every 2h-run, as blocks of h·T numbers
-        size, stride = (lead, n // (2 * h), 1, run), (n * trail, 2 * run, run, 1)
-        a = src.as_strided(size, stride)  # keeps src's storage offset
-        b = src.as_strided(size, stride, src.storage_offset() + run)
-        out = dst.as_strided((lead, n // (2 * h), 2, run), stride)
+        if compiling:
+            pairs = src.view(lead, n // (2 * h), 2, run)
+            a, b = pairs[:, :, :1], pairs[:, :, 1:]
+            out = dst.view(lead, n // (2 * h), 2, run)
+        else:
+            size, stride = (lead, n // (2 * h), 1, run), (n * trail, 2 * run, run, 1)
+            a = src.as_strided(size, stride)  # keeps src's storage offset
+            b = src.as_strided(size, stride, src.storage_offset() + run)
+            out = dst.as_strided((lead, n // (2 * h), 2, run), stride)
         torch.addcmul(a, plus_minus, b, out=out)
         src, dst = dst, src
         h *= 2
     return src.view(x.shape)
 
 
-class _Project(torch.autograd.Function):
+class _ProjectCore(torch.autograd.Function):
     """(u (..., d), offset (P,) or None) -> offset + W u (..., P); the backward is the transposed
     pass, so nothing is saved. The offset (θ₀) is added into the pass's own output buffer: no
     second P-sized tensor and no extra autograd node per step."""
@@ -210,16 +174,20 @@ class _Project(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, Any]:
         needs = ctx.needs_input_grad
-        grad_u = _ProjectAdjoint.apply(grad, ctx.projection) if needs[0] else None
+        grad_u = _adjoint_function().apply(grad, ctx.projection) if needs[0] else None
         grad_offset = grad.sum_to_size(ctx.offset_shape) if needs[2] else None
         return grad_u, None, grad_offset
+
+
+class _Project(_ProjectCore):
+    """_ProjectCore with forward-mode AD and vmap rules (torch.compile cannot trace those)."""
 
     @staticmethod
     def jvp(ctx: Any, tangent: Any, _: None, offset_tangent: Any) -> torch.Tensor:
         # Linear in both inputs; either tangent may be absent (forward AD of one input only).
         if tangent is None:
             return offset_tangent.expand(ctx.output_shape).clone()
-        out = ctx.projection._matvec(tangent)
+        out = _Project.apply(tangent, ctx.projection, None)  # vmap-aware: jacfwd batches this
         return out if offset_tangent is None else out + offset_tangent
 
     @staticmethod
@@ -236,7 +204,7 @@ class _Project(torch.autograd.Function):
         return _Project.apply(u, projection, offset), 0 if batched else None
 
 
-class _ProjectAdjoint(torch.autograd.Function):
+class _ProjectAdjointCore(torch.autograd.Function):
     """g (..., P) -> Wᵀ g (..., d); its backward is the forward pass (double backward works)."""
 
     @staticmethod
@@ -249,17 +217,30 @@ class _ProjectAdjoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _Project.apply(grad, ctx.projection, None), None  # type: ignore[attr-defined]
+        return _project_function().apply(grad, ctx.projection, None), None  # type: ignore[attr-defined]
+
+
+class _ProjectAdjoint(_ProjectAdjointCore):
+    """_ProjectAdjointCore with forward-mode AD and vmap rules."""
 
     @staticmethod
     def jvp(ctx: object, tangent: torch.Tensor, _: None) -> torch.Tensor:
-        return ctx.projection._rmatvec(tangent)  # type: ignore[attr-defined]
+        return _ProjectAdjoint.apply(tangent, ctx.projection)  # type: ignore[attr-defined]
 
     @staticmethod
     def vmap(info: object, in_dims: tuple, g: torch.Tensor, projection: object) -> tuple:
         if in_dims[0] is not None:
             g = g.movedim(in_dims[0], 0)
         return _ProjectAdjoint.apply(g, projection), 0 if in_dims[0] is not None else None
+
+
+def _project_function() -> type[_ProjectCore]:
+    """Dynamo does not trace autograd Functions with custom jvp/vmap: compile the core."""
+    return _ProjectCore if torch.compiler.is_compiling() else _Project
+
+
+def _adjoint_function() -> type[_ProjectAdjointCore]:
+    return _ProjectAdjointCore if torch.compiler.is_compiling() else _ProjectAdjoint
 
 
 class StructuredProjection(nn.Module):
@@ -298,24 +279,39 @@ class StructuredProjection(nn.Module):
         self.n = 1 << (in_features - 1).bit_length()  # smallest power of two ≥ d
         self.blocks = -(-out_features // self.n)
 
-        slots = _slots(_stream_key(seed, "slots"), self.blocks, self.n, in_features)  # (B, d)
-        input_signs = _signs(_stream_key(seed, "input_signs"), 0, self.blocks * in_features)
+        slots = _slots(stream_key(seed, "slots"), self.blocks, self.n, in_features)  # (B, d)
+        input_signs = hash_signs(stream_key(seed, "input_signs"), 0, self.blocks * in_features)
         sources = _sources(slots, input_signs.view(self.blocks, in_features), self.n)  # (n, B)
         del slots, input_signs
-        output_signs = _signs(_stream_key(seed, "output_signs"), 0, out_features)  # (P,)
-        # Folding the sign and 1/√max(P, d) into the row gain costs nothing per forward. Computed
-        # in float64 (sqrt is correctly rounded) and rounded once, so it is identical everywhere.
-        scale = 1.0 / math.sqrt(max(out_features, in_features))
-        gain = torch.zeros(self.blocks * self.n)  # (Bn,) zero past P, so dropped rows vanish
-        row_scale = row_scale.detach().cpu()
-        for lo in range(0, out_features, _HASH_CHUNK):  # chunks: no float64 copy of all P
-            hi = min(out_features, lo + _HASH_CHUNK)
-            exact = row_scale[lo:hi].to(torch.float64) * output_signs[lo:hi] * scale
-            gain[lo:hi] = exact.to(torch.float32)
+        gain = self._row_gain(row_scale)
         # Not persistent: the seed (and row_scale) regenerate everything, as for DenseProjection.
         self.register_buffer("sources", sources.view(-1), persistent=False)  # (Bn,)
         self.register_buffer("gain", gain, persistent=False)
         self.register_buffer("column_mean", None, persistent=False)  # filled on first use
+
+    def _row_gain(self, row_scale: torch.Tensor) -> torch.Tensor:
+        """(Bn,) float32: row_scale folded with the output signs t_p and 1/√max(P, d), zero past
+        P so the dropped rows vanish. Computed in float64 (sqrt is correctly rounded) and rounded
+        once, so it is identical everywhere; costs nothing per forward."""
+        out_features = self._out
+        output_signs = hash_signs(stream_key(self.seed, "output_signs"), 0, out_features)  # (P,)
+        scale = 1.0 / math.sqrt(max(out_features, self._in))
+        gain = torch.zeros(self.blocks * self.n)  # (Bn,)
+        row_scale = row_scale.detach().cpu()
+        for lo in range(0, out_features, HASH_CHUNK):  # chunks: no float64 copy of all P
+            hi = min(out_features, lo + HASH_CHUNK)
+            exact = row_scale[lo:hi].to(torch.float64) * output_signs[lo:hi] * scale
+            gain[lo:hi] = exact.to(torch.float32)
+        return gain
+
+    def set_row_scale(self, row_scale: torch.Tensor) -> None:
+        """Another per-row gain, as if constructed with it (the slots are kept)."""
+        if tuple(row_scale.shape) != (self._out,):
+            raise ValueError(
+                f"row_scale must have shape ({self._out},), got {tuple(row_scale.shape)}"
+            )
+        self.gain = self._row_gain(row_scale).to(device=self.gain.device, dtype=self.gain.dtype)
+        self.column_mean = None
 
     @property
     def in_features(self) -> int:
@@ -330,12 +326,12 @@ class StructuredProjection(nn.Module):
         self._check_last(u, self._in, "u")
         if offset is not None and tuple(offset.shape) != (self._out,):
             raise ValueError(f"offset must have shape ({self._out},), got {tuple(offset.shape)}")
-        return _Project.apply(u, self, offset)
+        return _project_function().apply(u, self, offset)
 
     def adjoint(self, g: torch.Tensor) -> torch.Tensor:  # (..., P) -> (..., d)
         """Wᵀ g (row_scale included), differentiable; the transposed pass of forward."""
         self._check_last(g, self._out, "g")
-        return _ProjectAdjoint.apply(g, self)
+        return _adjoint_function().apply(g, self)
 
     def weighted_row_sq_norms(self, c: torch.Tensor) -> torch.Tensor:  # (d,) -> (P,)
         """Σ_i W_pi² c_i with row_scale: exactly row_scale_p² · Σ_i c_i / max(P, d), because every

@@ -1,0 +1,170 @@
+"""`MappingConfig`: how a target's parameters are generated. Validates itself; serialises to JSON.
+
+The method (Sen & Mukherjee 2026, §3, eq. 7–9): θ = σ(b + g ⊙ W(z + α z⊙z)), z trainable, W fixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mapnet.checks import from_dict, positive_int
+
+STRATEGIES = ("single", "layerwise")
+SCALINGS = ("init_std", "none")
+BASES = ("init", "zero", "model")
+LAYER_SPLITS = ("per_layer", "equal", "proportional")
+PROJECTIONS = ("structured", "dense")
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda t: t,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "relu": torch.relu,
+    "leaky_relu": nn.functional.leaky_relu,
+    "gelu": nn.functional.gelu,
+    "silu": nn.functional.silu,
+}
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _patterns(name: str, value: object) -> tuple[str, ...]:
+    """A tuple of module/parameter name patterns from a string, list or tuple of strings."""
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise TypeError(f"{name} must be a list of non-empty name patterns, got {value!r}")
+    return tuple(value)
+
+
+@dataclass
+class MappingConfig:
+    """How a target's parameters are generated.
+
+    latent_dim: the trainable size. "single": one int, d. "layerwise": an int, read according to
+        `layer_split`, or a dict {layer name: size} naming every layer.
+    strategy: "single" (paper: SLVT, "Ours*") or "layerwise" (paper: LWT, "Ours†").
+    seed: regenerates the fixed projection(s) and, with base="init", the initial weights θ₀.
+    alpha: modulation scale α in W_i(1 + α z_i); 0 switches modulation off (ablation "WM").
+    activation: σ applied to the generated vector (the paper does not name it).
+    scaling: "init_std" gives each generated tensor the spread of its initialisation per unit of u;
+        "none" is the paper-literal plain projection.
+    base: b in σ(b + W u). "init": θ₀, the target's initialisation regenerated from the seed (see
+        `mapnet.wrap` for a factory versus an instance); "zero": none (paper-literal); "model":
+        the parameters of the model being wrapped (fine-tuning; load onto the same weights).
+    layer_split: with strategy="layerwise" and an int latent_dim: "per_layer" gives every layer
+        latent_dim numbers (the paper's 4×468 = 1872); "equal" and "proportional" split a total
+        of latent_dim across layers evenly or in proportion to their parameter counts.
+    latent_init_std: z starts at N(0, std²) (seeded); 0 starts at z = 0, i.e. θ = σ(b).
+    projection: "structured" (default): signed, permuted Walsh–Hadamard blocks, O(P) memory and
+        O(P log d) time, bit-identical on every machine. "dense": W in memory (P·d floats,
+        orthonormal columns), for the paper's ablations; refused above
+        `mapnet.projections.DENSE_MAX_BYTES`.
+    target_modules: names or fnmatch patterns of the modules whose parameters are generated (with
+        their submodules'); None: every module. Names as in `model.named_modules()`.
+    exclude_modules: patterns of modules whose parameters are not generated (they stay frozen
+        parameters of the target).
+    train_directly: patterns of parameter or module names trained as ordinary parameters (e.g.
+        "*norm*" for norm scales), counted in `num_trainable_parameters()`.
+    store_base: keep every base tensor in the state dict and checkpoints (for θ₀ that cannot be
+        regenerated where the checkpoint is loaded). Parameters no seed regenerates are always
+        stored.
+    check_finite: check in every forward that the latents are finite (a host sync per step).
+    """
+
+    latent_dim: int | dict[str, int] = 2048
+    strategy: str = "single"
+    seed: int = 0
+    alpha: float = 0.1
+    activation: str = "identity"
+    scaling: str = "init_std"
+    base: str = "init"
+    layer_split: str = "per_layer"
+    latent_init_std: float = 0.0
+    projection: str = "structured"
+    target_modules: tuple[str, ...] | None = None
+    exclude_modules: tuple[str, ...] = ()
+    train_directly: tuple[str, ...] = ()
+    store_base: bool = False
+    check_finite: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("activation", self.activation, tuple(ACTIVATIONS))
+        _choice("scaling", self.scaling, SCALINGS)
+        _choice("base", self.base, BASES)
+        _choice("layer_split", self.layer_split, LAYER_SPLITS)
+        _choice("projection", self.projection, PROJECTIONS)
+        if isinstance(self.latent_dim, dict):
+            if self.strategy != "layerwise":
+                raise ValueError("latent_dim as a {layer: size} dict needs strategy='layerwise'")
+            if not self.latent_dim:
+                raise ValueError("latent_dim dict is empty: name at least one layer")
+            for layer, size in self.latent_dim.items():
+                positive_int(f"latent_dim[{layer!r}]", size)
+        else:
+            positive_int("latent_dim", self.latent_dim)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        for name in ("alpha", "latent_init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+        if self.latent_init_std < 0:
+            raise ValueError(f"latent_init_std must be >= 0, got {self.latent_init_std}")
+        if self.base == "zero" and self.latent_init_std == 0 and self.activation == "identity":
+            raise ValueError(
+                "base='zero' with latent_init_std=0 generates all-zero weights whose gradient "
+                "is zero for most networks; set latent_init_std > 0 (paper-literal: 1.0)"
+            )
+        if self.target_modules is not None:
+            self.target_modules = _patterns("target_modules", self.target_modules)
+        self.exclude_modules = _patterns("exclude_modules", self.exclude_modules)
+        self.train_directly = _patterns("train_directly", self.train_directly)
+        for name in ("store_base", "check_finite"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @classmethod
+    def paper_literal(cls, **overrides: Any) -> MappingConfig:
+        """The paper as written: plain orthonormal W, no base, no gains, random z (ablations)."""
+        settings: dict[str, Any] = {
+            "scaling": "none",
+            "base": "zero",
+            "latent_init_std": 1.0,
+            "projection": "dense",
+        }
+        return cls(**(settings | overrides))
+
+    @classmethod
+    def intrinsic_dimension(cls, **overrides: Any) -> MappingConfig:
+        """Prior art at the same budget (Li et al. 2018): θ = θ₀ + W z, unit-norm random columns,
+        no modulation, no per-tensor gains. projection="dense" or "structured" (their Fastfood)."""
+        settings: dict[str, Any] = {"alpha": 0.0, "scaling": "none", "base": "init"}
+        return cls(**(settings | overrides))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for name in ("target_modules", "exclude_modules", "train_directly"):
+            if data[name] is not None:
+                data[name] = list(data[name])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MappingConfig:
+        """From `to_dict()`'s output. Fields added since a dict was written take their defaults,
+        except `projection`, which every written dict names."""
+        return from_dict(cls, data)

@@ -1,0 +1,558 @@
+"""`MappedModule`: a target module whose weights are generated from trainable latent vector(s).
+
+    u = z + α z⊙z                       modulation W_i(1+αz_i), without building the modulated W
+    θ = σ(θ₀ + g ⊙ (W u))               W fixed, regenerated from the seed (paper §3, eq. 7–9)
+    y = functional_call(target, θ, x)   the target itself is never rewritten
+
+It behaves like the module it wraps: attribute access reaches the target, `forward` has the
+target's signature, `.to()` moves and casts everything (generated tensors follow), `state_dict()`
+is a complete checkpoint (latents, buffers, stored bases, identity) and `load_state_dict` checks
+all of it before changing anything. Fixed tensors are excluded from DDP's broadcasts. In eval
+mode without grad the generated weights are cached until a latent changes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from mapnet.bases import ModelSource, build_from_factory, fill_bases, group_views
+from mapnet.checkpoint import fingerprint
+from mapnet.checkpoint.fingerprint import CheckpointError
+from mapnet.config import ACTIVATIONS, MappingConfig
+from mapnet.generator import generate_group, pre_activation
+from mapnet.projections import ALGORITHMS, make_projection
+from mapnet.projections.seeding import derive_seed
+from mapnet.targets import LatentGroup, ParamSpec, latent_groups, select
+
+# (ours) Gain for tensors whose reference values are constant (norm scales and shifts, zero
+# biases): their spread gives no scale, so they move by a tenth of a unit per unit of u.
+CONSTANT_TENSOR_GAIN = 0.1
+EXTRA_STATE = "_extra_state"
+STORED_BASE = "base."
+
+
+def _resolve(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    owner, _, attr = name.rpartition(".")
+    return (module.get_submodule(owner) if owner else module), attr
+
+
+def _base_dtype(specs: Sequence[ParamSpec]) -> torch.dtype:
+    """θ₀ and the latents are float64 for a float64 target, float32 otherwise."""
+    dtypes = {s.dtype for s in specs}
+    return torch.float64 if dtypes == {torch.float64} else torch.float32
+
+
+class _ForwardWithTargetSignature:
+    """`mapped.forward`: the mapped forward, carrying the target's signature, so tools that read
+    `inspect.signature(model.forward)` (HF Trainer's column filter) see the target's inputs."""
+
+    def __get__(self, instance: MappedModule | None, owner: type) -> Callable[..., Any]:
+        if instance is None:
+            return MappedModule.mapped_forward
+        bound = functools.partial(MappedModule.mapped_forward, instance)
+        if torch.compiler.is_compiling():  # dynamo cannot set attributes on a partial
+            return bound
+        bound.__signature__ = instance._target_signature  # type: ignore[attr-defined]
+        return bound
+
+
+class MappedModule(nn.Module):
+    """Build it with `mapnet.wrap(model_or_factory, config)`.
+
+    It holds the target (a private copy of the instance, or the factory's model) in which every
+    generated parameter became a non-persistent buffer, a view of θ₀ (so no second copy), so
+    `parameters()` yields the latents, plus any parameters trained directly or left frozen.
+    """
+
+    forward = _ForwardWithTargetSignature()
+
+    def __init__(
+        self,
+        source: ModelSource,
+        config: MappingConfig,
+        stored_bases: dict[str, torch.Tensor] | None = None,
+    ):
+        """`stored_bases`: base tensors read from a checkpoint, used instead of regenerating."""
+        super().__init__()
+        if not isinstance(config, MappingConfig):
+            raise TypeError(f"config must be a MappingConfig, got {type(config).__name__}")
+        from_factory = not isinstance(source, nn.Module)
+        if from_factory and not callable(source):
+            raise TypeError(
+                f"wrap() needs a torch.nn.Module or a factory returning one, got "
+                f"{type(source).__name__}"
+            )
+        model = build_from_factory(source, config.seed) if from_factory else source
+        # From here `model` is the source of θ₀; it becomes (a copy of it becomes) the target.
+        selection = select(model, config)
+        groups = latent_groups(selection.generated, config)
+        device = next(iter(model.parameters())).device
+        dtype = _base_dtype(selection.generated)
+        # base="zero" still needs θ₀ as the reference for the per-tensor gains of "init_std".
+        reference = (
+            "init" if config.base == "zero" and config.scaling == "init_std" else config.base
+        )
+        bases, uncovered = fill_bases(
+            groups, model, base=reference, seed=config.seed, from_factory=from_factory, dtype=dtype
+        )
+        if config.base == "zero":
+            uncovered = []
+        generated = {s.name for s in selection.generated}
+        self.mapping_config = config
+        self.groups = groups
+        self.selection = selection
+        self.target_class = f"{type(model).__module__}.{type(model).__qualname__}"
+        self._target_signature = inspect.signature(model.forward)
+        stored = sorted(generated) if config.store_base and config.base != "zero" else uncovered
+        self.stored_base_names: list[str] = stored
+        self._apply_stored_bases(bases, stored_bases or {}, stored)
+
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, "latent"))
+        self.latents = nn.ParameterList()
+        self.projections = nn.ModuleList()
+        self.gains: list[list[float]] = []
+        for index, (group, base) in enumerate(zip(groups, bases)):
+            z = torch.randn(group.latent_dim, generator=generator) * config.latent_init_std
+            self.latents.append(nn.Parameter(z.to(dtype)))
+            gains = self._gains(group, base)
+            self.gains.append(gains)
+            seed = derive_seed(config.seed, f"projection/{group.name}")
+            row_scale = _row_scale(group, gains, config.scaling)
+            self.projections.append(
+                make_projection(config.projection, group.numel, group.latent_dim, seed, row_scale)
+            )
+            if config.base == "zero":
+                base = torch.zeros(0, dtype=dtype)
+            self.register_buffer(f"base_{index}", base, persistent=False)
+        self._dtypes = [[s.dtype for s in g.specs] for g in groups]  # follow .to()
+        self._cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
+        self._identity = self._build_identity(bases)
+
+        # The target: the factory's own model, or a copy of the instance in which the generated
+        # parameters are their placeholders from the start (the weights are never copied, and
+        # references such as nn.LSTM's flat-weight list point at the placeholders).
+        placeholders = self._placeholders()
+        if not from_factory:
+            params = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
+            memo = {id(params[spec.name]): view for spec, view in placeholders}
+            model = copy.deepcopy(model, memo)
+        for spec, view in placeholders:
+            for alias in spec.names:
+                owner, attr = _resolve(model, alias)
+                owner._parameters.pop(attr, None)
+                owner.register_buffer(attr, view, persistent=False)
+                setattr(owner, attr, view)  # modules such as nn.LSTM refresh caches on setattr
+        for spec in selection.frozen:
+            model.get_parameter(spec.name).requires_grad_(False)
+        self.target = model
+        # DDP: broadcast and all-reduce only what trains or tracks statistics.
+        self._ddp_params_and_buffers_to_ignore = self.fixed_tensor_names()
+        self.register_state_dict_post_hook(_add_stored_bases)
+        self.register_load_state_dict_pre_hook(_check_and_take_state)
+        if device.type != "cpu":
+            self.to(device)
+
+    # ---------------------------------------------------------------- construction helpers
+
+    def _apply_stored_bases(
+        self, bases: list[torch.Tensor], given: dict[str, torch.Tensor], stored: list[str]
+    ) -> None:
+        if not given:
+            return
+        views = {spec.name: view for spec, view in group_views(self.groups, bases)}
+        unknown = sorted(set(given) - set(views))
+        if unknown:
+            raise CheckpointError(
+                f"the state stores bases of parameters this model does not generate: {unknown} "
+                "(another architecture or selection)"
+            )
+        for name, value in given.items():
+            if tuple(value.shape) != tuple(views[name].shape):
+                raise CheckpointError(
+                    f"stored base of {name!r} has shape {tuple(value.shape)}, the model's "
+                    f"parameter {tuple(views[name].shape)}"
+                )
+            with torch.no_grad():
+                views[name].copy_(value)
+
+    def _gains(self, group: LatentGroup, base: torch.Tensor) -> list[float]:
+        """Per-tensor factor g making one unit of u worth one init-std of that tensor."""
+        if self.mapping_config.scaling == "none":
+            return [1.0] * len(group.specs)
+        gains, start = [], 0
+        for spec in group.specs:
+            ref = base[start : start + spec.numel].float()
+            start += spec.numel
+            spread = ref.std().item() if ref.numel() > 1 else 0.0
+            gains.append(spread if spread > 0 else CONSTANT_TENSOR_GAIN)
+        return gains
+
+    def _build_identity(self, bases: list[torch.Tensor]) -> dict[str, Any]:
+        sel = self.selection
+        roles = [(s, "generated") for s in sel.generated] + [(s, "direct") for s in sel.direct]
+        roles += [(s, "frozen") for s in sel.frozen]
+        layout = [[s.name, s.names[1:], list(s.shape), str(s.dtype), role] for s, role in roles]
+        digests = {}
+        if self.mapping_config.base != "zero":
+            digests = {
+                spec.name: fingerprint.tensor_digest(v)
+                for spec, v in group_views(self.groups, bases)
+            }
+        return {
+            "format": fingerprint.IDENTITY_FORMAT,
+            "config": self.mapping_config.to_dict(),
+            "layout": sorted(layout),
+            "groups": [
+                {
+                    "name": g.name,
+                    "latent_dim": g.latent_dim,
+                    "parameters": [s.name for s in g.specs],
+                    "gains": gains,
+                }
+                for g, gains in zip(self.groups, self.gains)
+            ],
+            "projection": ALGORITHMS[self.mapping_config.projection],
+            "bases": digests,
+            "stored": self.stored_base_names,
+        }
+
+    # ---------------------------------------------------------------- placeholders, .to()
+
+    def _placeholders(self) -> list[tuple[ParamSpec, torch.Tensor]]:
+        """Each generated parameter and the tensor its placeholder shows: a view of θ₀ (a
+        zero-stride zero for base='zero'), in the parameter's current dtype."""
+        out = []
+        bases = [self._base(i) for i in range(len(self.groups))]
+        for index, (group, base) in enumerate(zip(self.groups, bases)):
+            start = 0
+            for spec, dtype in zip(group.specs, self._dtypes[index]):
+                if base.numel():
+                    view = base[start : start + spec.numel].view(spec.shape)
+                else:
+                    view = torch.zeros((), dtype=dtype, device=base.device).expand(spec.shape)
+                out.append((spec, view if view.dtype == dtype else view.to(dtype)))
+                start += spec.numel
+        return out
+
+    def _alias_placeholders(self, clear: bool = False) -> None:
+        for spec, view in self._placeholders():
+            for alias in spec.names:
+                owner, attr = _resolve(self.target, alias)
+                # setattr, not _buffers[...]: modules such as nn.LSTM refresh caches on it.
+                setattr(owner, attr, None if clear else view)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        # Placeholders are dropped first and re-made as views afterwards: the conversion never
+        # copies them, and θ₀ stays one tensor.
+        device = self.latents[0].device
+        self._alias_placeholders(clear=True)
+        self._cache = None
+        try:
+            result = super()._apply(fn, recurse)
+            self._dtypes = [
+                [fn(torch.empty(0, dtype=dt, device=device)).dtype for dt in group]
+                for group in self._dtypes
+            ]
+        finally:
+            self._alias_placeholders()
+        return result
+
+    def train(self, mode: bool = True) -> MappedModule:
+        if mode:  # training never reads the cache: free the weights it holds
+            self._cache = None
+        return super().train(mode)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")
+            target = modules.get("target") if modules else None
+            if target is None or name.startswith("__"):
+                raise
+            return getattr(target, name)
+
+    # ---------------------------------------------------------------- generation
+
+    @property
+    def latent(self) -> nn.Parameter:
+        """The single strategy's latent vector z."""
+        if len(self.latents) != 1:
+            raise AttributeError("a layerwise mapping has one latent per layer: use .latents")
+        return self.latents[0]
+
+    @property
+    def specs(self) -> list[ParamSpec]:
+        """The generated parameters, in generation order."""
+        return [spec for group in self.groups for spec in group.specs]
+
+    def _base(self, index: int) -> torch.Tensor:
+        return getattr(self, f"base_{index}")
+
+    def base_tensor(self, name: str) -> torch.Tensor | None:
+        """θ₀ of one generated parameter as a view into its group's base vector; None if none."""
+        for spec, view in self._placeholders():
+            if spec.name == name:
+                return view if self.mapping_config.base != "zero" else None
+        raise KeyError(f"{name!r} is not a generated parameter of the target")
+
+    def pre_activation(self, index: int, z: torch.Tensor | None = None) -> torch.Tensor:
+        """a = θ₀ + W u for one latent group (P_g,), θ before σ; `z` overrides the trained latent.
+        Composed of ordinary differentiable operations (the mapping loss, tests)."""
+        z = self.latents[index] if z is None else z
+        base = self._base(index)
+        return pre_activation(
+            z, self.projections[index], base if base.numel() else None, self.mapping_config.alpha
+        )
+
+    def generate_flat(self, index: int, z: torch.Tensor | None = None) -> torch.Tensor:
+        """θ for one latent group as a flat vector (P_g,); `z` overrides the trained latent."""
+        return ACTIVATIONS[self.mapping_config.activation](self.pre_activation(index, z))
+
+    def generate(self, latents: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Every generated parameter, by name (tied aliases map to the same tensor).
+
+        `latents` (one per group, in `groups` order) override the trained ones, e.g. z + ε for the
+        mapping loss's stability term: `functional_call(mapped.target, mapped.generate(zs), x)`.
+        """
+        if latents is not None and len(latents) != len(self.groups):
+            raise ValueError(f"need one latent per group ({len(self.groups)}), got {len(latents)}")
+        config = self.mapping_config
+        params: dict[str, torch.Tensor] = {}
+        for index, group in enumerate(self.groups):
+            z = self.latents[index] if latents is None else latents[index]
+            if config.check_finite and not torch.isfinite(z).all():
+                bad = (~torch.isfinite(z)).sum().item()
+                raise ValueError(
+                    f"latent {group.name!r} holds {bad} non-finite value(s) (NaN/inf): training "
+                    "diverged or the latent was set by hand; lower the learning rate or reload a "
+                    "checkpoint"
+                )
+            base = self._base(index)
+            tensors = generate_group(
+                z,
+                self.projections[index],
+                base if base.numel() else None,
+                config.alpha,
+                config.activation,
+                tuple(spec.shape for spec in group.specs),
+                tuple(self._dtypes[index]),
+            )
+            for spec, tensor in zip(group.specs, tensors):
+                for alias in spec.names:
+                    params[alias] = tensor
+        return params
+
+    def _generated_for_forward(self) -> dict[str, torch.Tensor]:
+        """generate(), cached in eval mode without grad until a latent changes in place."""
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            self._cache = None
+            return self.generate()
+        key = tuple((z._version, z.data_ptr(), z.dtype, z.device) for z in self.latents)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.generate())
+        return self._cache[1]
+
+    def mapped_forward(self, *args: Any, **kwargs: Any) -> Any:
+        # generate() names every tied alias itself, so functional_call need not search for ties.
+        return functional_call(
+            self.target, self._generated_for_forward(), args, kwargs, tie_weights=False
+        )
+
+    # ---------------------------------------------------------------- inspection
+
+    def num_trainable_parameters(self) -> int:
+        """Latents plus parameters trained directly."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def num_generated_parameters(self) -> int:
+        return sum(spec.numel for spec in self.specs)
+
+    def num_target_parameters(self) -> int:
+        """Every parameter of the target: generated, trained directly and frozen."""
+        sel = self.selection
+        return sum(s.numel for s in sel.generated + sel.direct + sel.frozen)
+
+    def projection_bytes(self) -> int:
+        """Memory held by the fixed projection(s)."""
+        return sum(b.numel() * b.element_size() for b in self.projections.buffers())
+
+    def fixed_tensor_names(self) -> list[str]:
+        """Names of the buffers that never change in training (projections, θ₀, placeholders)."""
+        names = {f"target.{alias}" for spec in self.specs for alias in spec.names}
+        names |= {f"base_{i}" for i in range(len(self.groups))}
+        # Every buffer slot, None ones too: DDP re-reads the list, and column_mean fills later.
+        names |= {
+            f"projections.{i}.{key}" for i, p in enumerate(self.projections) for key in p._buffers
+        }
+        return sorted(names)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """This module's identity (checkpoint/fingerprint.py): what a state must match."""
+        return self._identity
+
+    def materialize(self) -> nn.Module:
+        """An ordinary module of the target's class holding the generated weights (a copy)."""
+        with torch.no_grad():
+            generated = self.generate()
+        memo: dict[int, Any] = {}
+        for spec in self.specs:
+            param = nn.Parameter(generated[spec.name].detach().clone())
+            owner, attr = _resolve(self.target, spec.name)
+            memo[id(owner._buffers[attr])] = param  # placeholders become the generated weights
+        plain = copy.deepcopy(self.target, memo)
+        for spec in self.specs:
+            for alias in spec.names:
+                owner, attr = _resolve(plain, alias)
+                if attr in owner._buffers:  # not yet moved (a module reused under two names)
+                    param = owner._buffers.pop(attr)
+                    owner._non_persistent_buffers_set.discard(attr)
+                    owner.register_parameter(attr, param)
+        return plain
+
+    def extra_repr(self) -> str:
+        return (
+            f"strategy={self.mapping_config.strategy}, groups={len(self.groups)}, "
+            f"trainable={self.num_trainable_parameters()}, "
+            f"generated={self.num_generated_parameters()}, "
+            f"projection={self.mapping_config.projection}"
+        )
+
+    # ---------------------------------------------------------------- state dict
+
+    def get_extra_state(self) -> torch.Tensor:
+        return fingerprint.encode(self._identity)
+
+    def set_extra_state(self, state: Any) -> None:
+        pass  # checked and applied by _check_and_take_state before anything was loaded
+
+    def _expected_state(self) -> dict[str, torch.Tensor]:
+        """What this module's state dict holds (names to tensors), without copying anything."""
+        self.__dict__["_skip_stored_bases"] = True
+        try:
+            state = dict(self.state_dict(keep_vars=True))
+        finally:
+            self.__dict__["_skip_stored_bases"] = False
+        for spec, view in self._placeholders():
+            if spec.name in self.stored_base_names:
+                state[STORED_BASE + spec.name] = view
+        return state
+
+    def _take_stored_bases(
+        self, values: dict[str, torch.Tensor], saved_digests: dict[str, str]
+    ) -> None:
+        """Set stored bases read from a state; re-derives the gains they set."""
+        views = {spec.name: view for spec, view in self._placeholders()}
+        with torch.no_grad():
+            for name, value in values.items():
+                views[name].copy_(value)
+        bases = [self._base(i) for i in range(len(self.groups))]
+        for index, (group, base) in enumerate(zip(self.groups, bases)):
+            gains = self._gains(group, base)
+            if gains != self.gains[index]:
+                self.gains[index] = gains
+                row_scale = _row_scale(group, gains, self.mapping_config.scaling)
+                self.projections[index].set_row_scale(row_scale)
+        self._identity["bases"].update(saved_digests)
+        for group_identity, gains in zip(self._identity["groups"], self.gains):
+            group_identity["gains"] = gains
+        self._cache = None
+
+
+def _row_scale(group: LatentGroup, gains: list[float], scaling: str) -> torch.Tensor:
+    """(P_g,) the per-row gain. With "init_std", each tensor's gain times √(P/min(P, d)), which
+    makes one unit of u worth rms(u) in every output (orthonormal columns put ‖u‖·√(d/P) in
+    each)."""
+    unit = 1.0 if scaling == "none" else math.sqrt(group.numel / min(group.numel, group.latent_dim))
+    return torch.cat([torch.full((s.numel,), g * unit) for s, g in zip(group.specs, gains)])
+
+
+def _add_stored_bases(
+    module: MappedModule, state: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    if module.__dict__.get("_skip_stored_bases"):
+        return
+    for spec, view in module._placeholders():
+        if spec.name in module.stored_base_names:
+            state[prefix + STORED_BASE + spec.name] = view.detach().clone()
+
+
+def _check_and_take_state(
+    module: MappedModule,
+    state: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Validate every name, shape and dtype and the identity before anything is changed, then
+    take the stored bases out of the state (the rest is loaded by torch as usual)."""
+    where = f"state dict for MappedModule{f' at {prefix!r}' if prefix else ''}"
+    key = prefix + EXTRA_STATE
+    if key not in state:
+        raise CheckpointError(
+            f"{where} lacks {key!r}, mapnet's identity: it was not saved from a MappedModule "
+            "(mapnet ≥ 0.2); format 1 checkpoint folders load through mapnet.load"
+        )
+    saved = fingerprint.decode(state[key], where)
+    differing = fingerprint.compare(saved, module.fingerprint(), where)
+    expected = module._expected_state()
+    given = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    problems = []
+    for name, own in expected.items():
+        if name == EXTRA_STATE:
+            continue
+        value = given.get(name)
+        if value is None:
+            if strict or name.startswith(STORED_BASE):
+                problems.append(f"missing {prefix + name!r}")
+            continue
+        if not isinstance(value, torch.Tensor):
+            problems.append(f"{prefix + name!r} is a {type(value).__name__}, not a tensor")
+        elif tuple(value.shape) != tuple(own.shape):
+            problems.append(
+                f"{prefix + name!r} has shape {tuple(value.shape)}, expected {tuple(own.shape)}"
+            )
+        elif value.dtype != own.dtype and not (
+            value.dtype.is_floating_point and own.dtype.is_floating_point
+        ):
+            problems.append(f"{prefix + name!r} has dtype {value.dtype}, expected {own.dtype}")
+    if strict:
+        problems += [f"unexpected {prefix + n!r}" for n in sorted(set(given) - set(expected))]
+    if problems:
+        raise CheckpointError(f"{where} does not fit (nothing was loaded): " + "; ".join(problems))
+    stored = {n: given[STORED_BASE + n] for n in module.stored_base_names}
+    latents = [given.get(f"latents.{i}") for i in range(len(module.latents))]
+    if any(z is not None and not torch.isfinite(z).all() for z in latents):
+        raise CheckpointError(f"{where} holds non-finite latent values (nothing was loaded)")
+    module._take_stored_bases(stored, {n: saved["bases"][n] for n in differing})
+    for name in stored:
+        state.pop(prefix + STORED_BASE + name)
+
+
+def wrap(model: ModelSource, config: MappingConfig | None = None, **overrides: Any) -> MappedModule:
+    """Generate `model`'s parameters from a trainable latent.
+
+    `model` is an nn.Module (left untouched) or a zero-argument factory returning one; with a
+    factory and base="init", θ₀ is exactly the model's own initialisation under the seed
+    (`mapnet.bases`). Settings: `MappingConfig`, or its fields as keywords.
+
+    >>> mapped = wrap(lambda: MyNet(), MappingConfig(latent_dim=2048))  # or latent_dim=2048
+    """
+    if config is None:
+        config = MappingConfig(**overrides)
+    elif overrides:
+        config = dataclasses.replace(config, **overrides)
+    return MappedModule(model, config)

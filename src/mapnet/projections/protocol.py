@@ -1,0 +1,52 @@
+"""What every fixed projection offers: the surface the generator and the mapping loss use."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Projection(Protocol):
+    """A fixed W ∈ R^{P×d} with a per-row gain folded in, regenerated from a seed.
+
+    `forward(u, offset)` maps (..., d) to offset + W u (..., P) differentiably (autograd, forward
+    AD, vmap). `_matvec` and `_rmatvec_pieces` are the raw passes the fused generator calls (it
+    supplies the derivatives). The mapping loss (paper §4, eq. 29–30) needs the three norms.
+    """
+
+    seed: int
+
+    @property
+    def in_features(self) -> int: ...
+
+    @property
+    def out_features(self) -> int: ...
+
+    def forward(self, u: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def adjoint(self, g: torch.Tensor) -> torch.Tensor: ...
+
+    def set_row_scale(self, row_scale: torch.Tensor) -> None: ...
+
+    def _matvec(self, u: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def _rmatvec_pieces(
+        self, pieces: Sequence[torch.Tensor | None], sizes: Sequence[int]
+    ) -> torch.Tensor: ...
+
+    def weighted_row_sq_norms(self, c: torch.Tensor) -> torch.Tensor: ...
+
+    def column_sq_norms(self) -> torch.Tensor: ...
+
+    def column_means(self) -> torch.Tensor: ...
+
+
+def concat_pieces(pieces: Sequence[torch.Tensor | None], sizes: Sequence[int]) -> torch.Tensor:
+    """(N, Σk) from consecutive pieces (N, k), a None standing for zeros (an unused parameter's
+    gradient). At least one piece must be a tensor."""
+    present = next(p for p in pieces if p is not None)
+    zeros = present.new_zeros
+    return torch.cat([zeros(len(present), k) if p is None else p for p, k in zip(pieces, sizes)], 1)
