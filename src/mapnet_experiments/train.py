@@ -155,10 +155,13 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1000) -> tuple[fl
 
 
 def build(config: TrainConfig) -> nn.Module:
-    """The module to train: the target itself, or the target wrapped; seeded."""
+    """The module to train: the target itself, or the target wrapped; seeded. A mapped model is
+    built from the class as a factory, so θ₀ is its own initialisation under the mapping's seed
+    (for CNN1, CNN2 and ResNet-50 the same values reset_parameters() regenerates)."""
     torch.manual_seed(config.seed)
-    target = MODELS[config.model]()
-    return target if config.mode == "plain" else wrap(target, config.mapping)
+    if config.mode == "plain":
+        return MODELS[config.model]()
+    return wrap(MODELS[config.model], config.mapping)
 
 
 def plain_view(module: nn.Module) -> nn.Module:
