@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 
+from mapnet.projections import PiecewiseScale
 from mapnet.projections.structured import StructuredProjection, fwht
 
 # (P, d) cases: n divides P, truncated last block, d not a power of two, P < d, d = 1.
@@ -259,7 +260,12 @@ def test_memory_is_a_few_bytes_per_output_and_construction_is_fast() -> None:
     proj = make(p, d)
     buffers = {name: b for name, b in proj.named_buffers()}
     total = sum(b.numel() * b.element_size() for b in buffers.values())
-    assert total <= 6 * (p + proj.n)  # 2 (signed source) + 4 (gain) per (block, slot)
+    # 2 (signed source) + 1 (output sign) + 4 (gain) per (block, slot)
+    assert total <= 7 * (p + proj.n)
+    # With a gain constant per tensor (what mapnet.wrap builds), 3.
+    sizes = (150_000, 50_000)
+    piecewise = StructuredProjection(p, d, 0, PiecewiseScale(sizes, (0.5, 2.0)))
+    assert sum(b.numel() * b.element_size() for b in piecewise.buffers()) <= 3 * (p + proj.n)
     assert max(b.numel() for b in buffers.values()) < p + proj.n  # nothing P×d
     assert buffers["sources"].dtype == torch.int16
     # Past 2d + 1 = 32768 the source index needs 32 bits.
@@ -292,7 +298,7 @@ def test_pinned_fingerprint() -> None:
     proj, u, g = _fingerprint_case()
     assert _sha(proj(u)) == "dc3e8e802f0eca4faa03fe9f07bdb472a4cc421e920786692ead126fbd9ebba2"
     tables = torch.cat([t.reshape(-1).view(torch.uint8) for t in proj.buffers()])
-    assert _sha(tables) == "dc3345aa2a4ec6e62a9f7d981b33ae0aa04fd462629c668324e2a5ec50882610"
+    assert _sha(tables) == "f1bb06de1fd8731b7fd907a766796e046357c278108f69f808716613e14b37df"
     assert _sha(proj.adjoint(g)) == (
         "c8afe6e6f5d2e9aba688a63393d45178d32dec04d14540307ca1d6ec5f9dc892"
     )
@@ -343,3 +349,38 @@ def test_same_bytes_with_one_thread_in_another_process() -> None:
 def test_bad_arguments(args: tuple, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         StructuredProjection(*args)
+
+
+@pytest.mark.parametrize("p, d", [(5000, 64), (300, 512), (6_000_000, 8)])
+def test_piecewise_scale_gives_the_same_bits_as_its_dense_gain(p: int, d: int) -> None:
+    """A gain kept per segment generates W u and Wᵀ g bit-identical to the same gain per row,
+    whether or not the gradient's pieces align with the segments; 6M rows take the in-place
+    transform."""
+    sizes = (p // 3, p - p // 3 - 7, 7)
+    scale = PiecewiseScale(sizes, (0.25, 1.5, -3.0))
+    piecewise = StructuredProjection(p, d, 4, scale)
+    per_row = StructuredProjection(p, d, 4, scale.dense())
+    u = torch.sin(torch.arange(d, dtype=torch.float32))
+    g = torch.cos(torch.arange(p, dtype=torch.float32))
+    offset = torch.linspace(-1, 1, p)
+    assert torch.equal(piecewise(u, offset), per_row(u, offset))
+    assert torch.equal(piecewise.adjoint(g), per_row.adjoint(g))
+    pieces = list(g.split(sizes))
+    aligned = piecewise._rmatvec_pieces([x[None] for x in pieces], sizes)
+    other = [g[: p // 2][None], g[p // 2 :][None]]
+    assert torch.equal(aligned, per_row._rmatvec_pieces([x[None] for x in pieces], sizes))
+    assert torch.equal(aligned, piecewise._rmatvec_pieces(other, [p // 2, p - p // 2]))
+    torch.testing.assert_close(piecewise.row_gains(), per_row.row_gains(), rtol=0, atol=0)
+
+
+def test_large_transforms_run_in_place_with_the_same_bits() -> None:
+    """Past 2^22 numbers fwht works in its input's storage; per column the arithmetic is the same
+    as the two-buffer path, which the narrow slices (below the threshold) take."""
+    x = torch.randn(1, 1024, 4200, generator=torch.Generator().manual_seed(0))  # 4.3M numbers
+    expected = torch.cat(
+        [fwht(x[:, :, i : i + 600].clone(), dim=1) for i in range(0, 4200, 600)], 2
+    )
+    work = x.clone()
+    result = fwht(work, dim=1)
+    assert result.data_ptr() == work.data_ptr()  # no second buffer
+    assert torch.equal(result, expected)

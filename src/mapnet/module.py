@@ -30,7 +30,7 @@ from mapnet.checkpoint import fingerprint
 from mapnet.checkpoint.fingerprint import CheckpointError
 from mapnet.config import ACTIVATIONS, MappingConfig
 from mapnet.generator import generate_group, pre_activation
-from mapnet.projections import ALGORITHMS, make_projection
+from mapnet.projections import ALGORITHMS, PiecewiseScale, make_projection
 from mapnet.projections.seeding import derive_seed
 from mapnet.targets import LatentGroup, ParamSpec, latent_groups, select
 
@@ -117,30 +117,20 @@ class MappedModule(nn.Module):
         self.stored_base_names: list[str] = stored
         self._apply_stored_bases(bases, stored_bases or {}, stored)
 
-        generator = torch.Generator().manual_seed(derive_seed(config.seed, "latent"))
-        self.latents = nn.ParameterList()
-        self.projections = nn.ModuleList()
-        self.gains: list[list[float]] = []
-        for index, (group, base) in enumerate(zip(groups, bases)):
-            z = torch.randn(group.latent_dim, generator=generator) * config.latent_init_std
-            self.latents.append(nn.Parameter(z.to(dtype)))
-            gains = self._gains(group, base)
-            self.gains.append(gains)
-            seed = derive_seed(config.seed, f"projection/{group.name}")
-            row_scale = _row_scale(group, gains, config.scaling)
-            self.projections.append(
-                make_projection(config.projection, group.numel, group.latent_dim, seed, row_scale)
-            )
-            if config.base == "zero":
-                base = torch.zeros(0, dtype=dtype)
-            self.register_buffer(f"base_{index}", base, persistent=False)
+        self.gains: list[list[float]] = [self._gains(g, b) for g, b in zip(groups, bases)]
+        self._identity = self._build_identity(bases)
+        for index, base in enumerate(bases):
+            empty = torch.zeros(0, dtype=dtype)  # base="zero": θ₀ was only the gains' reference
+            self.register_buffer(f"base_{index}", empty if config.base == "zero" else base, False)
+        del bases
         self._dtypes = [[s.dtype for s in g.specs] for g in groups]  # follow .to()
         self._cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
-        self._identity = self._build_identity(bases)
 
         # The target: the factory's own model, or a copy of the instance in which the generated
         # parameters are their placeholders from the start (the weights are never copied, and
-        # references such as nn.LSTM's flat-weight list point at the placeholders).
+        # references such as nn.LSTM's flat-weight list point at the placeholders). Done before
+        # the projections are built, so a factory's weights are gone by then: wrap() peaks at
+        # weights + θ₀, or θ₀ + projection, whichever is larger.
         placeholders = self._placeholders()
         if not from_factory:
             params = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
@@ -155,6 +145,19 @@ class MappedModule(nn.Module):
         for spec in selection.frozen:
             model.get_parameter(spec.name).requires_grad_(False)
         self.target = model
+        del model, placeholders
+
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, "latent"))
+        self.latents = nn.ParameterList()
+        self.projections = nn.ModuleList()
+        for group, gains in zip(groups, self.gains):
+            z = torch.randn(group.latent_dim, generator=generator) * config.latent_init_std
+            self.latents.append(nn.Parameter(z.to(dtype)))
+            seed = derive_seed(config.seed, f"projection/{group.name}")
+            row_scale = _row_scale(group, gains, config.scaling)
+            self.projections.append(
+                make_projection(config.projection, group.numel, group.latent_dim, seed, row_scale)
+            )
         # DDP: broadcast and all-reduce only what trains or tracks statistics.
         self._ddp_params_and_buffers_to_ignore = self.fixed_tensor_names()
         self.register_state_dict_post_hook(_add_stored_bases)
@@ -469,12 +472,12 @@ class MappedModule(nn.Module):
         self._cache = None
 
 
-def _row_scale(group: LatentGroup, gains: list[float], scaling: str) -> torch.Tensor:
-    """(P_g,) the per-row gain. With "init_std", each tensor's gain times √(P/min(P, d)), which
-    makes one unit of u worth rms(u) in every output (orthonormal columns put ‖u‖·√(d/P) in
-    each)."""
+def _row_scale(group: LatentGroup, gains: list[float], scaling: str) -> PiecewiseScale:
+    """The per-row gain, constant per tensor. With "init_std", each tensor's gain times
+    √(P/min(P, d)), which makes one unit of u worth rms(u) in every output (orthonormal columns
+    put ‖u‖·√(d/P) in each)."""
     unit = 1.0 if scaling == "none" else math.sqrt(group.numel / min(group.numel, group.latent_dim))
-    return torch.cat([torch.full((s.numel,), g * unit) for s, g in zip(group.specs, gains)])
+    return PiecewiseScale(tuple(s.numel for s in group.specs), tuple(g * unit for g in gains))
 
 
 def _add_stored_bases(

@@ -20,6 +20,7 @@ import json
 import sys
 from typing import Any
 
+import numpy as np
 import torch
 
 IDENTITY_FORMAT = 2
@@ -36,8 +37,11 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     data = flat.view(torch.uint8).numpy()
     if sys.byteorder != "little" and flat.element_size() > 1:
         data = data.reshape(-1, flat.element_size())[:, ::-1]
-    header = f"{str(flat.dtype).removeprefix('torch.')}{list(tensor.shape)}".encode()
-    return hashlib.sha256(header + data.tobytes()).hexdigest()
+    digest = hashlib.sha256(
+        f"{str(flat.dtype).removeprefix('torch.')}{list(tensor.shape)}".encode()
+    )
+    digest.update(memoryview(np.ascontiguousarray(data)))  # no copy of the tensor's bytes
+    return digest.hexdigest()
 
 
 def encode(identity: dict[str, Any]) -> torch.Tensor:

@@ -6,10 +6,8 @@ parameter, bit-identical everywhere. "dense": W in memory, P·d floats, for the 
 
 from __future__ import annotations
 
-import torch
-
 from mapnet.projections.dense import DenseProjection, orthonormal_matrix
-from mapnet.projections.protocol import Projection, concat_pieces
+from mapnet.projections.protocol import PiecewiseScale, Projection, RowScale, concat_pieces
 from mapnet.projections.seeding import derive_seed
 from mapnet.projections.structured import StructuredProjection, fwht
 
@@ -21,7 +19,7 @@ ALGORITHMS = {"structured": "walsh-hadamard-blocks/1", "dense": "gaussian-choles
 
 
 def make_projection(
-    kind: str, out_features: int, in_features: int, seed: int, row_scale: torch.Tensor
+    kind: str, out_features: int, in_features: int, seed: int, row_scale: RowScale
 ) -> Projection:
     """The projection of `kind` for P = out_features, d = in_features."""
     if kind == "dense":
@@ -39,7 +37,9 @@ __all__ = [
     "ALGORITHMS",
     "DENSE_MAX_BYTES",
     "DenseProjection",
+    "PiecewiseScale",
     "Projection",
+    "RowScale",
     "StructuredProjection",
     "concat_pieces",
     "derive_seed",

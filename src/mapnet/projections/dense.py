@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mapnet.projections.protocol import concat_pieces
+from mapnet.projections.protocol import PiecewiseScale, RowScale, concat_pieces
 
 # Rows of the random matrix are drawn and orthonormalised in blocks of this many, so peak memory
 # stays at one P×d matrix plus a block. Part of the seed contract: changing it changes W.
@@ -53,16 +53,20 @@ class DenseProjection(nn.Module):
 
     weight: torch.Tensor
 
-    def __init__(self, out_features: int, in_features: int, seed: int, row_scale: torch.Tensor):
+    def __init__(self, out_features: int, in_features: int, seed: int, row_scale: RowScale):
         super().__init__()
         self.seed = seed
+        if isinstance(row_scale, PiecewiseScale):
+            row_scale = row_scale.dense()
         weight = orthonormal_matrix(out_features, in_features, seed)  # (P, d)
         weight *= row_scale.to(weight.dtype)[:, None]
         # Not persistent: the seed regenerates it, so checkpoints never carry it.
         self.register_buffer("weight", weight, persistent=False)
 
-    def set_row_scale(self, row_scale: torch.Tensor) -> None:
+    def set_row_scale(self, row_scale: RowScale) -> None:
         """Rebuild W with another per-row gain (as if constructed with it): regenerates W."""
+        if isinstance(row_scale, PiecewiseScale):
+            row_scale = row_scale.dense()
         weight = orthonormal_matrix(self.out_features, self.in_features, self.seed)
         weight *= row_scale.to(weight.dtype)[:, None]
         self.weight = weight.to(device=self.weight.device, dtype=self.weight.dtype)

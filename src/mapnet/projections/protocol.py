@@ -3,9 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+
+
+@dataclass(frozen=True)
+class PiecewiseScale:
+    """A per-row gain that is constant over consecutive segments (one per generated tensor):
+    a projection keeps one number per segment instead of P."""
+
+    sizes: tuple[int, ...]
+    values: tuple[float, ...]
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (sum(self.sizes),)
+
+    def dense(self) -> torch.Tensor:  # (P,) float32
+        return torch.cat([torch.full((n,), v) for n, v in zip(self.sizes, self.values)])
+
+
+RowScale = torch.Tensor | PiecewiseScale
 
 
 @runtime_checkable
@@ -29,7 +49,7 @@ class Projection(Protocol):
 
     def adjoint(self, g: torch.Tensor) -> torch.Tensor: ...
 
-    def set_row_scale(self, row_scale: torch.Tensor) -> None: ...
+    def set_row_scale(self, row_scale: RowScale) -> None: ...
 
     def _matvec(self, u: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor: ...
 

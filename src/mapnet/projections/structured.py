@@ -51,6 +51,7 @@ all. Autograd saves nothing: the backward is the transposed pass.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -60,52 +61,50 @@ import torch
 from torch import nn
 
 from mapnet.checks import positive_int
+from mapnet.projections.protocol import PiecewiseScale, RowScale
 from mapnet.projections.seeding import HASH_CHUNK, hash64, hash_signs, stream_key
 
 # Index elements per scatter/gather call: bounds the transient int64 copy of the slot table.
 _INDEX_CHUNK = 1 << 20
+# Transforms of at least this many numbers run in place (fwht); the staging buffer's size.
+_IN_PLACE_MIN = 1 << 22
+_IN_PLACE_CHUNK = 1 << 18
 
 
-def _slots(key: int, blocks: int, n: int, d: int) -> torch.Tensor:
-    """σ_j(i) for every block j and input i: the first d entries of a random permutation of n.
+def _slot_rows(key: int, j0: int, j1: int, n: int, d: int) -> torch.Tensor:
+    """σ_j(i) for blocks j0 ≤ j < j1 and every input i: the first d entries of a random
+    permutation of n. (j1 - j0, d) int64.
 
     The permutation sorts n keys whose high bits are hashed and whose low log2(n) bits are the slot
     itself, so keys are distinct and the sorted order (hence W) does not depend on the sort
-    algorithm. Returns (blocks, d), int16 when the slots fit, else int32.
+    algorithm.
     """
     k = n.bit_length() - 1
-    dtype = torch.int16 if n <= 1 << 15 else torch.int32
-    slots = torch.empty(blocks, d, dtype=dtype)
-    rows = max(1, _INDEX_CHUNK // n)
-    low = np.arange(n, dtype=np.uint64)
-    for j0 in range(0, blocks, rows):
-        j1 = min(blocks, j0 + rows)
-        keys = hash64(key, j0 * n, j1 * n).reshape(j1 - j0, n)  # (b, n)
-        keys >>= np.uint64(k + 1)  # keep 63 - k hash bits: the key fits a non-negative int64
-        keys <<= np.uint64(k)
-        keys |= low
-        order = torch.sort(torch.from_numpy(keys.view(np.int64)), dim=1).indices  # (b, n)
-        slots[j0:j1] = order[:, :d].to(dtype)
-    return slots
+    keys = hash64(key, j0 * n, j1 * n).reshape(j1 - j0, n)  # (b, n)
+    keys >>= np.uint64(k + 1)  # keep 63 - k hash bits: the key fits a non-negative int64
+    keys <<= np.uint64(k)
+    keys |= np.arange(n, dtype=np.uint64)
+    return torch.sort(torch.from_numpy(keys.view(np.int64)), dim=1).indices[:, :d]  # (b, d)
 
 
-def _sources(slots: torch.Tensor, input_signs: torch.Tensor, n: int) -> torch.Tensor:
+def _sources(seed: int, blocks: int, n: int, d: int) -> torch.Tensor:
     """The scatter S_j of every block as a gather table: (n, B), entry [a, j] = which element of
     [u, −u, 0] lands in slot a of block j (i for +u_i, d + i for −u_i, 2d for an empty slot).
 
-    `slots` (B, d) holds σ_j(i) and `input_signs` (B, d) s_j[i]. Stored in the (n, B) layout the
-    passes use, so the forward reads it in order and gathers from the small vector [u, −u, 0].
-    int16 when 2d + 1 fits, else int32.
+    Built block-chunk by block-chunk (slots σ_j and input signs s_j of a chunk at a time), so no
+    (B, d) table of either exists at once. Stored in the (n, B) layout the passes use, so the
+    forward reads it in order and gathers from the small vector [u, −u, 0]. int16 when 2d + 1
+    fits, else int32.
     """
-    blocks, d = slots.shape
+    slot_key, sign_key = stream_key(seed, "slots"), stream_key(seed, "input_signs")
     dtype = torch.int16 if 2 * d < 1 << 15 else torch.int32
     sources = torch.full((n, blocks), 2 * d, dtype=dtype)
-    step = max(1, _INDEX_CHUNK // d)  # chunks of blocks bound the int64 temporaries
+    step = max(1, HASH_CHUNK // n)  # chunks of blocks bound the hash and int64 temporaries
     for j0 in range(0, blocks, step):
         j1 = min(blocks, j0 + step)
-        rows = slots[j0:j1].long()  # (b, d)
+        rows = _slot_rows(slot_key, j0, j1, n, d)  # (b, d)
         columns = torch.arange(j0, j1)[:, None].expand_as(rows)  # (b, d)
-        negative = (input_signs[j0:j1] < 0).to(dtype)  # (b, d)
+        negative = (hash_signs(sign_key, j0 * d, j1 * d).view(j1 - j0, d) < 0).to(dtype)
         sources[rows, columns] = torch.arange(d, dtype=dtype) + d * negative
     return sources
 
@@ -128,6 +127,8 @@ def fwht(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     trail = math.prod(x.shape[dim + 1 :])
     lead = x.numel() // (n * trail)
     src = x.reshape(lead, n, trail).contiguous()  # (L, n, T)
+    if src.numel() >= _IN_PLACE_MIN:
+        return _butterflies_in_place(src).view(x.shape)
     dst = torch.empty_like(src)
     plus_minus = torch.tensor([1.0, -1.0], dtype=x.dtype, device=x.device).view(1, 1, 2, 1)
     # Views by as_strided from precomputed strides: one call each, where view + slice took three
@@ -150,6 +151,32 @@ def fwht(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         src, dst = dst, src
         h *= 2
     return src.view(x.shape)
+
+
+def _butterflies_in_place(x: torch.Tensor) -> torch.Tensor:
+    """fwht of x (L, n, T) in its own storage: the same a + b and a − b per butterfly (same bits),
+    with a − b staged through a small buffer instead of a second x-sized one. For large
+    transforms, where the second buffer is a real share of a training step's memory; the chunk
+    loop's Python overhead is noise there."""
+    lead, n, trail = x.shape
+    staging = x.new_empty(_IN_PLACE_CHUNK)
+    h = 1
+    while h < n:
+        run = h * trail
+        pairs = x.view(lead * (n // (2 * h)), 2, run)  # rows of (a, b) runs
+        rows_per_chunk = max(1, _IN_PLACE_CHUNK // run)
+        columns = min(run, _IN_PLACE_CHUNK)
+        for r0 in range(0, pairs.shape[0], rows_per_chunk):
+            r1 = min(pairs.shape[0], r0 + rows_per_chunk)
+            for c0 in range(0, run, columns):
+                c1 = min(run, c0 + columns)
+                a, b = pairs[r0:r1, 0, c0:c1], pairs[r0:r1, 1, c0:c1]
+                difference = staging[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+                torch.sub(a, b, out=difference)
+                a.add_(b)
+                b.copy_(difference)
+        h *= 2
+    return x
 
 
 class _ProjectCore(torch.autograd.Function):
@@ -255,10 +282,11 @@ class StructuredProjection(nn.Module):
     """
 
     sources: torch.Tensor
-    gain: torch.Tensor
+    signs: torch.Tensor
+    gain: torch.Tensor | None
     column_mean: torch.Tensor | None
 
-    def __init__(self, out_features: int, in_features: int, seed: int, row_scale: torch.Tensor):
+    def __init__(self, out_features: int, in_features: int, seed: int, row_scale: RowScale):
         super().__init__()
         positive_int("out_features", out_features)
         positive_int("in_features", in_features)
@@ -266,52 +294,86 @@ class StructuredProjection(nn.Module):
             raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
         if not 0 <= seed < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-        if not isinstance(row_scale, torch.Tensor):
-            raise TypeError(f"row_scale must be a tensor, got {type(row_scale).__name__}")
-        if tuple(row_scale.shape) != (out_features,):
-            raise ValueError(
-                f"row_scale must have shape ({out_features},) (one gain per output), "
-                f"got {tuple(row_scale.shape)}"
-            )
         self._out = out_features
         self._in = in_features
         self.seed = seed
         self.n = 1 << (in_features - 1).bit_length()  # smallest power of two ≥ d
         self.blocks = -(-out_features // self.n)
+        self._check_row_scale(row_scale)
 
-        slots = _slots(stream_key(seed, "slots"), self.blocks, self.n, in_features)  # (B, d)
-        input_signs = hash_signs(stream_key(seed, "input_signs"), 0, self.blocks * in_features)
-        sources = _sources(slots, input_signs.view(self.blocks, in_features), self.n)  # (n, B)
-        del slots, input_signs
-        gain = self._row_gain(row_scale)
+        sources = _sources(seed, self.blocks, self.n, in_features)  # (n, B)
+        signs = torch.zeros(self.blocks * self.n, dtype=torch.int8)  # (Bn,) 0 past P: dropped
+        sign_key = stream_key(seed, "output_signs")
+        for lo in range(0, out_features, HASH_CHUNK):  # chunks: no P-sized temporary
+            hi = min(out_features, lo + HASH_CHUNK)
+            signs[lo:hi] = hash_signs(sign_key, lo, hi)
         # Not persistent: the seed (and row_scale) regenerate everything, as for DenseProjection.
         self.register_buffer("sources", sources.view(-1), persistent=False)  # (Bn,)
-        self.register_buffer("gain", gain, persistent=False)
+        self.register_buffer("signs", signs, persistent=False)
+        self.register_buffer("gain", None, persistent=False)  # (Bn,) unless piecewise
         self.register_buffer("column_mean", None, persistent=False)  # filled on first use
+        # An empty float tensor: follows .to()/.double(), so dtype-free state knows its dtype.
+        self.register_buffer("float_like", torch.empty(0), persistent=False)
+        self._segments: list[tuple[int, int, float]] | None = None
+        self.set_row_scale(row_scale)
 
-    def _row_gain(self, row_scale: torch.Tensor) -> torch.Tensor:
-        """(Bn,) float32: row_scale folded with the output signs t_p and 1/√max(P, d), zero past
-        P so the dropped rows vanish. Computed in float64 (sqrt is correctly rounded) and rounded
-        once, so it is identical everywhere; costs nothing per forward."""
-        out_features = self._out
-        output_signs = hash_signs(stream_key(self.seed, "output_signs"), 0, out_features)  # (P,)
-        scale = 1.0 / math.sqrt(max(out_features, self._in))
-        gain = torch.zeros(self.blocks * self.n)  # (Bn,)
-        row_scale = row_scale.detach().cpu()
-        for lo in range(0, out_features, HASH_CHUNK):  # chunks: no float64 copy of all P
-            hi = min(out_features, lo + HASH_CHUNK)
-            exact = row_scale[lo:hi].to(torch.float64) * output_signs[lo:hi] * scale
-            gain[lo:hi] = exact.to(torch.float32)
-        return gain
-
-    def set_row_scale(self, row_scale: torch.Tensor) -> None:
-        """Another per-row gain, as if constructed with it (the slots are kept)."""
+    def _check_row_scale(self, row_scale: object) -> None:
+        if not isinstance(row_scale, (torch.Tensor, PiecewiseScale)):
+            raise TypeError(f"row_scale must be a tensor, got {type(row_scale).__name__}")
         if tuple(row_scale.shape) != (self._out,):
             raise ValueError(
-                f"row_scale must have shape ({self._out},), got {tuple(row_scale.shape)}"
+                f"row_scale must have shape ({self._out},) (one gain per output), "
+                f"got {tuple(row_scale.shape)}"
             )
-        self.gain = self._row_gain(row_scale).to(device=self.gain.device, dtype=self.gain.dtype)
+
+    def set_row_scale(self, row_scale: RowScale) -> None:
+        """The per-row gain, folded with 1/√max(P, d) (the output signs t_p stay apart, as int8:
+        y·t·g rounds exactly like y·(t·g)). Each gain is computed in float64 (sqrt is correctly
+        rounded) and rounded once, so W is identical everywhere. A PiecewiseScale keeps one
+        float per segment; a tensor, one per row."""
+        self._check_row_scale(row_scale)
+        scale = 1.0 / math.sqrt(max(self._out, self._in))
         self.column_mean = None
+        if isinstance(row_scale, PiecewiseScale):
+            values = torch.tensor(row_scale.values, dtype=torch.float32).to(torch.float64)
+            rounded = (values * scale).to(torch.float32).tolist()  # exact in float32
+            starts = [0, *itertools.accumulate(row_scale.sizes)]
+            self._segments = list(zip(starts[:-1], starts[1:], rounded))
+            self.gain = None
+            return
+        gain = torch.zeros(self.blocks * self.n)  # (Bn,)
+        row_scale = row_scale.detach().cpu()
+        for lo in range(0, self._out, HASH_CHUNK):  # chunks: no float64 copy of all P
+            hi = min(self._out, lo + HASH_CHUNK)
+            gain[lo:hi] = (row_scale[lo:hi].to(torch.float64) * scale).to(torch.float32)
+        self._segments = None
+        self.gain = gain.to(self.float_like)
+
+    def _apply_signs(self, buffer: torch.Tensor) -> None:
+        """buffer (N, Bn) *= t, in place: exact sign flips, zero past P. In chunks: a float op
+        with an int8 operand converts that operand in a temporary, which must stay small."""
+        size = self.signs.numel()
+        for lo in range(0, size, _INDEX_CHUNK):
+            buffer[:, lo : lo + _INDEX_CHUNK] *= self.signs[lo : lo + _INDEX_CHUNK]
+
+    def _scale_rows(self, buffer: torch.Tensor) -> None:
+        """buffer (N, Bn) *= the per-row gain (without the signs), in place."""
+        if self._segments is None:
+            assert self.gain is not None
+            buffer *= self.gain.to(buffer.dtype)
+            return
+        for start, stop, value in self._segments:
+            buffer[:, start:stop] *= value
+
+    def row_gains(self) -> torch.Tensor:  # () -> (P,)
+        """row_scale_p · t_p / √max(P, d) for every row p: the gain W's row p carries."""
+        if self._segments is None:
+            assert self.gain is not None
+            gains = self.gain[: self._out].clone()
+        else:
+            gains = torch.cat([torch.full((b - a,), v) for a, b, v in self._segments])
+            gains = gains.to(self.float_like)
+        return gains * self.signs[: self._out]
 
     @property
     def in_features(self) -> int:
@@ -338,24 +400,26 @@ class StructuredProjection(nn.Module):
         entry of a row has the same magnitude. Differentiable in c."""
         if tuple(c.shape) != (self._in,):
             raise ValueError(f"c must have shape ({self._in},), got {tuple(c.shape)}")
-        gain = self.gain[: self._out]
-        return gain.to(c.dtype).square() * c.sum()
+        return self.row_gains().to(c.dtype).square() * c.sum()
 
     def column_sq_norms(self) -> torch.Tensor:  # () -> (d,)
         """Σ_p W_pi² with row_scale: the same for every column, Σ_p row_scale_p² / max(P, d)."""
-        total = self.gain[: self._out].double().square().sum()  # float64: P terms
-        return total.to(self.gain.dtype).expand(self._in).clone()
+        if self._segments is not None:  # float64 over segments: exact enough, no P-vector
+            total = sum((b - a) * v * v for a, b, v in self._segments)
+            return torch.full((self._in,), total).to(self.float_like)
+        total = self.row_gains().double().square().sum()  # float64: P terms
+        return total.to(self.float_like).expand(self._in).clone()
 
     def column_means(self) -> torch.Tensor:  # () -> (d,)
         """mean_p W_pi with row_scale: Wᵀ 1 / P by one transposed pass (in float64), then cached."""
         if self.column_mean is None:
-            ones = torch.ones(self._out, dtype=torch.float64, device=self.gain.device)
-            self.column_mean = (self._rmatvec(ones) / self._out).to(self.gain.dtype)
+            ones = torch.ones(self._out, dtype=torch.float64, device=self.signs.device)
+            self.column_mean = (self._rmatvec(ones) / self._out).to(self.float_like)
         return self.column_mean
 
     def to_dense(self) -> torch.Tensor:  # () -> (P, d)
         """W materialised (P·d floats): for tests and comparisons on small sizes only."""
-        eye = torch.eye(self._in, dtype=self.gain.dtype, device=self.gain.device)  # (d, d)
+        eye = torch.eye(self._in).to(self.float_like)  # (d, d)
         return self._matvec(eye).T.contiguous()
 
     def extra_repr(self) -> str:
@@ -391,7 +455,8 @@ class StructuredProjection(nn.Module):
         y = self._blocks(flat)  # (N, n, B), already in output order
         count = y.shape[0]
         out = y.view(count, self.n * self.blocks)  # (N, Bn)
-        out *= self.gain.to(y.dtype)
+        self._apply_signs(out)
+        self._scale_rows(out)
         if offset is not None:  # into the buffer, before the output view is taken
             out[:, : self._out] += offset.to(y.dtype).reshape(-1, self._out)
         out = out[:, : self._out]  # (N, P), drops rows ≥ P
@@ -416,18 +481,28 @@ class StructuredProjection(nn.Module):
         """
         present = next(p for p in pieces if p is not None)
         count, blocks, n, d = present.shape[0], self.blocks, self.n, self._in
-        # Apply the gain (zero for the dropped rows ≥ P); output order is the (n, B) layout.
+        # Apply the gain, then the signs (zero for the dropped rows ≥ P); output order is the
+        # (n, B) layout. (g·c)·t rounds exactly like g·(c·t), the gain forward applies.
         padded = present.new_empty(count, n * blocks)  # (N, Bn)
-        gain = self.gain.to(present.dtype)
+        segments = self._segments
+        aligned = segments is not None and [b - a for a, b, _ in segments] == list(sizes)
+        gain = None if self.gain is None else self.gain.to(present.dtype)
         start = 0
-        for piece, size in zip(pieces, sizes):
+        for index, (piece, size) in enumerate(zip(pieces, sizes)):
             target = padded[:, start : start + size]
             if piece is None:
                 target.zero_()
-            else:
+            elif aligned:
+                torch.mul(piece, segments[index][2], out=target)  # type: ignore[index]
+            elif gain is not None:
                 torch.mul(piece, gain[start : start + size], out=target)
+            else:
+                target.copy_(piece)
             start += size
         padded[:, start:].zero_()
+        if segments is not None and not aligned:
+            self._scale_rows(padded)
+        self._apply_signs(padded)
         y = fwht(padded.view(count, n, blocks), dim=1).view(count, n * blocks)  # Hᵀ = H
         # Each slot's value goes back to the signed input it came from: sums over blocks by
         # scatter_add in index order (a serial loop per row on CPU, so the order of additions is
