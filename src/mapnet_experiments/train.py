@@ -4,9 +4,13 @@ A run folder holds everything needed to resume it exactly:
 
     config.json     the TrainConfig (a resumed run must be given the same one)
     metrics.jsonl   one line per finished epoch: train/val/test loss and accuracy, lr, seconds
-    state/          model + optimiser + RNG state after the last finished epoch (atomic swap)
+    state/          while the run is unfinished only: model + optimiser + RNG state after the
+                    last finished epoch (atomic swap); removed once results.json is written
     checkpoint/     the final model (a mapnet checkpoint, or model.safetensors for plain runs)
     results.json    written last: its presence means the run is complete
+
+A finished run keeps its result, metrics and final checkpoint, so results/ stays small; resuming
+it trains nothing and returns the stored results.json.
 
 Data stay in memory as tensors (MNIST is 47 MB) and batches are index slices: on a 2-core
 machine a DataLoader's worker processes cost more than they save.
@@ -349,6 +353,9 @@ def train(
     started = time.perf_counter()
     if out_dir is not None:
         _prepare_run_dir(Path(out_dir), config, resume)
+        finished = _finished_result(Path(out_dir))
+        if finished is not None:
+            return finished
     splits = splits or load_splits(config)
     trainer = Trainer(config)
     build_seconds = time.perf_counter() - started
@@ -401,23 +408,84 @@ def train(
     if out_dir is not None:
         save_model(trainer.module, Path(out_dir) / "checkpoint")
         write_json(Path(out_dir) / "results.json", result)
+        _remove_state(Path(out_dir))  # only after results.json: a crash before it can resume
     return result
+
+
+def _finished_result(out: Path) -> dict[str, Any] | None:
+    """The stored result of a finished run in `out` (None if unfinished); any resume state left
+    by a crash after results.json was written is removed."""
+    results_file = out / "results.json"
+    if not results_file.exists():
+        return None
+    try:
+        result = json.loads(results_file.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{results_file}: unreadable ({error}); remove it to redo the run"
+        ) from None
+    _remove_state(out)
+    print(
+        f"mapnet: {out} holds a finished run; nothing to resume, returning its results.json",
+        file=sys.stderr,
+    )
+    return result
+
+
+def _remove_state(out: Path) -> None:
+    for name in ("state", "state.tmp", "state.old"):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+# MappingConfig fields added in mapnet 0.2 (src/mapnet/config.py). A run folder written before
+# them does not name them, which means their defaults.
+ADDED_MAPPING_FIELDS = (
+    "target_modules",
+    "exclude_modules",
+    "train_directly",
+    "store_base",
+    "check_finite",
+)
+
+
+def stored_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A stored config.json as `to_dict()` writes it today (JSON types): the mapping fields added
+    since take their defaults. Nothing else is filled in, so any other difference still counts."""
+    mapping = saved.get("mapping")
+    if not isinstance(mapping, dict):
+        return saved
+    defaults = json.loads(json.dumps(MappingConfig().to_dict()))
+    added = {name: defaults[name] for name in ADDED_MAPPING_FIELDS if name not in mapping}
+    return {**saved, "mapping": {**mapping, **added}}
+
+
+def _differing(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Names of the fields that differ, nested tables dotted ("mapping.projection")."""
+    names = []
+    for key in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            names += [f"{key}.{name}" for name in _differing(a, b)]
+        elif a != b or (key in saved) != (key in wanted):
+            names.append(key)
+    return names
 
 
 def _prepare_run_dir(out: Path, config: TrainConfig, resume: bool) -> None:
     config_file = out / "config.json"
     if config_file.exists():
-        saved = json.loads(config_file.read_text())
+        saved = stored_config(json.loads(config_file.read_text()))
         if not resume:
+            if (out / "results.json").exists():
+                raise ValueError(f"{out} already holds a finished run; choose another --out")
             raise ValueError(
                 f"{out} already holds a run; pass --resume to continue it, or choose another --out"
             )
         wanted = json.loads(json.dumps(config.to_dict()))
         if saved != wanted:
-            differing = sorted(k for k in saved if saved[k] != wanted.get(k))
             raise ValueError(
-                f"{out} holds a run with a different config (fields {differing}); resume it "
-                "with the same settings or choose another --out"
+                f"{out} holds a run with a different config (fields {_differing(saved, wanted)});"
+                " resume it with the same settings or choose another --out"
             )
         shutil.rmtree(out / "state.tmp", ignore_errors=True)  # an interrupted save's leftovers
         old, state = out / "state.old", out / "state"
