@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from mapnet.projections import PiecewiseScale
+from mapnet.projections import PiecewiseScale, structured
 from mapnet.projections.structured import StructuredProjection, fwht
 
 # (P, d) cases: n divides P, truncated last block, d not a power of two, P < d, d = 1.
@@ -255,17 +255,22 @@ def test_loss_helpers_match_the_materialised_matrix() -> None:
         proj.weighted_row_sq_norms(torch.ones(499))
 
 
+def test_a_gain_per_tensor_takes_three_bytes_per_output_past_the_threshold(monkeypatch) -> None:
+    """Past PER_ROW_GAIN_MAX rows a PiecewiseScale (what mapnet.wrap builds) is kept as int8
+    output signs and one float per segment: 2 (source) + 1 (sign) bytes per (block, slot)."""
+    monkeypatch.setattr(structured, "PER_ROW_GAIN_MAX", 1000)
+    p, d = 200_000, 2048
+    proj = StructuredProjection(p, d, 0, PiecewiseScale((150_000, 50_000), (0.5, 2.0)))
+    assert proj.gain is None and proj.signs.dtype == torch.int8
+    assert sum(b.numel() * b.element_size() for b in proj.buffers()) <= 3 * (p + proj.n)
+
+
 def test_memory_is_a_few_bytes_per_output_and_construction_is_fast() -> None:
     p, d = 200_000, 2048
     proj = make(p, d)
     buffers = {name: b for name, b in proj.named_buffers()}
     total = sum(b.numel() * b.element_size() for b in buffers.values())
-    # 2 (signed source) + 1 (output sign) + 4 (gain) per (block, slot)
-    assert total <= 7 * (p + proj.n)
-    # With a gain constant per tensor (what mapnet.wrap builds), 3.
-    sizes = (150_000, 50_000)
-    piecewise = StructuredProjection(p, d, 0, PiecewiseScale(sizes, (0.5, 2.0)))
-    assert sum(b.numel() * b.element_size() for b in piecewise.buffers()) <= 3 * (p + proj.n)
+    assert total <= 6 * (p + proj.n)  # 2 (signed source) + 4 (gain) per (block, slot)
     assert max(b.numel() for b in buffers.values()) < p + proj.n  # nothing P×d
     assert buffers["sources"].dtype == torch.int16
     # Past 2d + 1 = 32768 the source index needs 32 bits.
@@ -298,7 +303,7 @@ def test_pinned_fingerprint() -> None:
     proj, u, g = _fingerprint_case()
     assert _sha(proj(u)) == "dc3e8e802f0eca4faa03fe9f07bdb472a4cc421e920786692ead126fbd9ebba2"
     tables = torch.cat([t.reshape(-1).view(torch.uint8) for t in proj.buffers()])
-    assert _sha(tables) == "f1bb06de1fd8731b7fd907a766796e046357c278108f69f808716613e14b37df"
+    assert _sha(tables) == "dc3345aa2a4ec6e62a9f7d981b33ae0aa04fd462629c668324e2a5ec50882610"
     assert _sha(proj.adjoint(g)) == (
         "c8afe6e6f5d2e9aba688a63393d45178d32dec04d14540307ca1d6ec5f9dc892"
     )
@@ -352,14 +357,16 @@ def test_bad_arguments(args: tuple, error: type[Exception], match: str) -> None:
 
 
 @pytest.mark.parametrize("p, d", [(5000, 64), (300, 512), (6_000_000, 8)])
-def test_piecewise_scale_gives_the_same_bits_as_its_dense_gain(p: int, d: int) -> None:
+def test_piecewise_scale_gives_the_same_bits_as_its_dense_gain(p: int, d: int, monkeypatch) -> None:
     """A gain kept per segment generates W u and Wᵀ g bit-identical to the same gain per row,
     whether or not the gradient's pieces align with the segments; 6M rows take the in-place
     transform."""
+    monkeypatch.setattr(structured, "PER_ROW_GAIN_MAX", 100)
     sizes = (p // 3, p - p // 3 - 7, 7)
     scale = PiecewiseScale(sizes, (0.25, 1.5, -3.0))
     piecewise = StructuredProjection(p, d, 4, scale)
     per_row = StructuredProjection(p, d, 4, scale.dense())
+    assert piecewise.gain is None and per_row.signs is None
     u = torch.sin(torch.arange(d, dtype=torch.float32))
     g = torch.cos(torch.arange(p, dtype=torch.float32))
     offset = torch.linspace(-1, 1, p)

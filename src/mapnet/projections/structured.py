@@ -69,6 +69,9 @@ _INDEX_CHUNK = 1 << 20
 # Transforms of at least this many numbers run in place (fwht); the staging buffer's size.
 _IN_PLACE_MIN = 1 << 22
 _IN_PLACE_CHUNK = 1 << 18
+# Up to this many rows a PiecewiseScale is kept as one float per row (the fastest pass); past it,
+# as int8 signs and one float per segment (3 instead of 6 bytes per parameter in all).
+PER_ROW_GAIN_MAX = 1 << 22
 
 
 def _slot_rows(key: int, j0: int, j1: int, n: int, d: int) -> torch.Tensor:
@@ -302,15 +305,10 @@ class StructuredProjection(nn.Module):
         self._check_row_scale(row_scale)
 
         sources = _sources(seed, self.blocks, self.n, in_features)  # (n, B)
-        signs = torch.zeros(self.blocks * self.n, dtype=torch.int8)  # (Bn,) 0 past P: dropped
-        sign_key = stream_key(seed, "output_signs")
-        for lo in range(0, out_features, HASH_CHUNK):  # chunks: no P-sized temporary
-            hi = min(out_features, lo + HASH_CHUNK)
-            signs[lo:hi] = hash_signs(sign_key, lo, hi)
         # Not persistent: the seed (and row_scale) regenerate everything, as for DenseProjection.
         self.register_buffer("sources", sources.view(-1), persistent=False)  # (Bn,)
-        self.register_buffer("signs", signs, persistent=False)
-        self.register_buffer("gain", None, persistent=False)  # (Bn,) unless piecewise
+        self.register_buffer("gain", None, persistent=False)  # (Bn,) per-row gain, signs folded
+        self.register_buffer("signs", None, persistent=False)  # (Bn,) int8, with segments
         self.register_buffer("column_mean", None, persistent=False)  # filled on first use
         # An empty float tensor: follows .to()/.double(), so dtype-free state knows its dtype.
         self.register_buffer("float_like", torch.empty(0), persistent=False)
@@ -327,53 +325,60 @@ class StructuredProjection(nn.Module):
             )
 
     def set_row_scale(self, row_scale: RowScale) -> None:
-        """The per-row gain, folded with 1/√max(P, d) (the output signs t_p stay apart, as int8:
-        y·t·g rounds exactly like y·(t·g)). Each gain is computed in float64 (sqrt is correctly
-        rounded) and rounded once, so W is identical everywhere. A PiecewiseScale keeps one
-        float per segment; a tensor, one per row."""
+        """The per-row gain row_scale_p · t_p / √max(P, d), each computed in float64 (sqrt is
+        correctly rounded) and rounded once, so W is identical everywhere.
+
+        Two layouts, bit-identical (y·t·c rounds exactly like y·(t·c)): one float per row with
+        the output sign folded in (4 B per row, one multiplication per pass), or, for a
+        PiecewiseScale over more than 2^22 rows, the signs as int8 and one float per segment
+        (1 B per row; a few small operations per segment, noise at that size).
+        """
         self._check_row_scale(row_scale)
         scale = 1.0 / math.sqrt(max(self._out, self._in))
+        key = stream_key(self.seed, "output_signs")
         self.column_mean = None
-        if isinstance(row_scale, PiecewiseScale):
+        size = self.blocks * self.n
+        if isinstance(row_scale, PiecewiseScale) and self._out > PER_ROW_GAIN_MAX:
             values = torch.tensor(row_scale.values, dtype=torch.float32).to(torch.float64)
             rounded = (values * scale).to(torch.float32).tolist()  # exact in float32
             starts = [0, *itertools.accumulate(row_scale.sizes)]
+            signs = torch.zeros(size, dtype=torch.int8)  # 0 past P: the dropped rows vanish
+            for lo in range(0, self._out, HASH_CHUNK):  # chunks: no P-sized temporary
+                hi = min(self._out, lo + HASH_CHUNK)
+                signs[lo:hi] = hash_signs(key, lo, hi)
             self._segments = list(zip(starts[:-1], starts[1:], rounded))
-            self.gain = None
+            self.gain, self.signs = None, signs.to(self.sources.device)
             return
-        gain = torch.zeros(self.blocks * self.n)  # (Bn,)
+        if isinstance(row_scale, PiecewiseScale):
+            row_scale = row_scale.dense()
+        gain = torch.zeros(size)  # (Bn,) 0 past P
         row_scale = row_scale.detach().cpu()
         for lo in range(0, self._out, HASH_CHUNK):  # chunks: no float64 copy of all P
             hi = min(self._out, lo + HASH_CHUNK)
-            gain[lo:hi] = (row_scale[lo:hi].to(torch.float64) * scale).to(torch.float32)
+            exact = row_scale[lo:hi].to(torch.float64) * hash_signs(key, lo, hi) * scale
+            gain[lo:hi] = exact.to(torch.float32)
         self._segments = None
-        self.gain = gain.to(self.float_like)
+        self.gain, self.signs = gain.to(self.float_like), None
 
-    def _apply_signs(self, buffer: torch.Tensor) -> None:
-        """buffer (N, Bn) *= t, in place: exact sign flips, zero past P. In chunks: a float op
-        with an int8 operand converts that operand in a temporary, which must stay small."""
-        size = self.signs.numel()
-        for lo in range(0, size, _INDEX_CHUNK):
-            buffer[:, lo : lo + _INDEX_CHUNK] *= self.signs[lo : lo + _INDEX_CHUNK]
-
-    def _scale_rows(self, buffer: torch.Tensor) -> None:
-        """buffer (N, Bn) *= the per-row gain (without the signs), in place."""
-        if self._segments is None:
-            assert self.gain is not None
+    def _apply_gain(self, buffer: torch.Tensor) -> None:
+        """buffer (N, Bn) *= the per-row gain (zero past P), in place."""
+        if self.gain is not None:
             buffer *= self.gain.to(buffer.dtype)
             return
+        assert self.signs is not None and self._segments is not None
+        # Signs in chunks: a float op with an int8 operand converts it in a temporary.
+        for lo in range(0, self.signs.numel(), _INDEX_CHUNK):
+            buffer[:, lo : lo + _INDEX_CHUNK] *= self.signs[lo : lo + _INDEX_CHUNK]
         for start, stop, value in self._segments:
             buffer[:, start:stop] *= value
 
     def row_gains(self) -> torch.Tensor:  # () -> (P,)
         """row_scale_p · t_p / √max(P, d) for every row p: the gain W's row p carries."""
-        if self._segments is None:
-            assert self.gain is not None
-            gains = self.gain[: self._out].clone()
-        else:
-            gains = torch.cat([torch.full((b - a,), v) for a, b, v in self._segments])
-            gains = gains.to(self.float_like)
-        return gains * self.signs[: self._out]
+        if self.gain is not None:
+            return self.gain[: self._out].clone()
+        assert self.signs is not None and self._segments is not None
+        gains = torch.cat([torch.full((b - a,), v) for a, b, v in self._segments])
+        return gains.to(self.float_like) * self.signs[: self._out]
 
     @property
     def in_features(self) -> int:
@@ -413,7 +418,7 @@ class StructuredProjection(nn.Module):
     def column_means(self) -> torch.Tensor:  # () -> (d,)
         """mean_p W_pi with row_scale: Wᵀ 1 / P by one transposed pass (in float64), then cached."""
         if self.column_mean is None:
-            ones = torch.ones(self._out, dtype=torch.float64, device=self.signs.device)
+            ones = torch.ones(self._out, dtype=torch.float64, device=self.sources.device)
             self.column_mean = (self._rmatvec(ones) / self._out).to(self.float_like)
         return self.column_mean
 
@@ -455,8 +460,7 @@ class StructuredProjection(nn.Module):
         y = self._blocks(flat)  # (N, n, B), already in output order
         count = y.shape[0]
         out = y.view(count, self.n * self.blocks)  # (N, Bn)
-        self._apply_signs(out)
-        self._scale_rows(out)
+        self._apply_gain(out)
         if offset is not None:  # into the buffer, before the output view is taken
             out[:, : self._out] += offset.to(y.dtype).reshape(-1, self._out)
         out = out[:, : self._out]  # (N, P), drops rows ≥ P
@@ -481,8 +485,8 @@ class StructuredProjection(nn.Module):
         """
         present = next(p for p in pieces if p is not None)
         count, blocks, n, d = present.shape[0], self.blocks, self.n, self._in
-        # Apply the gain, then the signs (zero for the dropped rows ≥ P); output order is the
-        # (n, B) layout. (g·c)·t rounds exactly like g·(c·t), the gain forward applies.
+        # Apply the gain (zero for the dropped rows ≥ P); output order is the (n, B) layout.
+        # With segments: (g·c)·t rounds exactly like g·(c·t), the gain the forward applies.
         padded = present.new_empty(count, n * blocks)  # (N, Bn)
         segments = self._segments
         aligned = segments is not None and [b - a for a, b, _ in segments] == list(sizes)
@@ -492,17 +496,22 @@ class StructuredProjection(nn.Module):
             target = padded[:, start : start + size]
             if piece is None:
                 target.zero_()
-            elif aligned:
-                torch.mul(piece, segments[index][2], out=target)  # type: ignore[index]
             elif gain is not None:
                 torch.mul(piece, gain[start : start + size], out=target)
+            elif aligned:
+                torch.mul(piece, segments[index][2], out=target)  # type: ignore[index]
             else:
                 target.copy_(piece)
             start += size
         padded[:, start:].zero_()
-        if segments is not None and not aligned:
-            self._scale_rows(padded)
-        self._apply_signs(padded)
+        if segments is not None:
+            if not aligned:
+                for a, b, value in segments:
+                    padded[:, a:b] *= value
+            signs = self.signs
+            assert signs is not None
+            for lo in range(0, signs.numel(), _INDEX_CHUNK):  # int8 operand: chunked temporary
+                padded[:, lo : lo + _INDEX_CHUNK] *= signs[lo : lo + _INDEX_CHUNK]
         y = fwht(padded.view(count, n, blocks), dim=1).view(count, n * blocks)  # Hᵀ = H
         # Each slot's value goes back to the signed input it came from: sums over blocks by
         # scatter_add in index order (a serial loop per row on CPU, so the order of additions is
