@@ -1,6 +1,7 @@
 """`MappingConfig`: how a target's parameters are generated. Validates itself; serialises to JSON.
 
-The method (Sen & Mukherjee 2026, §3, eq. 7–9): θ = σ(b + g ⊙ W(z + α z⊙z)), z trainable, W fixed.
+The method (Sen & Mukherjee 2026, §2.2, eq. 20–21): θ = σ(b + g ⊙ W(z + α z⊙z)), z trainable,
+W fixed.
 """
 
 from __future__ import annotations

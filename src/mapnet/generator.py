@@ -1,4 +1,5 @@
-"""The generator: latent z -> the target's tensors, θ = σ(θ₀ + W(z + α z⊙z)) (paper §3, eq. 7–9).
+"""The generator: latent z -> the target's tensors, θ = σ(θ₀ + W(z + α z⊙z)) (paper §2.2,
+eq. 20–24).
 
 `generate_group` is the hot path of every training step: one autograd node (`_GeneratedTensors`)
 for the modulation, the projection with θ₀ added inside its pass, and the split into the

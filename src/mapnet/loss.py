@@ -1,4 +1,4 @@
-"""The Mapping Loss (paper §4, eq. 26–30): the task loss plus three regularisers of the map.
+"""The Mapping Loss (paper §2.3, eq. 26–30): the task loss plus three regularisers of the map.
 
     L = L_task + λ₁ L_stab + λ₂ L_smooth + λ₃ L_align          λ trainable (or fixed, for ablations)
 

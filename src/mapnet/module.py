@@ -1,7 +1,7 @@
 """`MappedModule`: a target module whose weights are generated from trainable latent vector(s).
 
     u = z + α z⊙z                       modulation W_i(1+αz_i), without building the modulated W
-    θ = σ(θ₀ + g ⊙ (W u))               W fixed, regenerated from the seed (paper §3, eq. 7–9)
+    θ = σ(θ₀ + g ⊙ (W u))               W fixed, regenerated from the seed (paper §2.2, eq. 20–24)
     y = functional_call(target, θ, x)   the target itself is never rewritten
 
 It behaves like the module it wraps: attribute access reaches the target, `forward` has the

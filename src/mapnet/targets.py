@@ -1,5 +1,5 @@
 """Which of a target's parameters are generated, trained directly or left frozen, and how the
-latent budget is split over them (paper §3.2: one latent for all, or one per layer)."""
+latent budget is split over them (paper §2.4: one latent for all, or one per layer)."""
 
 from __future__ import annotations
 

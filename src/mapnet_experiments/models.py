@@ -1,4 +1,5 @@
-"""The paper's target networks (SPEC §7), written out because torchvision is not a dependency."""
+"""The paper's target networks (its supplementary material), written out because torchvision is
+not a dependency."""
 
 from __future__ import annotations
 
@@ -77,9 +78,10 @@ class Bottleneck(nn.Module):
 
 
 class ResNet50(nn.Module):
-    """ResNet-50 (the paper's fine-tuning target, SPEC §7): bottlenecks [3, 4, 6, 3], widths
-    64..512 (outputs 256..2048), BatchNorm; 25,557,032 parameters at 1000 classes, the same
-    layout and count as torchvision's resnet50 (torchvision is not a dependency).
+    """ResNet-50 (the paper's fine-tuning target, supplementary material): bottlenecks
+    [3, 4, 6, 3], widths 64..512 (outputs 256..2048), BatchNorm; 25,557,032 parameters at 1000
+    classes, the same layout and count as torchvision's resnet50 (torchvision is not a
+    dependency).
 
     Any input of at least 32×32 works: the stem divides the resolution by 4, the stages by 8 more,
     and the adaptive pooling takes whatever is left (3×64×64 -> 2×2 before pooling), which is what

@@ -1,4 +1,4 @@
-"""`mapnet repro table1`: the paper's Table 1 (SPEC §8), one resumable run per row.
+"""`mapnet repro table1`: the paper's Table 1 (paper Table 1), one resumable run per row.
 
 Each run trains in results/table1/runs/<id>/ (config, metrics.jsonl and, while it is unfinished,
 the per-epoch resume state: small enough to commit, so a later session on a fresh machine picks
@@ -29,7 +29,7 @@ PLAIN = {"optimizer": "adam", "lr": 1e-3, "schedule": "cosine"}
 
 @dataclass(frozen=True)
 class Row:
-    """One row of Table 1 with the paper's and the public reproduction's figures (SPEC §8)."""
+    """One row of Table 1 with the paper's and the public reproduction's figures (paper Table 1)."""
 
     id: str
     model: str

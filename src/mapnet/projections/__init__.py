@@ -1,4 +1,4 @@
-"""Fixed projections W ∈ R^{P×d}, regenerated from a seed and never stored (paper §3.1).
+"""Fixed projections W ∈ R^{P×d}, regenerated from a seed and never stored (paper §2.2).
 
 "structured" (the default): signed, permuted Walsh–Hadamard blocks, 6 bytes per generated
 parameter, bit-identical everywhere. "dense": W in memory, P·d floats, for the paper's ablations.

@@ -112,7 +112,7 @@ class DenseProjection(nn.Module):
     def extra_repr(self) -> str:
         return f"out_features={self.out_features}, in_features={self.in_features}"
 
-    # What the mapping loss needs (paper §4, eq. 29–30), exact, in row blocks (no second P×d).
+    # What the mapping loss needs (paper §2.3, eq. 29–30), exact, in row blocks (no second P×d).
 
     def weighted_row_sq_norms(self, c: torch.Tensor) -> torch.Tensor:  # (d,) -> (P,)
         """Σ_i W_pi² c_i for every row p."""

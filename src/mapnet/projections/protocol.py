@@ -34,7 +34,7 @@ class Projection(Protocol):
 
     `forward(u, offset)` maps (..., d) to offset + W u (..., P) differentiably (autograd, forward
     AD, vmap). `_matvec` and `_rmatvec_pieces` are the raw passes the fused generator calls (it
-    supplies the derivatives). The mapping loss (paper §4, eq. 29–30) needs the three norms.
+    supplies the derivatives). The mapping loss (paper §2.3, eq. 29–30) needs the three norms.
     """
 
     seed: int
