@@ -22,7 +22,17 @@ class PiecewiseScale:
         return (sum(self.sizes),)
 
     def dense(self) -> torch.Tensor:  # (P,) float32
-        return torch.cat([torch.full((n,), v) for n, v in zip(self.sizes, self.values)])
+        return self.rows(0, self.shape[0])
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:  # (hi - lo,) float32
+        """The gains of rows lo ≤ p < hi, without materialising the others."""
+        parts, start = [], 0
+        for size, value in zip(self.sizes, self.values):
+            a, b = max(lo, start), min(hi, start + size)
+            if a < b:
+                parts.append(torch.full((b - a,), value))
+            start += size
+        return torch.cat(parts) if parts else torch.zeros(0)
 
 
 RowScale = torch.Tensor | PiecewiseScale

@@ -349,13 +349,17 @@ class StructuredProjection(nn.Module):
             self._segments = list(zip(starts[:-1], starts[1:], rounded))
             self.gain, self.signs = None, signs.to(self.sources.device)
             return
-        if isinstance(row_scale, PiecewiseScale):
-            row_scale = row_scale.dense()
+        if isinstance(row_scale, torch.Tensor):
+            row_scale = row_scale.detach().cpu()
         gain = torch.zeros(size)  # (Bn,) 0 past P
-        row_scale = row_scale.detach().cpu()
         for lo in range(0, self._out, HASH_CHUNK):  # chunks: no float64 copy of all P
             hi = min(self._out, lo + HASH_CHUNK)
-            exact = row_scale[lo:hi].to(torch.float64) * hash_signs(key, lo, hi) * scale
+            rows = (
+                row_scale.rows(lo, hi)
+                if isinstance(row_scale, PiecewiseScale)
+                else row_scale[lo:hi]
+            )
+            exact = rows.to(torch.float64) * hash_signs(key, lo, hi) * scale
             gain[lo:hi] = exact.to(torch.float32)
         self._segments = None
         self.gain, self.signs = gain.to(self.float_like), None
