@@ -1,9 +1,12 @@
-"""`mapnet bench step`: the smoke run CI uses, the report, the targets' bookkeeping, ResNet-50."""
+"""`mapnet bench`: the smoke runs CI uses (step, memory, inference), the trackers, the report,
+the targets' bookkeeping, ResNet-50."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +17,12 @@ from mapnet_experiments.bench import (
     LOSS_TERM_STEPS,
     MALLOC_TUNED_ENV,
     STEP_VARIANTS,
+    TRACKERS,
+    PeakMemory,
     _dense_skip_reason,
     _memory_total_bytes,
     in_subprocess,
+    release_targets,
     target_parameter_count,
     targets_status,
 )
@@ -79,7 +85,7 @@ def test_step_smoke_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(args) == 0
     text = report.read_text()
     assert "SMOKE RUN" in text and data["command"] in text
-    assert "| tiny | mapped, single d, structured W |" in text
+    assert "| tiny | 1 | mapped, single d, structured W |" in text  # model, threads, variant
     assert "## Where a mapped step's time goes" in text
     assert "| + stability (one noisy forward) |" in text and "all three loss terms" in text
 
@@ -89,7 +95,7 @@ def test_report_without_results_is_a_clean_error(
 ) -> None:
     args = ["bench", "step", "--report", "--out", str(tmp_path / "step.json")]
     assert main([*args, "--report-out", str(tmp_path / "bench.md")]) == 2
-    assert "no step results" in capsys.readouterr().err
+    assert "no step, memory or inference results" in capsys.readouterr().err
 
 
 def test_a_measurement_in_a_fresh_process_gets_the_allocator_settings() -> None:
@@ -163,3 +169,272 @@ def test_resnet50_has_the_standard_layout_and_takes_small_inputs() -> None:
     conv = values["layer4.0.conv2.weight"]  # (512, 512, 3, 3): fan-out 512·9
     assert conv.std().item() == pytest.approx(math.sqrt(2 / (512 * 9)), rel=0.02)
     assert torch.equal(values["layer1.0.bn1.weight"], torch.ones(64))
+
+
+# ----------------------------------------------------------------- v0.2 measurements
+
+
+def test_step_measures_two_thread_counts_side_by_side(tmp_path: Path) -> None:
+    out = tmp_path / "step.json"
+    args = ["bench", "step", "--smoke", "--threads", "1", "2", "--variants", "mapped-structured"]
+    assert main([*args, "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["settings"]["threads"] == [1, 2] and data["machine"]["threads"] == [1, 2]
+    assert data["machine"]["mapnet"]  # the library's version: v0.2 targets read only such runs
+    pairs = [(row["threads"], row["variant"]) for row in data["rows"]]
+    assert pairs == [(1, "plain"), (1, "mapped-structured"), (2, "plain"), (2, "mapped-structured")]
+    for row in data["rows"]:
+        assert all(run["threads"] == row["threads"] for run in row["runs"])
+        assert _positive(row["ratio_to_plain"])
+    # The breakdown runs per thread count, through mapped.generate(), and its gradient matches.
+    assert [b["threads"] for b in data["breakdown"]] == [1, 2]
+    for breakdown in data["breakdown"]:
+        assert breakdown["grad_check_max_abs_diff"] < 1e-5
+        assert any("mapped.generate()" in phase for phase in breakdown["mapped_phases_ms"])
+    assert "--threads 1 2" in data["command"]
+
+
+def test_peak_memory_trackers_see_a_tensor_come_and_go() -> None:
+    with PeakMemory("allocator") as peak:
+        with peak.phase("big"):
+            big = torch.ones(1_000_000)  # 4 MB, freed inside the block
+            del big
+        kept = torch.ones(1000)  # 4 kB, still held at the end
+    result = peak.result()
+    assert result["peak_bytes"] >= 4_000_000 and 4000 <= result["end_bytes"] < 100_000
+    assert result["phases"]["big"]["peak_bytes"] >= 4_000_000
+    assert result["peak_at"]  # the frames around the peak
+    assert kept.numel() == 1000
+    # RSS in a fresh process: this one may hold freed memory that a new tensor reuses.
+    code = (
+        "import json, torch; from mapnet_experiments.bench import PeakMemory\n"
+        "with PeakMemory('rss') as peak:\n"
+        "    touched = torch.ones(16_000_000)  # 64 MB, written, so resident\n"
+        "    del touched\n"
+        "print(json.dumps(peak.result()))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["rss_peak_reset"] is True and result["peak_bytes"] >= 60_000_000
+    assert result["end_bytes"] < result["peak_bytes"]
+    with pytest.raises(ValueError, match="tracker"):
+        PeakMemory("heap")
+
+
+def test_memory_smoke_writes_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    assert main(["bench", "memory", "--smoke", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["what"] == "memory" and data["smoke"] is True
+    assert data["command"].startswith("mapnet bench memory --smoke")
+    assert {(r["tracker"], r["variant"]) for r in data["training"]} == {
+        (t, v) for t in TRACKERS for v in ("plain", "mapped")
+    }
+    for row in data["training"]:
+        assert row["kind"] == "training" and row["steps"] == 2 and len(row["losses"]) == 2
+        assert row["peak_bytes"] >= row["end_bytes"] >= 0 and row["target_parameters"] == 1498
+        if row["tracker"] == "allocator":
+            assert row["peak_at"] and row["allocation_events"] > 0
+            if row["variant"] == "plain":  # weights, gradients and Adam's two moments held
+                assert row["end_bytes"] >= row["weights_bytes"] + row["optimizer_state_bytes"]
+            else:  # θ₀ and W held; the latent's Adam state is 2·d floats
+                assert row["end_bytes"] >= row["theta0_bytes"] + row["projection_bytes"]
+                assert row["trainable_parameters"] == 64
+        else:
+            assert row["rss_peak_reset"] is True
+    assert {(r["source"], r["tracker"]) for r in data["wrap"]} == {
+        (s, t) for s in ("factory", "instance") for t in TRACKERS
+    }
+    for row in data["wrap"]:
+        assert row["theta0_bytes"] == 1498 * 4  # one float32 θ₀
+        assert row["budget_bytes"] == (
+            row["weights_bytes"] + row["buffers_bytes"] + row["projection_bytes"] + 1498 * 4
+        )
+        assert row["peak_bytes"] >= row["wrap_peak_bytes"] >= 0
+        if row["tracker"] == "allocator":
+            assert row["end_bytes"] >= row["theta0_bytes"] + row["projection_bytes"]
+    summary = data["summary"]
+    assert len(summary["training"]) == 2 and len(summary["wrap"]) == 4
+    allocator = next(c for c in summary["training"] if c["tracker"] == "allocator")
+    assert _positive(allocator["ratio"])
+
+
+def test_a_memory_measurement_runs_in_a_fresh_process() -> None:
+    row = in_subprocess(
+        "measure_wrap_memory",
+        model="tiny",
+        source="instance",
+        tracker="allocator",
+        latent_dim=64,
+        threads=1,
+    )
+    # The instance's weights were held before wrap() began, and wrap() dropped it afterwards.
+    assert row["phases"]["wrap"]["start_bytes"] >= row["weights_bytes"]
+    assert row["peak_bytes"] >= row["phases"]["wrap"]["start_bytes"]
+    assert row["threads"] == 1 and _positive(row["process_peak_rss_bytes"])
+
+
+def test_inference_smoke_writes_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "inference.json"
+    assert main(["bench", "inference", "--smoke", "--threads", "1", "2", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["what"] == "inference" and data["settings"]["threads"] == [1, 2]
+    assert [(r["threads"], r["variant"]) for r in data["rows"]] == [
+        (1, "plain"),
+        (1, "mapped"),
+        (2, "plain"),
+        (2, "mapped"),
+    ]
+    for row in data["rows"]:
+        assert row["repeat_output_equal"] is True  # the eval cache returns what it generated
+        assert _positive(row["forward_ms_median"]) and _positive(row["first_call_ms_median"])
+        assert _positive(row["ratio_to_plain"]) and len(row["ratio_per_round"]) == 1
+        assert row["batch"] == 8 and row["input_shape"] == [1, 8, 8]
+        if row["variant"] == "plain":
+            assert row["ratio_to_plain"] == 1.0
+
+
+def _release_runs() -> tuple[list[dict], list[dict], list[dict]]:
+    """Hand-made results of each kind, as the benches write them."""
+    v02 = {"mapnet": "0.2.0", "threads": [1, 2], "default_threads": 2}
+
+    def timing(model: str, variant: str, threads: int, ratio: float, key: str, **extra: object):
+        return {
+            "model": model,
+            "variant": variant,
+            "threads": threads,
+            "ratio_to_plain": ratio,
+            "ratio_per_round": [ratio] * 5,
+            "processes": 5,
+            key: 10.0 * ratio,
+            **extra,
+        }
+
+    step_rows = []
+    for model, ratios in (("cnn2", (1.01, 1.07)), ("cnn1", (1.04, 1.0))):
+        for threads, ratio in zip((1, 2), ratios):
+            step_rows += [
+                timing(model, "plain", threads, 1.0, "step_ms_median"),
+                timing(model, "mapped-structured", threads, ratio, "step_ms_median"),
+            ]
+    step = {
+        "machine": v02,
+        "date": "2026-12-02",
+        "file": "r/step-v02.json",
+        "settings": {"batch": 128},
+        "rows": step_rows,
+    }
+    older = {  # no library version: measured on earlier code, newer date, must not be used
+        "machine": {"threads": 1},
+        "date": "2026-12-03",
+        "file": "r/old.json",
+        "settings": {"batch": 128},
+        "rows": [timing("cnn2", "mapped-structured", 1, 0.5, "step_ms_median")],
+    }
+    memory = {
+        "machine": v02,
+        "date": "2026-12-02",
+        "file": "r/memory.json",
+        "settings": {"model": "resnet50"},
+        "summary": {
+            "training": [
+                {
+                    "input_shape": [3, 224, 224],
+                    "batch": 8,
+                    "tracker": "allocator",
+                    "ratio": 0.97,
+                    "plain_peak_bytes": 1000,
+                    "mapped_peak_bytes": 970,
+                },
+                {
+                    "input_shape": [3, 224, 224],
+                    "batch": 8,
+                    "tracker": "rss",
+                    "ratio": 1.2,
+                    "plain_peak_bytes": 1000,
+                    "mapped_peak_bytes": 1200,
+                },
+            ]
+        },
+        "wrap": [
+            {"source": source, "tracker": tracker, "peak_bytes": peak, "budget_bytes": 100}
+            for source, tracker, peak in (
+                ("factory", "allocator", 90),
+                ("factory", "rss", 130),
+                ("instance", "allocator", 101),
+                ("instance", "rss", 95),
+            )
+        ],
+    }
+    inference_rows = []
+    for model in ("cnn2", "cnn1"):
+        for threads, ratio in ((1, 1.01), (2, 1.03)):
+            extra = {"batch": 128, "first_call_ms_median": 5.0, "repeat_output_equal": True}
+            inference_rows += [
+                timing(model, "plain", threads, 1.0, "forward_ms_median", **extra),
+                timing(model, "mapped", threads, ratio, "forward_ms_median", **extra),
+            ]
+    inference = {
+        "machine": v02,
+        "date": "2026-12-02",
+        "file": "r/inference.json",
+        "rows": inference_rows,
+    }
+    return [step, older], [memory], [inference]
+
+
+def test_release_targets_are_judged_from_the_newest_v02_measurements() -> None:
+    steps, memories, inferences = _release_runs()
+    status = {t["target"]: t for t in release_targets(steps, memories, inferences)}
+    met = {name: t["met"] for name, t in status.items()}
+    assert met["(a) training step mapped / plain ≤ 1.05: cnn2, batch 128, 1 thread"] is True
+    assert met["(a) training step mapped / plain ≤ 1.05: cnn2, batch 128, 2 threads"] is False
+    assert met["(a) training step mapped / plain ≤ 1.05: cnn1, batch 128, 2 threads"] is True
+    first = status["(a) training step mapped / plain ≤ 1.05: cnn2, batch 128, 1 thread"]
+    assert first["value"] == 1.01 and "step-v02.json" in first["source"]  # not the older run
+    memory = "(b) peak training memory mapped / plain ≤ 1.00: ResNet-50, batch 8, 3×224×224, Adam"
+    assert met[f"{memory} (tracked torch allocations)"] is True
+    assert met[f"{memory} (peak RSS increase)"] is False
+    wrap = "peak ≤ weights + buffers + W + one θ₀"
+    assert met[f"(c) `wrap(ResNet50, cfg)` {wrap} (tracked torch allocations)"] is True
+    assert met[f"(c) `wrap(ResNet50, cfg)` {wrap} (peak RSS increase)"] is False
+    assert met[f"(c) `wrap(ResNet50(), cfg)` {wrap} (tracked torch allocations)"] is False
+    inference = "(d) eval forward (no_grad) mapped / plain ≤ 1.02"
+    assert met[f"{inference}: cnn1, batch 128, 1 thread"] is True
+    assert met[f"{inference}: cnn1, batch 128, 2 threads"] is False
+    assert not any("resnet50" in name for name in met)  # not measured: not listed
+    # Nothing measured by this bench: every target listed, none judged.
+    assert all(t["met"] is None for t in release_targets([steps[1]], [], []))
+
+
+def test_report_renders_every_kind_and_the_targets(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    assert main(["bench", "memory", "--smoke", "--out", str(results / "memory-smoke.json")]) == 0
+    assert main(["bench", "inference", "--smoke", "--out", str(results / "inf-smoke.json")]) == 0
+    report = tmp_path / "bench.md"
+    assert main(["bench", "report", "--results", str(results), "--report-out", str(report)]) == 0
+    text = report.read_text()
+    assert "SMOKE RUN" in text and "## Targets (v0.2)" in text
+    for target in ("(a) training step", "(b) peak training memory", "(c) `wrap(", "(d) eval"):
+        assert f"| {target}" in text
+    assert "not measured" in text and "Not yet measured; run: `mapnet bench inference`" in text
+    assert "## Memory: `mapnet bench memory --smoke" in text and "### `wrap()` (c)" in text
+    assert "| 1×8×8 | allocator | mapped |" in text and "| factory | allocator |" in text
+    assert "## Inference (d): `mapnet bench inference --smoke" in text
+    assert "| tiny | 1×8×8 | 8 | 1 |" in text
+    assert "## Earlier targets (issue 4)" not in text  # no step runs here
+
+
+def test_every_bench_measurement_explains_itself(capsys: pytest.CaptureFixture[str]) -> None:
+    for what, words in (
+        ("step", ["--threads", "side by side", "mapped.generate()"]),
+        ("memory", ["clear_refs", "torch.profiler", "one θ₀", "224"]),
+        ("inference", ["torch.no_grad()", "first call", "(d)"]),
+        ("report", ["met / not met"]),
+    ):
+        with pytest.raises(SystemExit) as done:
+            main(["bench", what, "--help"])
+        assert done.value.code == 0, what
+        help_text = " ".join(capsys.readouterr().out.split())
+        for word in words:
+            assert word in help_text, (what, word)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -356,7 +357,11 @@ def test_config_round_trips_and_rejects_unknown_keys() -> None:
     config = MappingConfig(latent_dim={"a": 3}, strategy="layerwise", alpha=0.2)
     assert MappingConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match=r"unknown MappingConfig field\(s\) \['latent'\]"):
-        MappingConfig.from_dict({"latent": 3})
+        MappingConfig.from_dict({"latent": 3, "projection": "dense"})
+    with pytest.raises(ValueError, match="must name 'projection'"):
+        MappingConfig.from_dict({"latent_dim": 8})  # its default changed: never guessed
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.alpha = 0.5  # type: ignore[misc]  # W, θ₀ and the identity derive from it
 
 
 def test_wrap_rejects_bad_models() -> None:

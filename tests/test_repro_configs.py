@@ -7,6 +7,7 @@ resume would be refused. These tests read the committed results/ folders.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -107,16 +108,18 @@ def test_resume_still_refuses_a_different_mapping(tmp_path: Path) -> None:
     shutil.copy(stored, tmp_path / "config.json")
     config = rows["cnn2-single-2048"].config("mnist")
 
-    config.mapping.projection = "structured"  # what the row built while relying on the default
+    dense = config.mapping
+    # What the row built while relying on the default:
+    config.mapping = dataclasses.replace(dense, projection="structured")
     with pytest.raises(ValueError, match=r"fields \['mapping\.projection'\]"):
         _prepare_run_dir(tmp_path, config, resume=True)
 
-    config.mapping.projection = "dense"
-    config.mapping.check_finite = True  # a new field away from its default is a difference
+    # A new field away from its default is a difference:
+    config.mapping = dataclasses.replace(dense, check_finite=True)
     with pytest.raises(ValueError, match=r"fields \['mapping\.check_finite'\]"):
         _prepare_run_dir(tmp_path, config, resume=True)
 
-    config.mapping.check_finite = False
+    config.mapping = dense
     config.lr = 0.05
     with pytest.raises(ValueError, match=r"fields \['lr'\]"):
         _prepare_run_dir(tmp_path, config, resume=True)

@@ -47,7 +47,7 @@ def _patterns(name: str, value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MappingConfig:
     """How a target's parameters are generated.
 
@@ -131,10 +131,15 @@ class MappingConfig:
                 "base='zero' with latent_init_std=0 generates all-zero weights whose gradient "
                 "is zero for most networks; set latent_init_std > 0 (paper-literal: 1.0)"
             )
+        # Frozen: a wrapped module's W, θ₀, identity and cache all derive from it.
         if self.target_modules is not None:
-            self.target_modules = _patterns("target_modules", self.target_modules)
-        self.exclude_modules = _patterns("exclude_modules", self.exclude_modules)
-        self.train_directly = _patterns("train_directly", self.train_directly)
+            object.__setattr__(
+                self, "target_modules", _patterns("target_modules", self.target_modules)
+            )
+        object.__setattr__(
+            self, "exclude_modules", _patterns("exclude_modules", self.exclude_modules)
+        )
+        object.__setattr__(self, "train_directly", _patterns("train_directly", self.train_directly))
         for name in ("store_base", "check_finite"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -166,6 +171,12 @@ class MappingConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MappingConfig:
-        """From `to_dict()`'s output. Fields added since a dict was written take their defaults,
-        except `projection`, which every written dict names."""
+        """From `to_dict()`'s output. Fields added since a dict was written (target_modules,
+        exclude_modules, train_directly, store_base, check_finite) take their defaults. A dict
+        must name `projection`: its default changed (mapnet 0.1: "dense")."""
+        if "projection" not in data:
+            raise ValueError(
+                "a MappingConfig dict must name 'projection' (the default changed from 'dense' "
+                "in mapnet 0.1 to 'structured'); add the one the dict was written with"
+            )
         return from_dict(cls, data)

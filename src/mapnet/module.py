@@ -13,17 +13,19 @@ mode without grad the generated weights are cached until a latent changes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
 
 from mapnet.bases import ModelSource, build_from_factory, fill_bases, group_views
 from mapnet.checkpoint import fingerprint
@@ -231,20 +233,26 @@ class MappedModule(nn.Module):
 
     # ---------------------------------------------------------------- placeholders, .to()
 
-    def _placeholders(self) -> list[tuple[ParamSpec, torch.Tensor]]:
-        """Each generated parameter and the tensor its placeholder shows: a view of θ₀ (a
-        zero-stride zero for base='zero'), in the parameter's current dtype."""
-        out = []
+    def _theta0_views(self) -> dict[str, torch.Tensor]:
+        """θ₀ of each generated parameter (canonical name) as a view into its group's vector;
+        empty for base='zero'."""
+        if self.mapping_config.base == "zero":
+            return {}
         bases = [self._base(i) for i in range(len(self.groups))]
-        for index, (group, base) in enumerate(zip(self.groups, bases)):
-            start = 0
+        return {spec.name: view for spec, view in group_views(self.groups, bases)}
+
+    def _placeholders(self) -> list[tuple[ParamSpec, torch.Tensor]]:
+        """Each generated parameter and the tensor its placeholder shows: its θ₀ view (a
+        zero-stride zero for base='zero'), in the parameter's current dtype (a copy only when
+        that differs from θ₀'s, e.g. a bfloat16 target's)."""
+        views, out = self._theta0_views(), []
+        for index, group in enumerate(self.groups):
             for spec, dtype in zip(group.specs, self._dtypes[index]):
-                if base.numel():
-                    view = base[start : start + spec.numel].view(spec.shape)
-                else:
+                view = views.get(spec.name)
+                if view is None:
+                    base = self._base(index)
                     view = torch.zeros((), dtype=dtype, device=base.device).expand(spec.shape)
                 out.append((spec, view if view.dtype == dtype else view.to(dtype)))
-                start += spec.numel
         return out
 
     def _alias_placeholders(self, clear: bool = False) -> None:
@@ -276,14 +284,27 @@ class MappedModule(nn.Module):
         return super().train(mode)
 
     def __getattr__(self, name: str) -> Any:
+        """Attributes the mapped module lacks come from the target (`mapped.features`, a HF
+        model's `mapped.config`). The target's own methods and submodules hold θ₀, not the
+        generated weights, when called directly: run them inside `with mapped.applied():`."""
         try:
             return super().__getattr__(name)
         except AttributeError:
             modules = self.__dict__.get("_modules")
             target = modules.get("target") if modules else None
-            if target is None or name.startswith("__"):
+            own = inspect.getattr_static(type(self), name, None)
+            if isinstance(own, property):  # ours raised (`latent` of a layerwise mapping):
+                return own.__get__(self)  # let it raise its own message again
+            if target is None or name.startswith("__") or own is not None:
                 raise
             return getattr(target, name)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[nn.Module]:
+        """The target with the generated weights in place of θ₀, for calling its methods or
+        submodules directly: `with mapped.applied() as net: net.encode(x)`."""
+        with _reparametrize_module(self.target, self._generated_for_forward(), tie_weights=False):
+            yield self.target
 
     # ---------------------------------------------------------------- generation
 
@@ -304,10 +325,9 @@ class MappedModule(nn.Module):
 
     def base_tensor(self, name: str) -> torch.Tensor | None:
         """θ₀ of one generated parameter as a view into its group's base vector; None if none."""
-        for spec, view in self._placeholders():
-            if spec.name == name:
-                return view if self.mapping_config.base != "zero" else None
-        raise KeyError(f"{name!r} is not a generated parameter of the target")
+        if name not in {spec.name for spec in self.specs}:
+            raise KeyError(f"{name!r} is not a generated parameter of the target")
+        return self._theta0_views().get(name)
 
     def pre_activation(self, index: int, z: torch.Tensor | None = None) -> torch.Tensor:
         """a = θ₀ + W u for one latent group (P_g,), θ before σ; `z` overrides the trained latent.
@@ -357,11 +377,22 @@ class MappedModule(nn.Module):
         return params
 
     def _generated_for_forward(self) -> dict[str, torch.Tensor]:
-        """generate(), cached in eval mode without grad until a latent changes in place."""
+        """generate(), cached in eval mode without grad until a latent or θ₀ changes in place.
+
+        The key is each latent's identity and version counter and each θ₀'s version: in-place
+        updates (optimiser steps, copy_, load_state_dict) invalidate it. Writes that bypass
+        autograd's version counter (through `.data` or NumPy) do not: `mapped.train()` drops the
+        cache after such writes. Latents swapped in by functional_call are plain
+        tensors, not the module's Parameters, and are never cached.
+        """
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             self._cache = None
             return self.generate()
-        key = tuple((z._version, z.data_ptr(), z.dtype, z.device) for z in self.latents)
+        if not all(isinstance(z, nn.Parameter) for z in self.latents):
+            return self.generate()
+        key = tuple((id(z), z._version, z.data_ptr()) for z in self.latents) + tuple(
+            self._base(i)._version for i in range(len(self.groups))
+        )
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self.generate())
         return self._cache[1]
@@ -401,8 +432,8 @@ class MappedModule(nn.Module):
         return sorted(names)
 
     def fingerprint(self) -> dict[str, Any]:
-        """This module's identity (checkpoint/fingerprint.py): what a state must match."""
-        return self._identity
+        """This module's identity (checkpoint/fingerprint.py): what a state must match (a copy)."""
+        return copy.deepcopy(self._identity)
 
     def materialize(self) -> nn.Module:
         """An ordinary module of the target's class holding the generated weights (a copy)."""
@@ -433,6 +464,22 @@ class MappedModule(nn.Module):
 
     # ---------------------------------------------------------------- state dict
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """As for any module; with strict=True every missing or unexpected key, wrong shape or
+        dtype and any identity mismatch is reported before anything is changed."""
+        self.__dict__["_strict_load"] = strict
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            self.__dict__["_strict_load"] = False
+
+    def to_empty(self, *, device: Any, recurse: bool = True) -> MappedModule:
+        raise TypeError(
+            "MappedModule.to_empty() would leave the projection and θ₀ uninitialised: they are "
+            "regenerated from the seed, not loaded. Wrap on the meta device is not supported; "
+            "build it with mapnet.wrap(...) and move it with .to(device)"
+        )
+
     def get_extra_state(self) -> torch.Tensor:
         return fingerprint.encode(self._identity)
 
@@ -446,22 +493,32 @@ class MappedModule(nn.Module):
             state = dict(self.state_dict(keep_vars=True))
         finally:
             self.__dict__["_skip_stored_bases"] = False
-        for spec, view in self._placeholders():
-            if spec.name in self.stored_base_names:
-                state[STORED_BASE + spec.name] = view
+        views = self._theta0_views()
+        for name in self.stored_base_names:
+            state[STORED_BASE + name] = views[name]
         return state
 
     def _take_stored_bases(
         self, values: dict[str, torch.Tensor], saved_digests: dict[str, str]
     ) -> None:
-        """Set stored bases read from a state; re-derives the gains they set."""
-        views = {spec.name: view for spec, view in self._placeholders()}
+        """Set stored bases read from a state (into θ₀ itself, then the placeholders follow);
+        re-derives the gains of the groups whose θ₀ changed."""
+        if not values:
+            return
+        views = self._theta0_views()
+        changed = [
+            name
+            for name, value in values.items()
+            if not torch.equal(views[name], value.to(views[name]))
+        ]
         with torch.no_grad():
-            for name, value in values.items():
-                views[name].copy_(value)
-        bases = [self._base(i) for i in range(len(self.groups))]
-        for index, (group, base) in enumerate(zip(self.groups, bases)):
-            gains = self._gains(group, base)
+            for name in changed:
+                views[name].copy_(values[name])
+        self._alias_placeholders()  # copies of θ₀ (another dtype) follow it
+        for index, group in enumerate(self.groups):
+            if not any(spec.name in changed for spec in group.specs):
+                continue
+            gains = self._gains(group, self._base(index))
             if gains != self.gains[index]:
                 self.gains[index] = gains
                 row_scale = _row_scale(group, gains, self.mapping_config.scaling)
@@ -485,9 +542,9 @@ def _add_stored_bases(
 ) -> None:
     if module.__dict__.get("_skip_stored_bases"):
         return
-    for spec, view in module._placeholders():
-        if spec.name in module.stored_base_names:
-            state[prefix + STORED_BASE + spec.name] = view.detach().clone()
+    views = module._theta0_views()
+    for name in module.stored_base_names:
+        state[prefix + STORED_BASE + name] = views[name].detach().clone()
 
 
 def _check_and_take_state(
@@ -501,7 +558,12 @@ def _check_and_take_state(
     error_msgs: list[str],
 ) -> None:
     """Validate every name, shape and dtype and the identity before anything is changed, then
-    take the stored bases out of the state (the rest is loaded by torch as usual)."""
+    take the stored bases out of the state (the rest is loaded by torch as usual).
+
+    torch hands every pre-hook strict=True and applies `strict` itself after loading, so the
+    real setting comes from MappedModule.load_state_dict; loaded as part of a parent module, only
+    the keys present are checked here and torch reports missing ones as for any module."""
+    strict = module.__dict__.get("_strict_load", False)
     where = f"state dict for MappedModule{f' at {prefix!r}' if prefix else ''}"
     key = prefix + EXTRA_STATE
     if key not in state:
@@ -510,7 +572,7 @@ def _check_and_take_state(
             "(mapnet ≥ 0.2); format 1 checkpoint folders load through mapnet.load"
         )
     saved = fingerprint.decode(state[key], where)
-    differing = fingerprint.compare(saved, module.fingerprint(), where)
+    differing = fingerprint.compare(saved, module._identity, where)
     expected = module._expected_state()
     given = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     problems = []
@@ -519,7 +581,8 @@ def _check_and_take_state(
             continue
         value = given.get(name)
         if value is None:
-            if strict or name.startswith(STORED_BASE):
+            needed = name.startswith(STORED_BASE) and name[len(STORED_BASE) :] in differing
+            if strict or needed:
                 problems.append(f"missing {prefix + name!r}")
             continue
         if not isinstance(value, torch.Tensor):
@@ -536,7 +599,9 @@ def _check_and_take_state(
         problems += [f"unexpected {prefix + n!r}" for n in sorted(set(given) - set(expected))]
     if problems:
         raise CheckpointError(f"{where} does not fit (nothing was loaded): " + "; ".join(problems))
-    stored = {n: given[STORED_BASE + n] for n in module.stored_base_names}
+    stored = {
+        n: given[STORED_BASE + n] for n in module.stored_base_names if STORED_BASE + n in given
+    }
     latents = [given.get(f"latents.{i}") for i in range(len(module.latents))]
     if any(z is not None and not torch.isfinite(z).all() for z in latents):
         raise CheckpointError(f"{where} holds non-finite latent values (nothing was loaded)")

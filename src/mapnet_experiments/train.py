@@ -178,7 +178,9 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         self.config = config
+        started = time.perf_counter()
         self.module = build(config)
+        self.build_seconds = time.perf_counter() - started  # the model and its mapping alone
         self.loss_fn = None
         if config.mode == "mapped":
             # The recipe's loss is the task loss alone unless config.loss switches terms on.
@@ -357,8 +359,9 @@ def train(
         if finished is not None:
             return finished
     splits = splits or load_splits(config)
+    data_seconds = time.perf_counter() - started
     trainer = Trainer(config)
-    build_seconds = time.perf_counter() - started
+    build_seconds = trainer.build_seconds
     state_dir = Path(out_dir) / "state" if out_dir is not None else None
     if resume and state_dir is not None and state_dir.exists():
         trainer.restore_state(state_dir)
@@ -401,6 +404,7 @@ def train(
         "best_val_epoch": best.get("epoch"),
         "best_val_test_acc": best.get("test_acc"),
         "build_seconds": build_seconds,
+        "data_seconds": data_seconds,
         "wall_seconds": history[-1]["seconds"],
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "threads": torch.get_num_threads(),

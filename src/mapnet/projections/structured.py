@@ -62,10 +62,13 @@ from torch import nn
 
 from mapnet.checks import positive_int
 from mapnet.projections.protocol import PiecewiseScale, RowScale
-from mapnet.projections.seeding import HASH_CHUNK, hash64, hash_signs, stream_key
+from mapnet.projections.seeding import hash64, hash_signs, stream_key
 
 # Index elements per scatter/gather call: bounds the transient int64 copy of the slot table.
 _INDEX_CHUNK = 1 << 20
+# Rows per construction step: its hash, sort and int64 temporaries stay near a megabyte, so
+# building W costs its tables and little more (the wrap() memory target).
+_BUILD_CHUNK = 1 << 16
 # Transforms of at least this many numbers run in place (fwht); the staging buffer's size.
 _IN_PLACE_MIN = 1 << 22
 _IN_PLACE_CHUNK = 1 << 18
@@ -102,7 +105,7 @@ def _sources(seed: int, blocks: int, n: int, d: int) -> torch.Tensor:
     slot_key, sign_key = stream_key(seed, "slots"), stream_key(seed, "input_signs")
     dtype = torch.int16 if 2 * d < 1 << 15 else torch.int32
     sources = torch.full((n, blocks), 2 * d, dtype=dtype)
-    step = max(1, HASH_CHUNK // n)  # chunks of blocks bound the hash and int64 temporaries
+    step = max(1, _BUILD_CHUNK // n)  # chunks of blocks bound the hash and int64 temporaries
     for j0 in range(0, blocks, step):
         j1 = min(blocks, j0 + step)
         rows = _slot_rows(slot_key, j0, j1, n, d)  # (b, d)
@@ -343,8 +346,8 @@ class StructuredProjection(nn.Module):
             rounded = (values * scale).to(torch.float32).tolist()  # exact in float32
             starts = [0, *itertools.accumulate(row_scale.sizes)]
             signs = torch.zeros(size, dtype=torch.int8)  # 0 past P: the dropped rows vanish
-            for lo in range(0, self._out, HASH_CHUNK):  # chunks: no P-sized temporary
-                hi = min(self._out, lo + HASH_CHUNK)
+            for lo in range(0, self._out, _BUILD_CHUNK):  # chunks: no P-sized temporary
+                hi = min(self._out, lo + _BUILD_CHUNK)
                 signs[lo:hi] = hash_signs(key, lo, hi)
             self._segments = list(zip(starts[:-1], starts[1:], rounded))
             self.gain, self.signs = None, signs.to(self.sources.device)
@@ -352,8 +355,8 @@ class StructuredProjection(nn.Module):
         if isinstance(row_scale, torch.Tensor):
             row_scale = row_scale.detach().cpu()
         gain = torch.zeros(size)  # (Bn,) 0 past P
-        for lo in range(0, self._out, HASH_CHUNK):  # chunks: no float64 copy of all P
-            hi = min(self._out, lo + HASH_CHUNK)
+        for lo in range(0, self._out, _BUILD_CHUNK):  # chunks: no float64 copy of all P
+            hi = min(self._out, lo + _BUILD_CHUNK)
             rows = (
                 row_scale.rows(lo, hi)
                 if isinstance(row_scale, PiecewiseScale)
