@@ -9,7 +9,16 @@ mapnet.save(mapped, "run/ckpt"); mapnet.load("run/ckpt", lambda: MyNet())
 from mapnet.checkpoint.fingerprint import CheckpointError
 from mapnet.checkpoint.io import load, load_into, save
 from mapnet.config import MappingConfig
-from mapnet.module import MappedModule, wrap
+from mapnet.module import MappedModule, exclude_fixed_from_ddp, wrap
 
-__all__ = ["CheckpointError", "MappedModule", "MappingConfig", "load", "load_into", "save", "wrap"]
+__all__ = [
+    "CheckpointError",
+    "MappedModule",
+    "MappingConfig",
+    "exclude_fixed_from_ddp",
+    "load",
+    "load_into",
+    "save",
+    "wrap",
+]
 __version__ = "0.2.0"

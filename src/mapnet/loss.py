@@ -210,21 +210,8 @@ class MappingLoss(nn.Module):
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         self.generator = torch.Generator().manual_seed(seed)
 
-        # W is fixed, so its column statistics are computed once (one pass over W each).
-        for index, projection in enumerate(mapped.projections):
-            if (
-                "smoothness" in self.terms
-                and self.smoothness_estimator == "exact"
-                and mapped.mapping_config.activation == "identity"
-                and hasattr(projection, "column_sq_norms")
-            ):
-                self.register_buffer(
-                    f"column_sq_norms_{index}", projection.column_sq_norms(), persistent=False
-                )
-            if "alignment" in self.terms:
-                self.register_buffer(
-                    f"column_means_{index}", projection.column_means().clone(), persistent=False
-                )
+        # W's column statistics are read from the projections, which cache them until their
+        # gains change (a loaded state with stored bases can change them).
 
     # ---------------------------------------------------------------- the terms
 
@@ -284,7 +271,8 @@ class MappingLoss(nn.Module):
         c = (1 + 2 * mapped.mapping_config.alpha * z).square()  # (d,)
         activation = mapped.mapping_config.activation
         if activation == "identity":
-            column_sq = getattr(self, f"column_sq_norms_{index}", None)
+            column_sq = getattr(projection, "column_sq_norms", None)
+            column_sq = column_sq() if column_sq is not None else None
             if column_sq is not None:
                 return (column_sq.to(c.dtype) * c).sum()
             return projection.weighted_row_sq_norms(c).sum()
@@ -323,7 +311,7 @@ class MappingLoss(nn.Module):
         mapped = self.mapped
         total = None
         for index, z in enumerate(mapped.latents):
-            means = getattr(self, f"column_means_{index}").to(z.dtype)  # (d,)
+            means = mapped.projections[index].column_means().to(z.dtype)  # (d,)
             w = (1 + mapped.mapping_config.alpha * z) * means  # (d,)
             z_norm = torch.sqrt(z.square().sum() + z.numel() * self.alignment_floor**2)
             denominator = (z_norm * w.norm()).clamp_min(torch.finfo(w.dtype).tiny)

@@ -117,7 +117,7 @@ class MappedModule(nn.Module):
         self._target_signature = inspect.signature(model.forward)
         stored = sorted(generated) if config.store_base and config.base != "zero" else uncovered
         self.stored_base_names: list[str] = stored
-        self._apply_stored_bases(bases, stored_bases or {}, stored)
+        self._apply_stored_bases(bases, stored_bases or {})
 
         self.gains: list[list[float]] = [self._gains(g, b) for g, b in zip(groups, bases)]
         self._identity = self._build_identity(bases)
@@ -170,7 +170,7 @@ class MappedModule(nn.Module):
     # ---------------------------------------------------------------- construction helpers
 
     def _apply_stored_bases(
-        self, bases: list[torch.Tensor], given: dict[str, torch.Tensor], stored: list[str]
+        self, bases: list[torch.Tensor], given: dict[str, torch.Tensor]
     ) -> None:
         if not given:
             return
@@ -207,12 +207,11 @@ class MappedModule(nn.Module):
         roles = [(s, "generated") for s in sel.generated] + [(s, "direct") for s in sel.direct]
         roles += [(s, "frozen") for s in sel.frozen]
         layout = [[s.name, s.names[1:], list(s.shape), str(s.dtype), role] for s, role in roles]
-        digests = {}
+        digests, sketches = {}, {}
         if self.mapping_config.base != "zero":
-            digests = {
-                spec.name: fingerprint.tensor_digest(v)
-                for spec, v in group_views(self.groups, bases)
-            }
+            for spec, view in group_views(self.groups, bases):
+                digests[spec.name] = fingerprint.tensor_digest(view)
+                sketches[spec.name] = fingerprint.tensor_sketch(spec.name, view)
         return {
             "format": fingerprint.IDENTITY_FORMAT,
             "config": self.mapping_config.to_dict(),
@@ -228,6 +227,7 @@ class MappedModule(nn.Module):
             ],
             "projection": ALGORITHMS[self.mapping_config.projection],
             "bases": digests,
+            "sketches": sketches,
             "stored": self.stored_base_names,
         }
 
@@ -524,6 +524,9 @@ class MappedModule(nn.Module):
                 row_scale = _row_scale(group, gains, self.mapping_config.scaling)
                 self.projections[index].set_row_scale(row_scale)
         self._identity["bases"].update(saved_digests)
+        views = self._theta0_views()
+        for name in saved_digests:
+            self._identity["sketches"][name] = fingerprint.tensor_sketch(name, views[name])
         for group_identity, gains in zip(self._identity["groups"], self.gains):
             group_identity["gains"] = gains
         self._cache = None
@@ -608,6 +611,19 @@ def _check_and_take_state(
     module._take_stored_bases(stored, {n: saved["bases"][n] for n in differing})
     for name in stored:
         state.pop(prefix + STORED_BASE + name)
+
+
+def exclude_fixed_from_ddp(root: nn.Module) -> list[str]:
+    """Tell DistributedDataParallel(root) to skip every fixed tensor of the MappedModules inside
+    `root` (DDP reads the list from the module it wraps only, so a MappedModule's own list
+    covers only DDP(mapped) itself). Call before wrapping: `exclude_fixed_from_ddp(net);
+    DDP(net)`. Returns the names, relative to `root`."""
+    names = set(getattr(root, "_ddp_params_and_buffers_to_ignore", ()))
+    for prefix, module in root.named_modules():
+        if isinstance(module, MappedModule):
+            names.update(f"{prefix}.{n}" if prefix else n for n in module.fixed_tensor_names())
+    root._ddp_params_and_buffers_to_ignore = sorted(names)
+    return root._ddp_params_and_buffers_to_ignore
 
 
 def wrap(model: ModelSource, config: MappingConfig | None = None, **overrides: Any) -> MappedModule:

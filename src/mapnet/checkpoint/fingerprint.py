@@ -7,6 +7,11 @@
     projection     the projection algorithm's identifier (bumped whenever W for a seed changes)
     bases          sha256 of every base tensor (θ₀ or the pretrained weights) in a canonical byte
                    form: the tensor's dtype, shape and little-endian bytes
+    sketches       per base tensor, its mean, rms and 8 entries at hashed positions (float64):
+                   when a digest differs only because another CPU or thread count regenerated
+                   θ₀ in its last bits (vectorised normal_, LAPACK), the sketch agrees within
+                   SKETCH_TOLERANCE and the state loads with a warning; any real difference
+                   (another seed, a re-initialised head) fails, naming the tensor
     stored         the bases that travel with the state (not regenerable where it is loaded)
 
 Identity travels inside `state_dict()` as the extra state `_extra_state` (a uint8 tensor of this
@@ -17,13 +22,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
 IDENTITY_FORMAT = 2
+SKETCH_POSITIONS = 8
+# Relative to the tensor's rms: last-bit differences are ~1e-7, a re-initialisation ~1.
+SKETCH_TOLERANCE = 1e-5
 
 
 class CheckpointError(ValueError):
@@ -42,6 +52,27 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     )
     digest.update(memoryview(np.ascontiguousarray(data)))  # no copy of the tensor's bytes
     return digest.hexdigest()
+
+
+def tensor_sketch(name: str, tensor: torch.Tensor) -> list[float]:
+    """[mean, rms, x[p_1] … x[p_8]] of `tensor` in float64, positions hashed from `name`."""
+    flat = tensor.detach().reshape(-1)
+    if flat.numel() == 0:
+        return [0.0, 0.0]
+    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+    positions = [(seed + k * 0x9E3779B97F4A7C15) % flat.numel() for k in range(SKETCH_POSITIONS)]
+    as64 = flat.to(torch.float64)
+    picks = as64[torch.tensor(positions, device=flat.device)].cpu().tolist()
+    return [as64.mean().item(), as64.square().mean().sqrt().item(), *picks]
+
+
+def _sketches_agree(a: list[float], b: list[float]) -> bool:
+    if len(a) != len(b) or len(a) < 2:
+        return False
+    scale = max(abs(a[1]), abs(b[1]), 1e-30)
+    return all(
+        math.isclose(x, y, rel_tol=0, abs_tol=SKETCH_TOLERANCE * scale) for x, y in zip(a, b)
+    )
 
 
 def encode(identity: dict[str, Any]) -> torch.Tensor:
@@ -113,10 +144,39 @@ def compare(saved: dict[str, Any], own: dict[str, Any], where: str) -> list[str]
         if name in stored:
             differing.append(name)
             continue
+        sketch = saved.get("sketches", {}).get(name)
+        if sketch is not None and _sketches_agree(sketch, own["sketches"][name]):
+            warnings.warn(
+                f"{where}: the base (θ₀) of {name!r} differs from the saved one in its last bits "
+                "only (another CPU or thread count regenerated it); loading it, as its sketch "
+                f"agrees within {SKETCH_TOLERANCE:g} of its rms",
+                stacklevel=5,
+            )
+            continue
         raise CheckpointError(
             f"{where}: the base (θ₀) of {name!r} differs from the one the state was saved with "
             f"(sha256 {str(theirs)[:12]}… there, {digest[:12]}… here). For base='model', load onto "
             "the same pretrained weights; for base='init', build the model the same way (the same "
             "factory or class, the same seed); or save with store_base=True"
         )
+    # Gains derive from θ₀ (or, for base='zero', from an init used only as their reference):
+    # they must agree too, except in groups whose stored bases are about to replace θ₀.
+    for saved_group, own_group in zip(saved.get("groups", []), own["groups"]):
+        if any(p in differing for p in own_group["parameters"]):
+            continue
+        saved_gains, own_gains = saved_group.get("gains", []), own_group["gains"]
+        close = len(saved_gains) == len(own_gains) and all(
+            math.isclose(a, b, rel_tol=1e-6) for a, b in zip(saved_gains, own_gains)
+        )
+        if not close:
+            names = [
+                p
+                for p, a, b in zip(own_group["parameters"], saved_gains, own_gains)
+                if not math.isclose(a, b, rel_tol=1e-6)
+            ]
+            raise CheckpointError(
+                f"{where}: the per-tensor gains of {names[:5] or own_group['name']!r} differ from "
+                "the saved ones (they follow the spread of the reference initialisation): build "
+                "the model the same way"
+            )
     return differing

@@ -69,7 +69,14 @@ def save(
             f"save() takes a MappedModule from mapnet.wrap(), got {type(mapped).__name__}"
         )
     folder = Path(path)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in mapped.state_dict().items()}
+    tensors, storages = {}, set()
+    for key, value in mapped.state_dict().items():
+        value = value.detach().contiguous().cpu()
+        storage = value.untyped_storage().data_ptr()
+        # safetensors refuses shared storage: a tied frozen or directly trained parameter
+        # appears under each of its names; each gets its own copy (load copies into both).
+        tensors[key] = value.clone() if storage in storages else value
+        storages.add(storage)
     blob = save_safetensors(tensors)
     description = {
         "format": FORMAT,
@@ -138,9 +145,8 @@ def load(path: str | os.PathLike[str], model: ModelSource) -> MappedModule:
     description = read_description(folder)
     tensors = _read_tensors(folder, description)
     config = _config(description, folder)
+    # Format 1 names them the same way (base.<name>).
     stored = {k[len(STORED_BASE) :]: v for k, v in tensors.items() if k.startswith(STORED_BASE)}
-    if description["version"] == 1:
-        stored = {k[len("base.") :]: v for k, v in tensors.items() if k.startswith("base.")}
     try:
         # Stored bases go in at construction: they also set their tensors' gains.
         mapped = MappedModule(model, config, stored_bases=stored)

@@ -62,6 +62,9 @@ class DenseProjection(nn.Module):
         weight *= row_scale.to(weight.dtype)[:, None]
         # Not persistent: the seed regenerates it, so checkpoints never carry it.
         self.register_buffer("weight", weight, persistent=False)
+        # Column statistics for the mapping loss, cached until the gains change.
+        self.register_buffer("column_sq", None, persistent=False)
+        self.register_buffer("column_mean", None, persistent=False)
 
     def set_row_scale(self, row_scale: RowScale) -> None:
         """Rebuild W with another per-row gain (as if constructed with it): regenerates W."""
@@ -70,6 +73,7 @@ class DenseProjection(nn.Module):
         weight = orthonormal_matrix(self.out_features, self.in_features, self.seed)
         weight *= row_scale.to(weight.dtype)[:, None]
         self.weight = weight.to(device=self.weight.device, dtype=self.weight.dtype)
+        self.column_sq = self.column_mean = None
 
     def _weight_as(self, u: torch.Tensor) -> torch.Tensor:
         return self.weight if self.weight.dtype == u.dtype else self.weight.to(u.dtype)
@@ -123,12 +127,16 @@ class DenseProjection(nn.Module):
         return out
 
     def column_sq_norms(self) -> torch.Tensor:  # (d,)
-        """Σ_p W_pi² for every column i."""
-        out = torch.zeros(self.in_features, dtype=self.weight.dtype, device=self.weight.device)
-        for start in range(0, self.out_features, _BLOCK_ROWS):
-            out += self.weight[start : start + _BLOCK_ROWS].square().sum(0)
-        return out
+        """Σ_p W_pi² for every column i (cached)."""
+        if self.column_sq is None:
+            out = torch.zeros(self.in_features, dtype=self.weight.dtype, device=self.weight.device)
+            for start in range(0, self.out_features, _BLOCK_ROWS):
+                out += self.weight[start : start + _BLOCK_ROWS].square().sum(0)
+            self.column_sq = out
+        return self.column_sq
 
     def column_means(self) -> torch.Tensor:  # (d,)
-        """mean_p W_pi for every column i."""
-        return self.weight.mean(0)
+        """mean_p W_pi for every column i (cached)."""
+        if self.column_mean is None:
+            self.column_mean = self.weight.mean(0)
+        return self.column_mean

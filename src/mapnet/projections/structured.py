@@ -313,6 +313,7 @@ class StructuredProjection(nn.Module):
         self.register_buffer("gain", None, persistent=False)  # (Bn,) per-row gain, signs folded
         self.register_buffer("signs", None, persistent=False)  # (Bn,) int8, with segments
         self.register_buffer("column_mean", None, persistent=False)  # filled on first use
+        self.register_buffer("column_sq", None, persistent=False)  # filled on first use
         # An empty float tensor: follows .to()/.double(), so dtype-free state knows its dtype.
         self.register_buffer("float_like", torch.empty(0), persistent=False)
         self._segments: list[tuple[int, int, float]] | None = None
@@ -339,7 +340,7 @@ class StructuredProjection(nn.Module):
         self._check_row_scale(row_scale)
         scale = 1.0 / math.sqrt(max(self._out, self._in))
         key = stream_key(self.seed, "output_signs")
-        self.column_mean = None
+        self.column_mean = self.column_sq = None
         size = self.blocks * self.n
         if isinstance(row_scale, PiecewiseScale) and self._out > PER_ROW_GAIN_MAX:
             values = torch.tensor(row_scale.values, dtype=torch.float32).to(torch.float64)
@@ -415,12 +416,16 @@ class StructuredProjection(nn.Module):
         return self.row_gains().to(c.dtype).square() * c.sum()
 
     def column_sq_norms(self) -> torch.Tensor:  # () -> (d,)
-        """Σ_p W_pi² with row_scale: the same for every column, Σ_p row_scale_p² / max(P, d)."""
-        if self._segments is not None:  # float64 over segments: exact enough, no P-vector
-            total = sum((b - a) * v * v for a, b, v in self._segments)
-            return torch.full((self._in,), total).to(self.float_like)
-        total = self.row_gains().double().square().sum()  # float64: P terms
-        return total.to(self.float_like).expand(self._in).clone()
+        """Σ_p W_pi² with row_scale: the same for every column, Σ_p row_scale_p² / max(P, d)
+        (cached until the gains change)."""
+        if self.column_sq is None:
+            if self._segments is not None:  # float64 over segments: no P-vector
+                total = sum((b - a) * v * v for a, b, v in self._segments)
+                self.column_sq = torch.full((self._in,), total).to(self.float_like)
+            else:
+                total = self.row_gains().double().square().sum()  # float64: P terms
+                self.column_sq = total.to(self.float_like).expand(self._in).clone()
+        return self.column_sq
 
     def column_means(self) -> torch.Tensor:  # () -> (d,)
         """mean_p W_pi with row_scale: Wᵀ 1 / P by one transposed pass (in float64), then cached."""

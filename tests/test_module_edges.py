@@ -1,0 +1,225 @@
+"""Edge cases of the MappedModule contract found in review: loads that must be no-ops, stored
+bases of other dtypes, strict=False, tied frozen parameters, nested DDP, the eval cache's key,
+attribute fall-through and θ₀ regenerated in its last bits elsewhere."""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import mapnet
+from mapnet.checkpoint.fingerprint import CheckpointError
+from mapnet.loss import MappingLoss
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:  # (B, 6) -> (B, 8)
+        return torch.relu(self.bn(self.fc1(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 6) -> (B, 3)
+        return self.fc2(self.encode(x))
+
+
+def x_batch() -> torch.Tensor:
+    return torch.randn(5, 6, generator=torch.Generator().manual_seed(3))
+
+
+def outputs(mapped: nn.Module) -> torch.Tensor:
+    mapped.eval()
+    with torch.no_grad():
+        return mapped(x_batch())
+
+
+def stepped(mapped: mapnet.MappedModule) -> mapnet.MappedModule:
+    with torch.no_grad():
+        for z in mapped.latents:
+            z.add_(torch.linspace(-0.5, 0.5, z.numel()))
+    return mapped
+
+
+def test_loading_its_own_state_changes_nothing_with_base_zero(tmp_path) -> None:
+    """base='zero' with init_std gains: the gains' reference θ₀ is not kept, so a load must not
+    re-derive them (it used to set them all to the constant-tensor gain)."""
+    config = mapnet.MappingConfig(latent_dim=12, base="zero", latent_init_std=1.0)
+    mapped = mapnet.wrap(Net, config)
+    before, gains = outputs(mapped), [list(g) for g in mapped.gains]
+    mapped.load_state_dict(mapped.state_dict())
+    assert mapped.gains == gains
+    assert torch.equal(outputs(mapped), before)
+    loaded = mapnet.load(mapnet.save(mapped, tmp_path / "c"), Net)
+    assert torch.equal(outputs(loaded), before)
+
+
+def test_base_zero_with_another_reference_initialisation_is_refused() -> None:
+    class Wider(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            with torch.no_grad():
+                self.fc1.weight.mul_(5)  # same shapes, another spread: other gains
+
+    config = mapnet.MappingConfig(latent_dim=12, base="zero", latent_init_std=1.0)
+    state = mapnet.wrap(Net, config).state_dict()
+    with pytest.raises(CheckpointError, match=r"gains of \['fc1.weight'\]"):
+        mapnet.wrap(Wider, config).load_state_dict(state)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stored_bases_of_a_half_precision_target_are_taken(dtype: torch.dtype) -> None:
+    config = mapnet.MappingConfig(latent_dim=12, base="model", store_base=True)
+    torch.manual_seed(0)
+    source = stepped(mapnet.wrap(Net().to(dtype), config))
+    torch.manual_seed(1)
+    other = mapnet.wrap(Net().to(dtype), config)  # other pretrained weights
+    other.load_state_dict(source.state_dict())
+    x = x_batch().to(dtype)
+    source.eval(), other.eval()
+    with torch.no_grad():
+        assert torch.equal(other(x), source(x))
+
+
+def test_strict_false_loads_a_partial_state_and_ignores_extra_keys() -> None:
+    source = stepped(mapnet.wrap(Net, latent_dim=12))
+    mapped = mapnet.wrap(Net, latent_dim=12)
+    state = source.state_dict()
+    partial = {k: v for k, v in state.items() if not k.startswith("target.bn.")}
+    partial["extra.weight"] = torch.zeros(2)
+    result = mapped.load_state_dict(partial, strict=False)
+    assert "extra.weight" in result.unexpected_keys
+    assert any(k.startswith("target.bn.") for k in result.missing_keys)
+    assert torch.equal(mapped.latent, source.latent)
+    with pytest.raises(CheckpointError, match=r"missing 'target\.bn\.running_mean'"):
+        mapped.load_state_dict({k: v for k, v in partial.items() if k != "extra.weight"})
+
+
+def test_a_tied_frozen_parameter_saves_and_loads(tmp_path) -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.mid = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.mid(self.emb(ids))))
+
+    config = mapnet.MappingConfig(latent_dim=6, exclude_modules=("emb",), latent_init_std=0.5)
+    mapped = mapnet.wrap(Tied, config)
+    assert not mapped.target.emb.weight.requires_grad
+    loaded = mapnet.load(mapnet.save(mapped, tmp_path / "c"), Tied)
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(loaded(ids), mapped(ids))
+    assert loaded.target.head.weight is loaded.target.emb.weight
+
+
+def test_nested_mapped_modules_are_excluded_from_ddp() -> None:
+    class Parent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = mapnet.wrap(Net, latent_dim=12)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    parent = Parent()
+    names = mapnet.exclude_fixed_from_ddp(parent)
+    assert "body.base_0" in names and "body.projections.0.sources" in names
+    assert "body.target.fc1.weight" in names and "body.target.bn.running_mean" not in names
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        # gloo cannot broadcast the int16 table: construction fails unless it is excluded.
+        ddp = nn.parallel.DistributedDataParallel(parent)
+        ddp(x_batch()).sum().backward()
+        assert parent.body.latent.grad is not None
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_mapping_loss_follows_gains_changed_by_a_load() -> None:
+    config = mapnet.MappingConfig(latent_dim=12, base="model", store_base=True)
+    torch.manual_seed(0)
+    source = mapnet.wrap(Net(), config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        other_net = Net()
+        other_net.fc1.weight.mul_(3)
+    target = mapnet.wrap(other_net, config)
+    loss = MappingLoss(target, stability=False)
+    target.load_state_dict(source.state_dict())
+    fresh = MappingLoss(target, stability=False)
+    torch.testing.assert_close(loss.smoothness_loss(), fresh.smoothness_loss())
+    torch.testing.assert_close(loss.alignment_loss(), fresh.alignment_loss())
+
+
+def test_eval_cache_follows_theta0_and_skips_swapped_latents() -> None:
+    mapped = mapnet.wrap(Net, latent_dim=12)
+    before = outputs(mapped)
+    with torch.no_grad():
+        mapped.base_0.mul_(2)  # θ₀ changed in place
+    assert not torch.equal(outputs(mapped), before)
+    z = torch.full_like(mapped.latent, 0.3)
+    swapped = functional_call(mapped, {"latents.0": z}, (x_batch(),))
+    z.add_(0.2)  # same tensor, changed: a cached result would not follow
+    with torch.no_grad():
+        again = functional_call(mapped, {"latents.0": z}, (x_batch(),))
+    assert not torch.equal(swapped, again)
+
+
+def test_attributes_of_the_target_and_running_its_methods_on_generated_weights() -> None:
+    mapped = stepped(mapnet.wrap(Net, latent_dim=12)).eval()
+    x = x_batch()
+    assert mapped.fc1 is mapped.target.fc1
+    with mapped.applied() as net:
+        encoded = net.encode(x)
+    g, bn = mapped.generate(), mapped.target.bn
+    linear = nn.functional.linear(x, g["fc1.weight"], g["fc1.bias"])
+    normed = nn.functional.batch_norm(
+        linear, bn.running_mean, bn.running_var, g["bn.weight"], g["bn.bias"], training=False
+    )
+    torch.testing.assert_close(encoded, torch.relu(normed))
+    assert not torch.allclose(encoded, mapped.target.encode(x))  # directly: θ₀, not generated
+    layerwise = mapnet.wrap(Net, latent_dim=3, strategy="layerwise")
+    with pytest.raises(AttributeError, match="one latent per layer"):
+        _ = layerwise.latent
+
+
+def test_to_empty_is_refused() -> None:
+    with pytest.raises(TypeError, match="to_empty"):
+        mapnet.wrap(Net, latent_dim=12).to_empty(device="cpu")
+
+
+def test_theta0_differing_in_last_bits_loads_with_a_warning_and_a_real_change_fails() -> None:
+    """Another CPU's vectorised normal_ or another LAPACK thread count regenerates θ₀ a few ulps
+    away: the digest differs, the sketch agrees, the state loads with a warning."""
+    config = mapnet.MappingConfig(latent_dim=12, base="model")
+    torch.manual_seed(0)
+    net = Net()
+    state = stepped(mapnet.wrap(net, config)).state_dict()
+    nudged = Net()
+    nudged.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        nudged.fc1.weight.copy_(torch.nextafter(nudged.fc1.weight, torch.tensor(1.0)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mapnet.wrap(nudged, config).load_state_dict(state)
+    assert any("fc1.weight" in str(w.message) and "last bits" in str(w.message) for w in caught)
+    with torch.no_grad():
+        nudged.fc1.weight.add_(0.01)
+    with pytest.raises(CheckpointError, match=r"'fc1\.weight' differs"):
+        mapnet.wrap(nudged, config).load_state_dict(state)
