@@ -1,7 +1,8 @@
 """Fixed projections W ∈ R^{P×d}, regenerated from a seed and never stored (paper §2.2).
 
-"structured" (the default): signed, permuted Walsh–Hadamard blocks, 6 bytes per generated
-parameter, bit-identical everywhere. "dense": W in memory, P·d floats, for the paper's ablations.
+"structured" (the default): signed, permuted Walsh–Hadamard blocks, 3–8 bytes per generated
+parameter (structured.py says when), bit-identical everywhere. "dense": W in memory, P·d
+floats, for the paper's ablations.
 """
 
 from __future__ import annotations
