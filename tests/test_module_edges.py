@@ -223,3 +223,22 @@ def test_theta0_differing_in_last_bits_loads_with_a_warning_and_a_real_change_fa
         nudged.fc1.weight.add_(0.01)
     with pytest.raises(CheckpointError, match=r"'fc1\.weight' differs"):
         mapnet.wrap(nudged, config).load_state_dict(state)
+
+
+def test_materialize_keeps_the_parameter_order_and_trainability() -> None:
+    config = mapnet.MappingConfig(
+        latent_dim=6, train_directly=("bn.bias",), exclude_modules=("fc2",)
+    )
+    plain = mapnet.wrap(Net, config).materialize()
+    assert [n for n, _ in plain.named_parameters()] == [n for n, _ in Net().named_parameters()]
+    assert all(p.requires_grad for p in plain.parameters())  # fc2 was frozen by the mapping only
+
+
+def test_unpickled_placeholders_are_views_of_theta0_again() -> None:
+    import pickle
+
+    mapped = stepped(mapnet.wrap(Net, latent_dim=12))
+    copy_ = pickle.loads(pickle.dumps(mapped))
+    theta0 = copy_.base_0.untyped_storage().data_ptr()
+    assert copy_.target.fc2.weight.untyped_storage().data_ptr() == theta0
+    assert torch.equal(outputs(copy_), outputs(mapped))

@@ -133,6 +133,8 @@ class MappedModule(nn.Module):
         # references such as nn.LSTM's flat-weight list point at the placeholders). Done before
         # the projections are built, so a factory's weights are gone by then: wrap() peaks at
         # weights + θ₀, or θ₀ + projection, whichever is larger.
+        # Each module's parameter names in their order, for materialize().
+        self._parameter_order = {n: list(m._parameters) for n, m in model.named_modules()}
         placeholders = self._placeholders()
         if not from_factory:
             params = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
@@ -144,6 +146,10 @@ class MappedModule(nn.Module):
                 owner._parameters.pop(attr, None)
                 owner.register_buffer(attr, view, persistent=False)
                 setattr(owner, attr, view)  # modules such as nn.LSTM refresh caches on setattr
+        originally_frozen = {
+            s.name for s in selection.frozen if not model.get_parameter(s.name).requires_grad
+        }
+        self._excluded = [s.name for s in selection.frozen if s.name not in originally_frozen]
         for spec in selection.frozen:
             model.get_parameter(spec.name).requires_grad_(False)
         self.target = model
@@ -452,7 +458,18 @@ class MappedModule(nn.Module):
                     param = owner._buffers.pop(attr)
                     owner._non_persistent_buffers_set.discard(attr)
                     owner.register_parameter(attr, param)
+        for name, module in plain.named_modules():  # the target's own parameter order
+            order = self._parameter_order.get(name, [])
+            rank = {attr: i for i, attr in enumerate(order)}
+            items = sorted(module._parameters.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+            module._parameters = dict(items)
+        for name in self._excluded:  # frozen by the mapping, not by the model
+            plain.get_parameter(name).requires_grad_(True)
         return plain
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._alias_placeholders()  # unpickled placeholders are copies: views of θ₀ again
 
     def extra_repr(self) -> str:
         return (
