@@ -361,6 +361,22 @@ def variant_config(variant: StepVariant, latent_dim: int) -> MappingConfig:
     return MappingConfig(latent_dim=latent_dim, projection=variant.projection)
 
 
+def _results_header(
+    what: str, command: str, smoke: bool, counts: list[int | None]
+) -> dict[str, Any]:
+    """The fields every results file of this bench starts with: what, how and where it ran."""
+    return {
+        "what": what,
+        "smoke": smoke,
+        "fresh_process_per_measurement": not smoke,
+        "command": command,
+        "argv": sys.argv,
+        "date": _now(),
+        "machine": machine() | {"threads": _threads_label(counts)},
+        "load": {"start": load()},
+    }
+
+
 def _set_threads(threads: int | None) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
@@ -578,14 +594,7 @@ def step_bench(
     run = _runner(smoke, env)
 
     data: dict[str, Any] = {
-        "what": "step",
-        "smoke": smoke,
-        "fresh_process_per_measurement": not smoke,
-        "command": command,
-        "argv": sys.argv,
-        "date": _now(),
-        "machine": machine() | {"threads": _threads_label(counts)},
-        "load": {"start": load()},
+        **_results_header("step", command, smoke, counts),
         "settings": {
             "batch": batch,
             "latent_dim": latent_dim,
@@ -1338,14 +1347,7 @@ def memory_bench(
     vs instance; each (case, tracker) in a fresh process (smoke: in this one); write `out`."""
     run = _runner(smoke, None)
     data: dict[str, Any] = {
-        "what": "memory",
-        "smoke": smoke,
-        "fresh_process_per_measurement": not smoke,
-        "command": command,
-        "argv": sys.argv,
-        "date": _now(),
-        "machine": machine() | {"threads": _threads_label([threads])},
-        "load": {"start": load()},
+        **_results_header("memory", command, smoke, [threads]),
         "settings": dataclasses.asdict(plan) | {"trackers": list(TRACKERS), "optimizer": "Adam"},
         "training": [],
         "wrap": [],
@@ -1536,14 +1538,7 @@ def inference_bench(
     counts = _thread_counts(threads)
     run = _runner(smoke, None)
     data: dict[str, Any] = {
-        "what": "inference",
-        "smoke": smoke,
-        "fresh_process_per_measurement": not smoke,
-        "command": command,
-        "argv": sys.argv,
-        "date": _now(),
-        "machine": machine() | {"threads": _threads_label(counts)},
-        "load": {"start": load()},
+        **_results_header("inference", command, smoke, counts),
         "settings": {
             "latent_dim": latent_dim,
             "projection": "structured",
