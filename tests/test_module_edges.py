@@ -242,3 +242,20 @@ def test_unpickled_placeholders_are_views_of_theta0_again() -> None:
     theta0 = copy_.base_0.untyped_storage().data_ptr()
     assert copy_.target.fc2.weight.untyped_storage().data_ptr() == theta0
     assert torch.equal(outputs(copy_), outputs(mapped))
+
+
+def test_wrap_holds_at_most_the_weights_theta0_and_w() -> None:
+    """Finding 11: wrap() made ~5 transient copies of the weights. Now a factory's model is
+    copied once into θ₀ and freed before W is built, so the peak stays within weights + θ₀ + W
+    (6.3M parameters: past 2^22, W keeps int8 signs and one gain per tensor)."""
+    from mapnet_experiments.bench import PeakMemory
+
+    def factory() -> nn.Module:
+        return nn.Sequential(nn.Linear(2500, 2500), nn.ReLU(), nn.Linear(2500, 10))
+
+    with PeakMemory("allocator") as peak:
+        mapped = mapnet.wrap(factory, latent_dim=256)
+    weights = sum(p.numel() * 4 for p in factory().parameters())
+    budget = weights + mapped.projection_bytes() + weights  # weights, W, one θ₀
+    assert mapped.projection_bytes() <= 3.1 * mapped.num_generated_parameters()
+    assert peak.result()["peak_bytes"] <= budget

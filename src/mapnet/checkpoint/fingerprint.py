@@ -34,6 +34,7 @@ IDENTITY_FORMAT = 2
 SKETCH_POSITIONS = 8
 # Relative to the tensor's rms: last-bit differences are ~1e-7, a re-initialisation ~1.
 SKETCH_TOLERANCE = 1e-5
+_SKETCH_CHUNK = 1 << 18
 
 
 class CheckpointError(ValueError):
@@ -61,9 +62,13 @@ def tensor_sketch(name: str, tensor: torch.Tensor) -> list[float]:
         return [0.0, 0.0]
     seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
     positions = [(seed + k * 0x9E3779B97F4A7C15) % flat.numel() for k in range(SKETCH_POSITIONS)]
-    as64 = flat.to(torch.float64)
-    picks = as64[torch.tensor(positions, device=flat.device)].cpu().tolist()
-    return [as64.mean().item(), as64.square().mean().sqrt().item(), *picks]
+    picks = flat[torch.tensor(positions, device=flat.device)].to(torch.float64).cpu().tolist()
+    total = squares = 0.0
+    for start in range(0, flat.numel(), _SKETCH_CHUNK):  # float64 a chunk at a time: no copy
+        chunk = flat[start : start + _SKETCH_CHUNK].to(torch.float64)
+        total += chunk.sum().item()
+        squares += chunk.square().sum().item()
+    return [total / flat.numel(), math.sqrt(squares / flat.numel()), *picks]
 
 
 def _sketches_agree(a: list[float], b: list[float]) -> bool:
