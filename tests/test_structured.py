@@ -391,3 +391,30 @@ def test_large_transforms_run_in_place_with_the_same_bits() -> None:
     result = fwht(work, dim=1)
     assert result.data_ptr() == work.data_ptr()  # no second buffer
     assert torch.equal(result, expected)
+
+
+def test_two_threads_sharing_a_projection_get_their_own_results() -> None:
+    """The passes keep no state between calls (an inference server shares one module)."""
+    import sys
+    import threading
+
+    proj = make(3000, 100, 7)
+    inputs = [torch.randn(3, 100, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    expected = [proj(u).clone() for u in inputs]
+    wrong = [0]
+
+    def run(i: int) -> None:
+        for _ in range(200):
+            wrong[0] += not torch.equal(proj(inputs[i]), expected[i])
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, inside the passes
+    try:
+        workers = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert wrong[0] == 0

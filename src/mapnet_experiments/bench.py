@@ -1532,16 +1532,18 @@ def inference_bench(
     batch: int | None = None,
     command: str = "mapnet bench inference",
     smoke: bool = False,
+    malloc_tuned: bool = False,
 ) -> dict[str, Any]:
     """(d) for `models` at every thread count: rounds of fresh processes, each running one
     (variant, thread count), in alternating order; write `out`. `batch` overrides the models'."""
     counts = _thread_counts(threads)
-    run = _runner(smoke, None)
+    run = _runner(smoke, MALLOC_TUNED_ENV if malloc_tuned else None)
     data: dict[str, Any] = {
         **_results_header("inference", command, smoke, counts),
         "settings": {
             "latent_dim": latent_dim,
             "projection": "structured",
+            "malloc_tuned": malloc_tuned,
             "threads": [DEFAULT_THREADS if c is None else c for c in counts],
             "models": {
                 name: dataclasses.asdict(INFERENCE_MODELS[name])

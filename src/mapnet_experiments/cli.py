@@ -409,6 +409,11 @@ examples:
     )
     q.add_argument("--latent-dim", type=int, default=2048, help="d (default: %(default)s)")
     q.add_argument(
+        "--malloc-tuned",
+        action="store_true",
+        help="glibc's mmap/trim thresholds at 1 GiB in the measured processes (as for step)",
+    )
+    q.add_argument(
         "--threads",
         type=int,
         nargs="+",
@@ -564,6 +569,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         f"mapnet bench inference{smoke} --models {' '.join(models)} --latent-dim {latent_dim}"
         + (f" --batch-size {args.batch_size}" if args.batch_size else "")
         + f" --threads {' '.join(map(str, counts))}"
+        + (" --malloc-tuned" if args.malloc_tuned else "")
         + given_out
     )
     bench.inference_bench(
@@ -574,6 +580,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         batch=args.batch_size,
         command=command,
         smoke=args.smoke,
+        malloc_tuned=args.malloc_tuned,
     )
     return 0
 

@@ -118,7 +118,7 @@ def _sources(seed: int, blocks: int, n: int, d: int) -> torch.Tensor:
     return sources
 
 
-def fwht(x: torch.Tensor, dim: int = -1, work: torch.Tensor | None = None) -> torch.Tensor:
+def fwht(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Unnormalised Walsh–Hadamard transform along `dim` (length a power of two): H x.
 
     H is symmetric with H H = n I, so this is also its own transpose (and inverse up to 1/n).
@@ -127,8 +127,7 @@ def fwht(x: torch.Tensor, dim: int = -1, work: torch.Tensor | None = None) -> to
     exactly a ± b in IEEE arithmetic, fused or not), one kernel instead of an add and a subtract.
     The axes after `dim` ride along inside every butterfly, so a transform along a leading axis
     of (n, T) runs on contiguous runs of h·T numbers, not of h (several times faster for h < 8).
-    Consumes `x` (used as a work buffer), and `work` (x's size and dtype) as the second one when
-    given; the result is in one of the two (x after an even number of passes).
+    Consumes `x` (used as a work buffer).
     """
     dim = dim % x.dim()
     n = x.shape[dim]
@@ -139,7 +138,7 @@ def fwht(x: torch.Tensor, dim: int = -1, work: torch.Tensor | None = None) -> to
     src = x.reshape(lead, n, trail).contiguous()  # (L, n, T)
     if src.numel() >= _IN_PLACE_MIN:
         return _butterflies_in_place(src).view(x.shape)
-    dst = torch.empty_like(src) if work is None else work.view(src.shape)
+    dst = torch.empty_like(src)
     plus_minus = torch.tensor([1.0, -1.0], dtype=x.dtype, device=x.device).view(1, 1, 2, 1)
     # Views by as_strided from precomputed strides: one call each, where view + slice took three
     # (a pass on a small transform costs ~5 µs instead of ~15 µs of Python-side overhead).
@@ -321,7 +320,6 @@ class StructuredProjection(nn.Module):
         # An empty float tensor: follows .to()/.double(), so dtype-free state knows its dtype.
         self.register_buffer("float_like", torch.empty(0), persistent=False)
         self._segments: list[tuple[int, int, float]] | None = None
-        self._workspaces: dict[str, torch.Tensor] = {}
         self.set_row_scale(row_scale)
 
     def _check_row_scale(self, row_scale: object) -> None:
@@ -453,32 +451,14 @@ class StructuredProjection(nn.Module):
     # output a·B + j) is then that matrix's own memory order (no transpose copy), and every
     # butterfly of `fwht(·, dim=1)` runs over contiguous runs of ≥ B numbers.
 
-    def _workspace(self, slot: str, count: int, like: torch.Tensor) -> torch.Tensor | None:
-        """A (count, Bn) work buffer kept between calls, for tables that fit one index chunk:
-        a training step then allocates one Bn-sized buffer (its output), not four, and glibc's
-        returning and re-faulting those pages is a visible share of a small model's step. None
-        for larger tables (their memory matters more) and under torch.compile."""
-        size = count * self.n * self.blocks
-        if size > _INDEX_CHUNK or torch.compiler.is_compiling():
-            return None
-        buffer = self._workspaces.get(slot)
-        if buffer is None or buffer.numel() != size or buffer.dtype != like.dtype:
-            buffer = self._workspaces[slot] = like.new_empty(count, self.n * self.blocks)
-        elif buffer.device != like.device:
-            buffer = self._workspaces[slot] = buffer.to(like.device)
-        return buffer
-
     def _blocks(self, u: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, n, B), [:, a, j] = y_j[a]
         count, blocks, n = u.shape[0], self.blocks, self.n
         # Every slot of every block gathers its signed input (or the zero) from this small
         # vector: reads hit the cache, writes run in order (a scatter writes all over x).
         signed = torch.cat([u, -u, u.new_zeros(count, 1)], dim=1)  # (N, 2d + 1)
-        # The result must be a fresh buffer (autograd keeps it): the transform ends in x after
-        # an even number of passes, in the work buffer after an odd one, so they swap roles.
-        work = self._workspace("forward", count, u)
-        fresh = u.new_empty(count, n * blocks)  # (N, Bn)
-        odd = (n.bit_length() - 1) % 2 == 1
-        x, work = (work, fresh) if odd and work is not None else (fresh, work)
+        # Every call allocates its own buffers (no work buffers kept between calls): a module
+        # shared by threads stays correct.
+        x = u.new_empty(count, n * blocks)  # (N, Bn)
         for lo in range(0, n * blocks, _INDEX_CHUNK):  # chunks bound the int32 index copy
             hi = min(n * blocks, lo + _INDEX_CHUNK)
             index = self.sources[lo:hi].int()
@@ -486,7 +466,7 @@ class StructuredProjection(nn.Module):
                 torch.index_select(signed[0], 0, index, out=x[0, lo:hi])
             else:
                 torch.index_select(signed, 1, index, out=x[:, lo:hi])
-        return fwht(x.view(count, n, blocks), dim=1, work=work)
+        return fwht(x.view(count, n, blocks), dim=1)
 
     def _matvec(self, u: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
         """(..., d) -> (..., P): row_scale ⊙ (W u), plus `offset` (broadcast) when given."""
@@ -524,9 +504,7 @@ class StructuredProjection(nn.Module):
         count, blocks, n, d = present.shape[0], self.blocks, self.n, self._in
         # Apply the gain (zero for the dropped rows ≥ P); output order is the (n, B) layout.
         # With segments: (g·c)·t rounds exactly like g·(c·t), the gain the forward applies.
-        padded = self._workspace("adjoint", count, present)  # (N, Bn), only read below
-        if padded is None:
-            padded = present.new_empty(count, n * blocks)
+        padded = present.new_empty(count, n * blocks)  # (N, Bn)
         segments = self._segments
         aligned = segments is not None and [b - a for a, b, _ in segments] == list(sizes)
         gain = None if self.gain is None else self.gain.to(present.dtype)
@@ -551,8 +529,7 @@ class StructuredProjection(nn.Module):
             assert signs is not None
             for lo in range(0, signs.numel(), _INDEX_CHUNK):  # int8 operand: chunked temporary
                 padded[:, lo : lo + _INDEX_CHUNK] *= signs[lo : lo + _INDEX_CHUNK]
-        work = self._workspace("forward", count, present)
-        y = fwht(padded.view(count, n, blocks), dim=1, work=work).view(count, n * blocks)  # Hᵀ = H
+        y = fwht(padded.view(count, n, blocks), dim=1).view(count, n * blocks)  # Hᵀ = H
         # Each slot's value goes back to the signed input it came from: sums over blocks by
         # scatter_add in index order (a serial loop per row on CPU, so the order of additions is
         # fixed), then (Wᵀg)_i = Σ(+u_i slots) − Σ(−u_i slots). The zero's slot is dropped.
