@@ -218,7 +218,13 @@ def test_theta0_differing_in_last_bits_loads_with_a_warning_and_a_real_change_fa
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mapnet.wrap(nudged, config).load_state_dict(state)
-    assert any("fc1.weight" in str(w.message) and "last bits" in str(w.message) for w in caught)
+    messages = [str(w.message) for w in caught if "differs from the saved one" in str(w.message)]
+    assert len(messages) == 1 and "(fc1.weight)" in messages[0]  # one warning per load
+    with torch.no_grad():
+        nudged.fc1.weight.view(-1)[7].neg_()  # one entry changed: the weighted sums see it
+    with pytest.raises(CheckpointError, match=r"'fc1\.weight' differs"):
+        mapnet.wrap(nudged, config).load_state_dict(state)
+    nudged.load_state_dict(net.state_dict())
     with torch.no_grad():
         nudged.fc1.weight.add_(0.01)
     with pytest.raises(CheckpointError, match=r"'fc1\.weight' differs"):
@@ -259,3 +265,19 @@ def test_wrap_holds_at_most_the_weights_theta0_and_w() -> None:
     budget = weights + mapped.projection_bytes() + weights  # weights, W, one θ₀
     assert mapped.projection_bytes() <= 3.1 * mapped.num_generated_parameters()
     assert peak.result()["peak_bytes"] <= budget
+
+
+def test_a_partial_state_for_other_base_weights_changes_nothing_even_through_a_parent() -> None:
+    """Through a parent, torch reports missing keys only after loading: a state that would
+    replace θ₀ must be complete before any of it is taken."""
+    config = mapnet.MappingConfig(latent_dim=12, base="model", store_base=True)
+    torch.manual_seed(0)
+    source = nn.ModuleDict({"inner": stepped(mapnet.wrap(Net(), config))})
+    torch.manual_seed(1)
+    target = nn.ModuleDict({"inner": mapnet.wrap(Net(), config)})
+    state = source.state_dict()
+    del state["inner.latents.0"]
+    before = target.inner.base_0.clone()
+    with pytest.raises(CheckpointError, match=r"partial state for other base weights"):
+        target.load_state_dict(state)
+    assert torch.equal(target.inner.base_0, before)

@@ -617,6 +617,17 @@ def _check_and_take_state(
             problems.append(f"{prefix + name!r} has dtype {value.dtype}, expected {own.dtype}")
     if strict:
         problems += [f"unexpected {prefix + n!r}" for n in sorted(set(given) - set(expected))]
+    if differing:  # θ₀ is about to be replaced: only together with everything else of ours
+        absent = [
+            prefix + n
+            for n in expected
+            if n != EXTRA_STATE and not n.startswith(STORED_BASE) and n not in given
+        ]
+        if absent:
+            problems.append(
+                f"it replaces the base (θ₀) of {differing[:3]} but lacks {absent[:5]}: a partial "
+                "state for other base weights cannot be loaded consistently"
+            )
     if problems:
         raise CheckpointError(f"{where} does not fit (nothing was loaded): " + "; ".join(problems))
     stored = {
