@@ -125,7 +125,8 @@ class MappedModule(nn.Module):
             empty = torch.zeros(0, dtype=dtype)  # base="zero": θ₀ was only the gains' reference
             self.register_buffer(f"base_{index}", empty if config.base == "zero" else base, False)
         del bases
-        self._dtypes = [[s.dtype for s in g.specs] for g in groups]  # follow .to()
+        self._dtypes = [tuple(s.dtype for s in g.specs) for g in groups]  # follow .to()
+        self._shapes = [tuple(s.shape for s in g.specs) for g in groups]
         self._cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
 
         # The target: the factory's own model, or a copy of the instance in which the generated
@@ -200,11 +201,9 @@ class MappedModule(nn.Module):
         """Per-tensor factor g making one unit of u worth one init-std of that tensor."""
         if self.mapping_config.scaling == "none":
             return [1.0] * len(group.specs)
-        gains, start = [], 0
-        for spec in group.specs:
-            ref = base[start : start + spec.numel].float()
-            start += spec.numel
-            spread = ref.std().item() if ref.numel() > 1 else 0.0
+        gains = []
+        for _, ref in group_views([group], [base]):
+            spread = ref.float().std().item() if ref.numel() > 1 else 0.0
             gains.append(spread if spread > 0 else CONSTANT_TENSOR_GAIN)
         return gains
 
@@ -277,7 +276,7 @@ class MappedModule(nn.Module):
         try:
             result = super()._apply(fn, recurse)
             self._dtypes = [
-                [fn(torch.empty(0, dtype=dt, device=device)).dtype for dt in group]
+                tuple(fn(torch.empty(0, dtype=dt, device=device)).dtype for dt in group)
                 for group in self._dtypes
             ]
         finally:
@@ -374,8 +373,8 @@ class MappedModule(nn.Module):
                 base if base.numel() else None,
                 config.alpha,
                 config.activation,
-                tuple(spec.shape for spec in group.specs),
-                tuple(self._dtypes[index]),
+                self._shapes[index],
+                self._dtypes[index],
             )
             for spec, tensor in zip(group.specs, tensors):
                 for alias in spec.names:

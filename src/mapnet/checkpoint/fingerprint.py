@@ -22,6 +22,7 @@ JSON, so safetensors can hold it) and is compared in full before anything is loa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -61,10 +62,12 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def _sketch_weights(device: torch.device) -> torch.Tensor:
-    """(SKETCH_PERIOD, SKETCH_DOTS) fixed ±1 weights from the counter hash (the same everywhere)."""
+@functools.cache
+def _sketch_weights() -> torch.Tensor:
+    """(SKETCH_PERIOD, SKETCH_DOTS) fixed ±1 weights from the counter hash (the same everywhere),
+    hashed once per process."""
     bits = [hash_signs(stream_key(k, "sketch"), 0, SKETCH_PERIOD) for k in range(SKETCH_DOTS)]
-    return torch.stack(bits, 1).to(device=device, dtype=torch.float64)
+    return torch.stack(bits, 1).to(torch.float64)
 
 
 def tensor_sketch(name: str, tensor: torch.Tensor) -> list[float]:
@@ -82,7 +85,7 @@ def tensor_sketch(name: str, tensor: torch.Tensor) -> list[float]:
     seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
     positions = [(seed + k * 0x9E3779B97F4A7C15) % count for k in range(SKETCH_POSITIONS)]
     picks = flat[torch.tensor(positions, device=flat.device)].to(torch.float64).cpu().tolist()
-    weights = _sketch_weights(flat.device)
+    weights = _sketch_weights().to(flat.device)
     total = squares = 0.0
     dots = torch.zeros(SKETCH_DOTS, dtype=torch.float64, device=flat.device)
     rows = max(1, _SKETCH_CHUNK // SKETCH_PERIOD)
@@ -172,6 +175,7 @@ def compare(saved: dict[str, Any], own: dict[str, Any], where: str) -> list[str]
             f"mapnet builds {own['projection']!r}: the latents would generate other weights"
         )
     stored = set(saved.get("stored", []))
+    shapes = {entry[0]: entry[2] for entry in own["layout"]}
     differing, nearly_equal = [], []
     for name, digest in own["bases"].items():
         theirs = saved.get("bases", {}).get(name)
@@ -181,7 +185,7 @@ def compare(saved: dict[str, Any], own: dict[str, Any], where: str) -> list[str]
             differing.append(name)
             continue
         sketch = saved.get("sketches", {}).get(name)
-        size = math.prod(dict((e[0], e[2]) for e in own["layout"])[name])
+        size = math.prod(shapes[name])
         if sketch is not None and _sketches_agree(sketch, own["sketches"][name], size):
             nearly_equal.append(name)
             continue
