@@ -377,6 +377,15 @@ def _results_header(
     }
 
 
+def _finish(data: dict[str, Any], out: Path, started: float) -> dict[str, Any]:
+    """Close a results file: the load at the end, the wall time; write it and say so."""
+    data["load"]["end"] = load()
+    data["wall_seconds"] = time.perf_counter() - started
+    _write_json(out, data)
+    print(f"wrote {out} ({data['wall_seconds']:.0f} s)")
+    return data
+
+
 def _set_threads(threads: int | None) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
@@ -698,12 +707,8 @@ def step_bench(
                 f"ms, gradient check {result['grad_check_max_abs_diff']:.1e}",
                 flush=True,
             )
-    data["load"]["end"] = load()
-    data["wall_seconds"] = time.perf_counter() - started
     data["targets"] = targets_status(data, None)
-    _write_json(out, data)
-    print(f"wrote {out} ({data['wall_seconds']:.0f} s)")
-    return data
+    return _finish(data, out, started)
 
 
 def _threads_text(count: int | None) -> str:
@@ -1402,12 +1407,8 @@ def memory_bench(
                 f"{_mib(row['budget_bytes'])} MiB ({row['seconds']:.1f} s)",
                 flush=True,
             )
-    data["load"]["end"] = load()
-    data["wall_seconds"] = time.perf_counter() - started
     data["summary"] = memory_summary(data)
-    _write_json(out, data)
-    print(f"wrote {out} ({data['wall_seconds']:.0f} s)")
-    return data
+    return _finish(data, out, started)
 
 
 def memory_summary(data: dict[str, Any]) -> dict[str, Any]:
@@ -1600,11 +1601,7 @@ def inference_bench(
             data["rows"].extend(
                 _summarise_inference(model, {v: runs[(count, v)] for v in INFERENCE_VARIANTS})
             )
-    data["load"]["end"] = load()
-    data["wall_seconds"] = time.perf_counter() - started
-    _write_json(out, data)
-    print(f"wrote {out} ({data['wall_seconds']:.0f} s)")
-    return data
+    return _finish(data, out, started)
 
 
 def _summarise_inference(model: str, runs: dict[str, list[dict[str, Any]]]) -> list[dict]:

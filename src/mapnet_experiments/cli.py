@@ -237,6 +237,22 @@ the v0.2 targets and the runs that measure them (times on a quiet 2-core EPYC):
 """
 
 
+def _add_malloc_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--malloc-tuned",
+        action="store_true",
+        help=(
+            "measure with glibc's mmap/trim thresholds at 1 GiB, so freed activations are "
+            "reused instead of re-faulted page by page every step"
+        ),
+    )
+
+
+def _add_models_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    models = ["cnn2", "cnn1", "resnet50"]
+    parser.add_argument("--models", nargs="+", choices=models, default=models, help=help_text)
+
+
 def _add_report_options(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--out", type=Path, default=None, help=f"results file (default: {default_out})")
     p.add_argument(
@@ -291,13 +307,7 @@ examples:
   mapnet bench step                             # every variant, 1 thread, ~15 min""",
     )
     _add_report_options(q, "results/bench/step.json")
-    q.add_argument(
-        "--models",
-        nargs="+",
-        choices=["cnn2", "cnn1", "resnet50"],
-        default=["cnn2", "cnn1", "resnet50"],
-        help="targets to measure (default: all; resnet50 at 3×64×64)",
-    )
+    _add_models_option(q, "targets to measure (default: all; resnet50 at 3×64×64)")
     q.add_argument(
         "--variants",
         nargs="+",
@@ -319,14 +329,7 @@ examples:
             "region)"
         ),
     )
-    q.add_argument(
-        "--malloc-tuned",
-        action="store_true",
-        help=(
-            "measure with glibc's mmap/trim thresholds at 1 GiB, so freed activations are "
-            "reused instead of re-faulted page by page every step"
-        ),
-    )
+    _add_malloc_option(q)
 
     q = whats.add_parser(
         "memory",
@@ -394,13 +397,7 @@ examples:
   mapnet bench inference --models cnn2 cnn1     # without ResNet-50, ~2.5 min""",
     )
     _add_report_options(q, "results/bench/inference.json")
-    q.add_argument(
-        "--models",
-        nargs="+",
-        choices=["cnn2", "cnn1", "resnet50"],
-        default=["cnn2", "cnn1", "resnet50"],
-        help="targets to measure (default: all)",
-    )
+    _add_models_option(q, "targets to measure (default: all)")
     q.add_argument(
         "--batch-size",
         type=int,
@@ -408,11 +405,7 @@ examples:
         help="one batch size for every model (default: 128 for the CNNs, 8 for ResNet-50)",
     )
     q.add_argument("--latent-dim", type=int, default=2048, help="d (default: %(default)s)")
-    q.add_argument(
-        "--malloc-tuned",
-        action="store_true",
-        help="glibc's mmap/trim thresholds at 1 GiB in the measured processes (as for step)",
-    )
+    _add_malloc_option(q)
     q.add_argument(
         "--threads",
         type=int,
