@@ -377,6 +377,11 @@ def _results_header(
     }
 
 
+def _announce(started: float, what: str) -> None:
+    """`[ elapsed s] what ...`, left open for the measurement's figures."""
+    print(f"[{time.perf_counter() - started:6.0f} s] {what} ...", end=" ", flush=True)
+
+
 def _finish(data: dict[str, Any], out: Path, started: float) -> dict[str, Any]:
     """Close a results file: the load at the end, the wall time; write it and say so."""
     data["load"]["end"] = load()
@@ -650,13 +655,11 @@ def step_bench(
             if round_index % 2:  # alternate the order: ABC CBA ABC ...
                 order.reverse()
             for count, variant in order:
-                elapsed = time.perf_counter() - started
-                print(
-                    f"[{elapsed:6.0f} s] {model} {variant.name}"
+                _announce(
+                    started,
+                    f"{model} {variant.name}"
                     + (f" {_threads_text(count)}" if len(counts) > 1 else "")
-                    + f" round {round_index + 1}/{spec.rounds} ...",
-                    end=" ",
-                    flush=True,
+                    + f" round {round_index + 1}/{spec.rounds}",
                 )
                 result = run(
                     "measure_step",
@@ -685,12 +688,11 @@ def step_bench(
     for model in breakdown or []:
         spec = STEP_MODELS[model]
         for count in counts:
-            print(
-                f"[{time.perf_counter() - started:6.0f} s] {model} breakdown (structured"
+            _announce(
+                started,
+                f"{model} breakdown (structured"
                 + (f", {_threads_text(count)}" if len(counts) > 1 else "")
-                + ") ...",
-                end=" ",
-                flush=True,
+                + ")",
             )
             result = run(
                 "measure_breakdown",
@@ -1361,11 +1363,10 @@ def memory_bench(
     for input_size in plan.input_sizes:
         for tracker in TRACKERS:
             for variant in ("plain", "mapped"):
-                print(
-                    f"[{time.perf_counter() - started:6.0f} s] training {plan.model} {variant} "
-                    f"input {input_size or 'default'}, batch {plan.batch}, {tracker} ...",
-                    end=" ",
-                    flush=True,
+                _announce(
+                    started,
+                    f"training {plan.model} {variant} input {input_size or 'default'}, "
+                    f"batch {plan.batch}, {tracker}",
                 )
                 row = run(
                     "measure_training_memory",
@@ -1387,12 +1388,7 @@ def memory_bench(
                 )
     for source in ("factory", "instance"):
         for tracker in TRACKERS:
-            print(
-                f"[{time.perf_counter() - started:6.0f} s] wrap {plan.model} {source}, "
-                f"{tracker} ...",
-                end=" ",
-                flush=True,
-            )
+            _announce(started, f"wrap {plan.model} {source}, {tracker}")
             row = run(
                 "measure_wrap_memory",
                 model=plan.model,
@@ -1573,11 +1569,10 @@ def inference_bench(
             if round_index % 2:
                 order.reverse()
             for count, variant in order:
-                print(
-                    f"[{time.perf_counter() - started:6.0f} s] {model} {variant} "
-                    f"{_threads_text(count)} round {round_index + 1}/{plan.rounds} ...",
-                    end=" ",
-                    flush=True,
+                _announce(
+                    started,
+                    f"{model} {variant} {_threads_text(count)} "
+                    f"round {round_index + 1}/{plan.rounds}",
                 )
                 result = run(
                     "measure_inference",
