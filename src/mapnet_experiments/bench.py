@@ -46,6 +46,7 @@ import mapnet
 from mapnet import MappedModule, MappingConfig, wrap
 from mapnet.loss import MappingLoss
 from mapnet_experiments.models import CNN1, CNN2, MODELS, ResNet50
+from mapnet_experiments.train import write_json
 
 
 def peak_rss_bytes() -> int:
@@ -210,7 +211,7 @@ def construction_table(
             "load": {"start": started, "end": load()},
             "rows": rows,
         }
-        out.write_text(json.dumps(data, indent=2) + "\n")
+        write_json(out, data)
         print(f"wrote {out}")
     return rows
 
@@ -386,7 +387,7 @@ def _finish(data: dict[str, Any], out: Path, started: float) -> dict[str, Any]:
     """Close a results file: the load at the end, the wall time; write it and say so."""
     data["load"]["end"] = load()
     data["wall_seconds"] = time.perf_counter() - started
-    _write_json(out, data)
+    write_json(out, data)  # atomic: an interrupted bench leaves the previous file
     print(f"wrote {out} ({data['wall_seconds']:.0f} s)")
     return data
 
@@ -731,11 +732,6 @@ def _runner(smoke: bool, env: dict[str, str] | None) -> Callable[..., dict[str, 
             torch.set_num_threads(threads_before)  # the measurement set its own
 
     return run
-
-
-def _write_json(out: Path, data: dict[str, Any]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------- breakdown
