@@ -28,6 +28,9 @@ ADDED = {
     "train_directly": [],
     "store_base": False,
     "check_finite": False,
+    "update": "additive",
+    "group_size": 1,
+    "target_fraction": 1.0,
 }
 
 

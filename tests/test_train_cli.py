@@ -246,7 +246,7 @@ def test_bench_construction_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "cnn2 single d=64: built in" in capsys.readouterr().out
 
 
-@pytest.mark.filterwarnings("ignore:latent larger than the layer")  # the paper's 468 > 160
+@pytest.mark.filterwarnings("ignore:latent larger than")  # the paper's 468 > 160
 def test_repro_table1_runs_resumes_and_reports_on_tiny_data(tmp_path: Path) -> None:
     root = write_tiny_dataset(tmp_path / "data", train=400, test=100)
     results, report = tmp_path / "results", tmp_path / "table1.md"

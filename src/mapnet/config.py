@@ -1,7 +1,7 @@
 """`MappingConfig`: how a target's parameters are generated. Validates itself; serialises to JSON.
 
 The method (Sen & Mukherjee 2026, §2.2, eq. 20–21): θ = σ(b + g ⊙ W(z + α z⊙z)), z trainable,
-W fixed.
+W fixed. Fine-tuning (§2.2.6, eq. 25): θ = θ_pre ⊙ (1 + m_⌈j/L⌉), m = σ(g W(z + α z⊙z)).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ SCALINGS = ("init_std", "none")
 BASES = ("init", "zero", "model")
 LAYER_SPLITS = ("per_layer", "equal", "proportional")
 PROJECTIONS = ("structured", "dense")
+UPDATES = ("additive", "multiplicative")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda t: t,
     "tanh": torch.tanh,
@@ -80,6 +81,18 @@ class MappingConfig:
         regenerated where the checkpoint is loaded). Parameters no seed regenerates are always
         stored.
     check_finite: check in every forward that the latents are finite (a host sync per step).
+    update: how the generated vector acts on the base. "additive": θ = σ(b + g ⊙ W u), the
+        method of §2.2 (with base="model": intrinsic-dimension fine-tuning, θ_pre + W u).
+        "multiplicative": θ = b ⊙ (1 + σ(g W u)), the fine-tuning of eq. 25; z = 0 gives θ = b.
+    group_size: L of eq. 25, multiplicative only: one modulation element m is shared by L
+        consecutive weights of a latent group (in generation order, across tensor boundaries);
+        the last element covers the P mod L remainder. 1 modulates every weight on its own.
+    target_fraction: f of eq. 25: generate only the last parameters (in named_parameters()
+        order, the layers nearest the output) holding a fraction f of the selected numbers; the
+        others stay frozen. 1.0: all selected parameters.
+
+    base=None (the default) resolves to "model" for update="multiplicative" (the pretrained
+    weights are θ_pre) and to "init" otherwise.
     """
 
     latent_dim: int | dict[str, int] = 2048
@@ -88,7 +101,7 @@ class MappingConfig:
     alpha: float = 0.1
     activation: str = "identity"
     scaling: str = "init_std"
-    base: str = "init"
+    base: str | None = None
     layer_split: str = "per_layer"
     latent_init_std: float = 0.0
     projection: str = "structured"
@@ -97,8 +110,14 @@ class MappingConfig:
     train_directly: tuple[str, ...] = ()
     store_base: bool = False
     check_finite: bool = False
+    update: str = "additive"
+    group_size: int = 1
+    target_fraction: float = 1.0
 
     def __post_init__(self) -> None:
+        _choice("update", self.update, UPDATES)
+        if self.base is None:  # frozen: resolved once, so to_dict() always names the base
+            object.__setattr__(self, "base", "model" if self.update == "multiplicative" else "init")
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("activation", self.activation, tuple(ACTIVATIONS))
         _choice("scaling", self.scaling, SCALINGS)
@@ -124,6 +143,22 @@ class MappingConfig:
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value}")
+        positive_int("group_size", self.group_size)
+        if self.group_size > 1 and self.update != "multiplicative":
+            raise ValueError(
+                f"group_size={self.group_size} needs update='multiplicative' (eq. 25 shares one "
+                "modulation element among L weights; an additive update generates every weight)"
+            )
+        if self.update == "multiplicative" and self.base == "zero":
+            raise ValueError(
+                "update='multiplicative' scales the base weights: base='zero' would generate "
+                "all-zero weights; use base='model' (θ_pre, the default) or base='init'"
+            )
+        fraction = self.target_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise TypeError(f"target_fraction must be a number, got {type(fraction).__name__}")
+        if not 0 < fraction <= 1:
+            raise ValueError(f"target_fraction must be in (0, 1], got {fraction}")
         if self.latent_init_std < 0:
             raise ValueError(f"latent_init_std must be >= 0, got {self.latent_init_std}")
         if self.base == "zero" and self.latent_init_std == 0 and self.activation == "identity":
@@ -172,7 +207,8 @@ class MappingConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MappingConfig:
         """From `to_dict()`'s output. Fields added since a dict was written (target_modules,
-        exclude_modules, train_directly, store_base, check_finite) take their defaults. A dict
+        exclude_modules, train_directly, store_base, check_finite, update, group_size,
+        target_fraction) take their defaults. A dict
         must name `projection`: its default changed (mapnet 0.1: "dense")."""
         if "projection" not in data:
             raise ValueError(

@@ -3,7 +3,8 @@ eq. 20–24).
 
 `generate_group` is the hot path of every training step: one autograd node (`_GeneratedTensors`)
 for the modulation, the projection with θ₀ added inside its pass, and the split into the
-target's tensors; then σ and each tensor's dtype. `pre_activation` is the same map composed of
+target's tensors; then σ and each tensor's dtype. `modulate_group` is the multiplicative update
+of fine-tuning (eq. 25) on the same node. `pre_activation` is the same map composed of
 ordinary differentiable operations, for the mapping loss and for tests.
 """
 
@@ -47,6 +48,41 @@ def generate_group(
     pieces = function.apply(z.to(compute_dtype(z)), projection, base, alpha, shapes)
     sigma = ACTIVATIONS[activation]  # elementwise: per piece = on θ
     return tuple(sigma(piece).to(dtype) for piece, dtype in zip(pieces, dtypes))
+
+
+def scale_by_groups(base: torch.Tensor, factors: torch.Tensor, group_size: int) -> torch.Tensor:
+    """θ_j = base_j · factors_⌈j/L⌉ (P,), for base (P,) and factors (⌈P/L⌉,): the L weights of a
+    group share one factor, the last group holds the P mod L remainder. Views, no repeat."""
+    if group_size == 1:
+        return base * factors
+    full = base.numel() // group_size  # groups of exactly L weights
+    head = (base[: full * group_size].view(full, group_size) * factors[:full, None]).view(-1)
+    if full == factors.numel():
+        return head
+    return torch.cat([head, base[full * group_size :] * factors[full]])
+
+
+def modulate_group(
+    z: torch.Tensor,
+    projection: Projection,
+    base: torch.Tensor,
+    alpha: float,
+    activation: str,
+    group_size: int,
+    shapes: tuple[tuple[int, ...], ...],
+    dtypes: tuple[torch.dtype, ...],
+) -> tuple[torch.Tensor, ...]:
+    """Fine-tuning (eq. 25): θ = θ_pre ⊙ (1 + m_⌈j/L⌉), m = σ(W(z + α z⊙z)) (⌈P/L⌉,); the
+    group's tensors in `shapes` and `dtypes` order."""
+    function = _GeneratedTensorsCore if torch.compiler.is_compiling() else _GeneratedTensors
+    rows = (projection.out_features,)
+    (m,) = function.apply(z.to(compute_dtype(z)), projection, None, alpha, (rows,))  # (M,)
+    theta = scale_by_groups(base, 1 + ACTIVATIONS[activation](m), group_size)  # (P,)
+    sizes = [math.prod(shape) for shape in shapes]
+    return tuple(
+        piece.view(shape).to(dtype)
+        for piece, shape, dtype in zip(theta.split(sizes), shapes, dtypes)
+    )
 
 
 class _GeneratedTensorsCore(torch.autograd.Function):

@@ -126,6 +126,11 @@ class MappingLoss(nn.Module):
         super().__init__()
         if not isinstance(mapped, MappedModule):
             raise TypeError(f"mapped must be a MappedModule, got {type(mapped).__name__}")
+        if mapped.mapping_config.update != "additive" and smoothness:
+            raise ValueError(
+                "the smoothness term's closed form is derived for θ = σ(θ₀ + W u) (§2.3); "
+                "a multiplicative fine-tuning update needs smoothness=False"
+            )
         # Not a submodule: the latents must not appear in loss.parameters() (the optimiser would
         # see them twice) nor the target in loss.state_dict().
         object.__setattr__(self, "mapped", mapped)

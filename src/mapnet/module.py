@@ -2,6 +2,7 @@
 
     u = z + α z⊙z                       modulation W_i(1+αz_i), without building the modulated W
     θ = σ(θ₀ + g ⊙ (W u))               W fixed, regenerated from the seed (paper §2.2, eq. 20–24)
+    θ = θ₀ ⊙ (1 + σ(g W u)_⌈j/L⌉)       or, update="multiplicative": fine-tuning (eq. 25)
     y = functional_call(target, θ, x)   the target itself is never rewritten
 
 It behaves like the module it wraps: attribute access reaches the target, `forward` has the
@@ -31,7 +32,7 @@ from mapnet.bases import ModelSource, build_from_factory, fill_bases, group_view
 from mapnet.checkpoint import fingerprint
 from mapnet.checkpoint.fingerprint import CheckpointError
 from mapnet.config import ACTIVATIONS, MappingConfig
-from mapnet.generator import generate_group, pre_activation
+from mapnet.generator import generate_group, modulate_group, pre_activation, scale_by_groups
 from mapnet.projections import ALGORITHMS, PiecewiseScale, make_projection
 from mapnet.projections.seeding import derive_seed
 from mapnet.targets import LatentGroup, ParamSpec, latent_groups, select
@@ -120,7 +121,10 @@ class MappedModule(nn.Module):
         self._apply_stored_bases(bases, stored_bases or {})
 
         self.gains: list[list[float]] = [self._gains(g, b) for g, b in zip(groups, bases)]
-        self._identity = self._build_identity(bases)
+        # Fine-tuning checkpoints stay small: frozen pretrained weights are checked by digest,
+        # not stored, so a state loads only onto the same pretrained model.
+        self.frozen_by_digest = config.base == "model" and not config.store_base
+        self._identity = self._build_identity(bases, model)
         for index, base in enumerate(bases):
             empty = torch.zeros(0, dtype=dtype)  # base="zero": θ₀ was only the gains' reference
             self.register_buffer(f"base_{index}", empty if config.base == "zero" else base, False)
@@ -163,14 +167,15 @@ class MappedModule(nn.Module):
             z = torch.randn(group.latent_dim, generator=generator) * config.latent_init_std
             self.latents.append(nn.Parameter(z.to(dtype)))
             seed = derive_seed(config.seed, f"projection/{group.name}")
-            row_scale = _row_scale(group, gains, config.scaling)
+            row_scale = _row_scale(group, gains, config)
             self.projections.append(
-                make_projection(config.projection, group.numel, group.latent_dim, seed, row_scale)
+                make_projection(config.projection, group.rows, group.latent_dim, seed, row_scale)
             )
         # DDP: broadcast and all-reduce only what trains or tracks statistics.
         self._ddp_params_and_buffers_to_ignore = self.fixed_tensor_names()
         self.register_state_dict_post_hook(_add_stored_bases)
         self.register_load_state_dict_pre_hook(_check_and_take_state)
+        self.register_load_state_dict_post_hook(_frozen_are_not_missing)
         if device.type != "cpu":
             self.to(device)
 
@@ -198,8 +203,9 @@ class MappedModule(nn.Module):
                 views[name].copy_(value)
 
     def _gains(self, group: LatentGroup, base: torch.Tensor) -> list[float]:
-        """Per-tensor factor g making one unit of u worth one init-std of that tensor."""
-        if self.mapping_config.scaling == "none":
+        """Per-tensor factor g making one unit of u worth one init-std of that tensor (a
+        multiplicative update is relative to each weight already: 1)."""
+        if self.mapping_config.scaling == "none" or self.mapping_config.update == "multiplicative":
             return [1.0] * len(group.specs)
         gains = []
         for _, ref in group_views([group], [base]):
@@ -207,7 +213,7 @@ class MappedModule(nn.Module):
             gains.append(spread if spread > 0 else CONSTANT_TENSOR_GAIN)
         return gains
 
-    def _build_identity(self, bases: list[torch.Tensor]) -> dict[str, Any]:
+    def _build_identity(self, bases: list[torch.Tensor], model: nn.Module) -> dict[str, Any]:
         sel = self.selection
         roles = [(s, "generated") for s in sel.generated] + [(s, "direct") for s in sel.direct]
         roles += [(s, "frozen") for s in sel.frozen]
@@ -217,6 +223,12 @@ class MappedModule(nn.Module):
             for spec, view in group_views(self.groups, bases):
                 digests[spec.name] = fingerprint.tensor_digest(view)
                 sketches[spec.name] = fingerprint.tensor_sketch(spec.name, view)
+        frozen: dict[str, str] = {}
+        if self.frozen_by_digest:
+            for spec in sel.frozen:
+                value = model.get_parameter(spec.name).detach()
+                frozen[spec.name] = fingerprint.tensor_digest(value)
+                sketches[spec.name] = fingerprint.tensor_sketch(spec.name, value)
         return {
             "format": fingerprint.IDENTITY_FORMAT,
             "config": self.mapping_config.to_dict(),
@@ -232,6 +244,7 @@ class MappedModule(nn.Module):
             ],
             "projection": ALGORITHMS[self.mapping_config.projection],
             "bases": digests,
+            "frozen": frozen,
             "sketches": sketches,
             "stored": self.stored_base_names,
         }
@@ -336,7 +349,13 @@ class MappedModule(nn.Module):
 
     def pre_activation(self, index: int, z: torch.Tensor | None = None) -> torch.Tensor:
         """a = θ₀ + W u for one latent group (P_g,), θ before σ; `z` overrides the trained latent.
-        Composed of ordinary differentiable operations (the mapping loss, tests)."""
+        Composed of ordinary differentiable operations (the mapping loss, tests). Additive
+        updates only: a multiplicative one has no such a (see `generate_flat`)."""
+        if self.mapping_config.update != "additive":
+            raise ValueError(
+                "pre_activation() is θ₀ + W u, defined for update='additive'; a multiplicative "
+                "update generates θ₀ ⊙ (1 + m): use generate_flat()"
+            )
         z = self.latents[index] if z is None else z
         base = self._base(index)
         return pre_activation(
@@ -344,8 +363,15 @@ class MappedModule(nn.Module):
         )
 
     def generate_flat(self, index: int, z: torch.Tensor | None = None) -> torch.Tensor:
-        """θ for one latent group as a flat vector (P_g,); `z` overrides the trained latent."""
-        return ACTIVATIONS[self.mapping_config.activation](self.pre_activation(index, z))
+        """θ for one latent group as a flat vector (P_g,); `z` overrides the trained latent.
+        Composed of ordinary differentiable operations, like `pre_activation`."""
+        config = self.mapping_config
+        sigma = ACTIVATIONS[config.activation]
+        if config.update == "additive":
+            return sigma(self.pre_activation(index, z))
+        z = self.latents[index] if z is None else z
+        m = sigma(pre_activation(z, self.projections[index], None, config.alpha))  # (M_g,)
+        return scale_by_groups(self._base(index), 1 + m, config.group_size)  # (P_g,)
 
     def generate(self, latents: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Every generated parameter, by name (tied aliases map to the same tensor).
@@ -367,15 +393,27 @@ class MappedModule(nn.Module):
                     "checkpoint"
                 )
             base = self._base(index)
-            tensors = generate_group(
-                z,
-                self.projections[index],
-                base if base.numel() else None,
-                config.alpha,
-                config.activation,
-                self._shapes[index],
-                self._dtypes[index],
-            )
+            if config.update == "multiplicative":
+                tensors = modulate_group(
+                    z,
+                    self.projections[index],
+                    base,
+                    config.alpha,
+                    config.activation,
+                    config.group_size,
+                    self._shapes[index],
+                    self._dtypes[index],
+                )
+            else:
+                tensors = generate_group(
+                    z,
+                    self.projections[index],
+                    base if base.numel() else None,
+                    config.alpha,
+                    config.activation,
+                    self._shapes[index],
+                    self._dtypes[index],
+                )
             for spec, tensor in zip(group.specs, tensors):
                 for alias in spec.names:
                     params[alias] = tensor
@@ -537,7 +575,7 @@ class MappedModule(nn.Module):
             gains = self._gains(group, self._base(index))
             if gains != self.gains[index]:
                 self.gains[index] = gains
-                row_scale = _row_scale(group, gains, self.mapping_config.scaling)
+                row_scale = _row_scale(group, gains, self.mapping_config)
                 self.projections[index].set_row_scale(row_scale)
         self._identity["bases"].update(saved_digests)
         views = self._theta0_views()
@@ -548,17 +586,30 @@ class MappedModule(nn.Module):
         self._cache = None
 
 
-def _row_scale(group: LatentGroup, gains: list[float], scaling: str) -> PiecewiseScale:
+def _row_scale(group: LatentGroup, gains: list[float], config: MappingConfig) -> PiecewiseScale:
     """The per-row gain, constant per tensor. With "init_std", each tensor's gain times
-    √(P/min(P, d)), which makes one unit of u worth rms(u) in every output (orthonormal columns
-    put ‖u‖·√(d/P) in each)."""
-    unit = 1.0 if scaling == "none" else math.sqrt(group.numel / min(group.numel, group.latent_dim))
+    √(R/min(R, d)) for R generated rows, which makes one unit of u worth rms(u) in every output
+    (orthonormal columns put ‖u‖·√(d/R) in each). A multiplicative update's rows are relative
+    changes, one piece: a unit of u is a relative change of rms(u)."""
+    rows = group.rows
+    unit = 1.0 if config.scaling == "none" else math.sqrt(rows / min(rows, group.latent_dim))
+    if config.update == "multiplicative":
+        return PiecewiseScale((rows,), (unit,))
     return PiecewiseScale(tuple(s.numel for s in group.specs), tuple(g * unit for g in gains))
+
+
+def _frozen_aliases(module: MappedModule) -> list[str]:
+    """State keys of the frozen parameters a fine-tune state checks by digest instead of holding."""
+    if not module.frozen_by_digest:
+        return []
+    return [f"target.{alias}" for s in module.selection.frozen for alias in s.names]
 
 
 def _add_stored_bases(
     module: MappedModule, state: dict[str, Any], prefix: str, local_metadata: Any
 ) -> None:
+    for key in _frozen_aliases(module):
+        state.pop(prefix + key, None)
     if module.__dict__.get("_skip_stored_bases"):
         return
     views = module._theta0_views()
@@ -583,6 +634,7 @@ def _check_and_take_state(
     real setting comes from MappedModule.load_state_dict; loaded as part of a parent module, only
     the keys present are checked here and torch reports missing ones as for any module."""
     strict = module.__dict__.get("_strict_load", False)
+    module.__dict__["_load_prefix"] = prefix
     where = f"state dict for MappedModule{f' at {prefix!r}' if prefix else ''}"
     key = prefix + EXTRA_STATE
     if key not in state:
@@ -638,6 +690,15 @@ def _check_and_take_state(
     module._take_stored_bases(stored, {n: saved["bases"][n] for n in differing})
     for name in stored:
         state.pop(prefix + STORED_BASE + name)
+
+
+def _frozen_are_not_missing(module: MappedModule, incompatible: Any) -> None:
+    """torch reports every parameter absent from a state as missing; the frozen pretrained
+    weights of a fine-tune state were checked by digest in `_check_and_take_state`."""
+    prefix = module.__dict__.get("_load_prefix", "")
+    frozen = {prefix + key for key in _frozen_aliases(module)}
+    if frozen:
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in frozen]
 
 
 def exclude_fixed_from_ddp(root: nn.Module) -> list[str]:

@@ -46,10 +46,16 @@ class LatentGroup:
     name: str
     latent_dim: int
     specs: list[ParamSpec] = field(default_factory=list)
+    group_size: int = 1  # weights per generated number (eq. 25's L; 1 for additive updates)
 
     @property
     def numel(self) -> int:
         return sum(s.numel for s in self.specs)
+
+    @property
+    def rows(self) -> int:
+        """How many numbers the projection generates: one per weight, or per L weights."""
+        return -(-self.numel // self.group_size)
 
 
 @dataclass
@@ -113,10 +119,26 @@ def select(model: nn.Module, config: MappingConfig) -> Selection:
         raise ValueError(
             f"{type(model).__name__} has no parameters to generate (none selected, or all frozen)"
         )
+    if config.target_fraction < 1:
+        kept = last_fraction(generated, config.target_fraction)
+        frozen += [s for s in generated if s not in kept]
+        generated = kept
     non_float = [s.name for s in generated if not s.dtype.is_floating_point]
     if non_float:
         raise TypeError(f"only floating-point parameters can be generated: {non_float}")
     return Selection(generated, direct, frozen)
+
+
+def last_fraction(specs: list[ParamSpec], fraction: float) -> list[ParamSpec]:
+    """The trailing parameters (whole tensors) that hold at least `fraction` of the numbers: the
+    layers nearest the output, where fine-tuning changes most (eq. 25's fraction f)."""
+    wanted = fraction * sum(s.numel for s in specs)
+    kept: list[ParamSpec] = []
+    for spec in reversed(specs):
+        if sum(s.numel for s in kept) >= wanted:
+            break
+        kept.insert(0, spec)
+    return kept
 
 
 def _split_budget(total: int, sizes: list[int], how: str) -> list[int]:
@@ -139,6 +161,27 @@ def _split_budget(total: int, sizes: list[int], how: str) -> list[int]:
 def latent_groups(specs: list[ParamSpec], config: MappingConfig) -> list[LatentGroup]:
     """The latent groups the config asks for, validated against the generated parameters."""
     total = sum(s.numel for s in specs)
+    if config.group_size > total:
+        raise ValueError(
+            f"group_size={config.group_size} is larger than the {total} selected parameters: "
+            "one modulation element would scale them all (use a smaller group_size)"
+        )
+    groups = _groups(specs, config, total)
+    for group in groups:
+        group.group_size = config.group_size
+    wide = [
+        f"{g.name or '<root>'} ({g.latent_dim} > {g.rows})" for g in groups if g.latent_dim > g.rows
+    ]
+    if wide:
+        warnings.warn(
+            "latent larger than the numbers it generates (the surplus latent numbers add no "
+            f"freedom): {', '.join(wide)}",
+            stacklevel=3,
+        )
+    return groups
+
+
+def _groups(specs: list[ParamSpec], config: MappingConfig, total: int) -> list[LatentGroup]:
     if config.strategy == "single":
         d = config.latent_dim
         assert isinstance(d, int)
@@ -169,15 +212,4 @@ def latent_groups(specs: list[ParamSpec], config: MappingConfig) -> list[LatentG
         dims = _split_budget(config.latent_dim, [g.numel for g in groups], config.layer_split)
     for group, dim in zip(groups, dims):
         group.latent_dim = dim
-    wide = [
-        f"{g.name or '<root>'} ({g.latent_dim} > {g.numel})"
-        for g in groups
-        if g.latent_dim > g.numel
-    ]
-    if wide:
-        warnings.warn(
-            "latent larger than the layer it generates (the surplus latent numbers add no "
-            f"freedom to that layer): {', '.join(wide)}",
-            stacklevel=4,
-        )
     return groups

@@ -449,6 +449,9 @@ ADDED_MAPPING_FIELDS = (
     "train_directly",
     "store_base",
     "check_finite",
+    "update",
+    "group_size",
+    "target_fraction",
 )
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mapnet.config import MappingConfig
 from mapnet.projections.seeding import hash_signs, stream_key
 
 IDENTITY_FORMAT = 2
@@ -133,6 +134,14 @@ def decode(value: object, where: str) -> dict[str, Any]:
     return identity
 
 
+def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved config dict with the fields added since it was written at their defaults."""
+    try:
+        return MappingConfig.from_dict(config).to_dict()
+    except (TypeError, ValueError):
+        return config  # compared as is: the mismatch is then named field by field
+
+
 def compare(saved: dict[str, Any], own: dict[str, Any], where: str) -> list[str]:
     """Check a saved identity against this module's; returns the bases the saved state carries
     (`stored`) that differ from this module's. Raises CheckpointError naming what differs."""
@@ -142,7 +151,7 @@ def compare(saved: dict[str, Any], own: dict[str, Any], where: str) -> list[str]
             f"{where} has identity format {version!r}; this mapnet reads format "
             f"{IDENTITY_FORMAT} (format 1 checkpoints load through mapnet.load)"
         )
-    saved_config, own_config = saved.get("config", {}), own["config"]
+    saved_config, own_config = _with_defaults(saved.get("config", {})), own["config"]
     if saved_config != own_config:
         fields = sorted(
             k
@@ -177,6 +186,21 @@ def compare(saved: dict[str, Any], own: dict[str, Any], where: str) -> list[str]
     stored = set(saved.get("stored", []))
     shapes = {entry[0]: entry[2] for entry in own["layout"]}
     differing, nearly_equal = [], []
+    for name, digest in own.get("frozen", {}).items():
+        theirs = saved.get("frozen", {}).get(name)
+        if theirs == digest:
+            continue
+        sketch = saved.get("sketches", {}).get(name)
+        if sketch is not None and _sketches_agree(
+            sketch, own["sketches"][name], math.prod(shapes[name])
+        ):
+            nearly_equal.append(name)
+            continue
+        raise CheckpointError(
+            f"{where}: the frozen pretrained weight {name!r} differs from the one the state was "
+            f"saved with (sha256 {str(theirs)[:12]}… there, {digest[:12]}… here): a fine-tune "
+            "state loads only onto the pretrained model it was trained from"
+        )
     for name, digest in own["bases"].items():
         theirs = saved.get("bases", {}).get(name)
         if theirs == digest:
