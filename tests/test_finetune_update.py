@@ -205,10 +205,7 @@ def test_named_modules_select_like_layer4_plus_fc() -> None:
 def test_bad_fine_tuning_input_is_named(overrides: dict, message: str) -> None:
     with pytest.raises(
         ValueError,
-        match=message.replace("(", r"\(")
-        .replace(")", r"\)")
-        .replace("[", r"\[")
-        .replace("]", r"\]"),
+        match=re.escape(message),
     ):
         wrap(
             pretrained(),
@@ -227,21 +224,42 @@ def test_fine_tune_state_holds_the_latent_and_digests_not_the_pretrained_weights
         latent_dim=8, update="multiplicative", target_modules=["body"], train_directly=["head"]
     )
     mapped = wrap(model, config)
-    keys = set(mapped.state_dict())
-    assert keys == {
+    # BatchNorm statistics still at their pretrained values are held by digest too.
+    assert set(mapped.state_dict()) == {
         "latents.0",
         "target.head.weight",
         "target.head.bias",
-        "target.norm.running_mean",
-        "target.norm.running_var",
-        "target.norm.num_batches_tracked",
         "_extra_state",
     }
     identity = mapped.fingerprint()
     assert set(identity["bases"]) == {"body.weight", "body.bias"}
     assert set(identity["frozen"]) == {"conv.weight", "conv.bias", "norm.weight", "norm.bias"}
+    assert set(identity["buffers"]) == {
+        "norm.running_mean",
+        "norm.running_var",
+        "norm.num_batches_tracked",
+    }
     other = wrap(pretrained(), config)
     assert other.load_state_dict(mapped.state_dict(), strict=True).missing_keys == []
+
+    mapped.train()
+    mapped(torch.randn(4, 2, 6, 6))  # the statistics move: now the state carries them
+    state = mapped.state_dict()
+    assert {"target.norm.running_mean", "target.norm.running_var"} <= set(state)
+    fresh = wrap(pretrained(), config)
+    fresh.load_state_dict(state, strict=True)
+    assert torch.equal(fresh.target.norm.running_mean, mapped.target.norm.running_mean)
+
+
+def test_fine_tune_state_is_refused_when_the_pretrained_statistics_differ() -> None:
+    config = MappingConfig(latent_dim=8, update="multiplicative", target_modules=["body"])
+    state = wrap(pretrained(), config).state_dict()
+    model = pretrained()
+    model.norm.running_var.mul_(2)
+    with pytest.raises(
+        CheckpointError, match=re.escape("pretrained buffer 'norm.running_var' differs")
+    ):
+        wrap(model, config).load_state_dict(state)
 
 
 @pytest.mark.parametrize(

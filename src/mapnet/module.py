@@ -224,11 +224,17 @@ class MappedModule(nn.Module):
                 digests[spec.name] = fingerprint.tensor_digest(view)
                 sketches[spec.name] = fingerprint.tensor_sketch(spec.name, view)
         frozen: dict[str, str] = {}
+        buffers: dict[str, str] = {}
         if self.frozen_by_digest:
             for spec in sel.frozen:
                 value = model.get_parameter(spec.name).detach()
                 frozen[spec.name] = fingerprint.tensor_digest(value)
                 sketches[spec.name] = fingerprint.tensor_sketch(spec.name, value)
+            # The pretrained buffers (BatchNorm statistics): a state omits those still equal.
+            parameters = {alias for s in sel.generated + sel.frozen for alias in s.names}
+            for name, value in model.state_dict(keep_vars=True).items():
+                if name not in parameters and not isinstance(value, nn.Parameter):
+                    buffers[name] = fingerprint.tensor_digest(value.detach())
         return {
             "format": fingerprint.IDENTITY_FORMAT,
             "config": self.mapping_config.to_dict(),
@@ -245,6 +251,7 @@ class MappedModule(nn.Module):
             "projection": ALGORITHMS[self.mapping_config.projection],
             "bases": digests,
             "frozen": frozen,
+            "buffers": buffers,
             "sketches": sketches,
             "stored": self.stored_base_names,
         }
@@ -605,11 +612,21 @@ def _frozen_aliases(module: MappedModule) -> list[str]:
     return [f"target.{alias}" for s in module.selection.frozen for alias in s.names]
 
 
+def _pretrained_buffer_keys(module: MappedModule) -> list[str]:
+    """State keys of the target's buffers a fine-tune state may omit (kept while pretrained)."""
+    return [f"target.{name}" for name in module._identity.get("buffers", {})]
+
+
 def _add_stored_bases(
     module: MappedModule, state: dict[str, Any], prefix: str, local_metadata: Any
 ) -> None:
     for key in _frozen_aliases(module):
         state.pop(prefix + key, None)
+    recorded = module._identity.get("buffers", {})
+    for name, digest in recorded.items():
+        value = state.get(prefix + "target." + name)
+        if value is not None and fingerprint.tensor_digest(value.detach()) == digest:
+            del state[prefix + "target." + name]  # still the pretrained value: the digest holds it
     if module.__dict__.get("_skip_stored_bases"):
         return
     views = module._theta0_views()
@@ -667,7 +684,9 @@ def _check_and_take_state(
         ):
             problems.append(f"{prefix + name!r} has dtype {value.dtype}, expected {own.dtype}")
     if strict:
-        problems += [f"unexpected {prefix + n!r}" for n in sorted(set(given) - set(expected))]
+        optional = set(_pretrained_buffer_keys(module))  # a trained statistic is stored
+        unexpected = sorted(set(given) - set(expected) - optional)
+        problems += [f"unexpected {prefix + n!r}" for n in unexpected]
     if differing:  # θ₀ is about to be replaced: only together with everything else of ours
         absent = [
             prefix + n
@@ -696,7 +715,7 @@ def _frozen_are_not_missing(module: MappedModule, incompatible: Any) -> None:
     """torch reports every parameter absent from a state as missing; the frozen pretrained
     weights of a fine-tune state were checked by digest in `_check_and_take_state`."""
     prefix = module.__dict__.get("_load_prefix", "")
-    frozen = {prefix + key for key in _frozen_aliases(module)}
+    frozen = {prefix + key for key in _frozen_aliases(module) + _pretrained_buffer_keys(module)}
     if frozen:
         incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in frozen]
 

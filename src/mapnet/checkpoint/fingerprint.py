@@ -186,6 +186,13 @@ def compare(saved: dict[str, Any], own: dict[str, Any], where: str) -> list[str]
     stored = set(saved.get("stored", []))
     shapes = {entry[0]: entry[2] for entry in own["layout"]}
     differing, nearly_equal = [], []
+    for name, digest in own.get("buffers", {}).items():
+        if saved.get("buffers", {}).get(name) != digest:
+            raise CheckpointError(
+                f"{where}: the pretrained buffer {name!r} differs from the one the state was "
+                "saved with: a fine-tune state loads only onto the pretrained model it was "
+                "trained from"
+            )
     for name, digest in own.get("frozen", {}).items():
         theirs = saved.get("frozen", {}).get(name)
         if theirs == digest:

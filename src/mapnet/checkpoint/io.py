@@ -1,6 +1,7 @@
 """Checkpoint folders: a JSON description plus a safetensors file of the state dict. No pickle.
 
-    <dir>/mapnet.json          format version, config, target class, identity (readable copy),
+    <dir>/mapnet.json          format version, config, target class, identity (readable copy,
+                               without the per-tensor sketches the tensor file carries),
                                sha256 of the tensor file, free-form metadata
     <dir>/tensors.safetensors  `mapped.state_dict()`: latents, persistent target buffers (e.g.
                                BatchNorm statistics), directly trained and frozen parameters,
@@ -83,7 +84,7 @@ def save(
         "version": VERSION,
         "config": mapped.mapping_config.to_dict(),
         "target_class": mapped.target_class,
-        "identity": mapped.fingerprint(),
+        "identity": {k: v for k, v in mapped.fingerprint().items() if k != "sketches"},
         "tensors_sha256": hashlib.sha256(blob).hexdigest(),
         "torch_version": torch.__version__,
         "metadata": metadata or {},

@@ -1,0 +1,533 @@
+"""Fine-tuning pretrained networks through a latent, against what a user would pick instead.
+
+The paper fine-tunes an ImageNet ResNet-50 by modulating its frozen weights (§2.2.6, eq. 25):
+θ = θ_pre ⊙ (1 + m_⌈j/L⌉), m generated from a latent of ~2k numbers (Tables 2, 5 and 10). Each
+row here trains one method at one trainable budget (numbers besides the new head):
+
+    mapnet        update="multiplicative", group_size L (eq. 25)
+    additive      θ_pre + g ⊙ W u, base="model" (intrinsic-dimension fine-tuning, per-tensor gains)
+    head          the new head only (linear probe)
+    full          every weight
+    lora, vera    peft's adapters at the rank and targets closest to the budget
+
+Stages, each resumable (a finished row is a results/finetune/<stage>/<id>.json and is skipped):
+
+    select    learning rates of the latent / adapter methods, chosen on a validation split
+              (MobileNetV2, a shorter run): the transfer stage reads the choice
+    transfer  Fashion-MNIST at 64×64 (grey repeated to 3 channels), ResNet-50 and MobileNetV2
+    deepfake  real vs face-swapped faces (mapnet_experiments.deepfake), ResNet-50
+
+Every row runs in its own process, so its peak RSS is its own. BatchNorm statistics stay at their
+ImageNet values in every row (the usual choice for parameter-efficient fine-tuning: the saved
+state is then the trainable tensors alone, and no method adapts them for free).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as save_safetensors
+from torch import nn
+from tqdm import tqdm
+
+import mapnet
+from mapnet import MappingConfig
+from mapnet_experiments import pretrained
+from mapnet_experiments.bench import machine, peak_rss_bytes
+from mapnet_experiments.train import write_json
+
+RESULTS_DIR = Path("results/finetune")
+REPORT = Path("docs/results/finetune.md")
+METHODS = ("mapnet", "additive", "head", "full", "lora", "vera")
+# Adam learning rates tried by the select stage for the methods whose scale is new to a user.
+SELECT_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+# Set a priori (standard values), not selected: the head, and full fine-tuning.
+HEAD_LR = 1e-3
+FULL_LR = 1e-4
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every row of a stage shares: data sizes, resolution, schedule."""
+
+    size: int = 64
+    train: int = 4000
+    val: int = 1000
+    test: int = 10000
+    epochs: int = 2
+    batch: int = 32
+    seed: int = 0
+
+
+SETUPS = {
+    "select": Setup(train=2000, val=1000, test=0, epochs=1),
+    "transfer": Setup(),
+    "deepfake": Setup(size=64, epochs=3, test=0),  # the face set decides its own sizes
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    model: str  # "resnet50" | "mobilenet_v2"
+    method: str  # one of METHODS
+    budget: int = 0  # trainable numbers besides the head (mapnet: the latent size)
+    group_size: int = 1
+    targets: str = "all"  # "all" | "layer4" (the paper's "layer4 + fc")
+    lr: float | None = None  # None: the select stage's choice (or the method's fixed rate)
+
+
+def _transfer_rows(model: str) -> list[Row]:
+    short = {"resnet50": "r50", "mobilenet_v2": "mnv2"}[model]
+    rows = [Row(f"{short}-head", model, "head"), Row(f"{short}-full", model, "full")]
+    for group_size in (1, 250, 25000):
+        rows.append(Row(f"{short}-mapnet-L{group_size}-2k", model, "mapnet", 2048, group_size))
+    rows += [
+        Row(f"{short}-mapnet-L1-10k", model, "mapnet", 10240),
+        Row(f"{short}-mapnet-L1-100k", model, "mapnet", 102400),
+        Row(f"{short}-additive-2k", model, "additive", 2048),
+        Row(f"{short}-additive-100k", model, "additive", 102400),
+    ]
+    for method in ("lora", "vera"):
+        for label, budget in (("2k", 2048), ("10k", 10240), ("100k", 102400)):
+            rows.append(Row(f"{short}-{method}-{label}", model, method, budget))
+    return rows
+
+
+def _select_rows() -> list[Row]:
+    rows = []
+    for method, budget in (("mapnet", 2048), ("additive", 2048), ("lora", 10240), ("vera", 10240)):
+        for lr in SELECT_LRS:
+            rows.append(Row(f"mnv2-{method}-lr{lr:g}", "mobilenet_v2", method, budget, lr=lr))
+    return rows
+
+
+def _deepfake_rows() -> list[Row]:
+    rows = [Row("r50-full", "resnet50", "full"), Row("r50-head", "resnet50", "head")]
+    for targets in ("all", "layer4"):
+        for group_size in (1, 250, 25000):
+            rows.append(
+                Row(
+                    f"r50-mapnet-L{group_size}-{targets}",
+                    "resnet50",
+                    "mapnet",
+                    2048,
+                    group_size,
+                    targets,
+                )
+            )
+    return rows
+
+
+STAGES: dict[str, list[Row]] = {
+    "select": _select_rows(),
+    "transfer": _transfer_rows("resnet50") + _transfer_rows("mobilenet_v2"),
+    "deepfake": _deepfake_rows(),
+}
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Data:
+    """uint8 images and labels per split; `prepare` turns a batch into the model's input."""
+
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    classes: int
+    prepare: Callable[[torch.Tensor], torch.Tensor]
+
+
+def transfer_data(setup: Setup, model: str) -> Data:
+    """Fashion-MNIST: a fixed random training subset, a validation split held out of the
+    training images, and the first `setup.test` test images (all 10,000 by default)."""
+    from mapnet_experiments.data import load_idx_dataset, train_val_split
+
+    images, labels = load_idx_dataset("fashion-mnist", "train")
+    train_idx, val_idx = train_val_split(len(images), setup.val, setup.seed)
+    train_idx = train_idx[: setup.train]
+    splits = {
+        "train": (images[train_idx, 0], labels[train_idx]),
+        "val": (images[val_idx, 0], labels[val_idx]),
+    }
+    if setup.test:
+        test_images, test_labels = load_idx_dataset("fashion-mnist", "test")
+        splits["test"] = (test_images[: setup.test, 0], test_labels[: setup.test])
+    return Data(splits, 10, lambda batch: pretrained.from_grayscale(model, batch, setup.size))
+
+
+def deepfake_data(setup: Setup, model: str) -> Data:
+    from mapnet_experiments import deepfake
+
+    faces = deepfake.build_face_swap_dataset(size=setup.size, seed=setup.seed)
+    splits = {name: (faces[name].images, faces[name].labels) for name in ("train", "val", "test")}
+    return Data(splits, 2, lambda batch: pretrained.preprocess(model, batch, size=setup.size))
+
+
+def batches(
+    images: torch.Tensor, labels: torch.Tensor, size: int, generator: torch.Generator | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    order = torch.randperm(len(images), generator=generator) if generator else None
+    for start in range(0, len(images), size):
+        index = slice(start, start + size) if order is None else order[start : start + size]
+        yield images[index], labels[index]
+
+
+# ---------------------------------------------------------------------------------- methods
+
+
+def _head_first_names(head: str) -> Callable[[str], bool]:
+    return lambda name: name.startswith(head + ".") or f".{head}." in name
+
+
+def build(row: Row, classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The pretrained network with a new head, prepared for the row's method, and what it is."""
+    net = pretrained.load_pretrained(row.model, num_classes=classes)
+    head = pretrained.HEADS[row.model]
+    info: dict[str, Any] = {"head": head}
+    if row.method in ("mapnet", "additive"):
+        scope: dict[str, Any] = {}
+        if row.targets == "layer4":
+            scope["target_modules"] = ["layer4"]
+        if row.method == "mapnet":
+            config = MappingConfig(
+                latent_dim=row.budget,
+                update="multiplicative",
+                group_size=row.group_size,
+                train_directly=[head],
+                **scope,
+            )
+        else:
+            config = MappingConfig(
+                latent_dim=row.budget, base="model", alpha=0.0, train_directly=[head], **scope
+            )
+        with warnings.catch_warnings():  # L = 25000: fewer elements than latent numbers
+            warnings.filterwarnings("ignore", "latent larger than")
+            model: nn.Module = mapnet.wrap(net, config)
+        del net
+        info["mapping"] = config.to_dict()
+        info["generated_rows"] = [p.out_features for p in model.projections]
+        info["modulated_parameters"] = model.num_generated_parameters()
+        return model, info
+    if row.method in ("lora", "vera"):
+        from mapnet_experiments import peft_baselines as pb
+
+        if row.method == "vera":  # peft's VeRA adapts nn.Linear only: 1×1 convs become Linear
+            info["pointwise_as_linear"] = len(pb.pointwise_convs_as_linear(net, exclude=head))
+        plan = pb.plan_for_budget(net, row.budget, row.method, head=head)
+        apply = pb.apply_lora if row.method == "lora" else pb.apply_vera
+        model = apply(net, plan.rank, plan.targets, head)
+        info |= {
+            "rank": plan.rank,
+            "adapted_modules": len(plan.targets),
+            "adapter_numbers": plan.adapter_count,
+        }
+        return model, info
+    for name, param in net.named_parameters():
+        param.requires_grad_(row.method == "full" or _head_first_names(head)(name))
+    return net, info
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def trainable_counts(model: nn.Module, head: str) -> tuple[int, int]:
+    """(numbers besides the head, the head's numbers) that train."""
+    is_head = _head_first_names(head)
+    rest = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not is_head(n))
+    heads = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and is_head(n))
+    return rest, heads
+
+
+def checkpoint_bytes(model: nn.Module, row: Row) -> int:
+    """What a user would store to reload the result onto the same pretrained network."""
+    with tempfile.TemporaryDirectory() as folder:
+        if isinstance(model, mapnet.MappedModule):
+            mapnet.save(model, Path(folder) / "ckpt")
+        elif row.method in ("lora", "vera"):
+            model.save_pretrained(folder)
+        else:
+            state = {
+                n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad
+            }
+            Path(folder, "model.safetensors").write_bytes(save_safetensors(state))
+        return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Data, split: str, batch: int = 250) -> float:
+    model.eval()
+    images, labels = data.splits[split]
+    correct = 0
+    for x, y in batches(images, labels, batch, None):
+        correct += (model(data.prepare(x)).argmax(1) == y).sum().item()
+    return correct / len(images)
+
+
+def selected_lr(row: Row, root: Path) -> float:
+    """The row's learning rate: its own, the fixed rate of head/full, or the select stage's."""
+    if row.lr is not None:
+        return row.lr
+    if row.method in ("head", "full"):
+        return HEAD_LR if row.method == "head" else FULL_LR
+    results = [json.loads(f.read_text()) for f in (root / "select").glob("*.json")]
+    scored = [r for r in results if r["row"]["method"] == row.method]
+    if not scored:
+        raise FileNotFoundError(
+            f"no select-stage results for {row.method!r} in {root / 'select'}: run "
+            "`mapnet repro finetune --stages select` first (it picks the learning rate on the "
+            "validation split)"
+        )
+    return max(scored, key=lambda r: r["val_accuracy"])["row"]["lr"]
+
+
+def run_row(stage: str, row: Row, root: Path, progress: bool = True) -> dict[str, Any]:
+    """Train one row and return its result (not written: `run_stage` does, atomically)."""
+    setup = SETUPS[stage]
+    torch.manual_seed(setup.seed)
+    data = (deepfake_data if stage == "deepfake" else transfer_data)(setup, row.model)
+    lr = selected_lr(row, root)
+    started = time.perf_counter()
+    model, info = build(row, data.classes)
+    build_seconds = time.perf_counter() - started
+    head = info["head"]
+    is_head = _head_first_names(head)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {
+            "params": [p for n, p in named if is_head(n)],
+            "lr": HEAD_LR if row.method != "full" else FULL_LR,
+        },
+        {"params": [p for n, p in named if not is_head(n)], "lr": lr},
+    ]
+    optimizer = torch.optim.Adam([g for g in groups if g["params"]])
+    generator = torch.Generator().manual_seed(setup.seed)
+    images, labels = data.splits["train"]
+    steps = math.ceil(len(images) / setup.batch) * setup.epochs
+    step_times, history = [], []
+    bar = tqdm(total=steps, desc=f"{stage}/{row.id}", disable=not progress, leave=False)
+    for epoch in range(setup.epochs):
+        model.train()
+        freeze_batchnorm(model)
+        for x, y in batches(images, labels, setup.batch, generator):
+            x = data.prepare(x)
+            tick = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            step_times.append(time.perf_counter() - tick)
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        history.append(
+            {"epoch": epoch + 1, "loss": loss.item(), "val_accuracy": evaluate(model, data, "val")}
+        )
+    bar.close()
+    rest, head_numbers = trainable_counts(model, head)
+    result = {
+        "stage": stage,
+        "row": dataclasses.asdict(row) | {"lr": lr},
+        "setup": dataclasses.asdict(setup),
+        "trainable_besides_head": rest,
+        "head_parameters": head_numbers,
+        "val_accuracy": history[-1]["val_accuracy"],
+        "history": history,
+        "step_seconds_median": statistics.median(step_times[1:] or step_times),
+        "build_seconds": build_seconds,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "checkpoint_bytes": checkpoint_bytes(model, row),
+        "threads": torch.get_num_threads(),
+        "machine": machine(),
+        **info,
+    }
+    if "test" in data.splits:
+        result["test_accuracy"] = evaluate(model, data, "test")
+    return result
+
+
+def run_stage(
+    stage: str,
+    rows: list[Row],
+    root: Path = RESULTS_DIR,
+    deadline: float | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Run every row not yet finished, each in a fresh process; returns the result files."""
+    done = []
+    for row in rows:
+        out = root / stage / f"{row.id}.json"
+        if out.exists():
+            done.append(out)
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            print(
+                f"finetune: --hours reached; {row.id} and later rows not started", file=sys.stderr
+            )
+            break
+        print(f"finetune: {stage}/{row.id}", file=sys.stderr)
+        code = (
+            "import json, sys; from mapnet_experiments import finetune as f; "
+            "row = f.Row(**json.loads(sys.argv[2])); "
+            "print(json.dumps(f.run_row(sys.argv[1], row, f.Path(sys.argv[3]), "
+            "progress=sys.argv[4] == '1')))"
+        )
+        command = [
+            sys.executable,
+            "-c",
+            code,
+            stage,
+            json.dumps(dataclasses.asdict(row)),
+            str(root),
+            "1" if progress else "0",
+        ]
+        env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        finished = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
+        if finished.returncode != 0:
+            raise RuntimeError(f"finetune row {stage}/{row.id} failed (exit {finished.returncode})")
+        write_json(out, json.loads(finished.stdout.strip().splitlines()[-1]))
+        done.append(out)
+    return done
+
+
+# ---------------------------------------------------------------------------------- report
+
+PAPER_TABLE10 = "ResNet-50, Ours* 2048, all layers, L = 1: Celeb-DF 97.80 %, FF++ 94.23 %"
+
+
+def _load(root: Path, stage: str) -> dict[str, dict[str, Any]]:
+    return {f.stem: json.loads(f.read_text()) for f in sorted((root / stage).glob("*.json"))}
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def _bytes(value: int) -> str:
+    return f"{value / 1024:,.0f} KiB" if value < 2**20 else f"{value / 2**20:,.1f} MiB"
+
+
+def _method(result: dict[str, Any]) -> str:
+    row = result["row"]
+    if row["method"] == "mapnet":
+        return f"mapnet ×(1+m), L = {row['group_size']:,}"
+    if row["method"] in ("lora", "vera"):
+        return (
+            f"{row['method'].upper() if row['method'] == 'lora' else 'VeRA'} r = {result['rank']}"
+        )
+    return {"additive": "mapnet +W u (additive)", "head": "head only", "full": "full"}[
+        row["method"]
+    ]
+
+
+def _setup_line(setup: dict[str, Any]) -> str:
+    return (
+        f"{setup['train']:,} training images, {setup['val']:,} validation, "
+        f"{setup['test']:,} test; {setup['size']}×{setup['size']}; {setup['epochs']} epoch(s), "
+        f"batch {setup['batch']}, Adam"
+    )
+
+
+def report(root: Path = RESULTS_DIR, out: Path = REPORT) -> str:
+    """docs/results/finetune.md from the committed results (every figure from a result file)."""
+    lines = [
+        "# Fine-tuning pretrained networks (paper §2.2.6, eq. 25; Tables 2, 5 and 10)",
+        "",
+        "Generated by `mapnet repro finetune --report` from results/finetune/. Every row trains",
+        "a new head plus the method's numbers; BatchNorm statistics stay at their ImageNet values.",
+        "Step time is the median training step of the row's own process (2-core machine, other",
+        "jobs may have run beside it: compare within a table, not to bench.md); peak RSS is the",
+        "row's process peak, data included. Checkpoint bytes: what reloads the result onto the",
+        "same pretrained network (mapnet.save folder; peft save_pretrained; the trained tensors).",
+        "",
+    ]
+    select = _load(root, "select")
+    if select:
+        lines += ["## Learning rates chosen on the validation split (MobileNetV2)", ""]
+        first = next(iter(select.values()))
+        lines += [f"Setup: {_setup_line(first['setup'])}.", ""]
+        lines += ["| method | lr | val acc % |", "|---|---|---|"]
+        for result in sorted(select.values(), key=lambda r: (r["row"]["method"], r["row"]["lr"])):
+            lines.append(
+                f"| {result['row']['method']} | {result['row']['lr']:g} | "
+                f"{_pct(result['val_accuracy'])} |"
+            )
+        lines.append("")
+    transfer = _load(root, "transfer")
+    for model, title in (("resnet50", "ResNet-50"), ("mobilenet_v2", "MobileNetV2")):
+        results = [r for r in transfer.values() if r["row"]["model"] == model]
+        if not results:
+            continue
+        lines += [f"## Transfer to Fashion-MNIST: {title} (ImageNet weights)", ""]
+        lines += [f"Setup: {_setup_line(results[0]['setup'])}.", ""]
+        lines += [
+            "| method | budget | trainable besides head | head | test acc % | val acc % | "
+            "checkpoint | step ms | peak RSS | lr |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        order = {m: i for i, m in enumerate(METHODS)}
+        for r in sorted(
+            results,
+            key=lambda r: (order[r["row"]["method"]], r["row"]["budget"], r["row"]["group_size"]),
+        ):
+            lines.append(
+                f"| {_method(r)} | {r['row']['budget'] or '–'} | {r['trainable_besides_head']:,} "
+                f"| {r['head_parameters']:,} | {_pct(r.get('test_accuracy'))} | "
+                f"{_pct(r['val_accuracy'])} | {_bytes(r['checkpoint_bytes'])} | "
+                f"{1000 * r['step_seconds_median']:.0f} | {_bytes(r['peak_rss_bytes'])} | "
+                f"{r['row']['lr']:g} |"
+            )
+        lines.append("")
+    deepfake = _load(root, "deepfake")
+    if deepfake:
+        lines += ["## Deepfake detection: real vs face-swapped faces (ResNet-50)", ""]
+        lines += [
+            f"Setup: {_setup_line(next(iter(deepfake.values()))['setup'])}; the face set "
+            "and its manipulation: mapnet_experiments/deepfake.py.",
+            "",
+        ]
+        lines += [
+            f"The paper (Table 10), on Celeb-DF and FF++, data we cannot reach here: "
+            f"{PAPER_TABLE10}. Our data differ (see above): the numbers are not comparable "
+            "one to one.",
+            "",
+        ]
+        lines += [
+            "| method | layers | trainable besides head | test acc % | val acc % | checkpoint |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in deepfake.values():
+            lines.append(
+                f"| {_method(r)} | {'layer4 + fc' if r['row']['targets'] == 'layer4' else 'all'} "
+                f"| {r['trainable_besides_head']:,} | {_pct(r.get('test_accuracy'))} | "
+                f"{_pct(r['val_accuracy'])} | {_bytes(r['checkpoint_bytes'])} |"
+            )
+        lines.append("")
+    if transfer or deepfake:
+        any_result = next(iter((transfer or deepfake).values()))
+        m = any_result["machine"]
+        lines += [
+            f"Machine: {m.get('cpu', '?')}, {m.get('logical_cpus', '?')} logical CPUs, torch "
+            f"{m.get('torch', '?')}.",
+            "",
+        ]
+    text = "\n".join(lines)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text
