@@ -226,10 +226,8 @@ class MappedModule(nn.Module):
         frozen: dict[str, str] = {}
         buffers: dict[str, str] = {}
         if self.frozen_by_digest:
-            for spec in sel.frozen:
-                value = model.get_parameter(spec.name).detach()
-                frozen[spec.name] = fingerprint.tensor_digest(value)
-                sketches[spec.name] = fingerprint.tensor_sketch(spec.name, value)
+            for spec in sel.frozen:  # a digest only: frozen weights are read, never regenerated
+                frozen[spec.name] = fingerprint.tensor_digest(model.get_parameter(spec.name))
             # The pretrained buffers (BatchNorm statistics): a state omits those still equal.
             parameters = {alias for s in sel.generated + sel.frozen for alias in s.names}
             for name, value in model.state_dict(keep_vars=True).items():

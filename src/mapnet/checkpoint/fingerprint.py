@@ -197,9 +197,9 @@ def compare(saved: dict[str, Any], own: dict[str, Any], where: str) -> list[str]
         theirs = saved.get("frozen", {}).get(name)
         if theirs == digest:
             continue
-        sketch = saved.get("sketches", {}).get(name)
-        if sketch is not None and _sketches_agree(
-            sketch, own["sketches"][name], math.prod(shapes[name])
+        sketch, mine = saved.get("sketches", {}).get(name), own["sketches"].get(name)
+        if sketch is not None and mine is not None and _sketches_agree(
+            sketch, mine, math.prod(shapes[name])
         ):
             nearly_equal.append(name)
             continue
@@ -215,9 +215,9 @@ def compare(saved: dict[str, Any], own: dict[str, Any], where: str) -> list[str]
         if name in stored:
             differing.append(name)
             continue
-        sketch = saved.get("sketches", {}).get(name)
+        sketch, mine = saved.get("sketches", {}).get(name), own["sketches"].get(name)
         size = math.prod(shapes[name])
-        if sketch is not None and _sketches_agree(sketch, own["sketches"][name], size):
+        if sketch is not None and mine is not None and _sketches_agree(sketch, mine, size):
             nearly_equal.append(name)
             continue
         raise CheckpointError(
