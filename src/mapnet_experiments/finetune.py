@@ -54,7 +54,7 @@ RESULTS_DIR = Path("results/finetune")
 REPORT = Path("docs/results/finetune.md")
 METHODS = ("mapnet", "additive", "head", "full", "lora", "vera")
 # Adam learning rates tried by the select stage for the methods whose scale is new to a user.
-SELECT_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+SELECT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 # Set a priori (standard values), not selected: the head, and full fine-tuning.
 HEAD_LR = 1e-3
 FULL_LR = 1e-4
@@ -76,7 +76,8 @@ class Setup:
 SETUPS = {
     "select": Setup(train=2000, val=1000, test=0, epochs=1),
     "transfer": Setup(),
-    "deepfake": Setup(size=64, epochs=3, test=0),  # the face set decides its own sizes
+    # The face set decides its split sizes (24 / 8 / 8 people: 480 / 160 / 160 images).
+    "deepfake": Setup(size=112, epochs=4, train=0, val=0, test=0),
 }
 
 
@@ -135,7 +136,7 @@ def _deepfake_rows() -> list[Row]:
 
 STAGES: dict[str, list[Row]] = {
     "select": _select_rows(),
-    "transfer": _transfer_rows("resnet50") + _transfer_rows("mobilenet_v2"),
+    "transfer": _transfer_rows("mobilenet_v2") + _transfer_rows("resnet50"),
     "deepfake": _deepfake_rows(),
 }
 
@@ -173,9 +174,13 @@ def transfer_data(setup: Setup, model: str) -> Data:
 def deepfake_data(setup: Setup, model: str) -> Data:
     from mapnet_experiments import deepfake
 
-    faces = deepfake.build_face_swap_dataset(size=setup.size, seed=setup.seed)
+    faces = deepfake.build_face_swap_dataset(
+        size=setup.size, seed=setup.seed, image_format="uint8", progress=False
+    )
     splits = {name: (faces[name].images, faces[name].labels) for name in ("train", "val", "test")}
-    return Data(splits, 2, lambda batch: pretrained.preprocess(model, batch, size=setup.size))
+    return Data(
+        splits, 2, lambda batch: pretrained.preprocess(model, batch, size=setup.size, crop=False)
+    )
 
 
 def batches(
@@ -345,6 +350,7 @@ def run_row(stage: str, row: Row, root: Path, progress: bool = True) -> dict[str
         "stage": stage,
         "row": dataclasses.asdict(row) | {"lr": lr},
         "setup": dataclasses.asdict(setup),
+        "split_sizes": {name: len(split[1]) for name, split in data.splits.items()},
         "trainable_besides_head": rest,
         "head_parameters": head_numbers,
         "val_accuracy": history[-1]["val_accuracy"],
@@ -436,11 +442,13 @@ def _method(result: dict[str, Any]) -> str:
     ]
 
 
-def _setup_line(setup: dict[str, Any]) -> str:
+def _setup_line(result: dict[str, Any]) -> str:
+    setup = result["setup"]
+    sizes = result.get("split_sizes") or {k: setup[k] for k in ("train", "val", "test")}
     return (
-        f"{setup['train']:,} training images, {setup['val']:,} validation, "
-        f"{setup['test']:,} test; {setup['size']}×{setup['size']}; {setup['epochs']} epoch(s), "
-        f"batch {setup['batch']}, Adam"
+        f"{sizes['train']:,} training images, {sizes['val']:,} validation, "
+        f"{sizes.get('test', 0):,} test; {setup['size']}×{setup['size']}; {setup['epochs']} "
+        f"epoch(s), batch {setup['batch']}, Adam"
     )
 
 
@@ -461,7 +469,7 @@ def report(root: Path = RESULTS_DIR, out: Path = REPORT) -> str:
     if select:
         lines += ["## Learning rates chosen on the validation split (MobileNetV2)", ""]
         first = next(iter(select.values()))
-        lines += [f"Setup: {_setup_line(first['setup'])}.", ""]
+        lines += [f"Setup: {_setup_line(first)}.", ""]
         lines += ["| method | lr | val acc % |", "|---|---|---|"]
         for result in sorted(select.values(), key=lambda r: (r["row"]["method"], r["row"]["lr"])):
             lines.append(
@@ -475,7 +483,7 @@ def report(root: Path = RESULTS_DIR, out: Path = REPORT) -> str:
         if not results:
             continue
         lines += [f"## Transfer to Fashion-MNIST: {title} (ImageNet weights)", ""]
-        lines += [f"Setup: {_setup_line(results[0]['setup'])}.", ""]
+        lines += [f"Setup: {_setup_line(results[0])}.", ""]
         lines += [
             "| method | budget | trainable besides head | head | test acc % | val acc % | "
             "checkpoint | step ms | peak RSS | lr |",
@@ -498,7 +506,7 @@ def report(root: Path = RESULTS_DIR, out: Path = REPORT) -> str:
     if deepfake:
         lines += ["## Deepfake detection: real vs face-swapped faces (ResNet-50)", ""]
         lines += [
-            f"Setup: {_setup_line(next(iter(deepfake.values()))['setup'])}; the face set "
+            f"Setup: {_setup_line(next(iter(deepfake.values())))}; the face set "
             "and its manipulation: mapnet_experiments/deepfake.py.",
             "",
         ]
