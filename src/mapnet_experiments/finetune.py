@@ -368,14 +368,34 @@ def run_row(stage: str, row: Row, root: Path, progress: bool = True) -> dict[str
     return result
 
 
+def run_in_subprocess(stage: str, row: Row, root: Path, progress: bool) -> dict[str, Any]:
+    """`run_row` in a fresh process: the row's peak RSS and allocator state are its own."""
+    code = (
+        "import json, sys; from mapnet_experiments import finetune as f; "
+        "row = f.Row(**json.loads(sys.argv[2])); "
+        "print(json.dumps(f.run_row(sys.argv[1], row, f.Path(sys.argv[3]), "
+        "progress=sys.argv[4] == '1')))"
+    )
+    command = [sys.executable, "-c", code, stage, json.dumps(dataclasses.asdict(row)), str(root)]
+    command.append("1" if progress else "0")
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    finished = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
+    if finished.returncode != 0:
+        raise RuntimeError(f"finetune row {stage}/{row.id} failed (exit {finished.returncode})")
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
 def run_stage(
     stage: str,
     rows: list[Row],
     root: Path = RESULTS_DIR,
     deadline: float | None = None,
     progress: bool = True,
+    runner: Callable[[str, Row, Path, bool], dict[str, Any]] = run_in_subprocess,
 ) -> list[Path]:
-    """Run every row not yet finished, each in a fresh process; returns the result files."""
+    """Run every row not yet finished; returns the result files. A row is finished when its
+    result file exists (written atomically), so an interrupted stage resumes at the row it was
+    in (rows take minutes; a row itself restarts)."""
     done = []
     for row in rows:
         out = root / stage / f"{row.id}.json"
@@ -383,31 +403,10 @@ def run_stage(
             done.append(out)
             continue
         if deadline is not None and time.monotonic() > deadline:
-            print(
-                f"finetune: --hours reached; {row.id} and later rows not started", file=sys.stderr
-            )
+            print(f"finetune: --hours reached; {row.id} and later not started", file=sys.stderr)
             break
         print(f"finetune: {stage}/{row.id}", file=sys.stderr)
-        code = (
-            "import json, sys; from mapnet_experiments import finetune as f; "
-            "row = f.Row(**json.loads(sys.argv[2])); "
-            "print(json.dumps(f.run_row(sys.argv[1], row, f.Path(sys.argv[3]), "
-            "progress=sys.argv[4] == '1')))"
-        )
-        command = [
-            sys.executable,
-            "-c",
-            code,
-            stage,
-            json.dumps(dataclasses.asdict(row)),
-            str(root),
-            "1" if progress else "0",
-        ]
-        env = os.environ | {"PYTHONUNBUFFERED": "1"}
-        finished = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
-        if finished.returncode != 0:
-            raise RuntimeError(f"finetune row {stage}/{row.id} failed (exit {finished.returncode})")
-        write_json(out, json.loads(finished.stdout.strip().splitlines()[-1]))
+        write_json(out, runner(stage, row, root, progress))
         done.append(out)
     return done
 
@@ -426,6 +425,8 @@ def _pct(value: float | None) -> str:
 
 
 def _bytes(value: int) -> str:
+    if value < 1024:
+        return f"{value} B"
     return f"{value / 1024:,.0f} KiB" if value < 2**20 else f"{value / 2**20:,.1f} MiB"
 
 
@@ -434,9 +435,8 @@ def _method(result: dict[str, Any]) -> str:
     if row["method"] == "mapnet":
         return f"mapnet ×(1+m), L = {row['group_size']:,}"
     if row["method"] in ("lora", "vera"):
-        return (
-            f"{row['method'].upper() if row['method'] == 'lora' else 'VeRA'} r = {result['rank']}"
-        )
+        name = "LoRA" if row["method"] == "lora" else "VeRA"
+        return f"{name} r = {result['rank']}"
     return {"additive": "mapnet +W u (additive)", "head": "head only", "full": "full"}[
         row["method"]
     ]
