@@ -309,3 +309,17 @@ def test_fine_tune_checkpoint_round_trips_in_a_fresh_process(tmp_path: Path) -> 
     assert torch.equal(got, expected)
     with pytest.raises(CheckpointError, match="differs"):
         mapnet.load(tmp_path / "ckpt", pretrained(seed=1))
+
+
+def test_identity_is_compressed_and_plain_json_from_mapnet_0_2_0_still_reads() -> None:
+    from mapnet.checkpoint import fingerprint
+
+    mapped = wrap(pretrained(), MappingConfig(latent_dim=8, update="multiplicative"))
+    encoded = mapped.state_dict()["_extra_state"]
+    identity = mapped.fingerprint()
+    assert len(encoded) < len(json.dumps(identity)) / 2
+    assert fingerprint.decode(encoded, "here") == identity
+    plain = torch.frombuffer(bytearray(json.dumps(identity).encode()), dtype=torch.uint8)
+    assert fingerprint.decode(plain, "here") == identity
+    with pytest.raises(CheckpointError, match="identity is unreadable"):
+        fingerprint.decode(torch.tensor([1, 2, 3], dtype=torch.uint8), "here")

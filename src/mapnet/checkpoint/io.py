@@ -1,7 +1,6 @@
 """Checkpoint folders: a JSON description plus a safetensors file of the state dict. No pickle.
 
-    <dir>/mapnet.json          format version, config, target class, identity (readable copy,
-                               without the per-tensor sketches the tensor file carries),
+    <dir>/mapnet.json          format version, config, target class, a summary of the identity,
                                sha256 of the tensor file, free-form metadata
     <dir>/tensors.safetensors  `mapped.state_dict()`: latents, persistent target buffers (e.g.
                                BatchNorm statistics), directly trained and frozen parameters,
@@ -84,7 +83,7 @@ def save(
         "version": VERSION,
         "config": mapped.mapping_config.to_dict(),
         "target_class": mapped.target_class,
-        "identity": {k: v for k, v in mapped.fingerprint().items() if k != "sketches"},
+        "identity": _readable_identity(mapped.fingerprint()),
         "tensors_sha256": hashlib.sha256(blob).hexdigest(),
         "torch_version": torch.__version__,
         "metadata": metadata or {},
@@ -92,6 +91,20 @@ def save(
     atomic_write_bytes(folder / TENSOR_FILE, blob)
     atomic_write_bytes(folder / CONFIG_FILE, json.dumps(description, indent=2).encode())
     return folder
+
+
+def _readable_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """What a reader of mapnet.json wants to see; the full identity (per-tensor digests and
+    sketches) is in the tensor file's `_extra_state`, and only that one is checked."""
+    summary = {k: identity[k] for k in ("format", "projection", "stored")}
+    summary["groups"] = [
+        {"name": g["name"], "latent_dim": g["latent_dim"], "parameters": len(g["parameters"])}
+        for g in identity["groups"]
+    ]
+    summary["digests"] = {
+        kind: len(identity.get(kind, {})) for kind in ("bases", "frozen", "buffers")
+    }
+    return summary
 
 
 def read_description(path: str | os.PathLike[str]) -> dict[str, Any]:
