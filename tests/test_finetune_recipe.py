@@ -138,3 +138,5 @@ def test_report_is_generated_from_the_result_files(tiny: Data, tmp_path: Path) -
     assert "## Transfer to Fashion-MNIST: ResNet-50" in text
     assert "mapnet ×(1+m), L = 3" in text and "head only" in text and "LoRA r = " in text
     assert text == (tmp_path / "finetune.md").read_text()
+    figure = tmp_path / "finetune-resnet50.png"
+    assert f"]({figure.name})" in text and figure.read_bytes()[:4] == b"\x89PNG"

@@ -452,6 +452,32 @@ def _setup_line(result: dict[str, Any]) -> str:
     )
 
 
+def _figure(results: list[dict[str, Any]], title: str, out: Path) -> Path | None:
+    """Accuracy against trainable numbers per method; head-only and full as reference lines."""
+    from mapnet_experiments.plots import Point, accuracy_vs_budget
+
+    points, baselines = [], {}
+    for r in results:
+        if "test_accuracy" not in r:
+            continue
+        method, accuracy = r["row"]["method"], 100 * r["test_accuracy"]
+        if method in ("head", "full"):
+            baselines[_method(r)] = accuracy
+            continue
+        series = {
+            "mapnet": "mapnet ×(1+m)",
+            "additive": "mapnet +W u",
+            "lora": "LoRA",
+            "vera": "VeRA",
+        }[method]
+        if method == "mapnet":  # one line per group size L
+            series += f", L = {r['row']['group_size']:,}"
+        points.append(Point(series, r["trainable_besides_head"], accuracy))
+    if not points:
+        return None
+    return accuracy_vs_budget(points, out, f"Fashion-MNIST 64×64 from ImageNet {title}", baselines)
+
+
 def report(root: Path = RESULTS_DIR, out: Path = REPORT) -> str:
     """docs/results/finetune.md from the committed results (every figure from a result file)."""
     lines = [
@@ -502,6 +528,9 @@ def report(root: Path = RESULTS_DIR, out: Path = REPORT) -> str:
                 f"{r['row']['lr']:g} |"
             )
         lines.append("")
+        figure = _figure(results, title, out.parent / f"finetune-{model}.png")
+        if figure is not None:
+            lines += [f"![test accuracy against trainable numbers, {title}]({figure.name})", ""]
     deepfake = _load(root, "deepfake")
     if deepfake:
         lines += ["## Deepfake detection: real vs face-swapped faces (ResNet-50)", ""]
