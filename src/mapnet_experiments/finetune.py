@@ -54,7 +54,7 @@ RESULTS_DIR = Path("results/finetune")
 REPORT = Path("docs/results/finetune.md")
 METHODS = ("mapnet", "additive", "head", "full", "lora", "vera")
 # Adam learning rates tried by the select stage for the methods whose scale is new to a user.
-SELECT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+SELECT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 # Set a priori (standard values), not selected: the head, and full fine-tuning.
 HEAD_LR = 1e-3
 FULL_LR = 1e-4
