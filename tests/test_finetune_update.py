@@ -88,7 +88,7 @@ def test_multiplicative_values_and_gradients_equal_a_direct_computation(
         projection=projection,
     )
     mapped = wrap(model, config)
-    assert config.base == "model"
+    assert config.resolved_base == "model" and config.base is None
     z = mapped.latent.detach().clone().requires_grad_(True)
     expected = direct_multiplicative(model, mapped, z, names)
     generated = mapped.generate([mapped.latent])
@@ -323,3 +323,132 @@ def test_identity_is_compressed_and_plain_json_from_mapnet_0_2_0_still_reads() -
     assert fingerprint.decode(plain, "here") == identity
     with pytest.raises(CheckpointError, match="identity is unreadable"):
         fingerprint.decode(torch.tensor([1, 2, 3], dtype=torch.uint8), "here")
+
+
+def test_switching_to_the_multiplicative_update_by_override_modulates_the_pretrained_weights() -> (
+    None
+):
+    model = pretrained().eval()
+    mapped = wrap(model, MappingConfig(latent_dim=8), update="multiplicative").eval()
+    assert mapped.mapping_config.resolved_base == "model"
+    x = torch.randn(3, 2, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(mapped(x), model(x))
+    assert mapped.mapping_config.to_dict()["base"] == "model"
+
+
+def loaded_statistics(receiver: mapnet.MappedModule) -> torch.Tensor:
+    return receiver.target.norm.running_mean.clone()
+
+
+@pytest.mark.parametrize("how", ["strict", "not strict", "inside a parent"])
+def test_omitted_statistics_are_restored_on_a_receiver_whose_statistics_drifted(how: str) -> None:
+    config = MappingConfig(latent_dim=8, update="multiplicative")
+    state = wrap(pretrained(), config).state_dict()
+    assert "target.norm.running_mean" not in state
+    receiver = wrap(pretrained(), config)
+    receiver.train()
+    receiver(torch.randn(4, 2, 6, 6))  # the receiver's statistics move away from the pretrained
+    assert not torch.equal(loaded_statistics(receiver), pretrained().norm.running_mean)
+    if how == "inside a parent":
+        parent = nn.Sequential(receiver)
+        parent.load_state_dict({f"0.{k}": v for k, v in state.items()}, strict=True)
+    else:
+        receiver.load_state_dict(state, strict=how == "strict")
+    assert torch.equal(loaded_statistics(receiver), pretrained().norm.running_mean)
+
+
+def test_omission_of_pretrained_statistics_survives_a_dtype_cast() -> None:
+    config = MappingConfig(latent_dim=8, update="multiplicative")
+    state = wrap(pretrained(), config).state_dict()
+    receiver = wrap(pretrained(), config).double()
+    receiver.load_state_dict(state, strict=True)
+    assert "target.norm.running_var" not in receiver.state_dict()
+    assert receiver.target.norm.running_var.dtype == torch.float64
+
+
+def test_a_wrongly_shaped_statistic_is_refused_before_anything_is_loaded() -> None:
+    config = MappingConfig(latent_dim=8, update="multiplicative")
+    source = wrap(pretrained(), config)
+    state = source.state_dict()
+    state["latents.0"] = torch.full((8,), 0.5)
+    state["target.norm.running_mean"] = torch.zeros(5)
+    receiver = wrap(pretrained(), config)
+    with pytest.raises(CheckpointError, match=r"'target.norm.running_mean' has shape \(5,\)"):
+        receiver.load_state_dict(state)
+    assert torch.equal(receiver.latent, torch.zeros(8))
+
+
+def test_a_fine_tune_state_of_mapnet_0_2_0_still_loads() -> None:
+    """0.2.0 wrote every frozen weight and buffer, and an identity without digests of them."""
+    from mapnet.checkpoint import fingerprint
+
+    config = MappingConfig(latent_dim=8, base="model", target_modules=["body"])
+    model = pretrained()
+    source = wrap(model, config)
+    with torch.no_grad():
+        source.latent.normal_()
+    state = source.state_dict()
+    identity = fingerprint.decode(state["_extra_state"], "here")
+    for key in ("frozen", "buffers"):
+        del identity[key]
+    for name in ("update", "group_size", "target_fraction"):
+        del identity["config"][name]
+    state["_extra_state"] = torch.frombuffer(
+        bytearray(json.dumps(identity).encode()), dtype=torch.uint8
+    )
+    full = {f"target.{k}": v for k, v in model.state_dict().items() if not k.startswith("body")}
+    receiver = wrap(pretrained(), config)
+    receiver.load_state_dict(full | state, strict=True)
+    assert torch.equal(receiver.latent, source.latent)
+
+
+def test_targets_with_non_tensor_extra_state_wrap_for_fine_tuning() -> None:
+    class WithExtra(nn.Linear):
+        def get_extra_state(self) -> dict:
+            return {"note": "kept"}
+
+        def set_extra_state(self, state: dict) -> None:
+            self.note = state
+
+    mapped = wrap(
+        nn.Sequential(WithExtra(4, 3)), MappingConfig(latent_dim=4, update="multiplicative")
+    )
+    fresh = wrap(
+        nn.Sequential(WithExtra(4, 3)), MappingConfig(latent_dim=4, update="multiplicative")
+    )
+    with pytest.raises(CheckpointError, match="base"):  # other random weights: refused
+        fresh.load_state_dict(mapped.state_dict())
+
+
+@pytest.mark.parametrize("activation", ["tanh", "identity"])
+def test_multiplicative_with_an_activation_layerwise_and_in_float64(activation: str) -> None:
+    model = pretrained().double()
+    config = MappingConfig(
+        latent_dim=3,
+        strategy="layerwise",
+        update="multiplicative",
+        group_size=2,
+        activation=activation,
+        latent_init_std=0.5,
+    )
+    mapped = wrap(model, config)
+    sigma = torch.tanh if activation == "tanh" else (lambda t: t)
+    for index, group in enumerate(mapped.groups):
+        z = mapped.latents[index].detach()
+        flat = torch.cat([model.get_parameter(s.name).detach().reshape(-1) for s in group.specs])
+        m = sigma(as_matrix(mapped.projections[index]).double() @ (z + 0.1 * z * z))
+        expected = flat * (1 + m[torch.arange(flat.numel()) // 2])
+        got = torch.cat([mapped.generate()[s.name].detach().reshape(-1) for s in group.specs])
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, expected)
+
+
+def test_mapping_loss_on_a_multiplicative_update_uses_hutchinson() -> None:
+    from mapnet.loss import MappingLoss
+
+    mapped = wrap(pretrained(), MappingConfig(latent_dim=8, update="multiplicative"))
+    loss = MappingLoss(mapped)
+    assert loss.smoothness_estimator == "hutchinson"
+    with pytest.raises(ValueError, match="needs an additive update"):
+        MappingLoss(mapped, smoothness_estimator="exact")

@@ -91,8 +91,8 @@ class MappingConfig:
         order, the layers nearest the output) holding a fraction f of the selected numbers; the
         others stay frozen. 1.0: all selected parameters.
 
-    base=None (the default) resolves to "model" for update="multiplicative" (the pretrained
-    weights are θ_pre) and to "init" otherwise.
+    base=None (the default) means "model" for update="multiplicative" (the pretrained weights
+    are θ_pre) and "init" otherwise; `resolved_base` gives the value in force.
     """
 
     latent_dim: int | dict[str, int] = 2048
@@ -116,12 +116,11 @@ class MappingConfig:
 
     def __post_init__(self) -> None:
         _choice("update", self.update, UPDATES)
-        if self.base is None:  # frozen: resolved once, so to_dict() always names the base
-            object.__setattr__(self, "base", "model" if self.update == "multiplicative" else "init")
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("activation", self.activation, tuple(ACTIVATIONS))
         _choice("scaling", self.scaling, SCALINGS)
-        _choice("base", self.base, BASES)
+        if self.base is not None:  # None stays None: dataclasses.replace(update=...) re-resolves
+            _choice("base", self.base, BASES)
         _choice("layer_split", self.layer_split, LAYER_SPLITS)
         _choice("projection", self.projection, PROJECTIONS)
         if isinstance(self.latent_dim, dict):
@@ -149,7 +148,7 @@ class MappingConfig:
                 f"group_size={self.group_size} needs update='multiplicative' (eq. 25 shares one "
                 "modulation element among L weights; an additive update generates every weight)"
             )
-        if self.update == "multiplicative" and self.base == "zero":
+        if self.update == "multiplicative" and self.resolved_base == "zero":
             raise ValueError(
                 "update='multiplicative' scales the base weights: base='zero' would generate "
                 "all-zero weights; use base='model' (θ_pre, the default) or base='init'"
@@ -161,7 +160,11 @@ class MappingConfig:
             raise ValueError(f"target_fraction must be in (0, 1], got {fraction}")
         if self.latent_init_std < 0:
             raise ValueError(f"latent_init_std must be >= 0, got {self.latent_init_std}")
-        if self.base == "zero" and self.latent_init_std == 0 and self.activation == "identity":
+        if (
+            self.resolved_base == "zero"
+            and self.latent_init_std == 0
+            and self.activation == "identity"
+        ):
             raise ValueError(
                 "base='zero' with latent_init_std=0 generates all-zero weights whose gradient "
                 "is zero for most networks; set latent_init_std > 0 (paper-literal: 1.0)"
@@ -178,6 +181,13 @@ class MappingConfig:
         for name in ("store_base", "check_finite"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @property
+    def resolved_base(self) -> str:
+        """`base`, with None resolved: "model" for a multiplicative update, else "init"."""
+        if self.base is not None:
+            return self.base
+        return "model" if self.update == "multiplicative" else "init"
 
     @classmethod
     def paper_literal(cls, **overrides: Any) -> MappingConfig:
@@ -199,6 +209,7 @@ class MappingConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        data["base"] = self.resolved_base  # a written config always names its base
         for name in ("target_modules", "exclude_modules", "train_directly"):
             if data[name] is not None:
                 data[name] = list(data[name])

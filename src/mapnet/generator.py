@@ -52,7 +52,8 @@ def generate_group(
 
 def scale_by_groups(base: torch.Tensor, factors: torch.Tensor, group_size: int) -> torch.Tensor:
     """θ_j = base_j · factors_⌈j/L⌉ (P,), for base (P,) and factors (⌈P/L⌉,): the L weights of a
-    group share one factor, the last group holds the P mod L remainder. Views, no repeat."""
+    group share one factor, the last group holds the P mod L remainder. The factors are
+    broadcast over (P // L, L) views, never repeated to P."""
     if group_size == 1:
         return base * factors
     full = base.numel() // group_size  # groups of exactly L weights
@@ -75,9 +76,13 @@ def modulate_group(
     """Fine-tuning (eq. 25): θ = θ_pre ⊙ (1 + m_⌈j/L⌉), m = σ(W(z + α z⊙z)) (⌈P/L⌉,); the
     group's tensors in `shapes` and `dtypes` order."""
     function = _GeneratedTensorsCore if torch.compiler.is_compiling() else _GeneratedTensors
-    rows = (projection.out_features,)
-    (m,) = function.apply(z.to(compute_dtype(z)), projection, None, alpha, (rows,))  # (M,)
-    theta = scale_by_groups(base, 1 + ACTIVATIONS[activation](m), group_size)  # (P,)
+    shape = (projection.out_features,)
+    (m,) = function.apply(z.to(compute_dtype(z)), projection, None, alpha, (shape,))  # (M,)
+    m = ACTIVATIONS[activation](m)
+    if group_size == 1:  # θ_pre + θ_pre ⊙ m: one P-sized result, no 1 + m in between
+        theta = torch.addcmul(base, base, m)  # (P,)
+    else:
+        theta = scale_by_groups(base, 1 + m, group_size)  # (P,)
     sizes = [math.prod(shape) for shape in shapes]
     return tuple(
         piece.view(shape).to(dtype)

@@ -126,11 +126,6 @@ class MappingLoss(nn.Module):
         super().__init__()
         if not isinstance(mapped, MappedModule):
             raise TypeError(f"mapped must be a MappedModule, got {type(mapped).__name__}")
-        if mapped.mapping_config.update != "additive" and smoothness:
-            raise ValueError(
-                "the smoothness term's closed form is derived for θ = σ(θ₀ + W u) (§2.3); "
-                "a multiplicative fine-tuning update needs smoothness=False"
-            )
         # Not a submodule: the latents must not appear in loss.parameters() (the optimiser would
         # see them twice) nor the target in loss.state_dict().
         object.__setattr__(self, "mapped", mapped)
@@ -169,12 +164,16 @@ class MappingLoss(nn.Module):
                 f"smoothness_estimator={smoothness_estimator!r} is not one of "
                 f"{', '.join(map(repr, ESTIMATORS))}"
             )
-        closed_form = all(hasattr(p, "weighted_row_sq_norms") for p in mapped.projections)
+        # The closed form is derived for θ = σ(θ₀ + W u) (§2.3); a multiplicative fine-tuning
+        # update θ_pre ⊙ (1 + m) goes through Hutchinson's estimator on generate_flat.
+        additive = mapped.mapping_config.update == "additive"
+        closed_form = additive and all(
+            hasattr(p, "weighted_row_sq_norms") for p in mapped.projections
+        )
         if smoothness_estimator == "exact" and not closed_form:
             raise ValueError(
-                "smoothness_estimator='exact' needs projections with weighted_row_sq_norms(); "
-                f"{sorted({type(p).__name__ for p in mapped.projections})} lack it: use "
-                "'hutchinson' or 'auto'"
+                "smoothness_estimator='exact' needs an additive update and projections with "
+                "weighted_row_sq_norms(); use 'hutchinson' or 'auto'"
             )
         if smoothness_estimator == "auto":
             smoothness_estimator = "exact" if closed_form else "hutchinson"

@@ -103,12 +103,14 @@ class MappedModule(nn.Module):
         dtype = _base_dtype(selection.generated)
         # base="zero" still needs θ₀ as the reference for the per-tensor gains of "init_std".
         reference = (
-            "init" if config.base == "zero" and config.scaling == "init_std" else config.base
+            "init"
+            if config.resolved_base == "zero" and config.scaling == "init_std"
+            else config.resolved_base
         )
         bases, uncovered = fill_bases(
             groups, model, base=reference, seed=config.seed, from_factory=from_factory, dtype=dtype
         )
-        if config.base == "zero":
+        if config.resolved_base == "zero":
             uncovered = []
         generated = {s.name for s in selection.generated}
         self.mapping_config = config
@@ -116,18 +118,31 @@ class MappedModule(nn.Module):
         self.selection = selection
         self.target_class = f"{type(model).__module__}.{type(model).__qualname__}"
         self._target_signature = inspect.signature(model.forward)
-        stored = sorted(generated) if config.store_base and config.base != "zero" else uncovered
+        stored = (
+            sorted(generated) if config.store_base and config.resolved_base != "zero" else uncovered
+        )
         self.stored_base_names: list[str] = stored
         self._apply_stored_bases(bases, stored_bases or {})
 
         self.gains: list[list[float]] = [self._gains(g, b) for g, b in zip(groups, bases)]
         # Fine-tuning checkpoints stay small: frozen pretrained weights are checked by digest,
         # not stored, so a state loads only onto the same pretrained model.
-        self.frozen_by_digest = config.base == "model" and not config.store_base
+        self.frozen_by_digest = config.resolved_base == "model" and not config.store_base
+        # The pretrained buffers (BatchNorm statistics, a few numbers per channel): a state omits
+        # those still at these values, and loading such a state puts these values back.
+        self._pretrained_buffers: dict[str, torch.Tensor] = {}
+        if self.frozen_by_digest:
+            self._pretrained_buffers = {
+                name: value.detach().clone()
+                for name, value in model.state_dict(keep_vars=True).items()
+                if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
+            }
         self._identity = self._build_identity(bases, model)
         for index, base in enumerate(bases):
             empty = torch.zeros(0, dtype=dtype)  # base="zero": θ₀ was only the gains' reference
-            self.register_buffer(f"base_{index}", empty if config.base == "zero" else base, False)
+            self.register_buffer(
+                f"base_{index}", empty if config.resolved_base == "zero" else base, False
+            )
         del bases
         self._dtypes = [tuple(s.dtype for s in g.specs) for g in groups]  # follow .to()
         self._shapes = [tuple(s.shape for s in g.specs) for g in groups]
@@ -173,9 +188,9 @@ class MappedModule(nn.Module):
             )
         # DDP: broadcast and all-reduce only what trains or tracks statistics.
         self._ddp_params_and_buffers_to_ignore = self.fixed_tensor_names()
-        self.register_state_dict_post_hook(_add_stored_bases)
+        self.register_state_dict_post_hook(_finish_state)
         self.register_load_state_dict_pre_hook(_check_and_take_state)
-        self.register_load_state_dict_post_hook(_frozen_are_not_missing)
+        self.register_load_state_dict_post_hook(_frozen_weights_are_not_missing)
         if device.type != "cpu":
             self.to(device)
 
@@ -219,7 +234,7 @@ class MappedModule(nn.Module):
         roles += [(s, "frozen") for s in sel.frozen]
         layout = [[s.name, s.names[1:], list(s.shape), str(s.dtype), role] for s, role in roles]
         digests, sketches = {}, {}
-        if self.mapping_config.base != "zero":
+        if self.mapping_config.resolved_base != "zero":
             for spec, view in group_views(self.groups, bases):
                 digests[spec.name] = fingerprint.tensor_digest(view)
                 sketches[spec.name] = fingerprint.tensor_sketch(spec.name, view)
@@ -228,11 +243,8 @@ class MappedModule(nn.Module):
         if self.frozen_by_digest:
             for spec in sel.frozen:  # a digest only: frozen weights are read, never regenerated
                 frozen[spec.name] = fingerprint.tensor_digest(model.get_parameter(spec.name))
-            # The pretrained buffers (BatchNorm statistics): a state omits those still equal.
-            parameters = {alias for s in sel.generated + sel.frozen for alias in s.names}
-            for name, value in model.state_dict(keep_vars=True).items():
-                if name not in parameters and not isinstance(value, nn.Parameter):
-                    buffers[name] = fingerprint.tensor_digest(value.detach())
+            for name, value in self._pretrained_buffers.items():
+                buffers[name] = fingerprint.tensor_digest(value)
         return {
             "format": fingerprint.IDENTITY_FORMAT,
             "config": self.mapping_config.to_dict(),
@@ -259,7 +271,7 @@ class MappedModule(nn.Module):
     def _theta0_views(self) -> dict[str, torch.Tensor]:
         """θ₀ of each generated parameter (canonical name) as a view into its group's vector;
         empty for base='zero'."""
-        if self.mapping_config.base == "zero":
+        if self.mapping_config.resolved_base == "zero":
             return {}
         bases = [self._base(i) for i in range(len(self.groups))]
         return {spec.name: view for spec, view in group_views(self.groups, bases)}
@@ -546,12 +558,13 @@ class MappedModule(nn.Module):
         pass  # checked and applied by _check_and_take_state before anything was loaded
 
     def _expected_state(self) -> dict[str, torch.Tensor]:
-        """What this module's state dict holds (names to tensors), without copying anything."""
-        self.__dict__["_skip_stored_bases"] = True
+        """What a state for this module may hold (names to tensors), every buffer included,
+        without copying anything."""
+        self.__dict__["_expected_only"] = True
         try:
             state = dict(self.state_dict(keep_vars=True))
         finally:
-            self.__dict__["_skip_stored_bases"] = False
+            self.__dict__["_expected_only"] = False
         views = self._theta0_views()
         for name in self.stored_base_names:
             state[STORED_BASE + name] = views[name]
@@ -610,23 +623,25 @@ def _frozen_aliases(module: MappedModule) -> list[str]:
     return [f"target.{alias}" for s in module.selection.frozen for alias in s.names]
 
 
-def _pretrained_buffer_keys(module: MappedModule) -> list[str]:
-    """State keys of the target's buffers a fine-tune state may omit (kept while pretrained)."""
-    return [f"target.{name}" for name in module._identity.get("buffers", {})]
-
-
-def _add_stored_bases(
+def _finish_state(
     module: MappedModule, state: dict[str, Any], prefix: str, local_metadata: Any
 ) -> None:
+    """state_dict post-hook. A fine-tune state holds neither the frozen pretrained weights nor
+    the buffers still at their pretrained values (the identity's digests stand for them);
+    stored bases are added."""
     for key in _frozen_aliases(module):
         state.pop(prefix + key, None)
-    recorded = module._identity.get("buffers", {})
-    for name, digest in recorded.items():
-        value = state.get(prefix + "target." + name)
-        if value is not None and fingerprint.tensor_digest(value.detach()) == digest:
-            del state[prefix + "target." + name]  # still the pretrained value: the digest holds it
-    if module.__dict__.get("_skip_stored_bases"):
+    if module.__dict__.get("_expected_only"):  # validation: every buffer, no stored bases
         return
+    for name, pretrained in module._pretrained_buffers.items():
+        key = prefix + "target." + name
+        value = state.get(key)
+        if (
+            isinstance(value, torch.Tensor)
+            and value.shape == pretrained.shape
+            and torch.equal(value.detach(), pretrained.to(value))  # any dtype the module has now
+        ):
+            del state[key]
     views = module._theta0_views()
     for name in module.stored_base_names:
         state[prefix + STORED_BASE + name] = views[name].detach().clone()
@@ -659,6 +674,9 @@ def _check_and_take_state(
         )
     saved = fingerprint.decode(state[key], where)
     differing = fingerprint.compare(saved, module._identity, where)
+    if "buffers" in saved:  # a fine-tune state omitted the buffers still pretrained: restore
+        for name, pretrained in module._pretrained_buffers.items():
+            state.setdefault(prefix + "target." + name, pretrained)
     expected = module._expected_state()
     given = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     problems = []
@@ -681,8 +699,8 @@ def _check_and_take_state(
             value.dtype.is_floating_point and own.dtype.is_floating_point
         ):
             problems.append(f"{prefix + name!r} has dtype {value.dtype}, expected {own.dtype}")
-    if strict:
-        optional = set(_pretrained_buffer_keys(module))  # a trained statistic is stored
+    if strict:  # a fine-tune state of mapnet 0.2.0 still holds the frozen weights: allowed
+        optional = set(_frozen_aliases(module)) if "frozen" not in saved else set()
         unexpected = sorted(set(given) - set(expected) - optional)
         problems += [f"unexpected {prefix + n!r}" for n in unexpected]
     if differing:  # θ₀ is about to be replaced: only together with everything else of ours
@@ -709,11 +727,11 @@ def _check_and_take_state(
         state.pop(prefix + STORED_BASE + name)
 
 
-def _frozen_are_not_missing(module: MappedModule, incompatible: Any) -> None:
+def _frozen_weights_are_not_missing(module: MappedModule, incompatible: Any) -> None:
     """torch reports every parameter absent from a state as missing; the frozen pretrained
     weights of a fine-tune state were checked by digest in `_check_and_take_state`."""
     prefix = module.__dict__.get("_load_prefix", "")
-    frozen = {prefix + key for key in _frozen_aliases(module) + _pretrained_buffer_keys(module)}
+    frozen = {prefix + key for key in _frozen_aliases(module)}
     if frozen:
         incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in frozen]
 
