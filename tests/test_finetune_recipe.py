@@ -78,6 +78,8 @@ def test_each_method_trains_its_numbers_and_reports_them(
     assert 0 <= result["test_accuracy"] <= 1 and len(result["history"]) == 2
     assert result["split_sizes"] == {"train": 24, "val": 12, "test": 12}
     assert result["checkpoint_bytes"] > 0 and result["step_seconds_median"] > 0
+    # The same for every method: the head's rate, and BatchNorm statistics left pretrained.
+    assert result["head_lr"] == finetune.HEAD_LR and result["batchnorm_statistics_unchanged"]
     json.dumps(result)  # what run_stage writes
 
 
@@ -86,7 +88,7 @@ def test_the_latent_moves_and_the_pretrained_weights_do_not(tiny: Data) -> None:
     before = {n: b.clone() for n, b in model.named_buffers()}
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
     model.train()
-    finetune.freeze_batchnorm(model)
+    finetune.freeze_batchnorm_statistics(model)
     x, y = tiny.splits["train"]
     for _ in range(3):
         optimizer.zero_grad()
@@ -101,12 +103,21 @@ def test_learning_rate_comes_from_the_select_stage(tmp_path: Path) -> None:
     row = Row("r", "resnet50", "lora", 100)
     with pytest.raises(FileNotFoundError, match="--stages select"):
         finetune.selected_lr(row, tmp_path)
-    for lr, accuracy in ((1e-3, 0.5), (3e-3, 0.7), (1e-2, 0.6)):
+    scores = dict.fromkeys(finetune.SELECT_LRS, 0.5) | {3e-3: 0.7, 1e-2: 0.7}  # a tie
+    for lr, accuracy in list(scores.items())[:-1]:
         result = {"row": {"method": "lora", "lr": lr}, "val_accuracy": accuracy}
         path = tmp_path / "select" / f"lora-{lr}.json"
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(result))
-    assert finetune.selected_lr(row, tmp_path) == 3e-3
+    with pytest.raises(
+        FileNotFoundError, match=f"learning rate\\(s\\) \\[{finetune.SELECT_LRS[-1]}\\]"
+    ):
+        finetune.selected_lr(row, tmp_path)  # a partial grid does not choose
+    lr = finetune.SELECT_LRS[-1]
+    (tmp_path / "select" / "last.json").write_text(
+        json.dumps({"row": {"method": "lora", "lr": lr}, "val_accuracy": scores[lr]})
+    )
+    assert finetune.selected_lr(row, tmp_path) == 3e-3  # the best; of a tie, the smaller
     assert finetune.selected_lr(Row("h", "resnet50", "head"), tmp_path) == finetune.HEAD_LR
 
 
