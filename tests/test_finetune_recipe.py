@@ -151,3 +151,16 @@ def test_report_is_generated_from_the_result_files(tiny: Data, tmp_path: Path) -
     assert text == (tmp_path / "finetune.md").read_text()
     figure = tmp_path / "finetune-resnet50.png"
     assert f"]({figure.name})" in text and figure.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_step_times_are_measured_at_each_thread_count(tiny: Data, tmp_path: Path) -> None:
+    result = finetune.run_row("steps", ROWS[0], tmp_path, progress=False)
+    assert set(result["step_seconds_median"]) == {str(t) for t in finetune.STEP_THREADS}
+    assert all(v > 0 for v in result["step_seconds_median"].values())
+    out = tmp_path / "steps" / "mapnet.json"
+    out.parent.mkdir(parents=True)
+    out.write_text(json.dumps(result))
+    trained = tmp_path / "transfer" / "mapnet.json"
+    trained.parent.mkdir(parents=True)
+    trained.write_text(json.dumps(finetune.run_row("transfer", ROWS[0], tmp_path, progress=False)))
+    assert " · " in finetune.report(tmp_path, tmp_path / "finetune.md").split("mapnet ×(1+m)")[1]

@@ -139,7 +139,11 @@ STAGES: dict[str, list[Row]] = {
     "select": _select_rows(),
     "transfer": _transfer_rows("mobilenet_v2") + _transfer_rows("resnet50"),
     "deepfake": _deepfake_rows(),
+    # Step time alone, on a quiet machine: the transfer rows' own timings share the CPU with
+    # whatever else ran.
+    "steps": _transfer_rows("mobilenet_v2") + _transfer_rows("resnet50"),
 }
+STEP_THREADS = (1, 2)
 
 
 # ---------------------------------------------------------------------------------- data
@@ -323,8 +327,51 @@ def select_scores(method: str, root: Path) -> dict[float, float]:
     return {lr: scores[lr] for lr in SELECT_LRS}
 
 
+def time_steps(row: Row, rounds: int = 3, steps: int = 3) -> dict[str, Any]:
+    """Median training step (a fixed random batch at the transfer setup's size and batch) at
+    each of STEP_THREADS, measured side by side: rounds alternate the thread counts."""
+    setup = SETUPS["transfer"]
+    model, info = build(row, 10)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(setup.batch, 3, setup.size, setup.size, generator=generator)
+    y = torch.randint(0, 10, (setup.batch,), generator=generator)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    freeze_batchnorm_statistics(model)
+
+    def step() -> float:
+        tick = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        return time.perf_counter() - tick
+
+    step()  # warm-up: first-touch allocations
+    times: dict[int, list[float]] = {t: [] for t in STEP_THREADS}
+    default = torch.get_num_threads()
+    try:
+        for _ in range(rounds):
+            for threads in STEP_THREADS:
+                torch.set_num_threads(threads)
+                times[threads] += [step() for _ in range(steps)]
+    finally:
+        torch.set_num_threads(default)
+    return {
+        "stage": "steps",
+        "row": dataclasses.asdict(row),
+        "step_seconds_median": {str(t): statistics.median(v) for t, v in times.items()},
+        "batch": setup.batch,
+        "size": setup.size,
+        "machine": machine(),
+        "commit": _commit(),
+        **info,
+    }
+
+
 def run_row(stage: str, row: Row, root: Path, progress: bool = True) -> dict[str, Any]:
     """Train one row and return its result (not written: `run_stage` does, atomically)."""
+    if stage == "steps":
+        return time_steps(row)
     setup = SETUPS[stage]
     torch.manual_seed(setup.seed)
     data = (deepfake_data if stage == "deepfake" else transfer_data)(setup, row.model)
@@ -486,6 +533,14 @@ def _method(result: dict[str, Any]) -> str:
     ]
 
 
+def _step_ms(result: dict[str, Any], quiet: dict[str, Any] | None) -> str:
+    own = f"({1000 * result['step_seconds_median']:.0f})"
+    if quiet is None:
+        return own
+    alone = " · ".join(f"{1000 * v:.0f}" for v in quiet["step_seconds_median"].values())
+    return f"{alone} {own}"
+
+
 def _trainable(result: dict[str, Any]) -> str:
     """The trainable count, with the latent's effective numbers when L leaves fewer rows."""
     text = f"{result['trainable_besides_head']:,}"
@@ -557,6 +612,7 @@ def report(root: Path = RESULTS_DIR, out: Path = REPORT) -> str:
             )
         lines.append("")
     transfer = _load(root, "transfer")
+    quiet = _load(root, "steps")
     for model, title in (("resnet50", "ResNet-50"), ("mobilenet_v2", "MobileNetV2")):
         results = [r for r in transfer.values() if r["row"]["model"] == model]
         if not results:
@@ -577,6 +633,10 @@ def report(root: Path = RESULTS_DIR, out: Path = REPORT) -> str:
             "",
         ]
         lines += [
+            "Step ms: the median training step (batch 32) measured alone by `--stages steps`, "
+            "at 1 · 2 threads, side by side in one process per row; in brackets, the median "
+            "step of the training run itself (other jobs shared the CPU).",
+            "",
             "| method | budget | trainable besides head | head | test acc % | val acc % | "
             "checkpoint | step ms | peak RSS | lr |",
             "|---|---|---|---|---|---|---|---|---|---|",
@@ -590,7 +650,7 @@ def report(root: Path = RESULTS_DIR, out: Path = REPORT) -> str:
                 f"| {_method(r)} | {r['row']['budget'] or '–'} | {_trainable(r)} "
                 f"| {r['head_parameters']:,} | {_pct(r.get('test_accuracy'))} | "
                 f"{_pct(r['val_accuracy'])} | {_bytes(r['checkpoint_bytes'])} | "
-                f"{1000 * r['step_seconds_median']:.0f} | {_bytes(r['peak_rss_bytes'])} | "
+                f"{_step_ms(r, quiet.get(r['row']['id']))} | {_bytes(r['peak_rss_bytes'])} | "
                 f"{r['row']['lr']:g} |"
             )
         lines.append("")
