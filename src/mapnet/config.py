@@ -7,6 +7,7 @@ W fixed. Fine-tuning (§2.2.6, eq. 25): θ = θ_pre ⊙ (1 + m_⌈j/L⌉), m = �
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ def _patterns(name: str, value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class MappingConfig:
     """How a target's parameters are generated.
 
@@ -181,6 +182,14 @@ class MappingConfig:
         for name in ("store_base", "check_finite"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    def __eq__(self, other: object) -> bool:  # base=None equals the base it resolves to
+        if not isinstance(other, MappingConfig):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     @property
     def resolved_base(self) -> str:

@@ -109,7 +109,8 @@ class TrainConfig:
             raise ValueError(f"loss must be a dict of MappingLoss options, got {self.loss!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # The mapping's own to_dict: it names the base that base=None resolves to.
+        return dataclasses.asdict(self) | {"mapping": self.mapping.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
