@@ -78,7 +78,7 @@ SETUPS = {
     "select": Setup(train=2000, val=1000, test=0, epochs=1),
     "transfer": Setup(),
     # The face set decides its split sizes (24 / 8 / 8 people: 480 / 160 / 160 images).
-    "deepfake": Setup(size=112, epochs=4, train=0, val=0, test=0),
+    "deepfake": Setup(size=112, epochs=3, train=0, val=0, test=0),
 }
 
 
@@ -106,7 +106,10 @@ def _transfer_rows(model: str) -> list[Row]:
     ]
     for method in ("lora", "vera"):
         for label, budget in (("2k", 2048), ("10k", 10240), ("100k", 102400)):
-            rows.append(Row(f"{short}-{method}-{label}", model, method, budget))
+            # VeRA at 100k on ResNet-50 needs rank 2,213, above most of its layers' widths, and
+            # ~3 s a step here (8× a LoRA step): left out; MobileNetV2 has the 100k VeRA row.
+            if (model, method, label) != ("resnet50", "vera", "100k"):
+                rows.append(Row(f"{short}-{method}-{label}", model, method, budget))
     return rows
 
 
@@ -141,7 +144,11 @@ STAGES: dict[str, list[Row]] = {
     "deepfake": _deepfake_rows(),
     # Step time alone, on a quiet machine: the transfer rows' own timings share the CPU with
     # whatever else ran.
-    "steps": _transfer_rows("mobilenet_v2") + _transfer_rows("resnet50"),
+    "steps": [
+        row
+        for row in _transfer_rows("mobilenet_v2") + _transfer_rows("resnet50")
+        if row.budget in (0, 2048) or row.method in ("lora", "vera")
+    ],
 }
 STEP_THREADS = (1, 2)
 
