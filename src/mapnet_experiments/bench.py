@@ -342,7 +342,7 @@ STEP_VARIANTS: tuple[StepVariant, ...] = (
 )
 VARIANTS_BY_NAME = {v.name: v for v in STEP_VARIANTS}
 
-# The mapping loss's terms (SPEC §4) timed on the mapped step, each switched on alone and all
+# The mapping loss's terms (paper §2.3) timed on the mapped step, each switched on alone and all
 # together, against the MappingLoss with every term off (the task loss through the same module).
 LOSS_TERM_STEPS: dict[str, dict[str, bool]] = {
     "task only (MappingLoss, every term off)": {},
