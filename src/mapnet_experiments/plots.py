@@ -34,16 +34,8 @@ def accuracy_vs_budget(
                 ax.annotate(
                     p.label, (p.x, p.y), textcoords="offset points", xytext=(4, -10), fontsize=7
                 )
-    for name, value in (baselines or {}).items():
-        ax.axhline(value, linestyle="--", linewidth=1, color="grey")
-        ax.annotate(
-            name,
-            (ax.get_xlim()[0], value),
-            textcoords="offset points",
-            xytext=(4, 3),
-            fontsize=7,
-            color="grey",
-        )
+    for (name, value), style in zip((baselines or {}).items(), ("--", ":", "-.")):
+        ax.axhline(value, linestyle=style, linewidth=1, color="grey", label=name)
     ax.set_xscale("log")
     ax.set_xlabel("trainable numbers besides the new head (log scale)")
     ax.set_ylabel("test accuracy (%)")
