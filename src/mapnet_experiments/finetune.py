@@ -331,6 +331,18 @@ def select_scores(method: str, root: Path) -> dict[float, float]:
     return {lr: scores[lr] for lr in SELECT_LRS}
 
 
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> tuple[float, torch.Tensor]:
+    """One cross-entropy step; returns its wall time and the loss."""
+    tick = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - tick, loss
+
+
 def time_steps(row: Row, rounds: int = 3, steps: int = 3) -> dict[str, Any]:
     """Median training step (a fixed random batch at the transfer setup's size and batch) at
     each of STEP_THREADS, measured side by side: rounds alternate the thread counts."""
@@ -344,11 +356,7 @@ def time_steps(row: Row, rounds: int = 3, steps: int = 3) -> dict[str, Any]:
     freeze_batchnorm_statistics(model)
 
     def step() -> float:
-        tick = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        return time.perf_counter() - tick
+        return train_step(model, optimizer, x, y)[0]
 
     step()  # warm-up: first-touch allocations
     times: dict[int, list[float]] = {t: [] for t in STEP_THREADS}
@@ -401,13 +409,8 @@ def run_row(stage: str, row: Row, root: Path, progress: bool = True) -> dict[str
         model.train()
         freeze_batchnorm_statistics(model)
         for x, y in batches(images, labels, setup.batch, generator):
-            x = data.prepare(x)
-            tick = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            optimizer.step()
-            step_times.append(time.perf_counter() - tick)
+            seconds, loss = train_step(model, optimizer, data.prepare(x), y)
+            step_times.append(seconds)
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
         history.append(

@@ -81,6 +81,7 @@ from .data import (
     _verdict_key,
     default_cache_dir,
 )
+from .models import Bottleneck
 
 __all__ = [
     "HEADS",
@@ -114,14 +115,13 @@ _CHUNK = 1 << 20
 # --- architectures ---------------------------------------------------------------------------
 
 
-class KerasBottleneck(nn.Module):
+class KerasBottleneck(Bottleneck):
     """Keras's ResNet-50 bottleneck: 1×1 reduce (carries the stride), 3×3, 1×1 expand ×4; every
-    conv with a bias, each followed by BatchNorm(eps=1e-3)."""
-
-    expansion = 4
+    conv with a bias, each followed by BatchNorm(eps=1e-3). Its own layers under the same
+    names; the forward pass is Bottleneck's."""
 
     def __init__(self, in_channels: int, width: int, stride: int = 1, eps: float = KERAS_BN_EPS):
-        super().__init__()
+        nn.Module.__init__(self)  # not Bottleneck's layers: the stride and biases differ
         out_channels = width * self.expansion
         self.conv1 = nn.Conv2d(in_channels, width, 1, stride=stride)
         self.bn1 = nn.BatchNorm2d(width, eps=eps)
@@ -136,13 +136,6 @@ class KerasBottleneck(nn.Module):
                 nn.Conv2d(in_channels, out_channels, 1, stride=stride),
                 nn.BatchNorm2d(out_channels, eps=eps),
             )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, 4w, H/s, W/s)
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
 
 
 class KerasResNet50(nn.Module):
