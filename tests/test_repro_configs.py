@@ -33,6 +33,15 @@ ADDED = {
     "target_fraction": 1.0,
 }
 
+# TrainConfig fields added since (the ablation and compression runs).
+ADDED_TRAIN = {
+    "variant": "ours",
+    "start_from": None,
+    "sparsity": 0.0,
+    "prune_scope": "tensor",
+    "fake_quant": False,
+}
+
 
 def as_json(config: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(config.to_dict()))
@@ -74,6 +83,9 @@ def test_rows_build_the_stored_configs(table: str) -> None:
     assert len(found) == 3 * len(TABLES[table]) * len(DATASETS)
     for row, dataset, file, stored in found:
         wanted = as_json(row.config(dataset))
+        for name, default in ADDED_TRAIN.items():
+            assert wanted.pop(name) == default, f"{row.id}: {name} is not its default"
+            assert stored.pop(name, default) == default, f"{file}: {name}"
         for name, default in ADDED.items():
             assert wanted["mapping"].pop(name) == default, f"{row.id}: {name} is not its default"
             assert stored["mapping"].get(name, default) == default, f"{file}: {name}"

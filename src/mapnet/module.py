@@ -495,10 +495,22 @@ class MappedModule(nn.Module):
         """This module's identity (checkpoint/fingerprint.py): what a state must match (a copy)."""
         return copy.deepcopy(self._identity)
 
-    def materialize(self) -> nn.Module:
-        """An ordinary module of the target's class holding the generated weights (a copy)."""
+    def materialize(self, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """An ordinary module of the target's class holding the generated weights (a copy).
+
+        `weights` (by parameter name, every generated one) replace them: weights derived from
+        the generated ones, e.g. pruned or rounded (`mapnet.compress`)."""
         with torch.no_grad():
-            generated = self.generate()
+            generated = self.generate() if weights is None else weights
+        missing = sorted(spec.name for spec in self.specs if spec.name not in generated)
+        if missing:
+            raise ValueError(f"materialize(weights) lacks generated parameter(s) {missing[:5]}")
+        for spec in self.specs:
+            if tuple(generated[spec.name].shape) != spec.shape:
+                raise ValueError(
+                    f"materialize(weights): {spec.name!r} has shape "
+                    f"{tuple(generated[spec.name].shape)}, the parameter {spec.shape}"
+                )
         memo: dict[int, Any] = {}
         for spec in self.specs:
             param = nn.Parameter(generated[spec.name].detach().clone())

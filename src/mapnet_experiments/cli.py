@@ -618,13 +618,40 @@ def _repro_parser(sub: argparse._SubParsersAction) -> None:
             "         --stages select (learning rates on validation), transfer (Fashion-MNIST\n"
             "         64×64), deepfake (real vs face-swapped faces), steps (step time\n"
             "         alone, 1 and 2 threads: run it on a quiet machine); one process per row;\n"
-            "         --report writes docs/results/finetune.md.\n\n"
+            "         --report writes docs/results/finetune.md.\n"
+            "ablations the paper's Tables 6-7 on CNN2 (what trains: Ours*, - WM, LV + WMAP,\n"
+            "         Full DNN, LV + FullDNN; the mapping loss term by term), seeds 0-2:\n"
+            "         --stages select (learning rates on validation), train; --report writes\n"
+            "         docs/results/ablations.md.\n"
+            "compression Table 8 (low-rank FC1, 90% pruning with fixed masks, int8 post-training\n"
+            "         and quantisation-aware): --stages train, int8; --report writes\n"
+            "         docs/results/compression.md.\n"
+            "budget   accuracy against trainable numbers on Fashion-MNIST: mapnet single and\n"
+            "         layer-wise, intrinsic dimension, small CNNs trained directly;\n"
+            "         --report writes docs/results/budget.md and budget.png.\n"
+            "trajectory paper Figure 2: CNN2 trained directly and through a latent from the same\n"
+            "         θ0, weight snapshots projected by PCA (--tsne: also t-SNE, scikit-learn);\n"
+            "         writes results/figures/trajectory-<dataset>.json and\n"
+            "         docs/results/trajectory.png (first of --datasets).\n\n"
             "Finished runs are skipped and interrupted ones resume from their last epoch, so\n"
-            "the same command carries a long table across sessions (see --hours)."
+            "the same command carries a long table across sessions (see --hours). A run is\n"
+            "locked while it trains: start the same command twice (with --threads 1) and the\n"
+            "two processes share the table, each taking the next free run."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("table", choices=["table1", "tuning", "finetune"])
+    p.add_argument(
+        "table",
+        choices=[
+            "table1",
+            "tuning",
+            "finetune",
+            "ablations",
+            "compression",
+            "budget",
+            "trajectory",
+        ],
+    )
     p.add_argument("--report", action="store_true", help="only write the report")
     p.add_argument("--rows", default=None, help="comma-separated row ids (default: all)")
     p.add_argument("--datasets", default="mnist,fashion-mnist", help="comma-separated")
@@ -642,9 +669,14 @@ def _repro_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "--stages",
-        default="select,transfer,deepfake",
-        help="finetune only: comma-separated stages, in order (default: %(default)s)",
+        default=None,
+        help="comma-separated stages, in order (finetune: select,transfer,deepfake; "
+        "ablations: select,train; compression: train,int8)",
     )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's own count)"
+    )
+    p.add_argument("--tsne", action="store_true", help="trajectory: also t-SNE coordinates")
     p.set_defaults(run=_run_repro)
 
 
@@ -654,7 +686,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
     root = args.root or finetune.RESULTS_DIR
     if not args.report:
         deadline = time.monotonic() + 3600 * args.hours if args.hours else None
-        for stage in args.stages.split(","):
+        for stage in (args.stages or "select,transfer,deepfake").split(","):
             if stage not in finetune.STAGES:
                 raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(finetune.STAGES)}")
             rows = finetune.STAGES[stage]
@@ -669,8 +701,29 @@ def _run_finetune(args: argparse.Namespace) -> int:
 def _run_repro(args: argparse.Namespace) -> int:
     from mapnet_experiments import repro
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.table == "finetune":
         return _run_finetune(args)
+    if args.table in ("ablations", "compression", "budget"):
+        return _run_paper_tables(args)
+    if args.table == "trajectory":
+        from mapnet_experiments import trajectory
+
+        dataset = args.datasets.split(",")[0]
+        root = args.root or trajectory.ROOT
+        source = root / f"trajectory-{dataset}.json"
+        if not args.report:
+            source = trajectory.run(
+                dataset, tsne=args.tsne, root=root, data_dir=args.data_dir, progress=not args.quiet
+            )
+        out = args.report_to or trajectory.FIGURE
+        print(trajectory.figure(source, out))
+        if args.tsne:
+            print(trajectory.figure(source, out.with_name(out.stem + "-tsne.png"), "tsne"))
+        return 0
     tuning = args.table == "tuning"
     rows = repro.TUNING if tuning else repro.TABLE1
     root = args.root or (repro.TUNING_DIR if tuning else repro.TABLE1_DIR)
@@ -696,6 +749,42 @@ def _run_repro(args: argparse.Namespace) -> int:
         )
     report = repro.tuning_report if tuning else repro.report
     print(report(root, report_to, datasets))
+    return 0
+
+
+def _run_paper_tables(args: argparse.Namespace) -> int:
+    from mapnet_experiments import ablation_tables, budget
+    from mapnet_experiments.repro import run_table
+
+    deadline = time.monotonic() + 3600 * args.hours if args.hours else None
+    if args.table == "budget":
+        root = args.root or budget.ROOT
+        if not args.report:
+            run_table([], root=root, deadline=deadline, progress=not args.quiet, plan=budget.plan())
+        print(budget.report(root, args.report_to or budget.REPORT))
+        return 0
+    root = args.root or ablation_tables.ROOT
+    defaults = {"ablations": "select,train", "compression": "train,int8"}
+    if not args.report:
+        for stage in (args.stages or defaults[args.table]).split(","):
+            if stage == "int8" and args.table == "compression":
+                ablation_tables.int8_results(root, progress=not args.quiet)
+            elif stage in ("select", "train"):
+                # select: the runs the choices continue (table runs, test recorded), then the
+                # candidates themselves, scored on validation only.
+                tables = ["select-bases", "select"] if stage == "select" else [args.table]
+                for table in tables:
+                    run_table(
+                        [],
+                        root=root,
+                        deadline=deadline,
+                        progress=not args.quiet,
+                        evaluate_test=table != "select",
+                        plan=ablation_tables.plan(table),
+                    )
+            else:
+                raise ValueError(f"unknown stage {stage!r} for {args.table}")
+    print(ablation_tables.report(args.table, root, args.report_to))
     return 0
 
 

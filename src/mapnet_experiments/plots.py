@@ -16,15 +16,15 @@ class Point:
 
 
 def accuracy_vs_budget(
-    points: Sequence[Point], out: Path, title: str, baselines: dict[str, float] | None = None
+    points: Sequence[Point],
+    out: Path,
+    title: str,
+    baselines: dict[str, float] | None = None,
+    xlabel: str = "trainable numbers besides the new head (log scale)",
 ) -> Path:
     """Test accuracy against trainable numbers (log scale), one line per series; `baselines`
     (name -> accuracy) are drawn as horizontal lines (e.g. full fine-tuning)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on CI machines
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for series in dict.fromkeys(p.series for p in points):
         mine = sorted((p for p in points if p.series == series), key=lambda p: p.x)
@@ -37,11 +37,89 @@ def accuracy_vs_budget(
     for (name, value), style in zip((baselines or {}).items(), ("--", ":", "-.")):
         ax.axhline(value, linestyle=style, linewidth=1, color="grey", label=name)
     ax.set_xscale("log")
-    ax.set_xlabel("trainable numbers besides the new head (log scale)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _pyplot():  # type: ignore[no-untyped-def]
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI machines
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One run's accuracy per epoch, drawn in a panel."""
+
+    label: str  # e.g. "Fashion-MNIST"
+    train: Sequence[float]
+    val: Sequence[float]
+
+
+def training_curves(panels: dict[str, Sequence[Curve]], out: Path, title: str) -> Path:
+    """A grid of panels, one per table row: training (dashed) and validation (solid) accuracy
+    per epoch for each curve of the row."""
+    plt = _pyplot()
+    count = max(len(panels), 1)
+    columns = min(4, count)
+    rows = (count + columns - 1) // columns
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(3.2 * columns, 2.5 * rows), dpi=110, squeeze=False
+    )
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (name, curves) in zip(axes.flat, panels.items()):
+        for index, curve in enumerate(curves):
+            colour = colours[index % len(colours)]
+            epochs = range(1, len(curve.val) + 1)
+            ax.plot(epochs, curve.val, color=colour, label=f"{curve.label} val")
+            ax.plot(epochs, curve.train, color=colour, linestyle="--", label=f"{curve.label} train")
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch", fontsize=7)
+    fig.supylabel("accuracy (%)", fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def trajectories(
+    panels: dict[str, dict[str, Sequence[Sequence[float]]]], out: Path, title: str
+) -> Path:
+    """Weight-space trajectories in 2-D (paper Figure 2): one panel per name (the whole weight
+    vector, then each layer), one line per method, start marked with a circle, end with a cross."""
+    plt = _pyplot()
+    count = len(panels)
+    fig, axes = plt.subplots(1, count, figsize=(3.0 * count, 3.0), dpi=110, squeeze=False)
+    for ax, (name, lines) in zip(axes.flat, panels.items()):
+        for method, points in lines.items():
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            (line,) = ax.plot(xs, ys, marker=".", markersize=2, linewidth=0.8, label=method)
+            ax.plot(xs[0], ys[0], "o", color=line.get_color(), markersize=5)
+            ax.plot(xs[-1], ys[-1], "x", color=line.get_color(), markersize=6)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=6)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

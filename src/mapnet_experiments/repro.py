@@ -9,9 +9,11 @@ docstring lists the folder). The report is generated from those files only.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,9 @@ class Row:
     public: tuple[float | None, float | None]
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides (lr, loss …)
     seed: int = 0  # the run's seed: W, θ₀, batch order and the validation split
+    # Another row's id: this run continues that row's finished run on the same data set
+    # (pruning and quantisation-aware training start from a trained model).
+    start_from: str | None = None
 
     def config(
         self,
@@ -48,9 +53,14 @@ class Row:
         epochs: int = EPOCHS,
         data_dir: str | None = None,
         val_size: int = 5000,
+        root: Path | None = None,
     ) -> TrainConfig:
         seed = self.seed if seed is None else seed
         settings = {"epochs": epochs} | (PLAIN if self.mode == "plain" else MAPPED) | self.train
+        if self.start_from is not None:
+            if root is None:
+                raise ValueError(f"row {self.id!r} starts from another run: give the results root")
+            settings["start_from"] = str(root / "runs" / f"{self.start_from}-{dataset}")
         if self.mapping.get("preset") == "intrinsic_dimension":
             mapping = MappingConfig.intrinsic_dimension(
                 **{k: v for k, v in self.mapping.items() if k != "preset"}, seed=seed
@@ -246,33 +256,73 @@ def run_table(
     data_dir: str | None = None,
     val_size: int = 5000,
     evaluate_test: bool = True,
+    plan: list[tuple[Row, tuple[str, ...]]] | None = None,
 ) -> list[Path]:
     """Run every (row, dataset) not finished yet, resuming partial ones; returns result files.
 
     `deadline` (time.monotonic() seconds): start no new run after it, so a session-limited
     machine stops between runs rather than inside one (a run killed anyway resumes per epoch).
     `evaluate_test=False` for runs that exist to make a choice (the tuning table).
+    `plan`: (row, its data sets) pairs instead of every row on `datasets`.
+
+    Each run is locked while it trains (an flock, released when its process ends however it
+    ends), so several processes started with the same command share the table, each taking
+    the next free run: on two cores, two one-thread processes. A run that starts from another
+    row's run waits until that run has finished; passes repeat while they make progress.
     """
-    written = []
-    for row in rows:
-        for dataset in datasets:
-            result_file = root / f"{run_id(row, dataset)}.json"
-            if result_file.exists():
-                written.append(result_file)
-                continue
-            if deadline is not None and time.monotonic() > deadline:
-                print(f"deadline reached; {run_id(row, dataset)} and later runs left for later")
-                return written
-            out = root / "runs" / run_id(row, dataset)
-            print(f"== {run_id(row, dataset)} ({out})", flush=True)
-            config = row.config(dataset, epochs=epochs, data_dir=data_dir, val_size=val_size)
-            result = train(
-                config, progress=progress, out_dir=out, resume=True, evaluate_test=evaluate_test
-            )
-            result |= {"row": row.id, "label": row.label, "dataset": dataset}
-            write_json(result_file, result)
-            written.append(result_file)
-    return written
+    pairs = plan if plan is not None else [(row, datasets) for row in rows]
+    while True:
+        written: list[Path] = []
+        trained = waiting = False
+        for row, row_datasets in pairs:
+            for dataset in row_datasets:
+                result_file = root / f"{run_id(row, dataset)}.json"
+                if result_file.exists():
+                    written.append(result_file)
+                    continue
+                if deadline is not None and time.monotonic() > deadline:
+                    print(f"deadline reached; {run_id(row, dataset)} and later runs left for later")
+                    return written
+                if row.start_from and not (root / f"{row.start_from}-{dataset}.json").exists():
+                    waiting = True
+                    continue
+                out = root / "runs" / run_id(row, dataset)
+                with _run_lock(out) as mine:
+                    if not mine or result_file.exists():  # another process has it, or had it
+                        continue
+                    print(f"== {run_id(row, dataset)} ({out})", flush=True)
+                    config = row.config(
+                        dataset, epochs=epochs, data_dir=data_dir, val_size=val_size, root=root
+                    )
+                    result = train(
+                        config,
+                        progress=progress,
+                        out_dir=out,
+                        resume=True,
+                        evaluate_test=evaluate_test,
+                    )
+                    result |= {"row": row.id, "label": row.label, "dataset": dataset}
+                    write_json(result_file, result)
+                    written.append(result_file)
+                    trained = True
+        if not (trained and waiting):
+            return written
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path) -> Iterator[bool]:
+    """An exclusive, non-blocking flock on <out>.lock: yields False if another process holds it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _cell(value: float | None) -> str:
@@ -343,7 +393,45 @@ def report(
             f"{_cell(row.public[0])} / {_cell(row.public[1])} | {final} | "
             f"{at_best_val} | {gap} | {epochs} |"
         )
+    panels = {
+        f"{row.model.upper()} {row.label}": {
+            dataset: loaded[(row.id, dataset)]
+            for dataset in datasets
+            if (row.id, dataset) in loaded
+        }
+        for row in TABLE1
+    }
+    figure = out.with_name("curves-table1.png")
+    draw_curves(panels, figure, "Table 1 runs: accuracy per epoch (seed 0)")
+    lines += [
+        "",
+        f"Training (dashed) and validation (solid) accuracy per epoch: [{figure.name}]"
+        f"({figure.name}).",
+    ]
     return _write(lines + _targets_section(loaded, datasets), out)
+
+
+DATASET_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+
+
+def draw_curves(panels: dict[str, dict[str, dict[str, Any]]], out: Path, title: str) -> Path:
+    """Training and validation accuracy per epoch from finished runs' JSON: one panel per
+    name, one curve per data set ({panel: {dataset: result}})."""
+    from mapnet_experiments.plots import Curve, training_curves
+
+    curves = {
+        name: [
+            Curve(
+                DATASET_NAMES.get(dataset, dataset),
+                [row["train_acc"] for row in result["history"]],
+                [row["val_acc"] for row in result["history"]],
+            )
+            for dataset, result in runs.items()
+        ]
+        for name, runs in panels.items()
+        if runs
+    }
+    return training_curves(curves, out, title)
 
 
 def _targets_section(loaded: Results, datasets: tuple[str, ...]) -> list[str]:

@@ -25,6 +25,7 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,16 +36,19 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 from tqdm import tqdm
 
-from mapnet import MappedModule, MappingConfig, wrap
+from mapnet import MappedModule, MappingConfig
 from mapnet.checkpoint.io import CheckpointError, atomic_write_bytes, load_into, save
 from mapnet.checks import from_dict
+from mapnet.compress import PRUNE_SCOPES, CompressedWeights, check_sparsity
 from mapnet.loss import MappingLoss
+from mapnet_experiments.ablations import build_variant, check_variant
 from mapnet_experiments.data import DATASETS, load_idx_dataset, train_val_split
-from mapnet_experiments.models import MODELS
+from mapnet_experiments.models import SMALL_CNN, model_factory
 
 MODES = ("mapped", "plain")
-# The recipe feeds 1×28×28 images; resnet50 (3×64×64) is a benchmark target only.
-IMAGE_MODELS = ("cnn1", "cnn2")
+# The recipe feeds 1×28×28 images: these and "smallcnn-a-b-c"; resnet50 (3×64×64) is a
+# benchmark target only.
+IMAGE_MODELS = ("cnn1", "cnn2", "cnn2-lrd")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 # Per-dataset pixel mean and std of the training split, for input standardisation; other
@@ -61,6 +65,15 @@ class TrainConfig:
         empty = the task loss alone.
     data_dir: read `dataset` from <data_dir>/<dataset>/ (IDX files) instead of the built-in
         sources; any name is then allowed (a custom data set is checked for structure only).
+    variant: mode "mapped" only: what trains (mapnet_experiments.ablations.VARIANTS; the
+        paper's Table 7). "ours" is the method.
+    start_from: a finished run folder whose final checkpoint (same model, mode and mapping)
+        the run starts from instead of the initialisation: pruning and quantisation-aware
+        training continue a trained run (paper Table 8).
+    sparsity: prune this fraction of the generated (plain: all) weights by magnitude at the
+        start, the masks fixed for the rest of training; prune_scope "tensor" prunes every
+        tensor by that fraction, "global" all numbers together (mapnet.compress.magnitude_masks).
+    fake_quant: train through int8-rounded weights (quantisation-aware training).
     """
 
     model: str = "cnn2"
@@ -78,12 +91,22 @@ class TrainConfig:
     data_dir: str | None = None
     mapping: MappingConfig = field(default_factory=MappingConfig)
     loss: dict[str, Any] = field(default_factory=dict)
+    variant: str = "ours"
+    start_from: str | None = None
+    sparsity: float = 0.0
+    prune_scope: str = "tensor"
+    fake_quant: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.mapping, dict):
             self.mapping = MappingConfig.from_dict(self.mapping)
+        model_factory(self.model)  # a clear error for an unknown model name
+        if self.model not in IMAGE_MODELS and not self.model.startswith(SMALL_CNN + "-"):
+            raise ValueError(
+                f"model={self.model!r} is not one of {IMAGE_MODELS} or smallcnn-a-b-c "
+                "(the recipe feeds 1×28×28 images)"
+            )
         choices = {
-            "model": IMAGE_MODELS,
             "mode": MODES,
             "optimizer": OPTIMIZERS,
             "schedule": SCHEDULES,
@@ -107,6 +130,20 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not isinstance(self.loss, dict):
             raise ValueError(f"loss must be a dict of MappingLoss options, got {self.loss!r}")
+        check_variant(self.variant, self.mapping)
+        if self.variant != "ours" and self.mode != "mapped":
+            raise ValueError(f"variant={self.variant!r} needs mode='mapped'")
+        if self.loss and self.variant != "ours":
+            raise ValueError(
+                f"the mapping loss terms {sorted(self.loss)} need variant='ours' (a MappedModule)"
+            )
+        check_sparsity(self.sparsity)
+        if self.prune_scope not in PRUNE_SCOPES:
+            raise ValueError(f"prune_scope={self.prune_scope!r} is not one of {PRUNE_SCOPES}")
+        if not isinstance(self.fake_quant, bool):
+            raise ValueError(f"fake_quant must be true or false, got {self.fake_quant!r}")
+        if self.start_from is not None and not isinstance(self.start_from, str):
+            raise ValueError(f"start_from must be a run folder path, got {self.start_from!r}")
 
     def to_dict(self) -> dict[str, Any]:
         # The mapping's own to_dict: it names the base that base=None resolves to.
@@ -164,14 +201,25 @@ def build(config: TrainConfig) -> nn.Module:
     built from the class as a factory, so θ₀ is its own initialisation under the mapping's seed
     (for CNN1, CNN2 and ResNet-50 the same values reset_parameters() regenerates)."""
     torch.manual_seed(config.seed)
+    factory = model_factory(config.model)
     if config.mode == "plain":
-        return MODELS[config.model]()
-    return wrap(MODELS[config.model], config.mapping)
+        module = factory()
+    else:
+        module = build_variant(config.variant, factory, config.mapping)
+    if config.start_from is not None:
+        load_model(module, Path(config.start_from) / "checkpoint")
+    if config.sparsity > 0 or config.fake_quant:
+        module = CompressedWeights.pruned(
+            module, config.sparsity, config.fake_quant, config.prune_scope
+        )
+    return module
 
 
 def plain_view(module: nn.Module) -> nn.Module:
-    """The module to evaluate: a mapped model generates its weights once, not once per batch."""
-    return module.materialize() if isinstance(module, MappedModule) else module
+    """The module to evaluate: a mapped model (any variant, compressed or not) generates its
+    weights once, not once per batch."""
+    materialize = getattr(module, "materialize", None)
+    return materialize() if callable(materialize) else module
 
 
 class Trainer:
@@ -183,7 +231,7 @@ class Trainer:
         self.module = build(config)
         self.build_seconds = time.perf_counter() - started  # the model and its mapping alone
         self.loss_fn = None
-        if config.mode == "mapped":
+        if isinstance(self.module, MappedModule):
             # The recipe's loss is the task loss alone unless config.loss switches terms on.
             terms = {"stability": False, "smoothness": False, "alignment": False}
             self.loss_fn = MappingLoss(self.module, **(terms | config.loss))
@@ -212,7 +260,10 @@ class Trainer:
             return self.config.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
         return self.config.lr
 
-    def train_epoch(self, split: Split, progress: bool) -> dict[str, float]:
+    def train_epoch(
+        self, split: Split, progress: bool, on_step: Callable[[], None] | None = None
+    ) -> dict[str, float]:
+        """One epoch; `on_step` is called after every optimiser step (e.g. to record weights)."""
         config = self.config
         self.module.train()
         order = torch.randperm(len(split.labels), generator=self.batch_order)
@@ -244,6 +295,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            if on_step is not None:
+                on_step()
             total += task * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
@@ -291,11 +344,7 @@ class Trainer:
             raise CheckpointError(f"{folder}: training state unreadable: {error}") from None
         if description.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{folder}: unknown training-state format")
-        if isinstance(self.module, MappedModule):
-            load_into(folder / "model", self.module)
-        else:
-            model_file = (folder / "model" / "model.safetensors").read_bytes()
-            self.module.load_state_dict(load_safetensors(model_file))
+        load_model(self.module, folder / "model")
         self.optimizer.load_state_dict(_unflatten_optimizer(tensors, description["optimizer"]))
         self.batch_order.set_state(tensors["rng.batch_order"])
         torch.set_rng_state(tensors["rng.torch"])
@@ -309,11 +358,28 @@ class Trainer:
 
 
 def save_model(module: nn.Module, folder: Path) -> None:
-    """A mapped model as a mapnet checkpoint; a plain one as folder/model.safetensors."""
+    """A mapped model as a mapnet checkpoint; any other module (plain, an ablation variant, a
+    compressed model: their state dicts hold a mapped model's identity) as
+    folder/model.safetensors."""
     if isinstance(module, MappedModule):
         save(module, folder)
     else:
         atomic_write_bytes(folder / "model.safetensors", save_safetensors(module.state_dict()))
+
+
+def load_model(module: nn.Module, folder: Path) -> None:
+    """The inverse of save_model: every mismatch is a CheckpointError naming the folder."""
+    if isinstance(module, MappedModule):
+        load_into(folder, module)
+        return
+    try:
+        state = load_safetensors((folder / "model.safetensors").read_bytes())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{folder}: model unreadable ({error})") from None
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:  # names, shapes: torch's message lists them
+        raise CheckpointError(f"{folder} does not fit this model: {error}") from None
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -394,7 +460,7 @@ def train(
     result = {
         "config": config.to_dict(),
         "trainable_parameters": trainer.trainable_parameters(),
-        "target_parameters": sum(p.numel() for p in MODELS[config.model]().parameters()),
+        "target_parameters": sum(p.numel() for p in model_factory(config.model)().parameters()),
         "epochs": len(history),
         "history": history,
         "test_loss": history[-1]["test_loss"],
@@ -404,6 +470,7 @@ def train(
         "best_val_acc": best.get("val_acc"),
         "best_val_epoch": best.get("epoch"),
         "best_val_test_acc": best.get("test_acc"),
+        "nonzero_weights": _nonzero_weights(trainer.module),
         "build_seconds": build_seconds,
         "data_seconds": data_seconds,
         "wall_seconds": history[-1]["seconds"],
@@ -415,6 +482,15 @@ def train(
         write_json(Path(out_dir) / "results.json", result)
         _remove_state(Path(out_dir))  # only after results.json: a crash before it can resume
     return result
+
+
+def _nonzero_weights(module: nn.Module) -> int:
+    """Nonzero entries of the weights the trained model runs with (what pruning reduces)."""
+    if isinstance(module, CompressedWeights):
+        return module.nonzero_weights()
+    with torch.no_grad():
+        plain = plain_view(module)
+        return sum(int(p.count_nonzero()) for p in plain.parameters())
 
 
 def _finished_result(out: Path) -> dict[str, Any] | None:
@@ -456,9 +532,15 @@ ADDED_MAPPING_FIELDS = (
 )
 
 
+# TrainConfig fields added since (the ablation and compression runs); absent means the default.
+ADDED_TRAIN_FIELDS = ("variant", "start_from", "sparsity", "prune_scope", "fake_quant")
+
+
 def stored_config(saved: dict[str, Any]) -> dict[str, Any]:
-    """A stored config.json as `to_dict()` writes it today (JSON types): the mapping fields added
-    since take their defaults. Nothing else is filled in, so any other difference still counts."""
+    """A stored config.json as `to_dict()` writes it today (JSON types): the fields added since
+    take their defaults. Nothing else is filled in, so any other difference still counts."""
+    own = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    saved = {**{name: own[name] for name in ADDED_TRAIN_FIELDS if name not in saved}, **saved}
     mapping = saved.get("mapping")
     if not isinstance(mapping, dict):
         return saved

@@ -1,0 +1,164 @@
+"""`mapnet repro trajectory`: the weight-manifold picture of paper Figure 2 (§1, §2.1).
+
+CNN2 trained directly and through a latent (Ours* 2048, structured projection), both from the
+same θ₀ (the factory's initialisation under the seed) and with the same batch order, recording
+the network's weight vector every `every` steps. The snapshots of both runs are projected
+together by PCA (fitted on the union, so both live in one coordinate system), for the whole
+vector and for each layer; t-SNE (scikit-learn) optionally. Only the 2-D coordinates and the
+explained variance are written (results/figures/trajectory-<dataset>.json); the figure is drawn
+from that file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mapnet import MappingConfig
+from mapnet.bases import build_from_factory
+from mapnet_experiments.models import CNN2
+from mapnet_experiments.repro import MAPPED, PLAIN
+from mapnet_experiments.train import TrainConfig, Trainer, load_splits, plain_view, write_json
+
+ROOT = Path("results/figures")
+FIGURE = Path("docs/results/trajectory.png")
+LAYERS = {  # CNN2's layers: the parameters of each
+    "conv1": ("features.0.weight", "features.0.bias"),
+    "conv2": ("features.3.weight", "features.3.bias"),
+    "fc1": ("classifier.1.weight", "classifier.1.bias"),
+    "fc2": ("classifier.3.weight", "classifier.3.bias"),
+}
+
+
+def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        plain = plain_view(module)
+        return {name: p.detach().flatten().clone() for name, p in plain.named_parameters()}
+
+
+def record(config: TrainConfig, every: int, progress: bool = True) -> list[dict[str, torch.Tensor]]:
+    """Train `config` and return the weights at step 0 and every `every` steps after."""
+    splits = load_splits(config)
+    trainer = Trainer(config)
+    snapshots = [_weights(trainer.module)]
+    steps = 0
+
+    def on_step() -> None:
+        nonlocal steps
+        steps += 1
+        if steps % every == 0:
+            snapshots.append(_weights(trainer.module))
+
+    while trainer.epoch < config.epochs:
+        trainer.train_epoch(splits["train"], progress, on_step=on_step)
+    return snapshots
+
+
+def pca_2d(rows: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """(N, P) -> the (N, 2) coordinates on the first two principal axes and the fraction of
+    variance each explains."""
+    centred = rows.double() - rows.double().mean(0)
+    _, values, right = torch.linalg.svd(centred, full_matrices=False)
+    share = (values**2 / (values**2).sum()).tolist()
+    return (centred @ right[:2].T).float(), share[:2]
+
+
+def tsne_2d(rows: torch.Tensor, seed: int) -> torch.Tensor:
+    try:
+        from sklearn.manifold import TSNE
+    except ImportError:
+        raise ValueError(
+            "--tsne needs scikit-learn: pip install scikit-learn (or the project's [finetune] "
+            "extra)"
+        ) from None
+    perplexity = min(30.0, (len(rows) - 1) / 3)
+    embedded = TSNE(2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(
+        rows.double().numpy()
+    )
+    return torch.from_numpy(embedded).float()
+
+
+def run(
+    dataset: str = "mnist",
+    epochs: int = 2,
+    every: int = 25,
+    seed: int = 0,
+    tsne: bool = False,
+    root: Path = ROOT,
+    data_dir: str | None = None,
+    progress: bool = True,
+    val_size: int = 5000,
+) -> Path:
+    """Record both runs, project them and write the coordinates; returns the JSON path (kept
+    when it exists: delete it to redo)."""
+    out = root / f"trajectory-{dataset}.json"
+    if out.exists():
+        return out
+    mapping = MappingConfig(latent_dim=2048, projection="structured", seed=seed)
+    common = {
+        "model": "cnn2",
+        "dataset": dataset,
+        "epochs": epochs,
+        "seed": seed,
+        "val_size": val_size,
+        "data_dir": data_dir,
+    }
+    configs = {
+        "trained directly": TrainConfig(mode="plain", **common, **PLAIN),
+        "mapnet, Ours* 2048": TrainConfig(mode="mapped", mapping=mapping, **common, **MAPPED),
+    }
+    # Both start from the factory's θ₀ under the seed (what wrap() regenerates).
+    reference = build_from_factory(CNN2, seed)
+    runs = {name: record(config, every, progress) for name, config in configs.items()}
+    for name, snapshots in runs.items():
+        start = snapshots[0]
+        for key, value in reference.named_parameters():
+            if not torch.equal(start[key], value.detach().flatten()):
+                raise RuntimeError(f"{name} does not start from θ₀ ({key})")
+    result: dict[str, Any] = {
+        "dataset": dataset,
+        "epochs": epochs,
+        "every": every,
+        "seed": seed,
+        "snapshots": {name: len(s) for name, s in runs.items()},
+        "panels": {},
+    }
+    for panel, names in {"all weights": None, **LAYERS}.items():
+        matrices = []
+        for snapshots in runs.values():
+            keys = names or tuple(snapshots[0])
+            matrices.append(torch.stack([torch.cat([s[k] for k in keys]) for s in snapshots]))
+        coordinates, share = pca_2d(torch.cat(matrices))
+        split = coordinates.split([len(m) for m in matrices])
+        entry = {
+            "explained": share,
+            "pca": {name: part.tolist() for name, part in zip(runs, split)},
+        }
+        if tsne:
+            embedded = tsne_2d(torch.cat(matrices), seed).split([len(m) for m in matrices])
+            entry["tsne"] = {name: part.tolist() for name, part in zip(runs, embedded)}
+        result["panels"][panel] = entry
+    write_json(out, result)
+    return out
+
+
+def figure(source: Path, out: Path = FIGURE, method: str = "pca") -> Path:
+    from mapnet_experiments.plots import trajectories
+
+    data = json.loads(source.read_text())
+    panels = {}
+    for name, entry in data["panels"].items():
+        if method not in entry:
+            raise ValueError(f"{source} holds no {method} coordinates (run with --tsne)")
+        explained = entry["explained"]
+        label = f"{name} (PCA {100 * explained[0]:.0f} % + {100 * explained[1]:.0f} %)"
+        panels[label if method == "pca" else name] = entry[method]
+    title = (
+        f"CNN2 weight trajectories on {data['dataset']}, {data['epochs']} epochs, a snapshot every "
+        f"{data['every']} steps; same θ₀ ({method.upper()} of both runs together)"
+    )
+    return trajectories(panels, out, title)
