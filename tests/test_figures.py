@@ -120,3 +120,21 @@ def test_trajectories_start_together_and_are_drawn(tmp_path: Path) -> None:
     assert figure.stat().st_size > 10_000
     with pytest.raises(ValueError, match="no tsne coordinates"):
         trajectory.figure(source, tmp_path / "t2.png", "tsne")
+
+
+def test_trajectories_with_tsne(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    root = write_tiny_dataset(tmp_path / "data", train=600, test=50)
+    source = trajectory.run(
+        "tiny",
+        1,
+        every=1,
+        root=tmp_path,
+        data_dir=str(root),
+        progress=False,
+        val_size=50,
+        tsne=True,
+    )
+    panel = json.loads(source.read_text())["panels"]["fc1"]
+    assert [len(points) for points in panel["tsne"].values()] == [6, 6]  # 5 steps + the start
+    assert trajectory.figure(source, tmp_path / "t.png", "tsne").exists()

@@ -55,8 +55,8 @@ FULL_DNN_LR = 1e-3
 PRUNE_SCOPE = "global"
 PRUNE_MAPPED_LR = 0.3
 PRUNE_PLAIN_LR = 1e-2
-QAT_MAPPED_LR = 1e-2
-QAT_PLAIN_LR = 1e-4
+QAT_MAPPED_LR = 0.1
+QAT_PLAIN_LR = 1e-2
 
 
 @dataclass(frozen=True)

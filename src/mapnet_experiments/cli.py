@@ -760,7 +760,14 @@ def _run_paper_tables(args: argparse.Namespace) -> int:
     if args.table == "budget":
         root = args.root or budget.ROOT
         if not args.report:
-            run_table([], root=root, deadline=deadline, progress=not args.quiet, plan=budget.plan())
+            for _ in range(2):  # the second pass adds the small CNNs once their lr is chosen
+                run_table(
+                    [],
+                    root=root,
+                    deadline=deadline,
+                    progress=not args.quiet,
+                    plan=budget.plan(root),
+                )
         print(budget.report(root, args.report_to or budget.REPORT))
         return 0
     root = args.root or ablation_tables.ROOT
