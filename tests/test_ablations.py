@@ -4,6 +4,8 @@ training recipe's variant / pruning / QAT options."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -45,7 +47,8 @@ def step(module: nn.Module) -> None:
     ],
 )
 def test_each_variant_trains_exactly_its_tensors(variant: str, d: int, expected: dict) -> None:
-    module = build_variant(variant, CNN2, MappingConfig(latent_dim=d))
+    projection = "dense" if "dnn" in variant else "structured"
+    module = build_variant(variant, CNN2, MappingConfig(latent_dim=d, projection=projection))
     assert trainable(module) == expected
     if variant == "lv-full-dnn":
         assert sum(expected.values()) == {5: 543_095, 15: 1_629_285}[d]
@@ -54,14 +57,20 @@ def test_each_variant_trains_exactly_its_tensors(variant: str, d: int, expected:
             if param.requires_grad and param.dim() == 1:
                 param.normal_()
     frozen_before = {n: b.clone() for n, b in module.named_buffers()}
+    fixed_before = {n: p.clone() for n, p in module.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.Adam(module.parameters(), lr=0.01)  # every parameter, fixed ones too
     step(module)
     for name, param in module.named_parameters():
         if param.requires_grad:
             assert param.grad is not None and param.grad.abs().sum() > 0, name
         else:
             assert param.grad is None, f"{name} is fixed but received a gradient"
+    optimizer.step()
     for name, buffer in module.named_buffers():  # W, θ₀, placeholders, a fixed z: untouched
         assert torch.equal(buffer, frozen_before[name]), name
+    for name, param in module.named_parameters():
+        if name in fixed_before:
+            assert torch.equal(param, fixed_before[name]), name
 
 
 def test_without_modulation_the_latent_enters_linearly() -> None:
@@ -109,16 +118,33 @@ def test_trainable_mapping_starts_as_the_fixed_mapping_at_its_own_z() -> None:
     ("kwargs", "message"),
     [
         ({"variant": "wmap"}, "variant='wmap' is not one of"),
-        ({"variant": "full-dnn", "mode": "plain"}, "needs mode='mapped'"),
+        (
+            {"variant": "full-dnn", "mode": "plain", "mapping": MappingConfig(projection="dense")},
+            "needs mode='mapped'",
+        ),
         ({"variant": "lv-wmap", "loss": {"stability": True}}, "need variant='ours'"),
         (
-            {"variant": "full-dnn", "mapping": MappingConfig(strategy="layerwise", latent_dim=4)},
+            {
+                "variant": "full-dnn",
+                "mapping": MappingConfig(strategy="layerwise", latent_dim=4, projection="dense"),
+            },
             "needs strategy='single'",
         ),
         ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\)"),
         ({"sparsity": -0.5}, r"sparsity must be in \[0, 1\)"),
         ({"prune_scope": "layer"}, "prune_scope='layer' is not one of"),
         ({"model": "smallcnn-4-x-2"}, "smallcnn-a-b-c"),
+        (
+            {"variant": "full-dnn", "mapping": MappingConfig(latent_dim=5)},
+            "set projection='dense'",
+        ),
+        (
+            {"variant": "lv-wmap", "sparsity": 0.5},
+            "sparsity and fake_quant act on generated weights",
+        ),
+        ({"variant": "lv-wmap", "fake_quant": True}, "act on generated weights"),
+        ({"loss": {"stability": True}, "sparsity": 0.5}, "cannot be combined with sparsity"),
+        ({"loss": {"alignment": True}, "fake_quant": True}, "cannot be combined"),
     ],
 )
 def test_bad_variant_and_compression_settings_are_named(kwargs: dict, message: str) -> None:
@@ -126,7 +152,7 @@ def test_bad_variant_and_compression_settings_are_named(kwargs: dict, message: s
         TrainConfig(**kwargs)
 
 
-@pytest.mark.parametrize("variant", ["lv-wmap", "lv-full-dnn"])
+@pytest.mark.parametrize("variant", ["lv-wmap", "lv-full-dnn", "pruned", "qat"])
 def test_a_variant_trains_and_resumes_through_the_recipe(
     variant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -135,9 +161,19 @@ def test_a_variant_trains_and_resumes_through_the_recipe(
         epochs=2,
         batch_size=32,
         lr=1e-3 if dense else 0.1,
-        variant=variant,
+        variant=variant if variant in ("lv-wmap", "lv-full-dnn") else "ours",
         mapping=MappingConfig(latent_dim=8, projection="dense" if dense else "structured"),
     )
+    if variant in ("pruned", "qat"):  # continue a finished run, as Table 8's rows do
+        base = dataclasses.replace(config, epochs=1)
+        train(base, splits=tiny_splits(), progress=False, out_dir=tmp_path / "base")
+        compression = {"sparsity": 0.9, "prune_scope": "global"} if variant == "pruned" else {}
+        config = dataclasses.replace(
+            config,
+            start_from=str(tmp_path / "base"),
+            fake_quant=variant == "qat",
+            **compression,
+        )
     whole = train(config, splits=tiny_splits(), progress=False, out_dir=tmp_path / "whole")
 
     original = Trainer.train_epoch
@@ -172,7 +208,7 @@ def test_pruning_continues_a_finished_mapped_run_with_fixed_masks(tmp_path: Path
     )
     result = train(pruned, splits=tiny_splits(), progress=False, out_dir=tmp_path / "pruned")
     assert result["trainable_parameters"] == 16
-    assert result["nonzero_weights"] <= 10_864  # ⌈10 %⌉ of every CNN2 tensor
+    assert result["nonzero_weights"] == 10_864  # ⌈10 %⌉ of every CNN2 tensor
     # The continued run starts where the base ended: its masks come from the trained weights.
     trained = mapnet.wrap(CNN2, base.mapping)
     load_model(trained, tmp_path / "base" / "checkpoint")
@@ -190,7 +226,7 @@ def test_a_start_from_that_does_not_fit_is_named(tmp_path: Path) -> None:
     plain = TrainConfig(mode="plain", epochs=1, batch_size=32, lr=1e-3)
     train(plain, splits=tiny_splits(), progress=False, out_dir=tmp_path / "plain")
     wrong = TrainConfig(epochs=1, start_from=str(tmp_path / "plain"), sparsity=0.5)
-    with pytest.raises(mapnet.CheckpointError):
+    with pytest.raises(mapnet.CheckpointError, match=r"mapnet\.json"):
         train(wrong, splits=tiny_splits(), progress=False)
     missing = TrainConfig(mode="plain", epochs=1, start_from=str(tmp_path / "nowhere"))
     with pytest.raises(mapnet.CheckpointError, match="model unreadable"):
@@ -233,7 +269,44 @@ def test_a_run_locked_by_another_process_is_left_to_it(tmp_path: Path) -> None:
     assert written == [] and not out.exists()
 
 
-def test_a_continued_row_waits_for_its_base(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_continued_row_without_its_base_is_named_not_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     spec = next(s for s in ablation_tables.TABLE8 if s.id == "ours-2048-prune")
     written = run_table([spec.row(0)], ("mnist",), tmp_path, progress=False)
-    assert written == [] and not (tmp_path / "runs").exists()
+    assert written == [] and not (tmp_path / "runs" / "ours-2048-prune-s0-mnist").exists()
+    assert "runs continuing ours-2048-s0-mnist wait" in capsys.readouterr().out
+
+
+def test_a_continued_row_runs_once_its_base_finishes_in_the_same_call(tmp_path: Path) -> None:
+    from test_train_cli import write_tiny_dataset
+
+    data = write_tiny_dataset(tmp_path / "data", train=300, test=50)
+    specs = {s.id: s for s in ablation_tables.TABLE7 + ablation_tables.TABLE8}
+    prune = dataclasses.replace(
+        specs["cnn2-prune"], train=specs["cnn2-prune"].train | {"epochs": 1}
+    )
+    rows = [prune.row(0), specs["cnn2"].row(0)]  # the continued row first: it must wait
+    written = run_table(
+        rows, ("tiny",), tmp_path / "r", epochs=1, progress=False, data_dir=str(data), val_size=50
+    )
+    assert {p.name for p in written} == {"cnn2-s0-tiny.json", "cnn2-prune-s0-tiny.json"}
+    result = json.loads((tmp_path / "r" / "cnn2-prune-s0-tiny.json").read_text())
+    assert result["config"]["start_from"] == str(tmp_path / "r" / "runs" / "cnn2-s0-tiny")
+    assert result["nonzero_weights"] == math.ceil(0.1 * 108_618)  # global pruning
+
+
+def test_the_tables_learning_rates_are_the_committed_choices() -> None:
+    """The hard-coded choices equal what the committed select runs choose on validation."""
+    root = Path(__file__).resolve().parents[1] / "results" / "ablations"
+    chosen = ablation_tables.choices(root)
+    if len(chosen) < 7:
+        pytest.skip("the select runs are not all committed")
+    assert chosen["FULL_DNN_LR"] == ablation_tables.FULL_DNN_LR
+    assert chosen["PRUNE_MAPPED_LR"] == ablation_tables.PRUNE_MAPPED_LR
+    assert chosen["PRUNE_PLAIN_LR"] == ablation_tables.PRUNE_PLAIN_LR
+    assert (
+        chosen["PRUNE_MAPPED_SCOPE"] == chosen["PRUNE_PLAIN_SCOPE"] == ablation_tables.PRUNE_SCOPE
+    )
+    assert chosen["QAT_MAPPED_LR"] == ablation_tables.QAT_MAPPED_LR
+    assert chosen["QAT_PLAIN_LR"] == ablation_tables.QAT_PLAIN_LR

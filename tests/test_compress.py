@@ -85,6 +85,19 @@ def test_magnitude_masks_keep_the_largest_entries_of_each_tensor() -> None:
     assert kept.min() >= weights["b"][~masks["b"]].abs().max()
 
 
+def test_global_masks_rank_all_numbers_together() -> None:
+    weights = {"small": torch.full((10,), 0.01), "large": torch.arange(1.0, 11.0)}
+    masks = magnitude_masks(weights, 0.5, scope="global")
+    assert masks["small"].sum() == 0  # every small entry is below every large one
+    assert masks["large"].all()
+    per_tensor = magnitude_masks(weights, 0.5)
+    assert per_tensor["small"].sum() == 5 and per_tensor["large"].tolist()[5:] == [True] * 5
+    with pytest.raises(ValueError, match="scope='layer' is not one of"):
+        magnitude_masks(weights, 0.5, scope="layer")
+    model = CompressedWeights.pruned(CNN2(), 0.9, scope="global")
+    assert model.nonzero_weights() == math.ceil(0.1 * 108_618)  # 10,862, the paper's count
+
+
 @pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5])
 def test_a_sparsity_outside_zero_one_is_refused(sparsity: float) -> None:
     with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
@@ -123,7 +136,7 @@ def test_pruned_weights_stay_zero_while_training_continues(mapped: bool) -> None
     total = sum(m.numel() for m in masks.values())
     kept = sum(math.ceil(0.1 * m.numel()) for m in masks.values())
     assert len(masks) == 8 and total == 108_618
-    assert model.nonzero_weights() == kept  # 10,864 of CNN2's 108,618
+    assert model.nonzero_weights() == kept == 10_864  # ⌈10 %⌉ of each of CNN2's 8 tensors
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
     start = {k: v.detach().clone() for k, v in model.compressed_weights().items()}
     for x, y in _tiny_batches(4):
@@ -161,11 +174,10 @@ def test_fake_quantisation_rounds_to_the_int8_grid_with_a_straight_through_gradi
     torch.testing.assert_close(steps, steps.round(), atol=1e-4, rtol=0)
     assert steps.min() >= -128 and steps.max() <= 127
     assert (rounded - weight).abs().max() <= scale.max() / 2 + 1e-6
+    clamped = weight.detach() / scale[:, None, None, None] > 127  # max|w| / scale = 127.5
+    assert clamped.sum() >= 1  # torch's own fake quantisation would give these no gradient
     rounded.sum().backward()
-    # Straight through, except at the clamped extreme (max|w| / scale = 127.5 > 127).
-    clamped = weight.detach() / scale[:, None, None, None] > 127
-    assert clamped.sum() <= 4
-    assert torch.equal(weight.grad, (~clamped).float())
+    assert torch.equal(weight.grad, torch.ones_like(weight))  # straight through, everywhere
     bias = torch.randn(4)
     assert fake_quantize_int8(bias) is bias  # 1-d stays float, as in int8 kernels
 
@@ -211,6 +223,15 @@ def test_int8_loading_names_a_wrong_file_or_architecture(tmp_path: Path) -> None
         load_quantized(tmp_path / "q", CNN2LowRank(), torch.randn(1, 1, 28, 28))
     with pytest.raises(CheckpointError, match="not a readable int8 model"):
         load_quantized(tmp_path / "missing", CNN2(), torch.randn(1, 1, 28, 28))
+    from mapnet_experiments.models import SmallCNN
+
+    small = quantize_int8(SmallCNN((4, 8, 16)).eval(), [torch.randn(8, 1, 28, 28)])
+    save_quantized(small, tmp_path / "small")
+    with pytest.raises(CheckpointError, match=r"another architecture: .* is \(4, 1, 3, 3\)"):
+        load_quantized(tmp_path / "small", SmallCNN((8, 16, 32)), torch.randn(1, 1, 28, 28))
+    (tmp_path / "q" / "quantized.json").write_text('{"format": "mapnet-int8"}')
+    with pytest.raises(CheckpointError, match="holds no state description"):
+        load_quantized(tmp_path / "q", CNN2(), torch.randn(1, 1, 28, 28))
     (tmp_path / "q" / "quantized.json").write_text('{"format": "other"}')
     with pytest.raises(CheckpointError, match="is not a mapnet-int8 file"):
         load_quantized(tmp_path / "q", CNN2(), torch.randn(1, 1, 28, 28))

@@ -71,13 +71,25 @@ def test_budget_report_picks_the_small_cnn_on_validation_and_says_where_mapnet_l
     write_json(tmp_path / "single-2048-fashion-mnist.json", fake_result(87.5))
     flat = fake_result(88.0, trainable_parameters=2060, val_acc=87.0)
     growing = fake_result(89.0, trainable_parameters=1702, val_acc=86.0)  # better test, worse val
-    write_json(tmp_path / "small-flat-2048-fashion-mnist.json", flat)
-    write_json(tmp_path / "small-growing-2048-fashion-mnist.json", growing)
+    assert not any(row.id.startswith("small-") for row, _ in budget.plan(tmp_path))  # no lr yet
+    for row in budget.SELECT:  # the lr choice: 3e-3 has the best validation accuracy
+        lr = row.train["lr"]
+        write_json(
+            tmp_path / f"{row.id}-fashion-mnist.json", fake_result(80.0 + 1000 * lr * (lr < 5e-3))
+        )
+    assert budget.chosen_lr(tmp_path) == 3e-3
+    assert {row.id for row, _ in budget.plan(tmp_path)} >= {"small-flat-8192-lr0.003"}
+    write_json(tmp_path / "small-flat-2048-lr0.003-fashion-mnist.json", flat)
+    write_json(tmp_path / "small-growing-2048-lr0.003-fashion-mnist.json", growing)
+    write_json(
+        tmp_path / "small-flat-2048-lr0.01-fashion-mnist.json", fake_result(99.0, val_acc=99.0)
+    )
     baseline = tmp_path / "baseline.json"
     write_json(baseline, fake_result(90.0))
     text = budget.report(tmp_path, tmp_path / "budget.md", baseline)
     row = next(line for line in text.splitlines() if line.startswith("| 2,048 |"))
-    assert "| 88.00 (2,060) |" in row  # chosen by validation accuracy, not test
+    assert "| 88.00 (2,060) |" in row  # chosen by validation accuracy, not test, at lr 3e-3
+    assert "at lr 0.003, chosen on validation" in text
     assert "mapnet single 2,048: 87.50, below the small CNN of 2,060 (88.00, -0.50)" in text
     assert (tmp_path / "budget.png").stat().st_size > 10_000
 

@@ -126,7 +126,8 @@ def magnitude_masks(
 ) -> dict[str, torch.Tensor]:
     """Unstructured magnitude pruning: each mask (bool, the tensor's shape) keeps the entries
     of largest |θ|. scope "tensor": the ⌈(1 − sparsity)·n⌉ largest of every tensor; "global":
-    the ⌈(1 − sparsity)·N⌉ largest of all N numbers together (ties: the first in order)."""
+    the ⌈(1 − sparsity)·N⌉ largest of all N numbers together. Among equal magnitudes at the
+    threshold, which are kept is unspecified."""
     sparsity = check_sparsity(sparsity)
     if scope not in PRUNE_SCOPES:
         raise ValueError(f"scope={scope!r} is not one of {PRUNE_SCOPES}")
@@ -147,17 +148,20 @@ def magnitude_masks(
 
 
 def fake_quantize_int8(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` rounded to the symmetric per-output-channel int8 grid x86 kernels use (dim 0);
-    the gradient passes straight through (torch.fake_quantize_per_channel_affine). 0-d and 1-d
-    tensors (biases, norm scales) stay in float: int8 kernels keep biases in float too."""
+    """`weight` rounded to the symmetric per-output-channel int8 grid x86 kernels use (dim 0),
+    with the gradient passed straight through to every entry (the clamped positive extreme of
+    each channel too: torch's own fake-quantisation would give it none). 0-d and 1-d tensors
+    (biases, norm scales) stay in float: int8 kernels keep biases in float too."""
     if weight.dim() < 2:
         return weight
-    flat = weight.detach().flatten(1).abs().amax(1).float()  # (C,)
-    scale = (flat / ((INT8_MAX - INT8_MIN) / 2)).clamp_min(torch.finfo(torch.float32).tiny)
-    zero = torch.zeros_like(scale, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(
-        weight.float(), scale, zero, 0, INT8_MIN, INT8_MAX
-    ).to(weight.dtype)
+    with torch.no_grad():
+        flat = weight.flatten(1).abs().amax(1).float()  # (C,)
+        scale = (flat / ((INT8_MAX - INT8_MIN) / 2)).clamp_min(torch.finfo(torch.float32).tiny)
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+        rounded = torch.fake_quantize_per_channel_affine(
+            weight.float(), scale, zero, 0, INT8_MIN, INT8_MAX
+        ).to(weight.dtype)
+    return weight + (rounded - weight).detach()
 
 
 def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -165,7 +169,7 @@ def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
     alias named), or a plain module's own parameters."""
     if isinstance(module, MappedModule):
         return module.generate()
-    return dict(module.named_parameters())
+    return dict(module.named_parameters(remove_duplicate=False))  # tied aliases: one tensor
 
 
 def _target(module: nn.Module) -> nn.Module:
@@ -248,10 +252,8 @@ class CompressedWeights(nn.Module):
         return functional_call(_target(self.module), weights, args, kwargs, tie_weights=False)
 
     def nonzero_weights(self) -> int:
-        """Nonzero entries of the weights the forward uses (each tied tensor once)."""
-        with torch.no_grad():
-            unique = {id(v): v for v in self.compressed_weights().values()}
-        return sum(int(v.count_nonzero()) for v in unique.values())
+        """Nonzero parameters of the network this runs as (`materialize()`)."""
+        return sum(int(p.count_nonzero()) for p in self.materialize().parameters())
 
     @torch.no_grad()
     def materialize(self) -> nn.Module:
@@ -260,7 +262,7 @@ class CompressedWeights(nn.Module):
         if isinstance(self.module, MappedModule):
             return self.module.materialize(weights)
         plain = copy.deepcopy(self.module)
-        for name, param in plain.named_parameters():
+        for name, param in plain.named_parameters(remove_duplicate=False):
             param.copy_(weights[name])
         return plain
 
@@ -340,9 +342,11 @@ def load_quantized(
         raise CheckpointError(f"{folder}: not a readable int8 model ({error})") from None
     if description.get("format") != QUANTIZED_FORMAT:
         raise CheckpointError(f"{folder}: {QUANTIZED_JSON} is not a {QUANTIZED_FORMAT} file")
+    manifest = description.get("state") if isinstance(description, dict) else None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{folder}: {QUANTIZED_JSON} holds no state description")
     template = quantize_int8(float_model, [example])
     expected = template.state_dict()
-    manifest = description["state"]
     missing, unexpected = (
         sorted(set(expected) - set(manifest)),
         sorted(set(manifest) - set(expected)),
@@ -353,11 +357,36 @@ def load_quantized(
             f"unexpected {unexpected[:5]}"
         )
     state = OrderedDict((key, _restore(key, entry, tensors)) for key, entry in manifest.items())
+    for key, value in state.items():
+        _check_like(folder, key, value, expected[key])
     # The modules' state versions: quantized Linear reads a version-less state as its old layout.
     state._metadata = expected._metadata  # type: ignore[attr-defined]
     with _quiet_torch_ao():
         template.load_state_dict(state)
     return template
+
+
+def _check_like(folder: Path, key: str, value: Any, expected: Any) -> None:
+    """A restored value must have the template's shape and dtype (another width is another
+    architecture, whatever the names say)."""
+    if isinstance(expected, tuple) and isinstance(value, tuple) and len(value) == len(expected):
+        for item, reference in zip(value, expected):
+            _check_like(folder, key, item, reference)
+        return
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(value, torch.Tensor) or value.shape != expected.shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise CheckpointError(
+                f"{folder} was saved from another architecture: {key!r} is {got}, this model's "
+                f"{tuple(expected.shape)}"
+            )
+        if value.dtype != expected.dtype:
+            raise CheckpointError(
+                f"{folder}: {key!r} has dtype {value.dtype}, this model's {expected.dtype}"
+            )
+    elif type(value) is not type(expected):
+        raise CheckpointError(f"{folder}: {key!r} is a {type(value).__name__}, expected "
+                              f"{type(expected).__name__}")  # fmt: skip
 
 
 def _store(key: str, value: Any, tensors: dict[str, torch.Tensor]) -> Any:

@@ -17,7 +17,6 @@ the validation split only.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from collections.abc import Iterable
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from mapnet.compress import PRUNE_SCOPES
-from mapnet_experiments.repro import Row, draw_curves
+from mapnet_experiments.repro import Row, _cell, draw_curves, run_name
 from mapnet_experiments.train import write_json
 
 ROOT = Path("results/ablations")
@@ -308,6 +307,43 @@ SELECT = (
 )
 
 
+def choices(root: Path = ROOT) -> dict[str, Any]:
+    """What the select runs choose (best final validation accuracy; ties: the smaller lr), per
+    setting; a setting whose candidates have not all finished is left out."""
+
+    def best(prefix: str, scopes: tuple[str, ...] = ("",)) -> tuple[str, float] | None:
+        found = []
+        for spec in SELECT:
+            rest = spec.id.removeprefix(f"select-{prefix}")
+            if rest == spec.id or not rest.startswith(tuple(f"{s}-lr" for s in scopes)):
+                continue
+            result = _load(root, run_name(f"{spec.id}-s0", "fashion-mnist"))
+            if result is None:
+                return None
+            train = spec.train or {}
+            found.append(
+                (result["val_acc"], -train["lr"], train.get("prune_scope", ""), train["lr"])
+            )
+        if not found:
+            return None
+        top = max(found)
+        return top[2], top[3]
+
+    out: dict[str, Any] = {}
+    full, lv = best("full-dnn"), best("lv-full-dnn-5")
+    if full and lv and full[1] == lv[1]:
+        out["FULL_DNN_LR"] = full[1]
+    for key, prefix in (("MAPPED", "ours-2048"), ("PLAIN", "cnn2")):
+        prune = best(f"{prefix}-prune", ("", "-global"))
+        if prune:
+            out[f"PRUNE_{key}_LR"] = prune[1]
+            out[f"PRUNE_{key}_SCOPE"] = prune[0] or "tensor"
+        qat = best(f"{prefix}-qat")
+        if qat:
+            out[f"QAT_{key}_LR"] = qat[1]
+    return out
+
+
 def rows(specs: Iterable[Spec], seeds: Iterable[int] = SEEDS) -> list[Row]:
     """Seed-major: every spec at seed 0, then seed 1, …; specs keep their order, which puts
     the runs a row continues before it."""
@@ -354,7 +390,7 @@ def int8_results(
     for seed in seeds:
         for name in INT8_OF:
             for dataset in DATASETS:
-                run = f"{name}-s{seed}-{dataset}"
+                run = run_name(f"{name}-s{seed}", dataset)
                 out = root / "int8" / f"{run}.json"
                 if out.exists():
                     written.append(out)
@@ -418,15 +454,6 @@ def _inference_times(
 # ---------------------------------------------------------------- reports
 
 
-def seed_stats(root: Path, spec_id: str, dataset: str, key: str = "test_acc") -> list[float]:
-    values = []
-    for seed in SEEDS:
-        file = root / f"{spec_id}-s{seed}-{dataset}.json"
-        if file.exists():
-            values.append(json.loads(file.read_text())[key])
-    return values
-
-
 def mean_std(values: list[float]) -> str:
     """ "mean ± std (n)" over seeds; '–' when none finished."""
     if not values:
@@ -437,12 +464,6 @@ def mean_std(values: list[float]) -> str:
     std = statistics.stdev(values)
     return f"{mean:.2f} ± {std:.2f}" + (
         "" if len(values) == len(SEEDS) else f" ({len(values)} seeds)"
-    )
-
-
-def _cell(value: float | None) -> str:
-    return (
-        "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
     )
 
 
@@ -500,7 +521,7 @@ def _select_section(root: Path) -> list[str]:
         "|---|---|---|",
     ]
     for spec in SELECT:
-        result = _load(root, f"{spec.id}-s0-fashion-mnist")
+        result = _load(root, run_name(f"{spec.id}-s0", "fashion-mnist"))
         value = "–" if result is None else _cell(result["val_acc"])
         lines.append(
             f"| {spec.id.removeprefix('select-')} | {(spec.train or {})['epochs']} | {value} |"
@@ -561,8 +582,13 @@ def _table8(root: Path) -> list[str]:
         "## Table 8: compression (paper §2.2.5)",
         "",
         f"Pruning and QAT rows continue the seed's finished 10-epoch run for {CONTINUE_EPOCHS} "
-        "epochs (cosine from the lr in 'Choices'); pruning keeps the ⌈10 %⌉ largest |θ| of every "
-        "tensor, the masks fixed. 'nonzero' counts the weights the final model runs with.",
+        "epochs (cosine from the lr in 'Choices'); pruning keeps the ⌈10 %⌉ largest |θ| "
+        + (
+            "of all weights ranked together (global)"
+            if PRUNE_SCOPE == "global"
+            else "of every tensor"
+        )
+        + ", the masks fixed. 'nonzero' counts the parameters the final network runs with.",
         "",
         "| row | trainable | nonzero | paper MNIST / FMNIST | public repro | ours MNIST "
         "| ours FMNIST |",

@@ -48,7 +48,7 @@ def small_cnn_name(budget: int, shape: str) -> str:
 def _small(budget: int, shape: str, lr: float, tag: str = "") -> Row:
     name = small_cnn_name(budget, shape)
     return Row(
-        f"{tag}small-{shape}-{budget}" + (f"-lr{lr:g}" if tag else ""),
+        f"{tag}small-{shape}-{budget}-lr{lr:g}",
         name,
         f"small CNN {name.removeprefix('smallcnn-')}",
         "plain",
@@ -115,10 +115,14 @@ def _load(root: Path, row_id: str) -> dict | None:
 
 
 def chosen_small_cnns(root: Path) -> dict[int, dict]:
-    """For every budget, the small-CNN shape with the better final validation accuracy."""
+    """For every budget, the small-CNN shape with the better final validation accuracy (at the
+    chosen lr)."""
+    lr = chosen_lr(root)
+    if lr is None:
+        return {}
     chosen = {}
     for budget in BUDGETS:
-        results = [r for shape in SHAPES if (r := _load(root, f"small-{shape}-{budget}"))]
+        results = [r for shape in SHAPES if (r := _load(root, f"small-{shape}-{budget}-lr{lr:g}"))]
         if results:
             chosen[budget] = max(results, key=lambda r: r["val_acc"])
     return chosen
@@ -132,6 +136,7 @@ def report(
     """docs/results/budget.md and budget.png from root's files (and Table 1's CNN2 run)."""
     from mapnet_experiments.plots import Point, accuracy_vs_budget
 
+    lr = chosen_lr(root)
     lines = [
         "# Accuracy against trainable numbers (CNN2 target, Fashion-MNIST)",
         "",
@@ -140,7 +145,11 @@ def report(
         "batch 128, cosine; mapped Adam lr 0.1, the structured projection; trained directly "
         f"Adam), test accuracy % after the last epoch. Small CNNs: {SmallCNNDoc}; at each "
         "budget the shape with the better validation accuracy is shown (both are listed), at "
-        f"lr {chosen_lr(root)}, chosen on validation at the 2048 budget.",
+        + (
+            f"lr {lr:g}, chosen on validation at the 2048 budget."
+            if lr is not None
+            else "the lr not chosen yet (its select runs are unfinished)."
+        ),
         "",
         "| numbers | mapnet single | mapnet layer-wise | intrinsic dim. | small CNN (chosen) "
         "| small CNN flat / growing (val) |",
@@ -169,7 +178,10 @@ def report(
             cells.append(f"{small['test_acc']:.2f} ({small['trainable_parameters']:,})")
         else:
             cells.append("–")
-        both = [_load(root, f"small-{shape}-{budget}") for shape in SHAPES]
+        both = [
+            _load(root, f"small-{shape}-{budget}-lr{lr:g}") if lr is not None else None
+            for shape in SHAPES
+        ]
         cells.append(" / ".join("–" if r is None else f"{r['val_acc']:.2f}" for r in both))
         lines.append(f"| {budget:,} | " + " | ".join(cells) + " |")
     select = [(row.id, _load(root, row.id)) for row in SELECT]

@@ -602,6 +602,16 @@ def _run_construction(args: argparse.Namespace, bench: Any) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _repro_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "repro",
@@ -674,7 +684,10 @@ def _repro_parser(sub: argparse._SubParsersAction) -> None:
         "ablations: select,train; compression: train,int8)",
     )
     p.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: torch's own count)"
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch threads (default: torch's own count)",
     )
     p.add_argument("--tsne", action="store_true", help="trajectory: also t-SNE coordinates")
     p.set_defaults(run=_run_repro)

@@ -50,7 +50,12 @@ def accuracy_vs_budget(
 
 
 def _pyplot():  # type: ignore[no-untyped-def]
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError(
+            "the figures need matplotlib: pip install 'mapnet[plots]' (make venv installs it)"
+        ) from None
 
     matplotlib.use("Agg")  # no display on CI machines
     import matplotlib.pyplot as plt

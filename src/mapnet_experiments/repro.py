@@ -60,7 +60,7 @@ class Row:
         if self.start_from is not None:
             if root is None:
                 raise ValueError(f"row {self.id!r} starts from another run: give the results root")
-            settings["start_from"] = str(root / "runs" / f"{self.start_from}-{dataset}")
+            settings["start_from"] = str(root / "runs" / run_name(self.start_from, dataset))
         if self.mapping.get("preset") == "intrinsic_dimension":
             mapping = MappingConfig.intrinsic_dimension(
                 **{k: v for k, v in self.mapping.items() if k != "preset"}, seed=seed
@@ -242,8 +242,13 @@ TUNING = [
 ]
 
 
+def run_name(row_id: str, dataset: str) -> str:
+    """A run's name: its result file <root>/<name>.json, its folder <root>/runs/<name>/."""
+    return f"{row_id}-{dataset}"
+
+
 def run_id(row: Row, dataset: str) -> str:
-    return f"{row.id}-{dataset}"
+    return run_name(row.id, dataset)
 
 
 def run_table(
@@ -257,6 +262,7 @@ def run_table(
     val_size: int = 5000,
     evaluate_test: bool = True,
     plan: list[tuple[Row, tuple[str, ...]]] | None = None,
+    poll: float = 30.0,
 ) -> list[Path]:
     """Run every (row, dataset) not finished yet, resuming partial ones; returns result files.
 
@@ -268,12 +274,14 @@ def run_table(
     Each run is locked while it trains (an flock, released when its process ends however it
     ends), so several processes started with the same command share the table, each taking
     the next free run: on two cores, two one-thread processes. A run that starts from another
-    row's run waits until that run has finished; passes repeat while they make progress.
+    row's run waits until that run has finished: passes repeat while they make progress, and
+    while a base run is being trained by another process this one polls every `poll` seconds.
     """
     pairs = plan if plan is not None else [(row, datasets) for row in rows]
     while True:
         written: list[Path] = []
-        trained = waiting = False
+        trained = False
+        waiting: dict[str, bool] = {}  # unfinished base run -> another process is training it
         for row, row_datasets in pairs:
             for dataset in row_datasets:
                 result_file = root / f"{run_id(row, dataset)}.json"
@@ -283,12 +291,16 @@ def run_table(
                 if deadline is not None and time.monotonic() > deadline:
                     print(f"deadline reached; {run_id(row, dataset)} and later runs left for later")
                     return written
-                if row.start_from and not (root / f"{row.start_from}-{dataset}.json").exists():
-                    waiting = True
+                base = run_name(row.start_from, dataset) if row.start_from else None
+                if base is not None and not (root / f"{base}.json").exists():
+                    waiting[base] = _locked_elsewhere(root / "runs" / base)
                     continue
                 out = root / "runs" / run_id(row, dataset)
                 with _run_lock(out) as mine:
-                    if not mine or result_file.exists():  # another process has it, or had it
+                    if result_file.exists():  # finished by another process meanwhile
+                        written.append(result_file)
+                        continue
+                    if not mine:  # another process is training it
                         continue
                     print(f"== {run_id(row, dataset)} ({out})", flush=True)
                     config = row.config(
@@ -305,8 +317,20 @@ def run_table(
                     write_json(result_file, result)
                     written.append(result_file)
                     trained = True
-        if not (trained and waiting):
-            return written
+        if waiting and trained:
+            continue  # a base may have finished in this pass
+        if any(waiting.values()):
+            time.sleep(poll)
+            continue
+        for base in waiting:
+            print(f"-- runs continuing {base} wait: it is unfinished and no process is training it")
+        return written
+
+
+def _locked_elsewhere(out: Path) -> bool:
+    """True while another process holds the run lock of <out>."""
+    with _run_lock(out) as mine:
+        return not mine
 
 
 @contextlib.contextmanager

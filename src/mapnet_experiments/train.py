@@ -138,6 +138,17 @@ class TrainConfig:
                 f"the mapping loss terms {sorted(self.loss)} need variant='ours' (a MappedModule)"
             )
         check_sparsity(self.sparsity)
+        compressed = self.sparsity > 0 or self.fake_quant is True
+        if compressed and self.variant != "ours":
+            raise ValueError(
+                f"sparsity and fake_quant act on generated weights: variant={self.variant!r} "
+                "trains other tensors (use variant='ours' or mode='plain')"
+            )
+        if compressed and self.loss and self.mode == "mapped":
+            raise ValueError(
+                f"the mapping loss terms {sorted(self.loss)} cannot be combined with sparsity "
+                "or fake_quant (the loss regularises the uncompressed mapping)"
+            )
         if self.prune_scope not in PRUNE_SCOPES:
             raise ValueError(f"prune_scope={self.prune_scope!r} is not one of {PRUNE_SCOPES}")
         if not isinstance(self.fake_quant, bool):
@@ -378,7 +389,7 @@ def load_model(module: nn.Module, folder: Path) -> None:
         raise CheckpointError(f"{folder}: model unreadable ({error})") from None
     try:
         module.load_state_dict(state)
-    except RuntimeError as error:  # names, shapes: torch's message lists them
+    except (RuntimeError, CheckpointError) as error:  # names, shapes: the message lists them
         raise CheckpointError(f"{folder} does not fit this model: {error}") from None
 
 
@@ -485,12 +496,9 @@ def train(
 
 
 def _nonzero_weights(module: nn.Module) -> int:
-    """Nonzero entries of the weights the trained model runs with (what pruning reduces)."""
-    if isinstance(module, CompressedWeights):
-        return module.nonzero_weights()
+    """Nonzero parameters of the network the trained model runs as (what pruning reduces)."""
     with torch.no_grad():
-        plain = plain_view(module)
-        return sum(int(p.count_nonzero()) for p in plain.parameters())
+        return sum(int(p.count_nonzero()) for p in plain_view(module).parameters())
 
 
 def _finished_result(out: Path) -> dict[str, Any] | None:

@@ -67,14 +67,18 @@ def pca_2d(rows: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
     return (centred @ right[:2].T).float(), share[:2]
 
 
-def tsne_2d(rows: torch.Tensor, seed: int) -> torch.Tensor:
+def _tsne_class():  # type: ignore[no-untyped-def]
     try:
         from sklearn.manifold import TSNE
     except ImportError:
         raise ValueError(
-            "--tsne needs scikit-learn: pip install scikit-learn (or the project's [finetune] "
-            "extra)"
+            "--tsne needs scikit-learn: pip install 'mapnet[plots]' (make venv installs it)"
         ) from None
+    return TSNE
+
+
+def tsne_2d(rows: torch.Tensor, seed: int) -> torch.Tensor:
+    TSNE = _tsne_class()
     perplexity = min(30.0, (len(rows) - 1) / 3)
     embedded = TSNE(2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(
         rows.double().numpy()
@@ -98,6 +102,8 @@ def run(
     out = root / f"trajectory-{dataset}.json"
     if out.exists():
         return out
+    if tsne:
+        _tsne_class()  # before training: a missing scikit-learn must not cost the runs
     mapping = MappingConfig(latent_dim=2048, projection="structured", seed=seed)
     common = {
         "model": "cnn2",
