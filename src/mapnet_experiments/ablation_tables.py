@@ -96,6 +96,14 @@ def _variant(name: str, **train: Any) -> dict[str, Any]:
 TABLE7 = [
     Spec("cnn2", "CNN2 (trained directly)", "plain", {}, (98.69, 90.40), (99.06, 91.19)),
     Spec("ours-2048", "Ours* 2048", "mapped", S2048, (98.66, 91.88), (98.08, 86.82)),
+    Spec("ours-1024", "Ours* 1024", "mapped", S1024, (97.88, 89.49), (97.10, 85.04)),
+    Spec(
+        "wm-1024",
+        "Ours* − WM 1024 (α = 0)",
+        "mapped",
+        S1024 | {"alpha": 0.0},
+        (95.62, 86.51),
+    ),
     Spec(
         "wm-2048",
         "Ours* − WM 2048 (α = 0)",
