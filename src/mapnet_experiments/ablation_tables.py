@@ -359,14 +359,15 @@ def rows(specs: Iterable[Spec], seeds: Iterable[int] = SEEDS) -> list[Row]:
     return [spec.row(seed) for seed in seeds for spec in specs]
 
 
-def plan(table: str) -> list[tuple[Row, tuple[str, ...]]]:
+def plan(table: str, seeds: Iterable[int] = SEEDS) -> list[tuple[Row, tuple[str, ...]]]:
     """The runs of one command, with the data sets each row runs on."""
+    seeds = tuple(seeds)
     if table == "ablations":
-        runs = [(row, DATASETS) for row in rows(TABLE7 + TABLE8[:1])]
-        # Table 6 is Fashion-MNIST only (the paper's); seeds interleave with Table 7's.
-        return runs + [(row, ("fashion-mnist",)) for row in rows(TABLE6)]
+        runs = [(row, DATASETS) for row in rows(TABLE7 + TABLE8[:1], seeds)]
+        # Table 6 is Fashion-MNIST only (the paper's), after Table 7's runs.
+        return runs + [(row, ("fashion-mnist",)) for row in rows(TABLE6, seeds)]
     if table == "compression":
-        return [(row, DATASETS) for row in rows(TABLE7[:2] + TABLE8)]
+        return [(row, DATASETS) for row in rows(TABLE7[:2] + TABLE8, seeds)]
     if table == "select-bases":  # the runs the continued candidates start from
         return [(_BY_ID[name].row(0), ("fashion-mnist",)) for name in ("cnn2", "ours-2048")]
     if table == "select":

@@ -690,6 +690,11 @@ def _repro_parser(sub: argparse._SubParsersAction) -> None:
         help="torch threads (default: torch's own count)",
     )
     p.add_argument("--tsne", action="store_true", help="trajectory: also t-SNE coordinates")
+    p.add_argument(
+        "--seeds",
+        default="0,1,2",
+        help="ablations / compression: comma-separated seeds to run (default: %(default)s)",
+    )
     p.set_defaults(run=_run_repro)
 
 
@@ -785,10 +790,11 @@ def _run_paper_tables(args: argparse.Namespace) -> int:
         return 0
     root = args.root or ablation_tables.ROOT
     defaults = {"ablations": "select,train", "compression": "train,int8"}
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     if not args.report:
         for stage in (args.stages or defaults[args.table]).split(","):
             if stage == "int8" and args.table == "compression":
-                ablation_tables.int8_results(root, progress=not args.quiet)
+                ablation_tables.int8_results(root, seeds, progress=not args.quiet)
             elif stage in ("select", "train"):
                 # select: the runs the choices continue (table runs, test recorded), then the
                 # candidates themselves, scored on validation only.
@@ -800,7 +806,7 @@ def _run_paper_tables(args: argparse.Namespace) -> int:
                         deadline=deadline,
                         progress=not args.quiet,
                         evaluate_test=table != "select",
-                        plan=ablation_tables.plan(table),
+                        plan=ablation_tables.plan(table, seeds),
                     )
             else:
                 raise ValueError(f"unknown stage {stage!r} for {args.table}")
