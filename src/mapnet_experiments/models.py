@@ -99,6 +99,61 @@ def small_cnn_widths(budget: int, shape: str) -> tuple[int, int, int]:
     return min(candidates, key=lambda widths: abs(small_cnn_parameters(widths) - budget))
 
 
+class LSTMForecaster(nn.Module):
+    """The paper's air-quality forecaster (supplementary material): LSTM(F → 32, one layer,
+    PyTorch's two bias vectors) + Linear(32 → 1) on the last hidden state; 12,961 parameters
+    at F = 67. Input (B, T, F) windows, output (B,) the next step's scaled target."""
+
+    def __init__(self, num_features: int = 67, hidden: int = 32):
+        super().__init__()
+        self.lstm = nn.LSTM(num_features, hidden, num_layers=1, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, F) -> (B,)
+        out, _ = self.lstm(x)  # (B, T, H)
+        return self.head(out[:, -1]).squeeze(-1)
+
+
+class UNet(nn.Module):
+    """CNN3, the paper's U-Net segmenter (supplementary material): encoder blocks of two
+    conv3×3 + BatchNorm + ReLU at 32, 64, 128 channels, each followed by 2×2 max-pooling; a
+    bottleneck of two at 256; a decoder of ConvTranspose2d 2×2/2 (256→128, 128→64, 64→32),
+    concatenation with the encoder's skip and one conv3×3 + BatchNorm + ReLU; a 1×1 conv to the
+    classes. 1,734,803 parameters at 3 input channels and 19 classes. H and W must be
+    multiples of 8."""
+
+    def __init__(self, num_classes: int = 19, in_channels: int = 3):
+        super().__init__()
+
+        def conv(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.enc1 = nn.Sequential(*conv(in_channels, 32), *conv(32, 32))  # (B, 32, H, W)
+        self.enc2 = nn.Sequential(*conv(32, 64), *conv(64, 64))  # (B, 64, H/2, W/2)
+        self.enc3 = nn.Sequential(*conv(64, 128), *conv(128, 128))  # (B, 128, H/4, W/4)
+        self.bottleneck = nn.Sequential(*conv(128, 256), *conv(256, 256))  # (B, 256, H/8, W/8)
+        self.pool = nn.MaxPool2d(2)
+        self.up3 = nn.ConvTranspose2d(256, 128, 2, stride=2)
+        self.dec3 = nn.Sequential(*conv(256, 128))
+        self.up2 = nn.ConvTranspose2d(128, 64, 2, stride=2)
+        self.dec2 = nn.Sequential(*conv(128, 64))
+        self.up1 = nn.ConvTranspose2d(64, 32, 2, stride=2)
+        self.dec1 = nn.Sequential(*conv(64, 32))
+        self.classifier = nn.Conv2d(32, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes, H, W)
+        if x.shape[-1] % 8 or x.shape[-2] % 8:
+            raise ValueError(f"UNet needs H and W divisible by 8, got {tuple(x.shape[-2:])}")
+        e1 = self.enc1(x)
+        e2 = self.enc2(self.pool(e1))
+        e3 = self.enc3(self.pool(e2))
+        b = self.bottleneck(self.pool(e3))
+        d3 = self.dec3(torch.cat([self.up3(b), e3], 1))  # (B, 128, H/4, W/4)
+        d2 = self.dec2(torch.cat([self.up2(d3), e2], 1))  # (B, 64, H/2, W/2)
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))  # (B, 32, H, W)
+        return self.classifier(d1)
+
+
 MODELS: dict[str, type[nn.Module]] = {"cnn1": CNN1, "cnn2": CNN2, "cnn2-lrd": CNN2LowRank}
 SMALL_CNN = "smallcnn"  # model names "smallcnn-a-b-c"
 
