@@ -40,6 +40,7 @@ ADDED_TRAIN = {
     "sparsity": 0.0,
     "prune_scope": "tensor",
     "fake_quant": False,
+    "window": 24,
 }
 
 

@@ -423,10 +423,10 @@ def int8_results(
                     "run": run,
                     "float_bytes": 4 * sum(p.numel() for p in float_model.parameters()),
                     "int8_bytes": stored,
-                    "val_acc_float": evaluate(float_model, splits["val"])[1],
-                    "val_acc_int8": evaluate(int8, splits["val"])[1],
-                    "test_acc_float": evaluate(float_model, splits["test"])[1],
-                    "test_acc_int8": evaluate(int8, splits["test"])[1],
+                    "val_acc_float": evaluate(float_model, splits["val"])["acc"],
+                    "val_acc_int8": evaluate(int8, splits["val"])["acc"],
+                    "test_acc_float": evaluate(float_model, splits["test"])["acc"],
+                    "test_acc_int8": evaluate(int8, splits["test"])["acc"],
                     "inference_ms": _inference_times(float_model, int8, splits["test"].images),
                 }
                 write_json(out, result)

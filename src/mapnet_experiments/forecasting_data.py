@@ -170,6 +170,30 @@ def read_multi_site(folder: str | Path, target_station: str = TARGET_STATION) ->
     return Series(series.values, series.observed, tuple(names), target)
 
 
+SINGLE_SITE_FILE = "PRSA_data_2010.1.1-2014.12.31.csv"
+
+
+def find_series(dataset: str, data_dir: str | None = None) -> Path:
+    """The single-site file of `dataset` ("beijing-pm25") under data_dir, $MAPNET_DATA_DIR or
+    the cache (<root>/beijing-pm25/PRSA_data_2010.1.1-2014.12.31.csv[.gz])."""
+    import os
+
+    from mapnet_experiments.data import DataUnavailableError, default_cache_dir
+
+    roots = [Path(data_dir)] if data_dir else []
+    if os.environ.get("MAPNET_DATA_DIR"):
+        roots.append(Path(os.environ["MAPNET_DATA_DIR"]))
+    roots.append(default_cache_dir())
+    for root in roots:
+        for name in (SINGLE_SITE_FILE + ".gz", SINGLE_SITE_FILE):
+            if (root / dataset / name).exists():
+                return root / dataset / name
+    raise DataUnavailableError(
+        f"no {dataset}/{SINGLE_SITE_FILE}[.gz] under {', '.join(map(str, roots))}: download "
+        "the UCI 'Beijing PM2.5' data (archive.ics.uci.edu, dataset 381) and put the CSV there"
+    )
+
+
 def chronological_split(
     n: int, fractions: tuple[float, float, float] = SPLITS
 ) -> tuple[range, range, range]:

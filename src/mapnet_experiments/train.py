@@ -19,6 +19,7 @@ machine a DataLoader's worker processes cost more than they save.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import platform
@@ -43,7 +44,18 @@ from mapnet.compress import PRUNE_SCOPES, CompressedWeights, check_sparsity
 from mapnet.loss import MappingLoss
 from mapnet_experiments.ablations import build_variant, check_variant
 from mapnet_experiments.data import DATASETS, load_idx_dataset, train_val_split
-from mapnet_experiments.models import SMALL_CNN, model_factory
+from mapnet_experiments.forecasting_data import (
+    SINGLE_SITE_NUMERIC,
+    SINGLE_SITE_WIND,
+    find_series,
+    forecasting_splits,
+    read_single_site,
+)
+from mapnet_experiments.models import SMALL_CNN, LSTMForecaster, UNet, model_factory
+from mapnet_experiments.segmentation_data import scene_splits
+from mapnet_experiments.tasks import CLASSIFICATION, DATASET_TASKS, TASK_MODELS, Task, task_of
+
+SINGLE_SITE_FEATURES = len(SINGLE_SITE_NUMERIC) + len(SINGLE_SITE_WIND)
 
 MODES = ("mapped", "plain")
 # The recipe feeds 1×28×28 images: these and "smallcnn-a-b-c"; resnet50 (3×64×64) is a
@@ -74,6 +86,10 @@ class TrainConfig:
         start, the masks fixed for the rest of training; prune_scope "tensor" prunes every
         tensor by that fraction, "global" all numbers together (mapnet.compress.magnitude_masks).
     fake_quant: train through int8-rounded weights (quantisation-aware training).
+    window: forecasting only: hours of history per input window.
+
+    The dataset decides the task (mapnet_experiments.tasks): "beijing-pm25" is forecasting
+    (model "lstm"), "scenes" segmentation (model "unet"), any other classification.
     """
 
     model: str = "cnn2"
@@ -96,23 +112,33 @@ class TrainConfig:
     sparsity: float = 0.0
     prune_scope: str = "tensor"
     fake_quant: bool = False
+    window: int = 24
 
     def __post_init__(self) -> None:
         if isinstance(self.mapping, dict):
             self.mapping = MappingConfig.from_dict(self.mapping)
-        model_factory(self.model)  # a clear error for an unknown model name
-        if self.model not in IMAGE_MODELS and not self.model.startswith(SMALL_CNN + "-"):
+        task = task_of(self.dataset)
+        if task.kind == "classification":
+            model_factory(self.model)  # a clear error for an unknown model name
+            if self.model not in IMAGE_MODELS and not self.model.startswith(SMALL_CNN + "-"):
+                raise ValueError(
+                    f"model={self.model!r} is not one of {IMAGE_MODELS} or smallcnn-a-b-c "
+                    "(the recipe feeds 1×28×28 images)"
+                )
+        elif self.model not in TASK_MODELS[task.kind]:
             raise ValueError(
-                f"model={self.model!r} is not one of {IMAGE_MODELS} or smallcnn-a-b-c "
-                "(the recipe feeds 1×28×28 images)"
+                f"dataset {self.dataset!r} is a {task.kind} task: model must be one of "
+                f"{TASK_MODELS[task.kind]}, got {self.model!r}"
             )
+        if self.window <= 0:
+            raise ValueError(f"window must be a positive number of hours, got {self.window}")
         choices = {
             "mode": MODES,
             "optimizer": OPTIMIZERS,
             "schedule": SCHEDULES,
         }
         if self.data_dir is None:
-            choices["dataset"] = DATASETS
+            choices["dataset"] = (*DATASETS, *DATASET_TASKS)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
@@ -167,11 +193,65 @@ class TrainConfig:
 
 @dataclass
 class Split:
-    images: torch.Tensor  # (N, C, H, W) float32, standardised
-    labels: torch.Tensor  # (N,) int64
+    """One split's inputs and targets, in memory. Classification: images (N, C, H, W) float32,
+    standardised, and labels (N,) int64; forecasting: windows (N, T, F) and targets (N,);
+    segmentation: images and masks (N, H, W)."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != len(self.targets):
+            raise ValueError(
+                f"{len(self.inputs)} inputs but {len(self.targets)} targets in a split"
+            )
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def images(self) -> torch.Tensor:  # the classification names
+        return self.inputs
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.targets
 
 
 def load_splits(config: TrainConfig) -> dict[str, Split]:
+    """Train / validation / test of the config's dataset (its task's own pipeline)."""
+    kind = task_of(config.dataset).kind
+    if kind == "regression":
+        return _forecasting_splits(config)
+    if kind == "segmentation":
+        return _scene_splits(config)
+    return _image_splits(config)
+
+
+def _forecasting_splits(config: TrainConfig) -> dict[str, Split]:
+    """Consecutive train / validation / test periods, min-max scaled on the training hours."""
+    series = read_single_site(find_series(config.dataset, config.data_dir))
+    windows, _ = forecasting_splits(series, config.window)
+    return {name: Split(w.inputs, w.targets) for name, w in windows.items()}
+
+
+def _scene_splits(config: TrainConfig) -> dict[str, Split]:
+    """Scenes composed from MNIST and Fashion-MNIST (segmentation_data.scene_splits)."""
+    root = Path(config.data_dir) if config.data_dir is not None else None
+    sources = {
+        name: {split: _squeezed(load_idx_dataset(name, split, root)) for split in ("train", "test")}
+        for name in ("mnist", "fashion-mnist")
+    }
+    scenes = scene_splits(sources["mnist"], sources["fashion-mnist"], seed=config.seed)
+    return {name: Split(s.images, s.masks) for name, s in scenes.items()}
+
+
+def _squeezed(data: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = data
+    return images.reshape(len(images), 28, 28), labels
+
+
+def _image_splits(config: TrainConfig) -> dict[str, Split]:
     """Train / validation (carved from train, seeded) / test, standardised."""
     root = Path(config.data_dir) if config.data_dir is not None else None
     train_images, train_labels = load_idx_dataset(config.dataset, "train", root)
@@ -192,19 +272,19 @@ def load_splits(config: TrainConfig) -> dict[str, Split]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 1000) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (%) of `model` (plain, in eval mode) on `split`."""
-    if len(split.labels) == 0:
-        return math.nan, math.nan
+def evaluate(
+    model: nn.Module, split: Split, task: Task = CLASSIFICATION, batch_size: int = 1000
+) -> dict[str, float]:
+    """The task's metrics of `model` (plain, put in eval mode) on `split`, e.g. {"loss": mean
+    cross-entropy, "acc": accuracy %}; NaN for an empty split."""
     model.eval()
-    loss, correct = 0.0, 0
-    for start in range(0, len(split.labels), batch_size):
-        x = split.images[start : start + batch_size]
-        y = split.labels[start : start + batch_size]
-        logits = model(x)
-        loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-    return loss / len(split.labels), 100.0 * correct / len(split.labels)
+    meter = task.meter()
+    for start in range(0, len(split), batch_size):
+        meter.update(
+            model(split.inputs[start : start + batch_size]),
+            split.targets[start : start + batch_size],
+        )
+    return meter.result()
 
 
 def build(config: TrainConfig) -> nn.Module:
@@ -212,7 +292,7 @@ def build(config: TrainConfig) -> nn.Module:
     built from the class as a factory, so θ₀ is its own initialisation under the mapping's seed
     (for CNN1, CNN2 and ResNet-50 the same values reset_parameters() regenerates)."""
     torch.manual_seed(config.seed)
-    factory = model_factory(config.model)
+    factory = target_factory(config)
     if config.mode == "plain":
         module = factory()
     else:
@@ -224,6 +304,16 @@ def build(config: TrainConfig) -> nn.Module:
             module, config.sparsity, config.fake_quant, config.prune_scope
         )
     return module
+
+
+def target_factory(config: TrainConfig) -> Callable[[], nn.Module]:
+    """The target network's zero-argument factory, shaped for the config's data."""
+    if config.model == "lstm":
+        return functools.partial(LSTMForecaster, num_features=SINGLE_SITE_FEATURES)
+    if config.model == "unet":
+        task = task_of(config.dataset)
+        return functools.partial(UNet, num_classes=task.num_classes, in_channels=1)
+    return model_factory(config.model)
 
 
 def plain_view(module: nn.Module) -> nn.Module:
@@ -238,6 +328,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         self.config = config
+        self.task = task_of(config.dataset)
         started = time.perf_counter()
         self.module = build(config)
         self.build_seconds = time.perf_counter() - started  # the model and its mapping alone
@@ -245,7 +336,7 @@ class Trainer:
         if isinstance(self.module, MappedModule):
             # The recipe's loss is the task loss alone unless config.loss switches terms on.
             terms = {"stability": False, "smoothness": False, "alignment": False}
-            self.loss_fn = MappingLoss(self.module, **(terms | config.loss))
+            self.loss_fn = MappingLoss(self.module, self.task.loss, **(terms | config.loss))
         params = [p for p in self.module.parameters() if p.requires_grad]
         if self.loss_fn is not None:
             params += list(self.loss_fn.parameters())
@@ -277,7 +368,7 @@ class Trainer:
         """One epoch; `on_step` is called after every optimiser step (e.g. to record weights)."""
         config = self.config
         self.module.train()
-        order = torch.randperm(len(split.labels), generator=self.batch_order)
+        order = torch.randperm(len(split), generator=self.batch_order)
         steps_per_epoch = math.ceil(len(order) / config.batch_size)
         bar = tqdm(
             range(steps_per_epoch),
@@ -285,11 +376,12 @@ class Trainer:
             leave=False,
             desc=f"epoch {self.epoch + 1}/{config.epochs}",
         )
-        total, seen, correct = 0.0, 0, 0
+        meter = self.task.meter()
+        seen = 0
         terms: dict[str, float] = {}
         for step in bar:
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            x, y = split.images[idx], split.labels[idx]
+            x, y = split.inputs[idx], split.targets[idx]
             lr = self.lr_at(self.epoch * steps_per_epoch + step, config.epochs * steps_per_epoch)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -301,19 +393,18 @@ class Trainer:
                 task = out.values.get("task", loss.item())
             else:
                 logits = self.module(x)
-                loss = nn.functional.cross_entropy(logits, y)
+                loss = self.task.loss(logits, y)
                 task = loss.item()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             if on_step is not None:
                 on_step()
-            total += task * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+            meter.update(logits.detach(), y, loss_mean=task)  # the training-mode loss
             seen += len(y)
-            bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{100 * correct / seen:.2f}")
+            bar.set_postfix({k: f"{v:.4f}" for k, v in meter.result().items()})
         self.epoch += 1
-        row = {"train_loss": total / seen, "train_acc": 100.0 * correct / seen, "lr": lr}
+        row = {f"train_{k}": v for k, v in meter.result().items()} | {"lr": lr}
         row.update({f"loss_{k}": v / seen for k, v in terms.items() if k != "task"})
         return row
 
@@ -439,6 +530,7 @@ def train(
     splits = splits or load_splits(config)
     data_seconds = time.perf_counter() - started
     trainer = Trainer(config)
+    task = trainer.task
     build_seconds = trainer.build_seconds
     state_dir = Path(out_dir) / "state" if out_dir is not None else None
     if resume and state_dir is not None and state_dir.exists():
@@ -449,17 +541,19 @@ def train(
     while trainer.epoch < config.epochs:
         row: dict[str, Any] = trainer.train_epoch(splits["train"], progress)
         view = plain_view(trainer.module)
-        row["val_loss"], row["val_acc"] = evaluate(view, splits["val"])
-        row["test_loss"], row["test_acc"] = (
-            evaluate(view, splits["test"]) if evaluate_test else (None, None)
-        )
+        for name, value in evaluate(view, splits["val"], task).items():
+            row[f"val_{name}"] = value
+        tested = evaluate(view, splits["test"], task) if evaluate_test else {}
+        for name in task.metrics:
+            row[f"test_{name}"] = tested.get(name)
         row["epoch"] = trainer.epoch
         row["seconds"] = elapsed_before + time.perf_counter() - started
         trainer.history.append(row)
         if progress:
+            key = task.primary
             print(
-                f"  epoch {row['epoch']}: train {row['train_acc']:.2f}%  val "
-                f"{row['val_acc']:.2f}%  ({row['seconds']:.0f} s)",
+                f"  epoch {row['epoch']}: train {key} {row[f'train_{key}']:.4g}  val {key} "
+                f"{row[f'val_{key}']:.4g}  ({row['seconds']:.0f} s)",
                 file=sys.stderr,
             )
         if state_dir is not None:
@@ -467,20 +561,24 @@ def train(
             _write_metrics(Path(out_dir) / "metrics.jsonl", trainer.history)
 
     history = trainer.history
-    best = max(history, key=lambda r: (r["val_acc"], -r["epoch"])) if history else {}
+    key = task.primary
+    sign = 1 if task.higher_is_better else -1
+    best = max(history, key=lambda r: (sign * r[f"val_{key}"], -r["epoch"])) if history else {}
     result = {
         "config": config.to_dict(),
+        "task": task.kind,
         "trainable_parameters": trainer.trainable_parameters(),
-        "target_parameters": sum(p.numel() for p in model_factory(config.model)().parameters()),
+        "target_parameters": sum(p.numel() for p in target_factory(config)().parameters()),
         "epochs": len(history),
         "history": history,
-        "test_loss": history[-1]["test_loss"],
-        "test_acc": history[-1]["test_acc"],
-        "train_acc": history[-1]["train_acc"],
-        "val_acc": history[-1]["val_acc"],
-        "best_val_acc": best.get("val_acc"),
+        **{
+            f"{phase}_{name}": history[-1][f"{phase}_{name}"]
+            for phase in ("train", "val", "test")
+            for name in task.metrics
+        },
+        f"best_val_{key}": best.get(f"val_{key}"),
         "best_val_epoch": best.get("epoch"),
-        "best_val_test_acc": best.get("test_acc"),
+        f"best_val_test_{key}": best.get(f"test_{key}"),
         "nonzero_weights": _nonzero_weights(trainer.module),
         "build_seconds": build_seconds,
         "data_seconds": data_seconds,
@@ -541,7 +639,7 @@ ADDED_MAPPING_FIELDS = (
 
 
 # TrainConfig fields added since (the ablation and compression runs); absent means the default.
-ADDED_TRAIN_FIELDS = ("variant", "start_from", "sparsity", "prune_scope", "fake_quant")
+ADDED_TRAIN_FIELDS = ("variant", "start_from", "sparsity", "prune_scope", "fake_quant", "window")
 
 
 def stored_config(saved: dict[str, Any]) -> dict[str, Any]:
