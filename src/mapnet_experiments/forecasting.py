@@ -134,3 +134,42 @@ def example_forecast(
         model.eval()
         predicted = model(windows.inputs[:hours])
     return {"truth": windows.targets[:hours].tolist(), "predicted": predicted.tolist()}
+
+
+FIGURE = Path("docs/results/forecasting-example.png")
+
+
+def run(
+    root: Path = ROOT, data_dir: str | None = None, progress: bool = True, **kwargs: Any
+) -> list[Path]:
+    """Every row and seed not finished yet (resumable, shareable between processes)."""
+    from mapnet_experiments.repro import run_table
+
+    return run_table(rows(), (DATASET,), root, progress=progress, data_dir=data_dir, **kwargs)
+
+
+def figure(
+    root: Path = ROOT, out: Path = FIGURE, data_dir: str | None = None, hours: int = 240
+) -> Path | None:
+    """The first `hours` of the test period: truth, persistence, and seed 0's LSTM and Ours*
+    2048 (None until both runs exist)."""
+    from mapnet_experiments.plots import forecast_example
+    from mapnet_experiments.train import TrainConfig, build, load_model, plain_view
+
+    series = read_single_site(find_series(DATASET, data_dir))
+    windows, scaler = forecasting_splits(series)
+    test = windows["test"]
+    column = series.target
+    lines = {"measured": scaler.inverse(test.targets[:hours].double(), column).tolist()}
+    last = test.inputs[:hours, -1, column].double()
+    lines["persistence"] = scaler.inverse(last, column).tolist()
+    for spec_id, name in (("lstm", "LSTM trained directly"), ("ours-2048", "Ours* 2048")):
+        folder = root / "runs" / run_name(f"{spec_id}-s0", DATASET)
+        if not (folder / "results.json").exists():
+            return None
+        config = TrainConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        module = build(config)
+        load_model(module, folder / "checkpoint")
+        predicted = example_forecast(plain_view(module), test, hours)["predicted"]
+        lines[name] = scaler.inverse(torch.tensor(predicted).double(), column).tolist()
+    return forecast_example(lines, out, f"PM2.5, the first {hours} test hours (seed 0)")

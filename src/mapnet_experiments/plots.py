@@ -130,3 +130,41 @@ def trajectories(
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def forecast_example(lines: dict[str, Sequence[float]], out: Path, title: str) -> Path:
+    """Hourly series over the same hours, one line each (the truth first)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 3.2), dpi=110)
+    for index, (name, values) in enumerate(lines.items()):
+        ax.plot(values, linewidth=1.6 if index == 0 else 0.9, label=name,
+                color="black" if index == 0 else None)  # fmt: skip
+    ax.set_xlabel("hour of the test period")
+    ax.set_ylabel("PM2.5 (µg/m³)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def segmentation_examples(
+    rows: Sequence[tuple[object, object, object]], out: Path, title: str
+) -> Path:
+    """One row per example: image | truth | prediction (uint8 (H, W, 3) or (H, W) arrays)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(rows), 3, figsize=(6, 2 * len(rows)), dpi=110, squeeze=False)
+    for row, images in zip(axes, rows):
+        for ax, image, name in zip(row, images, ("image", "truth", "prediction")):
+            ax.imshow(image, cmap="gray" if getattr(image, "ndim", 3) == 2 else None)
+            ax.set_title(name, fontsize=7)
+            ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
