@@ -52,7 +52,7 @@ def rows() -> list[Row]:
             s.public,
             {"batch_size": 16},
             seed,
-        )  # fmt: skip
+        )
         for seed in SEEDS
         for s in SPECS
     ]
