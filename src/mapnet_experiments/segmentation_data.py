@@ -106,12 +106,15 @@ def compose_scenes(
 def scene_splits(
     mnist: dict[str, tuple[torch.Tensor, torch.Tensor]],
     fashion: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    counts: tuple[int, int, int] = SCENE_COUNTS,
+    counts: tuple[int, int, int] | None = None,
     seed: int = 0,
-    size: int = SCENE_SIZE,
+    size: int | None = None,
 ) -> dict[str, SegmentationSplit]:
     """Train / val / test scenes; `mnist` and `fashion` map "train" and "test" to (images,
-    labels). Train and val scenes use disjoint halves (5/6 and 1/6) of the training images."""
+    labels). Train and val scenes use disjoint halves (5/6 and 1/6) of the training images.
+    counts and size default to SCENE_COUNTS and SCENE_SIZE."""
+    counts = SCENE_COUNTS if counts is None else counts
+    size = SCENE_SIZE if size is None else size
 
     def part(data: tuple[torch.Tensor, torch.Tensor], which: str) -> tuple[torch.Tensor, ...]:
         images, labels = data
