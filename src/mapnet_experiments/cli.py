@@ -68,7 +68,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         allow_abbrev=False,  # unknown --KEYs are settings, never abbreviations of options
         help="train a paper model, plainly or through a latent vector",
         description=(
-            "Train CNN1/CNN2 on MNIST or Fashion-MNIST. In 'mapped' mode only the latent vector "
+            "Train CNN1/CNN2 on MNIST or Fashion-MNIST (or --dataset beijing-pm25 --model lstm: "
+            "forecasting; --dataset scenes --model unet: segmentation). In 'mapped' mode only "
+            "the latent vector "
             "(and the mapping loss's coefficients, when its terms are on) is trained: every "
             "weight of the network is generated from it by a fixed, seeded mapping. A validation "
             "split is carved from the training set for choices; the test set is only reported. "
@@ -166,10 +168,15 @@ def _run_train(args: argparse.Namespace, overrides: list[str]) -> int:
         f"trainable parameters: {result['trainable_parameters']:,} "
         f"(target network: {result['target_parameters']:,}, {ratio:.0f}x fewer)"
     )
-    print(
-        f"test accuracy: {result['test_acc']:.2f}%  (train {result['train_acc']:.2f}%, "
-        f"{result['epochs']} epoch(s), test loss {result['test_loss']:.4f})"
-    )
+    if result.get("task", "classification") == "classification":
+        print(
+            f"test accuracy: {result['test_acc']:.2f}%  (train {result['train_acc']:.2f}%, "
+            f"{result['epochs']} epoch(s), test loss {result['test_loss']:.4f})"
+        )
+    else:
+        metrics = [k.removeprefix("test_") for k in result if k.startswith("test_")]
+        shown = ", ".join(f"{name} {result[f'test_{name}']:.6g}" for name in metrics)
+        print(f"test {shown}  ({result['epochs']} epoch(s))")
     mapping = result["config"]["mapping"]
     what = f"{mapping['projection']} projection" if config.mode == "mapped" else "model"
     data = result.get("data_seconds")
