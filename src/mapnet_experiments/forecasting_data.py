@@ -94,10 +94,12 @@ def _fill_forward(values: torch.Tensor, target: int) -> Series:
     if not seen.any():
         raise ValueError("some column is never observed: nothing to forecast from")
     start = int(seen.nonzero()[0])
-    values, missing = values[start:], missing[start:]
+    # Fill on the whole series, then cut: a column seen before `start` but missing at it takes
+    # its last earlier value.
     hours = torch.arange(len(values))[:, None].expand_as(values)
     last_seen = torch.where(missing, torch.zeros_like(hours), hours).cummax(0).values  # (N, F)
-    return Series(values.gather(0, last_seen), ~missing[:, target], (), target)
+    filled = values.gather(0, last_seen)[start:]
+    return Series(filled, ~missing[start:, target], (), target)
 
 
 def read_single_site(path: str | Path) -> Series:
@@ -191,11 +193,15 @@ def find_series(dataset: str, data_dir: str | None = None, fetch: bool = True) -
     from mapnet_experiments.data import default_cache_dir
 
     explicit = data_dir or os.environ.get("MAPNET_DATA_DIR")
-    roots = [Path(explicit)] if explicit else [default_cache_dir()]
+    roots = [Path(explicit).expanduser()] if explicit else [default_cache_dir()]
     for root in roots:
         for name in (SINGLE_SITE_FILE + ".gz", SINGLE_SITE_FILE):
-            if (root / dataset / name).exists():
-                return root / dataset / name
+            path = root / dataset / name
+            if path.exists():
+                # A cached copy was fetched: check it is still the pinned file (else refetch).
+                pinned = explicit or hashlib.sha256(path.read_bytes()).hexdigest() == SERIES_SHA256
+                if pinned:
+                    return path
     if explicit or not fetch:
         from mapnet_experiments.data import DataUnavailableError
 
@@ -265,6 +271,8 @@ class MinMaxScaler:
     def fit(cls, values: torch.Tensor) -> MinMaxScaler:
         if values.shape[0] == 0:
             raise ValueError("cannot fit a scaler on an empty training period")
+        if not torch.isfinite(values).all():
+            raise ValueError("the training period holds NaN or infinite values: fill gaps first")
         return cls(values.min(0).values, values.max(0).values)
 
     @property
@@ -286,15 +294,18 @@ class Windows:
     targets: torch.Tensor  # (N,) float32, the scaled target one hour after each window
 
 
-def make_windows(series: Series, period: range, scaler: MinMaxScaler, length: int = 24) -> Windows:
+def make_windows(
+    series: Series, period: range, scaler: MinMaxScaler, length: int = 24, name: str = "given"
+) -> Windows:
     """Every window of `length` hours inside `period` whose next hour (also inside `period`)
-    was measured: inputs = hours [t − length, t), target = hour t."""
+    was measured: inputs = hours [t − length, t), target = hour t. `name` says which period in
+    errors."""
     if length <= 0:
         raise ValueError(f"window length must be > 0, got {length}")
     if len(period) <= length:
         raise ValueError(
-            f"a {length}-hour window does not fit a period of {len(period)} hours: use a "
-            "shorter window or a longer series"
+            f"a {length}-hour window does not fit the {name} period of {len(period)} hours: use "
+            "a shorter window or a longer series"
         )
     scaled = scaler.transform(series.values[period.start : period.stop]).float()  # (n, F)
     starts = torch.arange(0, len(period) - length)
@@ -311,7 +322,7 @@ def forecasting_splits(
     periods = chronological_split(len(series.values), fractions)
     scaler = MinMaxScaler.fit(series.values[periods[0].start : periods[0].stop])
     windows = {
-        name: make_windows(series, period, scaler, length)
+        name: make_windows(series, period, scaler, length, name)
         for name, period in zip(("train", "val", "test"), periods)
     }
     return windows, scaler

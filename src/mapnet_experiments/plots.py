@@ -139,7 +139,7 @@ def forecast_example(lines: dict[str, Sequence[float]], out: Path, title: str) -
     for index, (name, values) in enumerate(lines.items()):
         ax.plot(values, linewidth=1.6 if index == 0 else 0.9, label=name,
                 color="black" if index == 0 else None)  # fmt: skip
-    ax.set_xlabel("hour of the test period")
+    ax.set_xlabel("scored test hour (hours whose PM2.5 was not measured are skipped)")
     ax.set_ylabel("PM2.5 (µg/m³)")
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)

@@ -74,7 +74,7 @@ def compose_scenes(
     garments: tuple[torch.Tensor, torch.Tensor],
     count: int,
     seed: int,
-    size: int = 128,
+    size: int = SCENE_SIZE,
 ) -> SegmentationSplit:
     """`count` scenes from (images (N, 28, 28) uint8, labels (N,)) of MNIST and Fashion-MNIST."""
     if size < 56 or size % 8:
@@ -111,7 +111,8 @@ def scene_splits(
     size: int | None = None,
 ) -> dict[str, SegmentationSplit]:
     """Train / val / test scenes; `mnist` and `fashion` map "train" and "test" to (images,
-    labels). Train and val scenes use disjoint halves (5/6 and 1/6) of the training images.
+    labels). Train and val scenes use disjoint parts (the first 5/6 and the last 1/6) of the
+    training images.
     counts and size default to SCENE_COUNTS and SCENE_SIZE."""
     counts = SCENE_COUNTS if counts is None else counts
     size = SCENE_SIZE if size is None else size
@@ -122,9 +123,9 @@ def scene_splits(
         return (images[:cut], labels[:cut]) if which == "train" else (images[cut:], labels[cut:])
 
     out = {}
-    for name, count, split_seed in zip(
-        ("train", "val", "test"), counts, (seed, seed + 1, seed + 2)
-    ):
+    # Each (seed, split) its own scene seed: no run's scenes repeat another run's of any split.
+    split_seeds = (3 * seed, 3 * seed + 1, 3 * seed + 2)
+    for name, count, split_seed in zip(("train", "val", "test"), counts, split_seeds):
         if name == "test":
             digits, garments = mnist["test"], fashion["test"]
         else:

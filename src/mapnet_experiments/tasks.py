@@ -8,6 +8,7 @@ metrics batch by batch; `primary` is the validation metric that picks the best e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from mapnet_experiments.metrics import ConfusionMatrix
-from mapnet_experiments.segmentation_data import IGNORE
+from mapnet_experiments.segmentation_data import IGNORE, check_labels
 
 
 class Meter:
@@ -35,6 +36,7 @@ class Meter:
         """Add a batch. `loss_mean`: the batch's mean loss as already computed (training),
         used instead of recomputing it."""
         kind = self.task.kind
+        self.task.check(outputs, targets)
         if loss_mean is not None:
             count = int((targets != IGNORE).sum()) if kind == "segmentation" else targets.numel()
             self.loss_sum += loss_mean * count
@@ -115,12 +117,33 @@ class Task:
     def meter(self) -> Meter:
         return Meter(self)
 
-    def better(self, a: float, b: float) -> bool:
-        return a > b if self.higher_is_better else a < b
+    def check(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Clear errors for outputs and targets that do not fit the task."""
+        if self.kind == "regression" and outputs.shape != targets.shape:
+            raise ValueError(
+                f"regression outputs {tuple(outputs.shape)} and targets "
+                f"{tuple(targets.shape)} differ in shape (a (B, 1) output needs .squeeze(-1))"
+            )
+        if self.kind == "segmentation":
+            if outputs.shape[-2:] != targets.shape[-2:]:
+                raise ValueError(
+                    f"segmentation outputs {tuple(outputs.shape)} and masks "
+                    f"{tuple(targets.shape)} differ in size"
+                )
+            check_labels(targets, self.num_classes)
+
+    def rank(self, value: float) -> float:
+        """A number to maximise: NaN (a diverged epoch) ranks below every other value."""
+        if math.isnan(value):
+            return -math.inf
+        return value if self.higher_is_better else -value
 
 
 def _segmentation_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(outputs, targets, ignore_index=IGNORE)
+    """Mean cross-entropy over the scored pixels; 0 for a batch with none (not NaN)."""
+    scored = (targets != IGNORE).sum().clamp_min(1)
+    total = nn.functional.cross_entropy(outputs, targets, ignore_index=IGNORE, reduction="sum")
+    return total / scored
 
 
 TASK_KINDS = ("classification", "regression", "segmentation")

@@ -75,8 +75,9 @@ class TrainConfig:
 
     loss: keyword arguments of MappingLoss (e.g. {"stability": true, "coefficients": "fixed"});
         empty = the task loss alone.
-    data_dir: read `dataset` from <data_dir>/<dataset>/ (IDX files) instead of the built-in
-        sources; any name is then allowed (a custom data set is checked for structure only).
+    data_dir: read `dataset` from <data_dir>/<dataset>/ instead of the built-in sources (IDX
+        files; beijing-pm25: its CSV; scenes: the mnist/ and fashion-mnist/ folders); any
+        classification name is then allowed (a custom IDX set is checked for structure only).
     variant: mode "mapped" only: what trains (mapnet_experiments.ablations.VARIANTS; the
         paper's Table 7). "ours" is the method.
     start_from: a finished run folder whose final checkpoint (same model, mode and mapping)
@@ -130,8 +131,13 @@ class TrainConfig:
                 f"dataset {self.dataset!r} is a {task.kind} task: model must be one of "
                 f"{TASK_MODELS[task.kind]}, got {self.model!r}"
             )
-        if self.window <= 0:
-            raise ValueError(f"window must be a positive number of hours, got {self.window}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window <= 0:
+            raise ValueError(f"window must be a positive number of hours, got {self.window!r}")
+        if "task_loss" in self.loss:
+            raise ValueError(
+                "loss.task_loss is set by the dataset's task (cross-entropy, MSE, per-pixel "
+                "cross-entropy); remove it"
+            )
         choices = {
             "mode": MODES,
             "optimizer": OPTIMIZERS,
@@ -195,7 +201,7 @@ class TrainConfig:
 class Split:
     """One split's inputs and targets, in memory. Classification: images (N, C, H, W) float32,
     standardised, and labels (N,) int64; forecasting: windows (N, T, F) and targets (N,);
-    segmentation: images and masks (N, H, W)."""
+    segmentation: images (N, C, H, W) and masks (N, H, W) int64."""
 
     inputs: torch.Tensor
     targets: torch.Tensor
@@ -247,8 +253,8 @@ def _scene_splits(config: TrainConfig) -> dict[str, Split]:
 
 
 def _squeezed(data: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = data
-    return images.reshape(len(images), 28, 28), labels
+    images, labels = data  # (N, 1, H, W) -> (N, H, W)
+    return images[:, 0], labels
 
 
 def _image_splits(config: TrainConfig) -> dict[str, Split]:
@@ -562,8 +568,7 @@ def train(
 
     history = trainer.history
     key = task.primary
-    sign = 1 if task.higher_is_better else -1
-    best = max(history, key=lambda r: (sign * r[f"val_{key}"], -r["epoch"])) if history else {}
+    best = max(history, key=lambda r: (task.rank(r[f"val_{key}"]), -r["epoch"])) if history else {}
     result = {
         "config": config.to_dict(),
         "task": task.kind,
