@@ -195,7 +195,8 @@ _PRUNE_PLAIN = _PRUNE | {"lr": PRUNE_PLAIN_LR}
 _QAT_MAPPED = {"fake_quant": True, "epochs": CONTINUE_EPOCHS, "lr": QAT_MAPPED_LR}
 _QAT_PLAIN = {"fake_quant": True, "epochs": CONTINUE_EPOCHS, "lr": QAT_PLAIN_LR}
 TABLE8 = [
-    Spec("ours-lw-2688", "Ours† 2688", "mapped", LW2688, (99.28, 94.08)),
+    # Table 8's own figures for Ours 2688; the public reproduction's are its Table 1 row.
+    Spec("ours-lw-2688", "Ours† 2688", "mapped", LW2688, (99.28, 94.08), (98.35, 87.38)),
     Spec(
         "cnn2-lrd",
         "CNN2 + LRD (FC1 rank 32, trained directly)",
