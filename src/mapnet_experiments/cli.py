@@ -815,14 +815,13 @@ def _run_paper_tables(args: argparse.Namespace) -> int:
     if args.table == "budget":
         root = args.root or budget.ROOT
         if not args.report:
-            for _ in range(2):  # the second pass adds the small CNNs once their lr is chosen
-                run_table(
-                    [],
-                    root=root,
-                    deadline=deadline,
-                    progress=not args.quiet,
-                    plan=budget.plan(root),
-                )
+            done: list[str] = []
+            while True:  # a later pass adds the small CNNs once their lr is chosen
+                plan = budget.plan(root)
+                if [row.id for row, _ in plan] == done:
+                    break
+                done = [row.id for row, _ in plan]
+                run_table([], root=root, deadline=deadline, progress=not args.quiet, plan=plan)
         print(budget.report(root, args.report_to or budget.REPORT))
         return 0
     root = args.root or ablation_tables.ROOT
