@@ -26,7 +26,7 @@ BUDGETS = (256, 512, 1024, 2048, 4096, 8192)
 SHAPES = ("flat", "growing")
 # The small CNNs' learning rate: every (shape, lr) pair is tried at the 2048 budget and the lr
 # of the best on validation is used for every budget (select rows; ties: the smaller lr).
-SMALL_CNN_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+SMALL_CNN_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 SmallCNNDoc = (
     "three conv3×3 + BatchNorm + ReLU blocks, max-pooling after the first two, global average "
     "pooling, a linear classifier; widths (w, w, w) 'flat' or (w, 2w, 4w) 'growing'"
