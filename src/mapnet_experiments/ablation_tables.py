@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mapnet.compress import PRUNE_SCOPES
-from mapnet_experiments.repro import Row, _cell, draw_curves, run_name
+from mapnet_experiments.repro import Row, _cell, draw_curves, mean_std, run_name
 from mapnet_experiments.train import write_json
 
 ROOT = Path("results/ablations")
@@ -462,19 +462,6 @@ def _inference_times(
 
 
 # ---------------------------------------------------------------- reports
-
-
-def mean_std(values: list[float]) -> str:
-    """ "mean ± std (n)" over seeds; '–' when none finished."""
-    if not values:
-        return "–"
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{mean:.2f} (1 seed)"
-    std = statistics.stdev(values)
-    return f"{mean:.2f} ± {std:.2f}" + (
-        "" if len(values) == len(SEEDS) else f" ({len(values)} seeds)"
-    )
 
 
 def _load(root: Path, run: str) -> dict[str, Any] | None:

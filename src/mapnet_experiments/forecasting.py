@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mapnet_experiments.forecasting_data import find_series, forecasting_splits, read_single_site
-from mapnet_experiments.repro import Row, run_name
+from mapnet_experiments.repro import Row, mean_std, run_name
 
 ROOT = Path("results/forecasting")
 REPORT = Path("docs/results/forecasting.md")
@@ -84,16 +83,6 @@ def report(root: Path = ROOT, out: Path = REPORT, data_dir: str | None = None) -
                 values.append(json.loads(file.read_text())[key])
         return values
 
-    def summary(values: list[float], scale: float = 1.0, digits: int = 6) -> str:
-        if not values:
-            return "–"
-        values = [v * scale for v in values]
-        mean = sum(values) / len(values)
-        spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
-        return f"{mean:.{digits}f}{spread}" + (
-            "" if len(values) == len(SEEDS) else f" ({len(values)} seeds)"
-        )
-
     lines = [
         "# Table 4 reproduced: the LSTM forecaster (Beijing PM2.5)",
         "",
@@ -114,8 +103,9 @@ def report(root: Path = ROOT, out: Path = REPORT, data_dir: str | None = None) -
         lines.append(
             f"| {spec.label} | {f'{int(trainable[0]):,}' if trainable else '–'} | "
             f"{spec.paper[0] if spec.paper[0] is not None else '–'} | "
-            f"{'–' if spec.public[0] is None else spec.public[0]} | {summary(mse)} | "
-            f"{summary(rmse, digits=2)} |"
+            f"{'–' if spec.public[0] is None else spec.public[0]} | "
+            f"{mean_std(mse, 6, len(SEEDS))} | "
+            f"{mean_std(rmse, 2, len(SEEDS))} |"
         )
     lines.append(
         f"| persistence (last hour's value) | 0 | – | – | {naive['test']:.6f} | "

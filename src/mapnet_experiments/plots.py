@@ -43,6 +43,10 @@ def accuracy_vs_budget(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return _save(plt, fig, out)
+
+
+def _save(plt, fig, out: Path) -> Path:  # type: ignore[no-untyped-def]
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
@@ -101,10 +105,7 @@ def training_curves(panels: dict[str, Sequence[Curve]], out: Path, title: str) -
         ax.set_xlabel("epoch", fontsize=7)
     fig.supylabel("accuracy (%)", fontsize=8)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def trajectories(
@@ -126,10 +127,7 @@ def trajectories(
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def forecast_example(lines: dict[str, Sequence[float]], out: Path, title: str) -> Path:
@@ -145,10 +143,7 @@ def forecast_example(lines: dict[str, Sequence[float]], out: Path, title: str) -
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def segmentation_examples(
@@ -164,7 +159,4 @@ def segmentation_examples(
             ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)

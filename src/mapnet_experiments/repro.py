@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -347,6 +348,18 @@ def _run_lock(out: Path) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def mean_std(values: list[float], digits: int = 2, seeds: int = 3) -> str:
+    """ "mean ± std" over seeds (sample std), the count added when it is not `seeds`; '–' when
+    none finished."""
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f} (1 seed)"
+    text = f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return text + ("" if len(values) == seeds else f" ({len(values)} seeds)")
 
 
 def _cell(value: float | None) -> str:
