@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
 	# The pin goes in the same command: peft's dependencies must never replace the CPU torch.
-	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)" -e '.[dev,finetune,plots]'
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)" -e '.[dev,finetune,plots,integrations]'
 	touch $@
 
 run: venv  ## the main job: CNN2 on MNIST through a 2048-number latent, one epoch
