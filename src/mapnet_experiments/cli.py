@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from mapnet.config import MappingConfig
+from mapnet_experiments import distributed, export_cli
 from mapnet_experiments.data import DATASETS, DataUnavailableError, fetch
 from mapnet_experiments.train import TrainConfig, train
 
@@ -92,6 +94,17 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         help="plain orthonormal mapping, no θ₀ base or gains, z ~ N(0, 1)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--nproc",
+        type=_positive_int,
+        default=1,
+        help=(
+            "train with N processes on this machine (DistributedDataParallel over gloo; NCCL "
+            "on GPUs): each trains on its own 1/N of every batch of --batch-size, and only the "
+            "latent's gradient is exchanged. Same as torchrun --nproc-per-node N -m "
+            "mapnet_experiments.cli train …"
+        ),
+    )
     p.set_defaults(run=_run_train)
 
 
@@ -149,20 +162,73 @@ def make_train_config(args: argparse.Namespace, overrides: list[str]) -> TrainCo
     return TrainConfig.from_dict({**settings, "mapping": mapping})
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            kept.append(token)
+    return kept
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What an interrupted `mapnet train` left behind, read when it stopped."""
+    if args.out is None:
+        return "Nothing was saved (no --out)."
+    from mapnet_experiments.train import saved_epoch
+
+    epoch = saved_epoch(args.out)
+    if epoch is None:
+        return f"No epoch had finished, so {args.out} holds nothing to resume from."
+    return (
+        f"The checkpoint after epoch {epoch} in {args.out}/state is intact: run the same "
+        "command with --resume to continue."
+    )
+
+
 def _run_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    config = make_train_config(args, overrides)
+    config = make_train_config(args, overrides)  # a bad setting fails here, before any launch
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if args.nproc > 1 and launched:
+        raise ValueError("--nproc starts the processes itself; under torchrun leave it out")
+    if args.nproc > 1:
+        argv = _without_nproc(args.argv)
+        return distributed.launch(argv, args.nproc, lambda: _resume_hint(args))
+    ranks = distributed.Ranks.from_environment()
+    try:
+        return _train_and_report(args, config, ranks)
+    except distributed.RankLostError as error:
+        print(f"mapnet: error: {error}. {_resume_hint(args)}", file=sys.stderr)
+        return 1
+    finally:
+        ranks.close()
+
+
+def _train_and_report(
+    args: argparse.Namespace, config: TrainConfig, ranks: distributed.Ranks
+) -> int:
+    say = ranks.is_main  # the other ranks train silently
     mapping = config.mapping
     described = (
         f", strategy={mapping.strategy}, latent={mapping.latent_dim}, "
         f"projection={mapping.projection}"
     )
-    print(
-        f"mapnet train: {config.model} on {config.dataset}, mode={config.mode}"
-        + (described if config.mode == "mapped" else ""),
-        flush=True,
-    )
+    if say:
+        print(
+            f"mapnet train: {config.model} on {config.dataset}, mode={config.mode}"
+            + (described if config.mode == "mapped" else "")
+            + (f", {ranks.world_size} processes" if ranks.distributed else ""),
+            flush=True,
+        )
     finished = args.resume and args.out is not None and (args.out / "results.json").exists()
-    result = train(config, progress=not args.quiet, out_dir=args.out, resume=args.resume)
+    result = train(
+        config, progress=not args.quiet, out_dir=args.out, resume=args.resume, ranks=ranks
+    )
+    if not say:
+        return 0
     ratio = result["target_parameters"] / result["trainable_parameters"]
     print(
         f"trainable parameters: {result['trainable_parameters']:,} "
@@ -186,6 +252,11 @@ def _run_train(args: argparse.Namespace, overrides: list[str]) -> int:
         + (f"; data: {data:.1f} s" if data is not None else "")
         + f"; {result['threads']} threads)"
     )
+    if result.get("processes"):
+        print(
+            f"processes: {result['processes']}, all-reducing "
+            f"{result['allreduce_bytes_per_step']:,} bytes per step"
+        )
     if args.out is not None:
         done = "kept the finished run's" if finished else "wrote"
         print(f"{done} {args.out}/results.json, metrics.jsonl and checkpoint/")
@@ -878,7 +949,10 @@ def main(argv: list[str] | None = None) -> int:
     _data_parser(sub)
     _bench_parser(sub)
     _repro_parser(sub)
+    export_cli.add_parser(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv
     try:
         if args.run is _run_train:
             return _run_train(args, extra)

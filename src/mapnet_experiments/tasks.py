@@ -11,12 +11,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from mapnet_experiments.metrics import ConfusionMatrix
 from mapnet_experiments.segmentation_data import IGNORE, check_labels
+
+if TYPE_CHECKING:
+    from mapnet_experiments.distributed import Ranks
 
 
 class Meter:
@@ -38,7 +42,7 @@ class Meter:
         kind = self.task.kind
         self.task.check(outputs, targets)
         if loss_mean is not None:
-            count = int((targets != IGNORE).sum()) if kind == "segmentation" else targets.numel()
+            count = self.task.scored(targets)
             self.loss_sum += loss_mean * count
             self.count += count
             if kind == "classification":
@@ -61,6 +65,16 @@ class Meter:
             self.loss_sum += loss.item()
             self.count += scored
             self.confusion.update(outputs.argmax(1), targets)  # type: ignore[union-attr]
+
+    def sum_over(self, ranks: Ranks) -> None:
+        """Add up the meters of every rank (each saw its own part of the batches)."""
+        if not ranks.distributed:
+            return
+        sums = torch.tensor([self.loss_sum, self.count, self.correct], dtype=torch.float64)
+        ranks.sum_(sums)
+        self.loss_sum, self.count, self.correct = sums[0].item(), int(sums[1]), int(sums[2])
+        if self.confusion is not None:
+            ranks.sum_(self.confusion.counts)
 
     def result(self) -> dict[str, float]:
         if self.count == 0:
@@ -113,6 +127,13 @@ class Task:
         if self.kind == "regression":
             return nn.functional.mse_loss
         return _segmentation_loss
+
+    def scored(self, targets: torch.Tensor) -> int:
+        """How many numbers a batch's mean loss averages over: samples, target values, or
+        pixels that are not IGNORE."""
+        if self.kind == "segmentation":
+            return int((targets != IGNORE).sum())
+        return targets.numel()
 
     def meter(self) -> Meter:
         return Meter(self)

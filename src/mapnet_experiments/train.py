@@ -44,6 +44,7 @@ from mapnet.compress import PRUNE_SCOPES, CompressedWeights, check_sparsity
 from mapnet.loss import MappingLoss
 from mapnet_experiments.ablations import build_variant, check_variant
 from mapnet_experiments.data import DATASETS, load_idx_dataset, train_val_split
+from mapnet_experiments.distributed import Ranks, Traffic
 from mapnet_experiments.forecasting_data import (
     SINGLE_SITE_NUMERIC,
     SINGLE_SITE_WIND,
@@ -332,15 +333,28 @@ def plain_view(module: nn.Module) -> nn.Module:
 class Trainer:
     """Model, loss, optimiser and batch order of one run, with exact save/restore."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, ranks: Ranks | None = None):
         self.config = config
+        self.ranks = ranks or Ranks()
         self.task = task_of(config.dataset)
         started = time.perf_counter()
         self.module = build(config)
         self.build_seconds = time.perf_counter() - started  # the model and its mapping alone
         self.loss_fn = None
+        self.traffic = Traffic()
+        self.forward_module = self.module  # what the training forward runs through
+        if self.ranks.distributed:
+            if config.loss:
+                raise ValueError(
+                    f"the mapping loss terms {sorted(config.loss)} are not supported across "
+                    "processes (their extra forwards and coefficients are not synchronised); "
+                    "train them with one process"
+                )
+            self.forward_module = self.ranks.wrap(self.module, self.traffic)
         if isinstance(self.module, MappedModule):
             # The recipe's loss is the task loss alone unless config.loss switches terms on.
+            # Across processes it only carries its state, so a run's checkpoints are the same
+            # for any number of processes and resume on any.
             terms = {"stability": False, "smoothness": False, "alignment": False}
             self.loss_fn = MappingLoss(self.module, self.task.loss, **(terms | config.loss))
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -378,7 +392,7 @@ class Trainer:
         steps_per_epoch = math.ceil(len(order) / config.batch_size)
         bar = tqdm(
             range(steps_per_epoch),
-            disable=not progress,
+            disable=not (progress and self.ranks.is_main),
             leave=False,
             desc=f"epoch {self.epoch + 1}/{config.epochs}",
         )
@@ -386,30 +400,46 @@ class Trainer:
         seen = 0
         terms: dict[str, float] = {}
         for step in bar:
-            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+            if len(batch) < self.ranks.world_size:  # a last batch too small to share out
+                break
+            idx = self.ranks.shard(batch)
             x, y = split.inputs[idx], split.targets[idx]
             lr = self.lr_at(self.epoch * steps_per_epoch + step, config.epochs * steps_per_epoch)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            if self.loss_fn is not None:
+            if self.loss_fn is not None and not self.ranks.distributed:
                 out = self.loss_fn(x, y)
                 loss, logits = out.total, out.outputs
                 for key, value in out.values.items():
                     terms[key] = terms.get(key, 0.0) + value * len(y)
                 task = out.values.get("task", loss.item())
             else:
-                logits = self.module(x)
+                logits = self.forward_module(x)
                 loss = self.task.loss(logits, y)
                 task = loss.item()
+                if self.ranks.distributed:
+                    # DDP averages over ranks: weighting each rank's mean by its share of the
+                    # batch makes that average the gradient of the whole batch's mean.
+                    share = self.task.scored(y) / self.task.scored(split.targets[batch])
+                    loss = loss * (share * self.ranks.world_size)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            try:
+                loss.backward()
+            except RuntimeError as error:
+                if self.ranks.distributed:
+                    raise self.ranks.lost(error) from None
+                raise
             self.optimizer.step()
+            if self.ranks.distributed:
+                self.traffic.step_done()
             if on_step is not None:
                 on_step()
             meter.update(logits.detach(), y, loss_mean=task)  # the training-mode loss
             seen += len(y)
             bar.set_postfix({k: f"{v:.4f}" for k, v in meter.result().items()})
         self.epoch += 1
+        meter.sum_over(self.ranks)
         row = {f"train_{k}": v for k, v in meter.result().items()} | {"lr": lr}
         row.update({f"loss_{k}": v / seen for k, v in terms.items() if k != "task"})
         return row
@@ -521,48 +551,55 @@ def train(
     out_dir: Path | None = None,
     resume: bool = False,
     evaluate_test: bool = True,
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
     """Train per `config`; returns its figures. With `out_dir`, every epoch is checkpointed and
     `resume=True` continues from the last finished one, to the same result as an uninterrupted
     run. The test split is evaluated after each epoch for the record; choices use validation.
     `evaluate_test=False` (runs that exist to make a choice) never touches the test split: its
-    figures are None."""
+    figures are None. `ranks`: one process of a multi-process run (mapnet_experiments.
+    distributed); rank 0 evaluates and writes, every rank returns the same figures."""
     started = time.perf_counter()
+    ranks = ranks or Ranks()
     if out_dir is not None:
-        _prepare_run_dir(Path(out_dir), config, resume)
-        finished = _finished_result(Path(out_dir))
+        if ranks.is_main:
+            _prepare_run_dir(Path(out_dir), config, resume)
+        ranks.barrier()
+        finished = _finished_result(Path(out_dir), main=ranks.is_main)
         if finished is not None:
             return finished
     splits = splits or load_splits(config)
     data_seconds = time.perf_counter() - started
-    trainer = Trainer(config)
+    trainer = Trainer(config, ranks)
     task = trainer.task
     build_seconds = trainer.build_seconds
     state_dir = Path(out_dir) / "state" if out_dir is not None else None
     if resume and state_dir is not None and state_dir.exists():
         trainer.restore_state(state_dir)
-        if progress:
+        if progress and ranks.is_main:
             print(f"resuming after epoch {trainer.epoch} of {config.epochs}", file=sys.stderr)
     elapsed_before = trainer.history[-1]["seconds"] if trainer.history else 0.0
     while trainer.epoch < config.epochs:
         row: dict[str, Any] = trainer.train_epoch(splits["train"], progress)
-        view = plain_view(trainer.module)
-        for name, value in evaluate(view, splits["val"], task).items():
-            row[f"val_{name}"] = value
-        tested = evaluate(view, splits["test"], task) if evaluate_test else {}
-        for name in task.metrics:
-            row[f"test_{name}"] = tested.get(name)
-        row["epoch"] = trainer.epoch
-        row["seconds"] = elapsed_before + time.perf_counter() - started
+        if ranks.is_main:
+            view = plain_view(trainer.module)
+            for name, value in evaluate(view, splits["val"], task).items():
+                row[f"val_{name}"] = value
+            tested = evaluate(view, splits["test"], task) if evaluate_test else {}
+            for name in task.metrics:
+                row[f"test_{name}"] = tested.get(name)
+            row["epoch"] = trainer.epoch
+            row["seconds"] = elapsed_before + time.perf_counter() - started
+        row = ranks.from_main(row)
         trainer.history.append(row)
-        if progress:
+        if progress and ranks.is_main:
             key = task.primary
             print(
                 f"  epoch {row['epoch']}: train {key} {row[f'train_{key}']:.4g}  val {key} "
                 f"{row[f'val_{key}']:.4g}  ({row['seconds']:.0f} s)",
                 file=sys.stderr,
             )
-        if state_dir is not None:
+        if state_dir is not None and ranks.is_main:
             trainer.save_state(state_dir)
             _write_metrics(Path(out_dir) / "metrics.jsonl", trainer.history)
 
@@ -591,10 +628,15 @@ def train(
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "threads": torch.get_num_threads(),
     }
-    if out_dir is not None:
+    if ranks.distributed:
+        per_step = trainer.traffic.per_step
+        result["processes"] = ranks.world_size
+        result["allreduce_bytes_per_step"] = max(per_step) if per_step else None
+    if out_dir is not None and ranks.is_main:
         save_model(trainer.module, Path(out_dir) / "checkpoint")
         write_json(Path(out_dir) / "results.json", result)
         _remove_state(Path(out_dir))  # only after results.json: a crash before it can resume
+    ranks.barrier()  # every rank ends once the results are on disk
     return result
 
 
@@ -604,9 +646,9 @@ def _nonzero_weights(module: nn.Module) -> int:
         return sum(int(p.count_nonzero()) for p in plain_view(module).parameters())
 
 
-def _finished_result(out: Path) -> dict[str, Any] | None:
+def _finished_result(out: Path, main: bool = True) -> dict[str, Any] | None:
     """The stored result of a finished run in `out` (None if unfinished); any resume state left
-    by a crash after results.json was written is removed."""
+    by a crash after results.json was written is removed (by rank 0 of several)."""
     results_file = out / "results.json"
     if not results_file.exists():
         return None
@@ -616,12 +658,23 @@ def _finished_result(out: Path) -> dict[str, Any] | None:
         raise ValueError(
             f"{results_file}: unreadable ({error}); remove it to redo the run"
         ) from None
-    _remove_state(out)
-    print(
-        f"mapnet: {out} holds a finished run; nothing to resume, returning its results.json",
-        file=sys.stderr,
-    )
+    if main:
+        _remove_state(out)
+        print(
+            f"mapnet: {out} holds a finished run; nothing to resume, returning its results.json",
+            file=sys.stderr,
+        )
     return result
+
+
+def saved_epoch(out: Path) -> int | None:
+    """The last epoch an unfinished run in `out` saved (None if none)."""
+    for name in ("state", "state.old"):  # state.old: interrupted between a swap's renames
+        try:
+            return int(json.loads((out / name / "trainer.json").read_text())["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def _remove_state(out: Path) -> None:

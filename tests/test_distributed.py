@@ -1,0 +1,176 @@
+"""`mapnet train --nproc N` and torchrun: DDP over gloo through the one training loop.
+
+Checked: two processes reach the one-process latent at the same global batch (float rounding
+only) and all-reduce exactly d float32s per step; torchrun gives the same run as --nproc;
+killing one rank ends the job with a message naming it, leaves the last checkpoint loadable,
+and --resume finishes the run; the shard, loss-weighting and error paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mapnet.config import MappingConfig
+from mapnet_experiments.cli import _without_nproc, main
+from mapnet_experiments.distributed import Ranks, _exit_text
+from mapnet_experiments.tasks import Task
+from mapnet_experiments.train import TrainConfig, Trainer, saved_epoch
+from test_train_cli import write_tiny_dataset
+
+pytestmark = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torch.distributed with the gloo backend",
+)
+# Adam turns last-bit differences (DDP's average of two half-batch gradients against one
+# full-batch gradient) into ~1e-6 after 8 steps; a wrong shard or weighting moves it by ~1e-2.
+ATOL = 1e-5
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_args(data: Path, out: Path, epochs: int = 1, batch: int = 100) -> list[str]:
+    return [
+        "train", "--data-dir", str(data), "--dataset", "tiny", "--epochs", str(epochs),
+        "--val-size", "200", "--batch-size", str(batch), "--latent-dim", "64", "--quiet",
+        "--out", str(out),
+    ]  # fmt: skip
+
+
+def mapnet(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "mapnet_experiments.cli", *args]
+    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def latent(out: Path) -> torch.Tensor:
+    return load_file(str(out / "checkpoint" / "tensors.safetensors"))["latents.0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_dataset(tmp_path_factory.mktemp("data"))  # 800 train: 8 steps of 100
+
+
+def test_two_processes_reach_the_one_process_latent_and_send_only_the_latent(
+    data: Path, tmp_path: Path
+) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(run_args(data, one)) == 0
+    done = mapnet(*run_args(data, two), "--nproc", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 processes" in done.stdout and "all-reducing 256 bytes per step" in done.stdout
+    deviation = (latent(one) - latent(two)).abs().max().item()
+    assert latent(one).abs().max().item() > 0  # it trained
+    assert deviation <= ATOL, f"2 ranks vs 1 process at global batch 100: {deviation:.2e}"
+    result = json.loads((two / "results.json").read_text())
+    assert result["processes"] == 2
+    assert result["allreduce_bytes_per_step"] == 64 * 4  # the latent's float32 gradient only
+    single = json.loads((one / "results.json").read_text())
+    # Rank 0 reports the whole epoch: the meters of both ranks are summed.
+    assert result["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)
+    assert result["train_acc"] == pytest.approx(single["train_acc"], abs=0.2)
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+def test_torchrun_runs_the_same_job_as_nproc(data: Path, tmp_path: Path) -> None:
+    nproc, torchrun = tmp_path / "nproc", tmp_path / "torchrun"
+    assert mapnet(*run_args(data, nproc), "--nproc", "2").returncode == 0
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "mapnet_experiments.cli", *run_args(data, torchrun),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert torch.equal(latent(nproc), latent(torchrun))
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        children += [int(child) for child in text]
+    return children
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the ranks through /proc")
+def test_killing_a_rank_stops_the_job_clearly_and_resume_finishes_it(tmp_path: Path) -> None:
+    data = write_tiny_dataset(tmp_path / "data", train=2000)  # 18 steps of 100 per epoch
+    out = tmp_path / "run"
+    args = [*run_args(data, out, epochs=3), "--nproc", "2"]
+    command = [sys.executable, "-m", "mapnet_experiments.cli", *args]
+    launcher = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists():  # rank 0 has saved epoch 1
+        assert launcher.poll() is None and time.monotonic() < deadline, "no epoch finished"
+        time.sleep(0.05)
+    ranks = _children(launcher.pid)
+    assert len(ranks) == 2
+    os.kill(ranks[1], signal.SIGKILL)  # the children start in rank order
+    _, stderr = launcher.communicate(timeout=60)
+    message = stderr.decode()
+    assert launcher.returncode == 1
+    assert "rank 1 of 2 was killed by SIGKILL" in message
+    assert "rank 0 of 2 lost the other ranks" in message  # not a gloo traceback
+    assert "Traceback" not in message
+    epoch = saved_epoch(out)
+    assert epoch in (1, 2), message
+    assert f"checkpoint after epoch {epoch}" in message and "--resume" in message
+    assert not (out / "results.json").exists()
+
+    config = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+    trainer = Trainer(config)
+    trainer.restore_state(out / "state")  # intact: loads
+    assert trainer.epoch == epoch and len(trainer.history) == epoch
+
+    resumed = mapnet(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    result = json.loads((out / "results.json").read_text())
+    assert [row["epoch"] for row in result["history"]] == [1, 2, 3]
+    assert result["history"][:epoch] == trainer.history
+    assert not (out / "state").exists()
+
+
+def test_shards_split_every_batch_without_overlap() -> None:
+    batch = torch.arange(10)
+    assert torch.equal(Ranks().shard(batch), batch)
+    parts = [Ranks(rank, 3).shard(batch) for rank in range(3)]
+    assert torch.equal(torch.cat(parts), batch)
+    assert [len(p) for p in parts] == [4, 3, 3]
+
+
+def test_scored_counts_what_the_batch_mean_averages_over() -> None:
+    assert Task("classification").scored(torch.tensor([1, 2, 3])) == 3
+    masks = torch.tensor([[[0, 255], [3, 255]]])
+    assert Task("segmentation", num_classes=4).scored(masks) == 2
+
+
+def test_mapping_loss_terms_are_refused_across_processes() -> None:
+    config = TrainConfig(mapping=MappingConfig(latent_dim=8), loss={"stability": True})
+    with pytest.raises(ValueError, match="not supported across processes"):
+        Trainer(config, Ranks(0, 2))
+
+
+def test_nproc_under_torchrun_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--nproc", "2"]) == 2
+    assert "under torchrun leave it out" in capsys.readouterr().err
+
+
+def test_launcher_helpers() -> None:
+    assert _without_nproc(["train", "--nproc", "2", "--epochs", "3", "--nproc=4"]) == [
+        "train",
+        "--epochs",
+        "3",
+    ]
+    assert _exit_text(-9) == "was killed by SIGKILL"
+    assert _exit_text(3) == "exited with code 3"
