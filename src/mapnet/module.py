@@ -57,7 +57,9 @@ def _base_dtype(specs: Sequence[ParamSpec]) -> torch.dtype:
 
 class _ForwardWithTargetSignature:
     """`mapped.forward`: the mapped forward, carrying the target's signature, so tools that read
-    `inspect.signature(model.forward)` (HF Trainer's column filter) see the target's inputs."""
+    `inspect.signature(model.forward)` (HF Trainer's column filter) see the target's inputs.
+    Only on the instance: HF Trainer finds label names on the class (`type(model).forward`),
+    so it needs them given, `TrainingArguments(label_names=["labels"])`."""
 
     def __get__(self, instance: MappedModule | None, owner: type) -> Callable[..., Any]:
         if instance is None:
@@ -635,16 +637,31 @@ def _frozen_aliases(module: MappedModule) -> list[str]:
     return [f"target.{alias}" for s in module.selection.frozen for alias in s.names]
 
 
+def _tied_aliases(module: MappedModule) -> dict[str, str]:
+    """State keys of the second and later names of each tied parameter the target keeps (trained
+    directly or frozen), each to the key of its first name."""
+    sel = module.selection
+    return {
+        f"target.{alias}": f"target.{spec.name}"
+        for spec in sel.direct + sel.frozen
+        for alias in spec.names[1:]
+    }
+
+
 def _finish_state(
     module: MappedModule, state: dict[str, Any], prefix: str, local_metadata: Any
 ) -> None:
     """state_dict post-hook. A fine-tune state holds neither the frozen pretrained weights nor
     the buffers still at their pretrained values (the identity's digests stand for them);
-    stored bases are added."""
+    stored bases are added. A tied parameter appears once, under its first name: safetensors
+    refuses tensors that share storage, and tools write `state_dict()` to it as it is (HF
+    Trainer's save of a model that is not a PreTrainedModel); loading fills the other names."""
     for key in _frozen_aliases(module):
         state.pop(prefix + key, None)
     if module.__dict__.get("_expected_only"):  # validation: every buffer, no stored bases
         return
+    for key in _tied_aliases(module):
+        state.pop(prefix + key, None)
     for name, pretrained in module._pretrained_buffers.items():
         key = prefix + "target." + name
         value = state.get(key)
@@ -689,6 +706,9 @@ def _check_and_take_state(
     if "buffers" in saved:  # a fine-tune state omitted the buffers still pretrained: restore
         for name, pretrained in module._pretrained_buffers.items():
             state.setdefault(prefix + "target." + name, pretrained)
+    for alias, name in _tied_aliases(module).items():  # a state holds a tied tensor once
+        if prefix + name in state:
+            state.setdefault(prefix + alias, state[prefix + name])
     expected = module._expected_state()
     given = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     problems = []

@@ -73,8 +73,8 @@ def save(
     for key, value in mapped.state_dict().items():
         value = value.detach().contiguous().cpu()
         storage = value.untyped_storage().data_ptr()
-        # safetensors refuses shared storage: a tied frozen or directly trained parameter
-        # appears under each of its names; each gets its own copy (load copies into both).
+        # safetensors refuses shared storage. A tied parameter appears once in the state, but
+        # buffers may still view one another: each further tensor on a storage gets a copy.
         tensors[key] = value.clone() if storage in storages else value
         storages.add(storage)
     blob = save_safetensors(tensors)
