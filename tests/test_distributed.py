@@ -174,3 +174,26 @@ def test_launcher_helpers() -> None:
     ]
     assert _exit_text(-9) == "was killed by SIGKILL"
     assert _exit_text(3) == "exited with code 3"
+
+
+def test_comm_bench_counts_the_latent_against_every_weight() -> None:
+    from mapnet_experiments import comm_bench
+
+    mapped = comm_bench.measure("mapped", 2, warmup=0, steps=1)
+    assert mapped["allreduce_bytes_per_step"] == comm_bench.LATENT_DIM * 4
+    assert mapped["trainable_parameters"] == comm_bench.LATENT_DIM
+    runs = [
+        mapped | {"processes": 2},
+        mapped | {"processes": 1, "allreduce_bytes_per_step": 0, "step_ms": 10.0},
+        {"variant": "plain", "processes": 2, "trainable_parameters": 108_618,
+         "allreduce_bytes_per_step": 434_472, "step_ms": 4.0},
+        {"variant": "plain", "processes": 1, "trainable_parameters": 108_618,
+         "allreduce_bytes_per_step": 0, "step_ms": 6.0},
+    ]  # fmt: skip
+    rows = {row["variant"]: row for row in comm_bench.summarise(runs)}
+    assert rows["plain"]["allreduce_bytes_per_step"] == 434_472  # the 2-rank figure
+    assert rows["plain"]["step_ms"] == {"1": 6.0, "2": 4.0}
+    data = {"rows": list(rows.values()), "command": "c", "date": "d", "batch": 128, "steps": 1}
+    text = "\n".join(comm_bench.report_section(data))
+    assert "| plain | 108,618 | 434,472 B | 6.0 ms | 4.0 ms |" in text
+    assert "53× fewer bytes" in text

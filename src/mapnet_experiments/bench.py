@@ -15,6 +15,8 @@ rounds of alternating order.
                    peak RSS (`memory_bench`, `measure_training_memory`, `measure_wrap_memory`)
     inference      eval-mode forward under torch.no_grad(), plain vs mapped, the mapped model
                    reusing its generated weights (`inference_bench`, `measure_inference`)
+    communication  bytes all-reduced per step and step time over 2 gloo processes, plain vs
+                   mapped CNN2 (comm_bench.py)
     report         docs/results/bench.md from results/bench/*.json, with the v0.2 targets
                    judged from the measurements (`write_report`, `release_targets`)
 """
@@ -45,6 +47,7 @@ from torch.func import functional_call
 import mapnet
 from mapnet import MappedModule, MappingConfig, wrap
 from mapnet.loss import MappingLoss
+from mapnet_experiments import comm_bench
 from mapnet_experiments.models import CNN1, CNN2, MODELS, ResNet50
 from mapnet_experiments.train import write_json
 
@@ -1949,12 +1952,12 @@ def _load_results(results: Path) -> dict[str, list[dict[str, Any]]]:
         found[kind] = real or runs
     found["step"].sort(key=lambda d: (Path(d["file"]).name != "step.json", d["date"]))
     found["construction"].sort(key=lambda d: d.get("date", ""))
-    for kind in ("memory", "inference"):
+    for kind in ("memory", "inference", "communication"):
         found[kind].sort(key=lambda d: d.get("date", ""), reverse=True)
     return found
 
 
-REPORT_KINDS = ("step", "construction", "memory", "inference")
+REPORT_KINDS = ("step", "construction", "memory", "inference", "communication")
 
 
 def _machine_line(data: dict[str, Any]) -> str:
@@ -2491,6 +2494,7 @@ def write_report(results: Path, out: Path) -> Path:
         ),
         *(line for run in found["memory"] for line in _memory_section(run)),
         *(line for run in found["inference"] for line in _inference_section(run)),
+        *(line for run in found["communication"][:1] for line in comm_bench.report_section(run)),
         *(line for run in found["construction"] for line in _construction_section(run)),
     ]
     out.parent.mkdir(parents=True, exist_ok=True)

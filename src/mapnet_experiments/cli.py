@@ -494,6 +494,24 @@ examples:
     )
 
     q = whats.add_parser(
+        "comm",
+        help="bytes all-reduced per step over 2 processes, plain vs mapped CNN2",
+        formatter_class=raw,
+        description="""\
+Multi-process training's exchange: CNN2 plain (108,618 weights) and mapped (d = 2048,
+structured projection) each train a few Adam steps on a fixed synthetic batch of 128, in fresh
+processes started as `mapnet train --nproc N` starts them: 1 process, then 2 gloo ranks with 64
+samples each. A DDP communication hook counts the bytes of every gradient all-reduce; rank 0's
+median step time is recorded (1 torch thread per process). 3 rounds in alternating order.""",
+        epilog="""\
+examples:
+  mapnet bench comm --smoke                     # seconds: 2 steps, one round
+  mapnet bench comm                             # ~1 min
+  mapnet bench report                           # adds the table to docs/results/bench.md""",
+    )
+    _add_report_options(q, "results/bench/comm.json")
+
+    q = whats.add_parser(
         "construction",
         help="time and memory of building a mapping (dense and structured W)",
         description=(
@@ -575,6 +593,16 @@ def _run_bench(args: argparse.Namespace) -> int:
     out = args.out or Path(f"results/bench/{what}{suffix}.json")
     if args.report:
         bench.write_report(out.parent, args.report_out)
+        return 0
+    if what == "comm":
+        from mapnet_experiments import comm_bench
+
+        command = (
+            "mapnet bench comm"
+            + (" --smoke" if args.smoke else "")
+            + (f" --out {out}" if args.out else "")
+        )
+        comm_bench.communication_bench(out, command, smoke=args.smoke)
         return 0
     threads = args.threads if isinstance(args.threads, list) else [args.threads]
     _positive(latent_dim=args.latent_dim, batch_size=args.batch_size)

@@ -170,11 +170,17 @@ def _exit_text(code: int) -> str:
     return f"exited with code {code}"
 
 
-def launch(argv: list[str], nproc: int, resume_hint: Callable[[], str] | None = None) -> int:
-    """Run `mapnet <argv>` as `nproc` ranks on this machine (what torchrun does, without its
-    agent): each child gets RANK, WORLD_SIZE, MASTER_ADDR/PORT, and its share of the CPU
-    threads unless OMP_NUM_THREADS is set. Returns 0 when every rank finished; otherwise stops
-    the remaining ranks, says which failed, and returns 1."""
+def launch(
+    argv: list[str],
+    nproc: int,
+    resume_hint: Callable[[], str] | None = None,
+    module: str = "mapnet_experiments.cli",
+) -> int:
+    """Run `python -m <module> <argv>` (by default `mapnet <argv>`) as `nproc` ranks on this
+    machine (what torchrun does, without its agent): each child gets RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT, and its share of the CPU threads unless OMP_NUM_THREADS is set. Returns 0
+    when every rank finished; otherwise stops the remaining ranks, says which failed (and
+    `resume_hint()`), and returns 1."""
     if nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {nproc}")
     port = str(free_port())
@@ -190,7 +196,7 @@ def launch(argv: list[str], nproc: int, resume_hint: Callable[[], str] | None = 
             "MASTER_PORT": port,
             "OMP_NUM_THREADS": threads,
         }
-        command = [sys.executable, "-m", "mapnet_experiments.cli", *argv]
+        command = [sys.executable, "-m", module, *argv]
         procs.append(subprocess.Popen(command, env=env))
     try:
         while True:
