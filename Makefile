@@ -20,12 +20,12 @@ run: venv  ## the main job: CNN2 on MNIST through a 2048-number latent, one epoc
 	$(VENV)/bin/mapnet train
 
 test: venv  ## lint, then the test suite
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests docs/examples
 	$(PY) -m pytest -q
 
 lint: venv
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests docs/examples
+	$(VENV)/bin/ruff format --check src tests docs/examples
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

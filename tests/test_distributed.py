@@ -197,3 +197,19 @@ def test_comm_bench_counts_the_latent_against_every_weight() -> None:
     text = "\n".join(comm_bench.report_section(data))
     assert "| plain | 108,618 | 434,472 B | 6.0 ms | 4.0 ms |" in text
     assert "53× fewer bytes" in text
+
+
+def test_the_torchrun_example_trains_and_sends_only_the_latent(tmp_path: Path) -> None:
+    example = Path(__file__).parents[1] / "docs" / "examples" / "ddp_torchrun.py"
+    assert len(example.read_text().splitlines()) <= 30
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(example),
+    ]  # fmt: skip
+    env = ENV | {"OUT": str(tmp_path / "run")}
+    done = subprocess.run(
+        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 ranks" in done.stdout and "all-reduced 128 bytes per step" in done.stdout  # 32 × 4
+    assert (tmp_path / "run" / "tensors.safetensors").is_file()

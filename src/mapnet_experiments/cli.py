@@ -99,8 +99,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         type=_positive_int,
         default=1,
         help=(
-            "train with N processes on this machine (DistributedDataParallel over gloo; NCCL "
-            "on GPUs): each trains on its own 1/N of every batch of --batch-size, and only the "
+            "train with N processes on this machine (DistributedDataParallel over gloo, on "
+            "the CPU): each trains on its own 1/N of every batch of --batch-size, and only the "
             "latent's gradient is exchanged. Same as torchrun --nproc-per-node N -m "
             "mapnet_experiments.cli train …"
         ),

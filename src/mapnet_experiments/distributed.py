@@ -1,6 +1,7 @@
 """Multi-process training: `mapnet train --nproc N`, or `torchrun --nproc-per-node N -m
-mapnet_experiments.cli train …`, with DistributedDataParallel over gloo on CPU (NCCL where
-GPUs exist).
+mapnet_experiments.cli train …`, with DistributedDataParallel over gloo: the recipe trains on
+the CPU. A training loop of one's own on GPUs uses NCCL the same way
+(docs/examples/ddp_torchrun.py picks it when CUDA is there).
 
 A mapped model trains only its latent, so each step all-reduces d floats (CNN2 at d = 2048:
 8 KiB) instead of P (108,618: 424 KiB); the fixed mapping is never sent (paper §2.2: W is
@@ -95,9 +96,8 @@ class Ranks:
         if world_size <= 1:
             return cls()
         rank = int(os.environ["RANK"])
-        if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=TIMEOUT)
+        if not dist.is_initialized():  # gloo: the recipe's tensors live on the CPU
+            dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=TIMEOUT)
         return cls(rank, world_size)
 
     def close(self) -> None:
