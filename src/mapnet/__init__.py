@@ -10,11 +10,13 @@ from mapnet.checkpoint.fingerprint import CheckpointError
 from mapnet.checkpoint.io import load, load_into, save
 from mapnet.config import MappingConfig
 from mapnet.module import MappedModule, exclude_fixed_from_ddp, wrap
+from mapnet.space import ModelSpace
 
 __all__ = [
     "CheckpointError",
     "MappedModule",
     "MappingConfig",
+    "ModelSpace",
     "exclude_fixed_from_ddp",
     "load",
     "load_into",

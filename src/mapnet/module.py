@@ -392,19 +392,24 @@ class MappedModule(nn.Module):
         m = sigma(pre_activation(z, self.projections[index], None, config.alpha))  # (M_g,)
         return scale_by_groups(self._base(index), 1 + m, config.group_size)  # (P_g,)
 
-    def generate(self, latents: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def generate(
+        self, latents: Sequence[torch.Tensor] | None = None, check_finite: bool | None = None
+    ) -> dict[str, torch.Tensor]:
         """Every generated parameter, by name (tied aliases map to the same tensor).
 
         `latents` (one per group, in `groups` order) override the trained ones, e.g. z + ε for the
         mapping loss's stability term: `functional_call(mapped.target, mapped.generate(zs), x)`.
+        `check_finite` overrides the config's (False under torch.func.vmap, whose batched
+        tensors cannot decide an `if`: check the latents before, as ModelSpace does).
         """
         if latents is not None and len(latents) != len(self.groups):
             raise ValueError(f"need one latent per group ({len(self.groups)}), got {len(latents)}")
         config = self.mapping_config
+        check = config.check_finite if check_finite is None else check_finite
         params: dict[str, torch.Tensor] = {}
         for index, group in enumerate(self.groups):
             z = self.latents[index] if latents is None else latents[index]
-            if config.check_finite and not torch.isfinite(z).all():
+            if check and not torch.isfinite(z).all():
                 bad = (~torch.isfinite(z)).sum().item()
                 raise ValueError(
                     f"latent {group.name!r} holds {bad} non-finite value(s) (NaN/inf): training "

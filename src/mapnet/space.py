@@ -1,0 +1,329 @@
+"""`ModelSpace`: many models as latents of one shared mapping.
+
+W and θ₀ are fixed by the mapping's seed (paper §2.2), so every model trained through the same
+mapping is a point z in one d-dimensional coordinate system. A space holds N such points,
+latents (N, d), beside the one mapping that turns any of them into weights:
+
+    θ_i = σ(θ₀ + g ⊙ W(z_i + α z_i⊙z_i))        member i (or any z: a midpoint, a soup)
+    y_i = functional_call(target, θ_i, x)        batched over members with torch.func.vmap
+
+What it is for (NetSpace, Learning the Space of Deep Models; hypernetworks mapping per-instance
+embeddings to INR weights): interpolating between members, averaging them ("soups"),
+optimising a latent in the space, and learning from the latents as data.
+
+    space = mapnet.ModelSpace(lambda: Net(), mapnet.MappingConfig(latent_dim=256), n=8)
+    logits = space(x)                           # (N, B, classes): every member on one batch
+    space.save("space/"); mapnet.ModelSpace.load("space/", lambda: Net())
+
+A member is its latent alone: the target's buffers are shared by every member, so a model
+with running statistics (BatchNorm) is refused; parameters trained directly are refused too.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+from torch.func import functional_call, vmap
+
+from mapnet.bases import ModelSource
+from mapnet.checkpoint import fingerprint
+from mapnet.checkpoint.fingerprint import CheckpointError
+from mapnet.checkpoint.io import atomic_write_bytes
+from mapnet.config import MappingConfig
+from mapnet.module import MappedModule, wrap
+
+SPACE_FORMAT = 1
+TENSOR_FILE = "space.safetensors"
+DESCRIPTION_FILE = "space.json"
+DEFAULT_CHUNK = 64  # members per vmap call: bounds the memory of generated weights
+
+
+class ModelSpace(nn.Module):
+    """N latents (N, d) that share one mapping and one θ₀; `latents` is the only parameter.
+
+    `model` is what `mapnet.wrap` takes (a factory or an instance) or an existing MappedModule,
+    whose mapping is then shared (its own latent is frozen, not a member). Members start at the
+    mapping's initial latent (z = 0 by default), or at `latents` when given.
+    """
+
+    def __init__(
+        self,
+        model: ModelSource | MappedModule,
+        config: MappingConfig | None = None,
+        n: int | None = None,
+        *,
+        latents: torch.Tensor | None = None,
+        members: Sequence[dict[str, Any]] | None = None,
+    ):
+        super().__init__()
+        if isinstance(model, MappedModule):
+            if config is not None:
+                raise ValueError("a MappedModule brings its own config: pass config=None")
+            mapping = model
+        else:
+            mapping = wrap(model, config)
+        _check_shareable(mapping)
+        mapping.requires_grad_(False)
+        self.mapping = mapping
+        self._sizes = [group.latent_dim for group in mapping.groups]
+        start = torch.cat([z.detach() for z in mapping.latents])  # (d,)
+        if latents is None:
+            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                raise ValueError(f"n must be a positive number of members, got {n!r}")
+            latents = start.expand(n, -1).clone()  # (N, d)
+        else:
+            latents = self._checked_latents(latents, "latents")
+            if n is not None and n != len(latents):
+                raise ValueError(f"n={n} but latents holds {len(latents)} members")
+        self.latents = nn.Parameter(latents.to(start.dtype).clone())
+        self.members: list[dict[str, Any]] = [dict(m) for m in members or [{} for _ in latents]]
+        if len(self.members) != len(latents):
+            raise ValueError(f"{len(self.members)} member records for {len(latents)} latents")
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_members(
+        cls, mapped: Sequence[MappedModule], members: Sequence[dict[str, Any]] | None = None
+    ) -> ModelSpace:
+        """A space of trained mapped models; every one must share the first one's mapping
+        (same config, architecture, θ₀ and projection), else a CheckpointError names the
+        difference. The first model's mapping becomes the space's (a copy)."""
+        if not mapped:
+            raise ValueError("from_members needs at least one MappedModule")
+        own = mapped[0].fingerprint()
+        for index, other in enumerate(mapped[1:], start=1):
+            if not isinstance(other, MappedModule):
+                raise TypeError(f"member {index} is a {type(other).__name__}, not a MappedModule")
+            fingerprint.compare(other.fingerprint(), own, f"member {index}")
+        latents = torch.stack([torch.cat([z.detach() for z in m.latents]) for m in mapped])
+        return cls(copy.deepcopy(mapped[0]), latents=latents, members=members)
+
+    # ------------------------------------------------------------------ members
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def latent_dim(self) -> int:
+        """d: the numbers of one member (all latent groups together)."""
+        return sum(self._sizes)
+
+    def _checked_latents(self, latents: torch.Tensor, what: str) -> torch.Tensor:
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(f"{what} must be a tensor (K, {self.latent_dim}), got {type(latents)}")
+        if latents.dim() != 2 or latents.shape[1] != self.latent_dim or len(latents) == 0:
+            raise ValueError(
+                f"{what} must have shape (K >= 1, {self.latent_dim}) for this mapping, got "
+                f"{tuple(latents.shape)}"
+            )
+        return latents
+
+    def _indices(self, members: int | Sequence[int] | torch.Tensor | None) -> torch.Tensor:
+        if members is None:
+            return torch.arange(len(self))
+        index = torch.as_tensor(members, dtype=torch.long).reshape(-1)
+        bad = index[(index < -len(self)) | (index >= len(self))]
+        if len(bad):
+            raise IndexError(
+                f"member index {bad[0].item()} is out of range for a space of {len(self)}"
+            )
+        return index % len(self)
+
+    def member(self, index: int) -> MappedModule:
+        """Member `index` as a standalone MappedModule (a copy: training it leaves the space)."""
+        (i,) = self._indices(index).tolist()
+        return self.mapped_at(self.latents[i])
+
+    def mapped_at(self, z: torch.Tensor) -> MappedModule:
+        """A standalone MappedModule at latent `z` (d,): a member, a midpoint or a soup."""
+        (z,) = self._checked_latents(z.reshape(1, -1), "z")
+        module = copy.deepcopy(self.mapping)
+        with torch.no_grad():
+            for latent, part in zip(module.latents, z.detach().split(self._sizes)):
+                latent.copy_(part)
+                latent.requires_grad_(True)
+        return module
+
+    # ------------------------------------------------------------------ generation, forward
+
+    def generate(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The weights one latent z (d,) generates, by parameter name (vmap-safe)."""
+        return self.mapping.generate(list(z.split(self._sizes, dim=-1)), check_finite=False)
+
+    def forward(
+        self,
+        *args: Any,
+        members: int | Sequence[int] | torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        chunk_size: int | None = DEFAULT_CHUNK,
+        **kwargs: Any,
+    ) -> Any:
+        """Every member (or `members`, or arbitrary `latents` (K, d)) on the same inputs:
+        outputs stacked along a new first axis, (K, …). One vmap over members, `chunk_size`
+        at a time (None: all at once)."""
+        if latents is None:
+            latents = self.latents[self._indices(members)]
+        elif members is not None:
+            raise ValueError("pass members or latents, not both")
+        latents = self._checked_latents(latents, "latents")
+        if not torch.isfinite(latents).all():  # N·d numbers: cheap beside any forward
+            rows = (~torch.isfinite(latents)).any(1).nonzero().flatten().tolist()
+            raise ValueError(f"latents of rows {rows[:5]} hold NaN/inf values")
+        target = self.mapping.target
+
+        def one(z: torch.Tensor) -> Any:
+            return functional_call(target, self.generate(z), args, kwargs, tie_weights=False)
+
+        return vmap(one, chunk_size=chunk_size)(latents)
+
+    def loop_forward(self, *args: Any, latents: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """The same as `forward`, one member at a time (the reference vmap is checked against)."""
+        latents = self.latents if latents is None else self._checked_latents(latents, "latents")
+        target = self.mapping.target
+        outputs = [
+            functional_call(target, self.generate(z), args, kwargs, tie_weights=False)
+            for z in latents
+        ]
+        return torch.stack(outputs)
+
+    # ------------------------------------------------------------------ exploration
+
+    def path(self, a: int, b: int, steps: int = 11) -> torch.Tensor:
+        """Latents on the straight line from member a to member b: (steps, d), t = 0 … 1."""
+        if steps < 2:
+            raise ValueError(f"a path needs at least 2 steps, got {steps}")
+        za, zb = self.latents[self._indices([a, b])].detach()
+        t = torch.linspace(0, 1, steps, dtype=za.dtype).unsqueeze(1)  # (steps, 1)
+        return (1 - t) * za + t * zb
+
+    def uniform_soup(self, members: Sequence[int] | None = None) -> torch.Tensor:
+        """The mean latent of `members` (all by default), (d,)."""
+        return self.latents[self._indices(members)].detach().mean(0)
+
+    def greedy_soup(
+        self, score: Callable[[torch.Tensor], float], members: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Greedy soup (Wortsman et al. 2022) in latent space: members by their own `score`
+        (higher is better; score a held-out split), best first; each is added to the running
+        mean if that does not lower the score. Returns the soup (d,) and the members in it."""
+        index = self._indices(members).tolist()
+        latents = self.latents.detach()
+        ranked = sorted(index, key=lambda i: score(latents[i]), reverse=True)
+        chosen = [ranked[0]]
+        best = score(latents[ranked[0]])
+        for i in ranked[1:]:
+            trial = latents[[*chosen, i]].mean(0)
+            value = score(trial)
+            if value >= best:
+                chosen, best = [*chosen, i], value
+        return latents[chosen].mean(0), chosen
+
+    def midpoint_loss(
+        self,
+        loss: Callable[[Any], torch.Tensor],
+        *args: Any,
+        pairs: int = 1,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Path flattening (as NetSpace trains its space): the mean of `loss(outputs)` at
+        `pairs` random points z = (1 - t) z_a + t z_b between random members a ≠ b, t ~ U(0, 1),
+        differentiable in the members' latents. Add it to the members' own losses."""
+        if len(self) < 2:
+            raise ValueError("path flattening needs at least 2 members")
+        a = torch.randint(len(self), (pairs,), generator=generator)
+        b = (a + torch.randint(1, len(self), (pairs,), generator=generator)) % len(self)
+        t = torch.rand(pairs, 1, generator=generator, dtype=self.latents.dtype)
+        between = (1 - t) * self.latents[a] + t * self.latents[b]  # (pairs, d)
+        outputs = self.forward(*args, latents=between, **kwargs)  # (pairs, …)
+        return torch.stack([loss(out) for out in outputs]).mean()
+
+    # ------------------------------------------------------------------ save / load
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """A folder: space.safetensors (latents (N, d) and the mapping's identity) and
+        space.json (config, member records, checksum). No pickle; each file atomic."""
+        folder = Path(path)
+        _json_ready(self.members)
+        tensors = {
+            "latents": self.latents.detach().cpu().contiguous(),
+            "identity": fingerprint.encode(self.mapping.fingerprint()),
+        }
+        blob = save_safetensors(tensors)
+        description = {
+            "format": SPACE_FORMAT,
+            "members": len(self),
+            "latent_dim": self.latent_dim,
+            "config": self.mapping.mapping_config.to_dict(),
+            "target_class": self.mapping.target_class,
+            "tensors_sha256": hashlib.sha256(blob).hexdigest(),
+            "torch_version": torch.__version__,
+            "member_records": self.members,
+        }
+        atomic_write_bytes(folder / TENSOR_FILE, blob)
+        atomic_write_bytes(folder / DESCRIPTION_FILE, json.dumps(description, indent=1).encode())
+        return folder
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], model: ModelSource | MappedModule) -> ModelSpace:
+        """The space saved in `path`, on `model` (a factory or instance, as for `wrap`, or a
+        MappedModule whose mapping must be the saved one). A mapping that differs (seed,
+        architecture, θ₀, projection) is a CheckpointError naming the difference."""
+        folder = Path(path)
+        try:
+            description = json.loads((folder / DESCRIPTION_FILE).read_text())
+            blob = (folder / TENSOR_FILE).read_bytes()
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{folder}: not a readable model space ({error})") from None
+        if description.get("format") != SPACE_FORMAT:
+            raise CheckpointError(
+                f"{folder}: space format {description.get('format')!r}, this mapnet reads "
+                f"{SPACE_FORMAT}"
+            )
+        if hashlib.sha256(blob).hexdigest() != description.get("tensors_sha256"):
+            raise CheckpointError(f"{folder / TENSOR_FILE} is corrupt (checksum mismatch)")
+        tensors = load_safetensors(blob)
+        if isinstance(model, MappedModule):
+            mapping = model
+        else:
+            mapping = wrap(model, MappingConfig.from_dict(description["config"]))
+        saved = fingerprint.decode(tensors["identity"], str(folder))
+        fingerprint.compare(saved, mapping.fingerprint(), str(folder))
+        return cls(mapping, latents=tensors["latents"], members=description["member_records"])
+
+
+def _check_shareable(mapping: MappedModule) -> None:
+    """A member must be its latent alone."""
+    if not isinstance(mapping, MappedModule):
+        raise TypeError(f"ModelSpace needs a MappedModule, got {type(mapping).__name__}")
+    direct = [spec.name for spec in mapping.selection.direct]
+    if direct:
+        raise ValueError(
+            f"parameters trained directly ({direct[:3]}) would be shared by every member: a "
+            "ModelSpace holds latents only (leave train_directly empty)"
+        )
+    statistics = [name for name, _ in mapping.target.named_buffers() if "running" in name]
+    if statistics:
+        raise ValueError(
+            f"the target's running statistics ({statistics[:3]}) would be shared by every "
+            "member: use normalisation without them (LayerNorm, GroupNorm, "
+            "BatchNorm(track_running_stats=False))"
+        )
+
+
+def _json_ready(members: Iterable[dict[str, Any]]) -> None:
+    try:
+        json.dumps(list(members))
+    except TypeError as error:
+        raise ValueError(f"member records must be JSON values (labels, metrics): {error}") from None

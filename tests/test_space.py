@@ -1,0 +1,171 @@
+"""ModelSpace: many latents through one mapping (batched forward, save/load, exploration)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import mapnet
+from mapnet import CheckpointError, MappingConfig
+from mapnet.space import ModelSpace
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 6) -> (B, 3)
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+CONFIG = MappingConfig(latent_dim=12, seed=3)
+
+
+def space(n: int = 5, config: MappingConfig = CONFIG) -> ModelSpace:
+    result = ModelSpace(Net, config, n)
+    with torch.no_grad():
+        result.latents.normal_(generator=torch.Generator().manual_seed(0))
+    return result
+
+
+def test_members_start_at_the_mappings_initial_latent() -> None:
+    fresh = ModelSpace(Net, CONFIG, 4)
+    mapped = mapnet.wrap(Net, CONFIG)
+    assert fresh.latents.shape == (4, 12) and len(fresh) == 4
+    assert torch.equal(fresh.latents[2], mapped.latent.detach())
+    assert [name for name, p in fresh.named_parameters() if p.requires_grad] == ["latents"]
+
+
+def test_batched_forward_equals_a_loop_over_members_and_the_members_themselves() -> None:
+    s = space()
+    x = torch.randn(7, 6)
+    batched = s(x)  # (N, B, 3)
+    assert batched.shape == (5, 7, 3)
+    torch.testing.assert_close(batched, s.loop_forward(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(s(x, chunk_size=2), batched, rtol=0, atol=1e-6)
+    for i in range(5):
+        torch.testing.assert_close(s.member(i)(x), batched[i], rtol=0, atol=1e-6)
+    torch.testing.assert_close(s(x, members=[4, 1]), batched[[4, 1]], rtol=0, atol=1e-6)
+
+
+def test_gradients_reach_each_members_latent_as_in_a_loop() -> None:
+    s = space(3)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    loss = sum(nn.functional.cross_entropy(out, y) for out in s(x))
+    (grad,) = torch.autograd.grad(loss, s.latents)
+    for i in range(3):
+        member = s.member(i)
+        (expected,) = torch.autograd.grad(nn.functional.cross_entropy(member(x), y), member.latent)
+        torch.testing.assert_close(grad[i], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_save_and_load_are_exact_and_keep_member_records(tmp_path: Path) -> None:
+    s = space()
+    s.members[1] = {"task": "mnist", "test_acc": 91.5}
+    s.save(tmp_path / "space")
+    again = ModelSpace.load(tmp_path / "space", Net)
+    assert torch.equal(again.latents, s.latents)
+    assert again.members[1] == {"task": "mnist", "test_acc": 91.5}
+    x = torch.randn(4, 6)
+    assert torch.equal(again(x), s(x))
+    described = json.loads((tmp_path / "space" / "space.json").read_text())
+    assert described["members"] == 5 and described["latent_dim"] == 12
+
+
+def test_a_space_refuses_another_mapping_and_a_corrupt_file(tmp_path: Path) -> None:
+    space().save(tmp_path / "space")
+    other_seed = mapnet.wrap(Net, MappingConfig(latent_dim=12, seed=4))
+    with pytest.raises(CheckpointError, match="another MappingConfig"):
+        ModelSpace.load(tmp_path / "space", other_seed)
+
+    class Wider(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(6, 17)
+            self.fc2 = nn.Linear(17, 3)
+
+    with pytest.raises(CheckpointError, match="another architecture"):
+        ModelSpace.load(tmp_path / "space", Wider)
+    blob = tmp_path / "space" / "space.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 1
+    blob.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        ModelSpace.load(tmp_path / "space", Net)
+    with pytest.raises(CheckpointError, match="not a readable model space"):
+        ModelSpace.load(tmp_path / "nothing", Net)
+
+
+def test_from_members_checks_they_share_the_mapping() -> None:
+    a, b = mapnet.wrap(Net, CONFIG), mapnet.wrap(Net, CONFIG)
+    with torch.no_grad():
+        b.latent.fill_(0.3)
+    s = ModelSpace.from_members([a, b], members=[{"seed": 0}, {"seed": 1}])
+    assert torch.equal(s.latents[1], b.latent.detach())
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(s(x)[1], b(x), rtol=0, atol=1e-6)
+    stranger = mapnet.wrap(Net, MappingConfig(latent_dim=12, seed=9))
+    with pytest.raises(CheckpointError, match="member 1"):
+        ModelSpace.from_members([a, stranger])
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: ModelSpace(Net, CONFIG, 0), ValueError, "n must be a positive"),
+        (lambda: ModelSpace(Net, CONFIG, latents=torch.zeros(3, 11)), ValueError, r"\(K >= 1, 12"),
+        (lambda: space()(torch.randn(2, 6), members=[5]), IndexError, "out of range for a space"),
+        (lambda: space()(torch.randn(2, 6), latents=torch.zeros(2, 13)), ValueError, "shape"),
+        (lambda: space().path(0, 1, steps=1), ValueError, "at least 2 steps"),
+        (lambda: ModelSpace(Net, MappingConfig(latent_dim=4, train_directly="fc2.bias"), 2),
+         ValueError, "trained directly"),
+        (lambda: ModelSpace(lambda: nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4)),
+                            MappingConfig(latent_dim=4), 2), ValueError, "running statistics"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_named(make, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_non_finite_latents_are_refused_before_the_forward() -> None:
+    s = space()
+    with torch.no_grad():
+        s.latents[3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"rows \[3\]"):
+        s(torch.randn(2, 6))
+
+
+def test_paths_and_soups() -> None:
+    s = space(4)
+    path = s.path(0, 2, steps=5)
+    assert torch.equal(path[0], s.latents[0].detach())
+    torch.testing.assert_close(path[-1], s.latents[2].detach())
+    torch.testing.assert_close(path[2], (s.latents[0] + s.latents[2]).detach() / 2)
+    torch.testing.assert_close(s.uniform_soup([1, 3]), s.latents[[1, 3]].detach().mean(0))
+    # Score: closeness to member 1's latent. Member 1 ranks first; averaging it with any other
+    # moves away from it, so the greedy soup is member 1 alone.
+    target = s.latents[1].detach()
+    soup, chosen = s.greedy_soup(lambda z: -float((z - target).norm()))
+    assert chosen == [1] and torch.equal(soup, target)
+    # Two identical candidates: the second keeps the score, so it joins.
+    with torch.no_grad():
+        s.latents[3] = s.latents[1]
+    assert sorted(s.greedy_soup(lambda z: -float((z - target).norm()))[1]) == [1, 3]
+
+
+def test_midpoint_loss_is_differentiable_in_both_endpoints() -> None:
+    s = space(2)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    generator = torch.Generator().manual_seed(1)
+    loss = s.midpoint_loss(lambda out: nn.functional.cross_entropy(out, y), x, generator=generator)
+    (grad,) = torch.autograd.grad(loss, s.latents)
+    assert loss.ndim == 0 and (grad.abs().sum(1) > 0).all()
+    with pytest.raises(ValueError, match="at least 2 members"):
+        space(1).midpoint_loss(lambda out: out.sum(), x)
