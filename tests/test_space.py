@@ -169,3 +169,24 @@ def test_midpoint_loss_is_differentiable_in_both_endpoints() -> None:
     assert loss.ndim == 0 and (grad.abs().sum(1) > 0).all()
     with pytest.raises(ValueError, match="at least 2 members"):
         space(1).midpoint_loss(lambda out: out.sum(), x)
+
+
+def test_latent_optimisation_fits_a_teacher_and_add_keeps_it() -> None:
+    s = space(3)
+    teacher = s.member(2)
+    x = torch.randn(64, 6)
+    with torch.no_grad():
+        targets = teacher(x)
+
+    def distance(z: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(nn.functional.mse_loss(s(x, latents=z[None])[0], targets))
+
+    start = s.uniform_soup([0, 1])
+    fitted = s.optimise_latent(start, [(x, targets)] * 150, nn.functional.mse_loss, lr=0.05)
+    assert distance(fitted) < 0.1 * distance(start)
+    s.add(fitted, [{"made_by": "distillation"}])
+    assert len(s) == 4 and s.members[3] == {"made_by": "distillation"}
+    assert torch.equal(s.latents[3], fitted) and s.latents.requires_grad
+    with pytest.raises(ValueError, match="2 member records for 1 latents"):
+        s.add(fitted, [{}, {}])

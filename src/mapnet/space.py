@@ -229,6 +229,36 @@ class ModelSpace(nn.Module):
                 chosen, best = [*chosen, i], value
         return latents[chosen].mean(0), chosen
 
+    def optimise_latent(
+        self,
+        start: torch.Tensor,
+        batches: Iterable[tuple[Any, Any]],
+        loss: Callable[[Any, Any], torch.Tensor],
+        lr: float = 0.05,
+    ) -> torch.Tensor:
+        """Adam on one latent from `start` (d,), a step per (inputs, targets) batch: on the
+        task loss, or distillation when the targets are a teacher's outputs and `loss` compares
+        them. Returns the latent (d,); the space is unchanged (`add` it to keep it)."""
+        module = self.mapped_at(start)
+        optimizer = torch.optim.Adam(module.latents, lr=lr)
+        for inputs, targets in batches:
+            args = inputs if isinstance(inputs, tuple) else (inputs,)
+            value = loss(module(*args), targets)
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+        return torch.cat([z.detach() for z in module.latents])
+
+    def add(self, latents: torch.Tensor, members: Sequence[dict[str, Any]] | None = None) -> None:
+        """Append latents (K, d) or (d,) as new members, with their records."""
+        latents = self._checked_latents(latents.detach().reshape(-1, self.latent_dim), "latents")
+        records = [dict(m) for m in members] if members is not None else [{} for _ in latents]
+        if len(records) != len(latents):
+            raise ValueError(f"{len(records)} member records for {len(latents)} latents")
+        grown = torch.cat([self.latents.detach(), latents.to(self.latents.dtype)])
+        self.latents = nn.Parameter(grown, requires_grad=self.latents.requires_grad)
+        self.members += records
+
     def midpoint_loss(
         self,
         loss: Callable[[Any], torch.Tensor],
