@@ -169,6 +169,17 @@ def test_midpoint_loss_is_differentiable_in_both_endpoints() -> None:
     assert loss.ndim == 0 and (grad.abs().sum(1) > 0).all()
     with pytest.raises(ValueError, match="at least 2 members"):
         space(1).midpoint_loss(lambda out: out.sum(), x)
+    # Drawn among members 1 and 2 only: member 0's latent gets no gradient.
+    s3 = space(3)
+    loss = s3.midpoint_loss(lambda out: out.square().mean(), x, pairs=4, among=[1, 2])
+    (grad,) = torch.autograd.grad(loss, s3.latents)
+    assert grad[0].abs().sum() == 0 and (grad[1:].abs().sum(1) > 0).all()
+
+
+def test_member_forward_runs_one_member_on_its_own_inputs() -> None:
+    s = space(3)
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(s.member_forward(2, x), s(x)[2], rtol=0, atol=1e-6)
 
 
 def test_latent_optimisation_fits_a_teacher_and_add_keeps_it() -> None:

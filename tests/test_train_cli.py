@@ -317,3 +317,16 @@ def test_tuning_rows_override_seed_and_epochs_for_the_whole_run() -> None:
     assert rows["epochs-20"].config("mnist", epochs=10).epochs == 20  # the row's own budget
     assert rows["lr-0.3"].config("mnist").lr == 0.3
     assert rows["recipe"].config("mnist").mapping.projection == "structured"
+
+
+def test_init_seed_gives_two_plain_runs_one_initialisation() -> None:
+    from mapnet_experiments.train import build
+
+    first = build(TrainConfig(mode="plain", seed=0))
+    same_init = build(TrainConfig(mode="plain", seed=1, init_seed=0))
+    other = build(TrainConfig(mode="plain", seed=1))
+    pairs = list(zip(first.parameters(), same_init.parameters()))
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert not all(torch.equal(a, b) for a, b in zip(first.parameters(), other.parameters()))
+    with pytest.raises(ValueError, match="init_seed sets a plain network"):
+        TrainConfig(mode="mapped", init_seed=0)

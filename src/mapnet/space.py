@@ -187,6 +187,13 @@ class ModelSpace(nn.Module):
 
         return vmap(one, chunk_size=chunk_size)(latents)
 
+    def member_forward(self, index: int, *args: Any, **kwargs: Any) -> Any:
+        """Member `index` alone on its own inputs (members trained on different batches)."""
+        (i,) = self._indices(index).tolist()
+        z = self.latents[i]
+        target = self.mapping.target
+        return functional_call(target, self.generate(z), args, kwargs, tie_weights=False)
+
     def loop_forward(self, *args: Any, latents: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """The same as `forward`, one member at a time (the reference vmap is checked against)."""
         latents = self.latents if latents is None else self._checked_latents(latents, "latents")
@@ -264,16 +271,20 @@ class ModelSpace(nn.Module):
         loss: Callable[[Any], torch.Tensor],
         *args: Any,
         pairs: int = 1,
+        among: Sequence[int] | None = None,
         generator: torch.Generator | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Path flattening (as NetSpace trains its space): the mean of `loss(outputs)` at
-        `pairs` random points z = (1 - t) z_a + t z_b between random members a ≠ b, t ~ U(0, 1),
-        differentiable in the members' latents. Add it to the members' own losses."""
-        if len(self) < 2:
+        `pairs` random points z = (1 - t) z_a + t z_b between random members a ≠ b (of `among`,
+        e.g. the members of one task, whose data `args` are), t ~ U(0, 1), differentiable in
+        the members' latents. Add it to the members' own losses."""
+        pool = self._indices(among)
+        if len(pool) < 2:
             raise ValueError("path flattening needs at least 2 members")
-        a = torch.randint(len(self), (pairs,), generator=generator)
-        b = (a + torch.randint(1, len(self), (pairs,), generator=generator)) % len(self)
+        first = torch.randint(len(pool), (pairs,), generator=generator)
+        second = (first + torch.randint(1, len(pool), (pairs,), generator=generator)) % len(pool)
+        a, b = pool[first], pool[second]
         t = torch.rand(pairs, 1, generator=generator, dtype=self.latents.dtype)
         between = (1 - t) * self.latents[a] + t * self.latents[b]  # (pairs, d)
         outputs = self.forward(*args, latents=between, **kwargs)  # (pairs, …)

@@ -89,6 +89,8 @@ class TrainConfig:
         tensor by that fraction, "global" all numbers together (mapnet.compress.magnitude_masks).
     fake_quant: train through int8-rounded weights (quantisation-aware training).
     window: forecasting only: hours of history per input window.
+    init_seed: mode "plain": the seed of the network's initialisation (None: `seed`, which
+        also orders the batches), for two runs from one init in different orders.
 
     The dataset decides the task (mapnet_experiments.tasks): "beijing-pm25" is forecasting
     (model "lstm"), "scenes" segmentation (model "unet"), any other classification.
@@ -115,6 +117,7 @@ class TrainConfig:
     prune_scope: str = "tensor"
     fake_quant: bool = False
     window: int = 24
+    init_seed: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.mapping, dict):
@@ -186,6 +189,15 @@ class TrainConfig:
             raise ValueError(f"prune_scope={self.prune_scope!r} is not one of {PRUNE_SCOPES}")
         if not isinstance(self.fake_quant, bool):
             raise ValueError(f"fake_quant must be true or false, got {self.fake_quant!r}")
+        if self.init_seed is not None and (
+            isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int)
+        ):
+            raise ValueError(f"init_seed must be an int or null, got {self.init_seed!r}")
+        if self.init_seed is not None and self.mode != "plain":
+            raise ValueError(
+                "init_seed sets a plain network's initialisation; a mapped one starts from the "
+                "mapping's θ₀ (mapping.seed)"
+            )
         if self.start_from is not None and not isinstance(self.start_from, str):
             raise ValueError(f"start_from must be a run folder path, got {self.start_from!r}")
 
@@ -298,7 +310,7 @@ def build(config: TrainConfig) -> nn.Module:
     """The module to train: the target itself, or the target wrapped; seeded. A mapped model is
     built from the class as a factory, so θ₀ is its own initialisation under the mapping's seed
     (for CNN1, CNN2 and ResNet-50 the same values reset_parameters() regenerates)."""
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed if config.init_seed is None else config.init_seed)
     factory = target_factory(config)
     if config.mode == "plain":
         module = factory()
@@ -466,13 +478,7 @@ class Trainer:
             "config": self.config.to_dict(),
         }
         atomic_write_bytes(staging / "trainer.json", json.dumps(description, indent=1).encode())
-        # Swap: the old state is removed only after the new one is complete on disk.
-        previous = folder.with_name(folder.name + ".old")
-        shutil.rmtree(previous, ignore_errors=True)
-        if folder.exists():
-            folder.rename(previous)
-        staging.rename(folder)
-        shutil.rmtree(previous, ignore_errors=True)
+        replace_folder(staging, folder)
 
     def restore_state(self, folder: Path) -> None:
         try:
@@ -493,6 +499,25 @@ class Trainer:
             )
         self.epoch = description["epoch"]
         self.history = description["history"]
+
+
+def replace_folder(staging: Path, folder: Path) -> None:
+    """Swap the completely written folder `staging` in for `folder`: the old one is removed only
+    after the new one is complete on disk (`recover_state` mends a swap cut between renames)."""
+    previous = folder.with_name(folder.name + ".old")
+    shutil.rmtree(previous, ignore_errors=True)
+    if folder.exists():
+        folder.rename(previous)
+    staging.rename(folder)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def recover_state(out: Path) -> None:
+    """Before resuming from out/state: drop an interrupted save, finish an interrupted swap."""
+    shutil.rmtree(out / "state.tmp", ignore_errors=True)
+    old, state = out / "state.old", out / "state"
+    if old.exists() and not state.exists():
+        old.rename(state)
 
 
 def save_model(module: nn.Module, folder: Path) -> None:
@@ -635,7 +660,7 @@ def train(
     if out_dir is not None and ranks.is_main:
         save_model(trainer.module, Path(out_dir) / "checkpoint")
         write_json(Path(out_dir) / "results.json", result)
-        _remove_state(Path(out_dir))  # only after results.json: a crash before it can resume
+        remove_state(Path(out_dir))  # only after results.json: a crash before it can resume
     ranks.barrier()  # every rank ends once the results are on disk
     return result
 
@@ -659,7 +684,7 @@ def _finished_result(out: Path, main: bool = True) -> dict[str, Any] | None:
             f"{results_file}: unreadable ({error}); remove it to redo the run"
         ) from None
     if main:
-        _remove_state(out)
+        remove_state(out)
         print(
             f"mapnet: {out} holds a finished run; nothing to resume, returning its results.json",
             file=sys.stderr,
@@ -677,7 +702,7 @@ def saved_epoch(out: Path) -> int | None:
     return None
 
 
-def _remove_state(out: Path) -> None:
+def remove_state(out: Path) -> None:
     for name in ("state", "state.tmp", "state.old"):
         shutil.rmtree(out / name, ignore_errors=True)
 
@@ -697,7 +722,15 @@ ADDED_MAPPING_FIELDS = (
 
 
 # TrainConfig fields added since (the ablation and compression runs); absent means the default.
-ADDED_TRAIN_FIELDS = ("variant", "start_from", "sparsity", "prune_scope", "fake_quant", "window")
+ADDED_TRAIN_FIELDS = (
+    "variant",
+    "start_from",
+    "sparsity",
+    "prune_scope",
+    "fake_quant",
+    "window",
+    "init_seed",
+)
 
 
 def stored_config(saved: dict[str, Any]) -> dict[str, Any]:
@@ -741,10 +774,7 @@ def _prepare_run_dir(out: Path, config: TrainConfig, resume: bool) -> None:
                 f"{out} holds a run with a different config (fields {_differing(saved, wanted)});"
                 " resume it with the same settings or choose another --out"
             )
-        shutil.rmtree(out / "state.tmp", ignore_errors=True)  # an interrupted save's leftovers
-        old, state = out / "state.old", out / "state"
-        if old.exists() and not state.exists():
-            old.rename(state)  # interrupted between the two renames of a swap
+        recover_state(out)
         return
     write_json(config_file, config.to_dict())
 

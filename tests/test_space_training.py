@@ -1,0 +1,105 @@
+"""A population trained as one ModelSpace: independence, path flattening, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mapnet import MappingConfig, ModelSpace
+from mapnet_experiments import space_training
+from mapnet_experiments.space_training import Member, SpaceRun, train_space
+from test_train_cli import write_tiny_dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_dataset(tmp_path_factory.mktemp("data"))
+
+
+def run(data: Path, members: list[Member], **kwargs) -> SpaceRun:
+    settings = {"epochs": 2, "batch_size": 50, "val_size": 100, "data_dir": str(data)}
+    mapping = MappingConfig(latent_dim=64, projection="structured")
+    return SpaceRun(members, mapping=mapping, **(settings | kwargs))
+
+
+A = Member("a", dataset="tiny", seed=0)
+B = Member("b", dataset="tiny", seed=1)
+HALF = Member("half", dataset="tiny", seed=2, classes=[0, 1, 2, 3, 4], train_fraction=0.5)
+
+
+def latents(out: Path) -> torch.Tensor:
+    return ModelSpace.load(out / "space", _cnn2).latents
+
+
+def _cnn2():
+    from mapnet_experiments.models import CNN2
+
+    return CNN2()
+
+
+def test_members_train_exactly_as_they_would_alone(data: Path, tmp_path: Path) -> None:
+    together = train_space(run(data, [A, B, HALF]), tmp_path / "together", progress=False)
+    alone = train_space(run(data, [A]), tmp_path / "alone", progress=False)
+    assert torch.equal(latents(tmp_path / "together")[0], latents(tmp_path / "alone")[0])
+    first, third = together["members"][0], together["members"][2]
+    assert first["test_acc"] == alone["members"][0]["test_acc"] > 30  # chance: 10 %
+    assert third["task"] == "tiny:[0, 1, 2, 3, 4]"
+    assert together["trainable_parameters"] == 3 * 64
+    assert not (tmp_path / "together" / "state").exists()  # finished: result and space only
+
+
+def test_path_flattening_changes_the_latents_and_is_recorded(data: Path, tmp_path: Path) -> None:
+    plain = train_space(run(data, [A, B]), tmp_path / "plain", progress=False)
+    flat = train_space(run(data, [A, B], flatten=1.0), tmp_path / "flat", progress=False)
+    assert plain["history"][-1]["flatten_loss"] == 0
+    assert flat["history"][-1]["flatten_loss"] > 0
+    assert not torch.equal(latents(tmp_path / "plain"), latents(tmp_path / "flat"))
+    with pytest.raises(ValueError, match="two members of one task"):
+        run(data, [A, HALF], flatten=1.0)
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = run(data, [A, HALF], epochs=3, flatten=0.0)
+    straight = train_space(config, tmp_path / "straight", progress=False)
+    calls = {"n": 0}
+    real = space_training.evaluate_members
+
+    def fail_in_epoch_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(space_training, "evaluate_members", fail_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train_space(config, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(space_training, "evaluate_members", real)
+    state = json.loads((tmp_path / "cut" / "state" / "trainer.json").read_text())
+    assert state["epoch"] == 1
+    with pytest.raises(ValueError, match="already holds a run"):
+        train_space(config, tmp_path / "cut", progress=False)
+    resumed = train_space(config, tmp_path / "cut", resume=True, progress=False)
+    assert torch.equal(latents(tmp_path / "cut"), latents(tmp_path / "straight"))
+    assert [m["test_acc"] for m in resumed["members"]] == [
+        m["test_acc"] for m in straight["members"]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Member("x", classes=[3, 3]), "distinct"),
+        (lambda: Member("x", classes=[10]), "0..9"),
+        (lambda: Member("x", train_fraction=0), r"\(0, 1\]"),
+        (lambda: SpaceRun([Member("x"), Member("x")]), "distinct"),
+        (lambda: SpaceRun([]), "at least one member"),
+    ],
+)
+def test_bad_settings_are_named(make, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
