@@ -49,6 +49,11 @@ def test_members_train_exactly_as_they_would_alone(data: Path, tmp_path: Path) -
     assert third["task"] == "tiny:[0, 1, 2, 3, 4]"
     assert together["trainable_parameters"] == 3 * 64
     assert not (tmp_path / "together" / "state").exists()  # finished: result and space only
+    from safetensors.torch import load_file
+
+    by_epoch = load_file(str(tmp_path / "together" / space_training.LATENTS_FILE))["latents"]
+    assert by_epoch.shape == (2, 3, 64)
+    assert torch.equal(by_epoch[-1], latents(tmp_path / "together"))
 
 
 def test_path_flattening_changes_the_latents_and_is_recorded(data: Path, tmp_path: Path) -> None:
@@ -85,6 +90,11 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(
         train_space(config, tmp_path / "cut", progress=False)
     resumed = train_space(config, tmp_path / "cut", resume=True, progress=False)
     assert torch.equal(latents(tmp_path / "cut"), latents(tmp_path / "straight"))
+    from safetensors.torch import load_file
+
+    files = [tmp_path / name / space_training.LATENTS_FILE for name in ("cut", "straight")]
+    cut, whole = (load_file(str(f))["latents"] for f in files)
+    assert cut.shape[0] == 3 and torch.equal(cut, whole)
     assert [m["test_acc"] for m in resumed["members"]] == [
         m["test_acc"] for m in straight["members"]
     ]

@@ -50,6 +50,7 @@ from mapnet_experiments.train import (
 )
 
 STATE_FORMAT = 1
+LATENTS_FILE = "latents_by_epoch.safetensors"
 
 
 @dataclass
@@ -214,7 +215,8 @@ def train_space(
     run: SpaceRun, out: Path, resume: bool = False, progress: bool = True
 ) -> dict[str, Any]:
     """Train the population; `out` gets config.json, state/ while unfinished, then
-    results.json (per-member figures by epoch) and space/ (the final latents)."""
+    results.json (per-member figures by epoch), space/ (the final latents) and
+    latents_by_epoch.safetensors (every member's latent after each epoch)."""
     out = Path(out)
     if (out / "results.json").exists():
         return json.loads((out / "results.json").read_text())
@@ -287,6 +289,7 @@ def train_space(
             accuracy = [f"{m['val_acc']:.1f}" for m in row["members"]]
             print(f"  epoch {epoch}: val acc {' '.join(accuracy)} ({row['seconds']:.0f} s)")
         _save_state(state, space, optimizer, streams, flatten_rng, epoch, history)
+        _append_latents(out / LATENTS_FILE, space.latents.detach(), epoch)
     space.save(out / "space")
     result = {
         "config": run.to_dict(),
@@ -303,6 +306,13 @@ def train_space(
     write_json(out / "results.json", result)
     remove_state(out)  # the resume state goes once the results are on disk
     return result
+
+
+def _append_latents(path: Path, latents: torch.Tensor, epoch: int) -> None:
+    """Every member's latent after each epoch, (epochs, N, d): the space's trajectories."""
+    earlier = load_safetensors(path.read_bytes())["latents"][: epoch - 1] if path.exists() else None
+    rows = latents[None] if earlier is None else torch.cat([earlier, latents[None]])
+    atomic_write_bytes(path, save_safetensors({"latents": rows.contiguous()}))
 
 
 def _save_state(
