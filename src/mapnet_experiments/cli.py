@@ -754,7 +754,12 @@ def _repro_parser(sub: argparse._SubParsersAction) -> None:
             "trajectory paper Figure 2: CNN2 trained directly and through a latent from the same\n"
             "         θ0, weight snapshots projected by PCA (--tsne: also t-SNE, scikit-learn);\n"
             "         writes results/figures/trajectory-<dataset>.json and\n"
-            "         docs/results/trajectory.png (first of --datasets).\n\n"
+            "         docs/results/trajectory.png (first of --datasets).\n"
+            "space    a model space: 12 CNN2 classifiers as latents of one mapping, 2 trained\n"
+            "         with path flattening, plain controls; --stages train, analyse (paths,\n"
+            "         soups, latent optimisation, distillation, PCA; --tsne: t-SNE too),\n"
+            "         speed (256 members by vmap vs a loop: run it alone); --report writes\n"
+            "         docs/results/space.md and its figures.\n\n"
             "Finished runs are skipped and interrupted ones resume from their last epoch, so\n"
             "the same command carries a long table across sessions (see --hours). A run is\n"
             "locked while it trains: start the same command twice (with --threads 1) and the\n"
@@ -774,6 +779,7 @@ def _repro_parser(sub: argparse._SubParsersAction) -> None:
             "trajectory",
             "forecasting",
             "segmentation",
+            "space",
         ],
     )
     p.add_argument("--report", action="store_true", help="only write the report")
@@ -862,6 +868,22 @@ def _run_repro(args: argparse.Namespace) -> int:
             print(segmentation.report(root, out))
         figure = recipe.figure(root, out.with_name(recipe.FIGURE.name), data_dir=args.data_dir)
         print(figure or "(the example figure needs the seed-0 runs)")
+        return 0
+    if args.table == "space":
+        from mapnet_experiments import space_study
+
+        root = args.root or space_study.ROOT
+        if not args.report:
+            for stage in (args.stages or "train,analyse").split(","):
+                if stage == "train":
+                    space_study.train_all(root, args.data_dir, progress=not args.quiet)
+                elif stage == "analyse":
+                    space_study.analyse(root, args.data_dir, tsne=args.tsne)
+                elif stage == "speed":
+                    space_study.speed(root)
+                else:
+                    raise ValueError(f"unknown stage {stage!r} for space (train, analyse, speed)")
+        print(space_study.report(root, args.report_to or space_study.REPORT))
         return 0
     if args.table == "trajectory":
         from mapnet_experiments import trajectory

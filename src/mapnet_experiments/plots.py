@@ -160,3 +160,39 @@ def segmentation_examples(
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _save(plt, fig, out)
+
+
+def interpolation_paths(paths: dict[str, Sequence[float]], out: Path, title: str) -> Path:
+    """Accuracy along straight paths between two models, t = 0 … 1, one line per pair."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    for name, values in paths.items():
+        steps = len(values)
+        ax.plot([i / (steps - 1) for i in range(steps)], values, marker="o", label=name)
+    ax.set_xlabel("t (0: first model, 1: second)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(plt, fig, out)
+
+
+def latent_scatter(
+    panels: dict[str, Sequence[Sequence[float]]], groups: Sequence[str], out: Path, title: str
+) -> Path:
+    """2-D embeddings of points (one panel per method), coloured by group."""
+    plt = _pyplot()
+    count = len(panels)
+    fig, axes = plt.subplots(1, count, figsize=(4.5 * count, 4), dpi=110, squeeze=False)
+    names = list(dict.fromkeys(groups))
+    for ax, (method, points) in zip(axes.flat, panels.items()):
+        for group in names:
+            mine = [p for p, g in zip(points, groups) if g == group]
+            ax.scatter([p[0] for p in mine], [p[1] for p in mine], s=14, label=group)
+        ax.set_title(method, fontsize=9)
+        ax.tick_params(labelsize=6)
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(plt, fig, out)

@@ -1,0 +1,440 @@
+"""`mapnet repro space`: many CNN2 classifiers as points of one model space.
+
+Every member is a latent z (d = 2048) of one mapping (seed 0, structured projection), so all of
+them live in one coordinate system (paper §2.2; the use of such a space follows NetSpace,
+"Learning the Space of Deep Models", and hypernetworks that map per-instance embeddings to
+weights). Stages:
+
+    train     the population (12 members: Fashion-MNIST in 4 data orders and on 2 half
+              subsets, MNIST in 2 orders, and the two class halves 0–4 / 5–9 of each data
+              set; space_training), two Fashion-MNIST members trained with path flattening,
+              and the weight-space controls: plain CNN2s from two inits, and from one init in
+              two orders (mapnet train). 5 epochs each.
+    analyse   accuracy along straight paths (z for members; weights for the plain controls),
+              uniform and greedy soups of the Fashion-MNIST members, latent optimisation (on
+              the task loss from a soup or from z = 0; by distillation from a plain CNN2),
+              PCA / t-SNE of the latents by epoch; -> results/space/analysis.json
+    speed     batched forward of 256 members (torch.func.vmap) against a Python loop, with
+              the largest output difference; -> results/space/speed.json (run it alone)
+
+`--report` writes docs/results/space.md and its figures from those files. Choices (soup
+membership) use the validation split; test figures are reported only.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from mapnet import ModelSpace
+from mapnet_experiments.models import CNN2
+from mapnet_experiments.space_training import (
+    LATENTS_FILE,
+    Member,
+    SpaceRun,
+    member_splits,
+    train_space,
+)
+from mapnet_experiments.train import (
+    Split,
+    TrainConfig,
+    build,
+    evaluate,
+    load_model,
+    train,
+    write_json,
+)
+
+ROOT = Path("results/space")
+REPORT = Path("docs/results/space.md")
+EPOCHS = 5
+VAL_SIZE = 5000
+FMNIST, MNIST = "fashion-mnist", "mnist"
+LOW, HIGH = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
+
+POPULATION = [
+    *(Member(f"fmnist-s{seed}", FMNIST, seed) for seed in range(4)),
+    *(Member(f"fmnist-half-s{seed}", FMNIST, seed, train_fraction=0.5) for seed in (4, 5)),
+    *(Member(f"mnist-s{seed}", MNIST, seed) for seed in range(2)),
+    Member("fmnist-0to4", FMNIST, 0, classes=LOW),
+    Member("fmnist-5to9", FMNIST, 0, classes=HIGH),
+    Member("mnist-0to4", MNIST, 0, classes=LOW),
+    Member("mnist-5to9", MNIST, 0, classes=HIGH),
+]
+FLATTEN = 1.0  # the midpoint loss's weight
+FLATTENED = [Member("fmnist-s0", FMNIST, 0), Member("fmnist-s1", FMNIST, 1)]
+# The weight-space controls: name -> (seed: batch order and init, init_seed).
+PLAIN = {"plain-s0": (0, None), "plain-s1": (1, None), "plain-s1-init0": (1, 0)}
+PLAIN_LR = 1e-3  # Table 1's plain recipe
+PATH_STEPS = 11
+OPTIMISE_STEPS = 100  # latent optimisation from a soup or z = 0: Adam steps of batch 128
+DISTIL_STEPS = 430  # one epoch of Fashion-MNIST's training images, labels unused
+
+
+def space_run(name: str, data_dir: str | None = None) -> SpaceRun:
+    if name == "population":
+        return SpaceRun(POPULATION, epochs=EPOCHS, val_size=VAL_SIZE, data_dir=data_dir)
+    return SpaceRun(FLATTENED, epochs=EPOCHS, flatten=FLATTEN, val_size=VAL_SIZE, data_dir=data_dir)
+
+
+def plain_config(name: str, data_dir: str | None = None) -> TrainConfig:
+    seed, init_seed = PLAIN[name]
+    return TrainConfig(
+        mode="plain",
+        dataset=FMNIST,
+        epochs=EPOCHS,
+        lr=PLAIN_LR,
+        seed=seed,
+        init_seed=init_seed,
+        val_size=VAL_SIZE,
+        data_dir=data_dir,
+    )
+
+
+def train_all(root: Path = ROOT, data_dir: str | None = None, progress: bool = True) -> None:
+    """Every run of the study; each resumes where it stopped, finished ones are kept."""
+    for name in ("population", "flattened"):
+        out = root / name
+        train_space(space_run(name, data_dir), out, resume=out.exists(), progress=progress)
+    for name in PLAIN:
+        out = root / name
+        train(plain_config(name, data_dir), progress=progress, out_dir=out, resume=out.exists())
+
+
+# ---------------------------------------------------------------------- analysis
+
+
+def _accuracy(module: nn.Module, split: Split) -> float:
+    return evaluate(module, split)["acc"]
+
+
+def _plain(root: Path, name: str, data_dir: str | None) -> nn.Module:
+    module = build(plain_config(name, data_dir))
+    load_model(module, root / name / "checkpoint")
+    return module
+
+
+def _blend(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], t: float) -> dict:
+    return {k: (1 - t) * a[k] + t * b[k] for k in a}
+
+
+def _barrier(accuracy: list[float]) -> dict[str, float]:
+    ends = (accuracy[0] + accuracy[-1]) / 2
+    return {"endpoints_mean": ends, "midpoint": accuracy[len(accuracy) // 2],
+            "barrier_midpoint": ends - accuracy[len(accuracy) // 2],
+            "barrier_max": ends - min(accuracy)}  # fmt: skip
+
+
+def latent_path(space: ModelSpace, a: int, b: int, splits: dict[str, Split]) -> dict[str, Any]:
+    rows = {"val": [], "test": []}
+    for z in space.path(a, b, PATH_STEPS):
+        plain = space.mapped_at(z).materialize()
+        for name in rows:
+            rows[name].append(_accuracy(plain, splits[name]))
+    return rows | {"barrier": _barrier(rows["test"]), "val_barrier": _barrier(rows["val"])}
+
+
+def weight_path(a: nn.Module, b: nn.Module, splits: dict[str, Split]) -> dict[str, Any]:
+    rows = {"val": [], "test": []}
+    sa, sb = a.state_dict(), b.state_dict()
+    for t in torch.linspace(0, 1, PATH_STEPS).tolist():
+        model = CNN2()
+        model.load_state_dict(_blend(sa, sb, t))
+        for name in rows:
+            rows[name].append(_accuracy(model, splits[name]))
+    return rows | {"barrier": _barrier(rows["test"]), "val_barrier": _barrier(rows["val"])}
+
+
+def _batches(split: Split, steps: int, seed: int, batch: int = 128):
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(split), generator=generator)
+    for step in range(steps):
+        chosen = order[(step * batch) % len(split) :][:batch]
+        yield split.inputs[chosen], split.targets[chosen]
+
+
+def analyse(root: Path = ROOT, data_dir: str | None = None, tsne: bool = True) -> dict[str, Any]:
+    population = space_run("population", data_dir)
+    space = ModelSpace.load(root / "population" / "space", CNN2)
+    flattened = ModelSpace.load(root / "flattened" / "space", CNN2)
+    splits, _ = member_splits(population)
+    labels = [m.label for m in population.members]
+    fm = splits[labels.index("fmnist-s0")]  # the shared Fashion-MNIST val / test splits
+    result: dict[str, Any] = {"members": labels}
+
+    a, b = labels.index("fmnist-s0"), labels.index("fmnist-s1")
+    plains = {name: _plain(root, name, data_dir) for name in PLAIN}
+    result["paths"] = {
+        "mapped (one space, z)": latent_path(space, a, b, fm),
+        "mapped, path flattening (z)": latent_path(flattened, 0, 1, fm),
+        "plain, independent inits (weights)": weight_path(
+            plains["plain-s0"], plains["plain-s1"], fm
+        ),
+        "plain, one init (weights)": weight_path(plains["plain-s0"], plains["plain-s1-init0"], fm),
+    }
+
+    fashion = [i for i, m in enumerate(population.members) if m.task == FMNIST]
+
+    def val_score(z: torch.Tensor) -> float:
+        return _accuracy(space.mapped_at(z).materialize(), fm["val"])
+
+    def test_of(z: torch.Tensor) -> float:
+        return _accuracy(space.mapped_at(z).materialize(), fm["test"])
+
+    members = {labels[i]: {"val": val_score(space.latents[i]), "test": test_of(space.latents[i])}
+               for i in fashion}  # fmt: skip
+    best = max(members, key=lambda k: members[k]["val"])
+    uniform = space.uniform_soup(fashion)
+    greedy, chosen = space.greedy_soup(val_score, fashion)
+    result["soups"] = {
+        "members": members,
+        "best member (by validation)": {"name": best, **members[best]},
+        "uniform soup": {"val": val_score(uniform), "test": test_of(uniform)},
+        "greedy soup": {
+            "val": val_score(greedy),
+            "test": test_of(greedy),
+            "members": [labels[i] for i in chosen],
+        },
+    }
+
+    loss = nn.functional.cross_entropy
+    starts = {
+        "z = 0 (the mapping's start)": torch.zeros(space.latent_dim),
+        "uniform soup of all 12 members": space.uniform_soup(),
+        "Fashion-MNIST greedy soup": greedy,
+    }
+    optimised = {}
+    for name, start in starts.items():
+        z = space.optimise_latent(start, _batches(fm["train"], OPTIMISE_STEPS, 0), loss, lr=0.1)
+        optimised[name] = {"start_test": test_of(start), "test": test_of(z), "val": val_score(z)}
+    result["optimise"] = {"steps": OPTIMISE_STEPS, "rows": optimised}
+
+    teacher = plains["plain-s0"].eval()
+
+    def teacher_batches():
+        for x, _ in _batches(fm["train"], DISTIL_STEPS, 1):
+            with torch.no_grad():  # not around the yield: the student's step runs there
+                soft = teacher(x).softmax(1)
+            yield x, soft
+
+    def distil_loss(logits: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, probabilities)  # soft targets: KL + const
+
+    student = space.optimise_latent(torch.zeros(space.latent_dim), teacher_batches(),
+                                    distil_loss, lr=0.1)  # fmt: skip
+    with torch.no_grad():
+        agree = (
+            (space.mapped_at(student).materialize()(fm["test"].inputs).argmax(1)
+             == teacher(fm["test"].inputs).argmax(1)).float().mean().item() * 100
+        )  # fmt: skip
+    result["distillation"] = {
+        "steps": DISTIL_STEPS,
+        "teacher_test": _accuracy(teacher, fm["test"]),
+        "student_test": test_of(student),
+        "agreement": agree,
+        "labels_one_epoch_test": json.loads((root / "population" / "results.json").read_text())[
+            "history"
+        ][0]["members"][a]["test_acc"],
+    }
+
+    by_epoch = load_file(str(root / "population" / LATENTS_FILE))["latents"]  # (E, N, d)
+    result["embedding"] = _embedding(by_epoch, [m.task for m in population.members], tsne)
+    write_json(root / "analysis.json", result)
+    return result
+
+
+def _embedding(by_epoch: torch.Tensor, tasks: list[str], tsne: bool) -> dict[str, Any]:
+    from mapnet_experiments.trajectory import pca_2d, tsne_2d
+
+    epochs, count, _ = by_epoch.shape
+    rows = by_epoch.reshape(epochs * count, -1)
+    points, share = pca_2d(rows)
+    out = {
+        "tasks": tasks * epochs,
+        "epochs": [e + 1 for e in range(epochs) for _ in range(count)],
+        "pca": points.tolist(),
+        "pca_variance": share,
+    }
+    if tsne:
+        out["tsne"] = tsne_2d(rows, seed=0).tolist()
+    return out
+
+
+# ---------------------------------------------------------------------- speed
+
+
+class Siren(nn.Module):
+    """A small SIREN (Sitzmann et al. 2020), 2 -> 32 -> 32 -> 1: an image as a function."""
+
+    def __init__(self, width: int = 32, omega: float = 30.0):
+        super().__init__()
+        self.omega = omega
+        self.first = nn.Linear(2, width)
+        self.hidden = nn.Linear(width, width)
+        self.last = nn.Linear(width, 1)
+
+    def forward(self, xy: torch.Tensor) -> torch.Tensor:  # (P, 2) -> (P, 1)
+        h = torch.sin(self.omega * self.first(xy))
+        return self.last(torch.sin(self.omega * self.hidden(h)))
+
+
+def _median_seconds(call: Callable[[], Any], repeats: int) -> float:
+    call()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def speed(root: Path = ROOT, members: int = 256, repeats: int = 5) -> dict[str, Any]:
+    """vmap forward of `members` members against a loop, under no_grad, 1 thread."""
+    from mapnet import MappingConfig
+
+    torch.set_num_threads(1)
+    cases = [
+        ("SIREN 2-32-32-1, 64 coordinates", Siren, (64, 2), 128),
+        ("SIREN 2-32-32-1, 784 coordinates (28×28)", Siren, (784, 2), 128),
+        ("CNN2, batch 1", CNN2, (1, 1, 28, 28), 2048),
+        ("CNN2, batch 32", CNN2, (32, 1, 28, 28), 2048),
+    ]
+    rows = []
+    for label, factory, shape, d in cases:
+        space = ModelSpace(factory, MappingConfig(latent_dim=d, projection="structured"), members)
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            space.latents.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+            batched = space(x, chunk_size=None)
+            looped = space.loop_forward(x)
+            rows.append({
+                "case": label, "members": members, "latent_dim": d,
+                "vmap_ms": 1000 * _median_seconds(
+                    lambda s=space, x=x: s(x, chunk_size=None), repeats),
+                "loop_ms": 1000 * _median_seconds(lambda s=space, x=x: s.loop_forward(x), repeats),
+                "max_abs_difference": (batched - looped).abs().max().item(),
+            })  # fmt: skip
+        rows[-1]["speedup"] = rows[-1]["loop_ms"] / rows[-1]["vmap_ms"]
+        print(f"{label}: vmap {rows[-1]['vmap_ms']:.1f} ms, loop {rows[-1]['loop_ms']:.1f} ms")
+    result = {"threads": 1, "rows": rows, "torch": torch.__version__}
+    write_json(root / "speed.json", result)
+    return result
+
+
+# ---------------------------------------------------------------------- report
+
+
+def report(root: Path = ROOT, out: Path = REPORT) -> str:
+    analysis = json.loads((root / "analysis.json").read_text())
+    lines = [
+        "# A model space: CNN2 classifiers as latents of one mapping",
+        "",
+        f"Generated by `mapnet repro space --report` from `{root}/`. Every member is a latent "
+        "(d = 2048) of one mapping (seed 0, structured projection), trained 5 epochs at the "
+        "Table 1 recipe (Adam, lr 0.1, batch 128); the plain controls are CNN2 trained "
+        "directly (Adam, lr 1e-3, 5 epochs). Fashion-MNIST test accuracy %; every member of "
+        "one data set shares one validation split, which made every choice.",
+        "",
+        "## Interpolation: accuracy along the straight path between two members",
+        "",
+        "| pair | endpoints (mean) | midpoint | barrier at the midpoint | largest barrier |",
+        "|---|---|---|---|---|",
+    ]
+    for name, path in analysis["paths"].items():
+        bar = path["barrier"]
+        lines.append(
+            f"| {name} | {path['test'][0]:.2f} / {path['test'][-1]:.2f} "
+            f"({bar['endpoints_mean']:.2f}) | {bar['midpoint']:.2f} | "
+            f"{bar['barrier_midpoint']:.2f} | {bar['barrier_max']:.2f} |"
+        )
+    lines += ["", "![paths](space-paths.png)", ""]
+    soups = analysis["soups"]
+    lines += [
+        "## Soups of the six Fashion-MNIST members (4 data orders, 2 half subsets)",
+        "",
+        "| | validation | test |",
+        "|---|---|---|",
+        *(
+            f"| member {k} | {v['val']:.2f} | {v['test']:.2f} |"
+            for k, v in soups["members"].items()
+        ),
+        f"| best member by validation ({soups['best member (by validation)']['name']}) | "
+        f"{soups['best member (by validation)']['val']:.2f} | "
+        f"{soups['best member (by validation)']['test']:.2f} |",
+        f"| uniform soup (mean latent) | {soups['uniform soup']['val']:.2f} | "
+        f"{soups['uniform soup']['test']:.2f} |",
+        f"| greedy soup ({', '.join(soups['greedy soup']['members'])}) | "
+        f"{soups['greedy soup']['val']:.2f} | {soups['greedy soup']['test']:.2f} |",
+        "",
+    ]
+    optimise = analysis["optimise"]
+    lines += [
+        f"## Latent optimisation: {optimise['steps']} Adam steps (batch 128, lr 0.1) on the "
+        "Fashion-MNIST loss",
+        "",
+        "| start | test at the start | test after | validation after |",
+        "|---|---|---|---|",
+        *(
+            f"| {k} | {v['start_test']:.2f} | {v['test']:.2f} | {v['val']:.2f} |"
+            for k, v in optimise["rows"].items()
+        ),
+        "",
+    ]
+    distil = analysis["distillation"]
+    lines += [
+        f"Distillation: a latent from z = 0 fitted for {distil['steps']} steps to the softmax "
+        f"of a plain CNN2 (test {distil['teacher_test']:.2f}) on unlabelled training images "
+        f"reaches {distil['student_test']:.2f} and agrees with the teacher on "
+        f"{distil['agreement']:.1f} % of the test images; a member trained on the labels for "
+        f"one epoch reached {distil['labels_one_epoch_test']:.2f}.",
+        "",
+        "## The latents, by epoch and task",
+        "",
+        "![latents](space-latents.png)",
+        "",
+    ]
+    speed_file = root / "speed.json"
+    if speed_file.exists():
+        speed_rows = json.loads(speed_file.read_text())["rows"]
+        lines += [
+            "## Batched forward of 256 members (`torch.func.vmap`) against a Python loop",
+            "",
+            "`mapnet repro space --stages speed`, 1 thread, no_grad, median of 5.",
+            "",
+            "| case | vmap | loop | speed-up | largest difference |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {r['case']} | {r['vmap_ms']:.1f} ms | {r['loop_ms']:.1f} ms | "
+                f"{r['speedup']:.1f}× | {r['max_abs_difference']:.1e} |"
+                for r in speed_rows
+            ),
+            "",
+        ]
+    text = "\n".join(lines)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    figures(analysis, out.parent)
+    return text
+
+
+def figures(analysis: dict[str, Any], folder: Path) -> list[Path]:
+    from mapnet_experiments.plots import interpolation_paths, latent_scatter
+
+    paths = {name: path["test"] for name, path in analysis["paths"].items()}
+    made = [interpolation_paths(paths, folder / "space-paths.png",
+                                "Fashion-MNIST test accuracy along straight paths")]  # fmt: skip
+    embedding = analysis["embedding"]
+    panels = {"PCA": embedding["pca"]} | (
+        {"t-SNE": embedding["tsne"]} if "tsne" in embedding else {}
+    )
+    made.append(latent_scatter(panels, embedding["tasks"], folder / "space-latents.png",
+                               "members' latents after each epoch, by task"))  # fmt: skip
+    return made
