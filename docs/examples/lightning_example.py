@@ -24,7 +24,7 @@ class Classifier(L.LightningModule):
 data = DataLoader(TensorDataset(x := torch.randn(64, 8), (x[:, 0] > 0).long()), batch_size=16)
 with tempfile.TemporaryDirectory() as folder:  # the default ModelCheckpoint writes here
     trainer = L.Trainer(max_steps=20, logger=False, accelerator="cpu", default_root_dir=folder)
-    trainer.fit(model := Classifier(), data)  # reloaded below with torch.load(weights_only=True)
+    trainer.fit(model := Classifier(), data)  # torch >= 2.6 loads it with weights_only=True:
     again = Classifier.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
-    same = torch.equal(again.net(x), model.net(x))
+    same = torch.equal(again.net(x), model.net(x))  # (no arbitrary unpickling)
 print(f"{model.net.num_trainable_parameters()} trained numbers; reloaded outputs identical: {same}")

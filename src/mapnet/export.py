@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from mapnet.checkpoint.io import atomic_write_bytes
+from mapnet.checkpoint.io import atomic_write_bytes, unshared_tensors
 from mapnet.module import MappedModule
 
 EXPORT_FORMAT = "mapnet-export"
@@ -48,7 +48,11 @@ INSTALL_HINT = "pip install 'mapnet[integrations]'"
 Inputs = torch.Tensor | Sequence[torch.Tensor]
 
 
-class ExportCheckError(RuntimeError):
+class ExportError(RuntimeError):
+    """The exporter could not export the model (the message says which and on what inputs)."""
+
+
+class ExportCheckError(ExportError):
     """The exported model's outputs differ from torch's beyond the tolerance."""
 
 
@@ -226,19 +230,14 @@ def export_safetensors(mapped_or_module: nn.Module, path: str | os.PathLike[str]
     model computes. Returns the path."""
     file = _file(path)
     plain, description = _plain_model(mapped_or_module)
-    tensors, storages = {}, set()
-    for key, value in plain.state_dict().items():
+    state = plain.state_dict()
+    for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(
                 f"{type(plain).__name__}'s state_dict entry {key!r} is a "
                 f"{type(value).__name__}: safetensors holds tensors only"
             )
-        value = value.detach().contiguous().cpu()
-        storage = value.untyped_storage().data_ptr()
-        # As in mapnet.save: safetensors refuses shared storage, so a tied weight's second name
-        # gets its own copy (load_state_dict copies the same values into both).
-        tensors[key] = value.clone() if storage in storages else value
-        storages.add(storage)
+    tensors = unshared_tensors(state)  # load_state_dict copies the same values into both names
     # "format": "pt" is what Hugging Face tools read to recognise a torch safetensors file.
     metadata = {"format": "pt", METADATA_KEY: json.dumps(description)}
     atomic_write_bytes(file, save_safetensors(tensors, metadata=metadata))
@@ -313,7 +312,7 @@ def export_onnx(
             )
         except Exception as error:
             hint = " (a model that fixes its batch size: pass dynamic_batch=False)"
-            raise RuntimeError(
+            raise ExportError(
                 f"torch.onnx.export failed for {type(plain).__name__} on inputs of shape "
                 f"{_shapes(traced)}: {error}{hint if dynamic_batch else ''}"
             ) from error
@@ -424,7 +423,19 @@ def export_program(
     with _eval_mode(plain):
         _run(plain, inputs)
         traced, dynamic_shapes = _traced_inputs(inputs, dynamic_batch)
-        program = torch.export.export(plain, traced, dynamic_shapes=dynamic_shapes)
+        try:
+            program = torch.export.export(plain, traced, dynamic_shapes=dynamic_shapes)
+        except Exception as error:  # torch.export raises many types (UserError, Unsupported…)
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ExportError(
+                f"torch.export.export failed for {type(plain).__name__} on inputs of shape "
+                f"{_shapes(traced)}: {first}"
+                + (
+                    " (a model that fixes its batch size: dynamic_batch=False)"
+                    if dynamic_batch
+                    else ""
+                )
+            ) from error
     if file is not None:
         buffer = io.BytesIO()
         torch.export.save(program, buffer)

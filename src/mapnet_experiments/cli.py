@@ -100,9 +100,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         default=1,
         help=(
             "train with N processes on this machine (DistributedDataParallel over gloo, on "
-            "the CPU): each trains on its own 1/N of every batch of --batch-size, and only the "
-            "latent's gradient is exchanged. Same as torchrun --nproc-per-node N -m "
-            "mapnet_experiments.cli train …"
+            "the CPU): each trains on its own 1/N of every batch of --batch-size; the trainable "
+            "tensors' gradients are all-reduced (in mapped mode the latent's: d numbers) and "
+            "BatchNorm statistics broadcast from rank 0. Same as torchrun --nproc-per-node N "
+            "-m mapnet_experiments.cli train …"
         ),
     )
     p.set_defaults(run=_run_train)
@@ -178,6 +179,8 @@ def _resume_hint(args: argparse.Namespace) -> str:
     """What an interrupted `mapnet train` left behind, read when it stopped."""
     if args.out is None:
         return "Nothing was saved (no --out)."
+    if (args.out / "results.json").exists():
+        return f"The run had finished: {args.out} holds its results.json and checkpoint/."
     from mapnet_experiments.train import saved_epoch
 
     epoch = saved_epoch(args.out)
@@ -202,7 +205,7 @@ def _run_train(args: argparse.Namespace, overrides: list[str]) -> int:
         return _train_and_report(args, config, ranks)
     except distributed.RankLostError as error:
         print(f"mapnet: error: {error}. {_resume_hint(args)}", file=sys.stderr)
-        return 1
+        return distributed.LOST_PEERS_EXIT
     finally:
         ranks.close()
 

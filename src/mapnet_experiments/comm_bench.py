@@ -75,11 +75,13 @@ def worker(variant: str, out: Path, warmup: int, steps: int) -> None:
                 "trainable_parameters": sum(
                     p.numel() for p in module.parameters() if p.requires_grad
                 ),
-                "allreduce_bytes_per_step": traffic.per_step[-1],
+                "allreduce_bytes_per_step": traffic.last_step_bytes,
                 "step_ms": 1000 * statistics.median(times),
                 "losses": [losses[0], losses[-1]],
             }
             out.write_text(json.dumps(result))
+        ranks.barrier()  # no rank tears its process group down while another still talks
+        del forward  # DDP before its process group: else gloo may abort at exit
     finally:
         ranks.close()
 

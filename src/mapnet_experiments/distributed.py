@@ -28,9 +28,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,6 +47,9 @@ from mapnet import exclude_fixed_from_ddp
 TIMEOUT = datetime.timedelta(minutes=10)
 # After one rank fails, the others get this long to notice and exit with their own message.
 GRACE_SECONDS = 10.0
+# A rank that stops only because it lost its peers exits with this code, so the launcher names
+# the rank that failed first, not the ones that followed it.
+LOST_PEERS_EXIT = 75
 
 
 class RankLostError(RuntimeError):
@@ -57,11 +61,15 @@ class Traffic:
     """Bytes the gradient all-reduce sends per step, counted by a DDP communication hook."""
 
     steps: int = 0
-    allreduce_bytes: int = 0
-    per_step: list[int] = field(default_factory=list)
+    allreduce_bytes: int = 0  # since the start
+    last_step_bytes: int = 0
+    max_step_bytes: int = 0
+    _at_last_step: int = 0
 
     def step_done(self) -> None:
-        self.per_step.append(self.allreduce_bytes - sum(self.per_step))
+        self.last_step_bytes = self.allreduce_bytes - self._at_last_step
+        self.max_step_bytes = max(self.max_step_bytes, self.last_step_bytes)
+        self._at_last_step = self.allreduce_bytes
         self.steps += 1
 
 
@@ -140,16 +148,20 @@ class Ranks:
         try:
             return call(*args, **kwargs)
         except (RuntimeError, dist.DistError) as error:
-            raise self.lost(error) from None
+            raise self.lost(error) or RankLostError(
+                f"rank {self.rank} of {self.world_size}: a collective failed ({error})"
+            ) from None
 
-    def lost(self, error: BaseException) -> RankLostError:
+    def lost(self, error: BaseException) -> RankLostError | None:
+        """The RankLostError an error from a step means, or None if it is not about the peers
+        (a shape error, say: that one is raised as it is)."""
         text = str(error)
-        if "Connection" in text or "peer" in text:
+        if isinstance(error, dist.DistError) or "Connection" in text or "peer" in text:
             cause = "a peer closed its connection: another rank stopped"
-        elif "timed out" in text.lower() or "timeout" in text.lower():
+        elif "gloo" in text.lower() and ("timed out" in text.lower() or "timeout" in text.lower()):
             cause = f"no answer from a peer within {TIMEOUT}"
         else:
-            cause = (text.strip().splitlines() or [type(error).__name__])[0][:160]
+            return None
         return RankLostError(
             f"rank {self.rank} of {self.world_size} lost the other ranks ({cause})"
         )
@@ -167,6 +179,8 @@ def _exit_text(code: int) -> str:
             return f"was killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"was killed by signal {-code}"
+    if code == LOST_PEERS_EXIT:
+        return f"exited with code {code} (it lost its peers)"
     return f"exited with code {code}"
 
 
@@ -198,38 +212,61 @@ def launch(
         }
         command = [sys.executable, "-m", module, *argv]
         procs.append(subprocess.Popen(command, env=env))
+
+    def stop_on_signal(signum: int, frame: Any) -> None:  # SIGTERM / SIGHUP: take the ranks along
+        _stop(procs)
+        raise SystemExit(128 + signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signals: main only
+    signals = (signal.SIGTERM, signal.SIGHUP) if main_thread else ()
+    handlers = {sig: signal.signal(sig, stop_on_signal) for sig in signals}
     try:
         while True:
             codes = [proc.poll() for proc in procs]
             failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
             if failed:
-                return _stop_after_failure(procs, failed, resume_hint)
+                return _stop_after_failure(procs, resume_hint)
             if all(code == 0 for code in codes):
                 return 0
             time.sleep(0.1)
     except KeyboardInterrupt:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait()
+        _stop(procs)
         raise
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _stop(procs: list[subprocess.Popen], grace: float = GRACE_SECONDS) -> None:
+    """Terminate every rank still running; kill those that outlive `grace` seconds."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _stop_after_failure(
-    procs: list[subprocess.Popen],
-    failed: list[tuple[int, int]],
-    resume_hint: Callable[[], str] | None,
+    procs: list[subprocess.Popen], resume_hint: Callable[[], str] | None
 ) -> int:
-    first_rank, first_code = failed[0]
+    """Give the other ranks GRACE_SECONDS to stop on their own, stop the rest, and name the
+    rank that failed (not one that only lost its peers, unless every failure is that)."""
     deadline = time.monotonic() + GRACE_SECONDS
     for proc in procs:
         try:
             proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
         except subprocess.TimeoutExpired:
-            proc.terminate()
-    for proc in procs:
-        proc.wait()
-    message = f"mapnet: rank {first_rank} of {len(procs)} {_exit_text(first_code)}; all stopped."
+            break
+    _stop(procs)
+    failed = [(rank, proc.returncode) for rank, proc in enumerate(procs) if proc.returncode != 0]
+    causes = [(rank, code) for rank, code in failed if code != LOST_PEERS_EXIT] or failed
+    rank, code = causes[0]
+    message = f"mapnet: rank {rank} of {len(procs)} {_exit_text(code)}; all stopped."
     if resume_hint is not None:
         message += f" {resume_hint()}"
     print(message, file=sys.stderr)

@@ -19,7 +19,7 @@ from torch import nn
 
 from mapnet.export import (
     INSTALL_HINT,
-    ExportCheckError,
+    ExportError,
     export_onnx,
     export_program,
     export_safetensors,
@@ -152,7 +152,11 @@ def run_export(args: argparse.Namespace) -> int:
     x = example_inputs(config)
     batch = "batch 1 only" if args.static_batch else "any batch size"
     if args.format == "program":
-        export_program(module, x, args.out, dynamic_batch=not args.static_batch)
+        try:
+            export_program(module, x, args.out, dynamic_batch=not args.static_batch)
+        except ExportError as error:
+            print(f"mapnet export: error: {error}", file=sys.stderr)
+            return 1
         print(
             f"wrote {args.out}: torch.export program of {what}, {batch}, input "
             f"{tuple(x.shape)}; it holds pickled data: load only your own files"
@@ -167,7 +171,7 @@ def run_export(args: argparse.Namespace) -> int:
             check=not args.no_check,
             atol=args.atol,
         )
-    except (ExportCheckError, ImportError) as error:
+    except (ExportError, ImportError) as error:
         print(f"mapnet export: error: {error}", file=sys.stderr)
         return 1
     checked = (

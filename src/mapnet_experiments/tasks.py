@@ -58,7 +58,7 @@ class Meter:
             self.loss_sum += float(((outputs.double() - targets.double()) ** 2).sum())
             self.count += targets.numel()
         else:
-            scored = int((targets != IGNORE).sum())
+            scored = self.task.scored(targets)
             loss = nn.functional.cross_entropy(
                 outputs, targets, ignore_index=IGNORE, reduction="sum"
             )

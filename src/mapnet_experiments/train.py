@@ -44,7 +44,7 @@ from mapnet.compress import PRUNE_SCOPES, CompressedWeights, check_sparsity
 from mapnet.loss import MappingLoss
 from mapnet_experiments.ablations import build_variant, check_variant
 from mapnet_experiments.data import DATASETS, load_idx_dataset, train_val_split
-from mapnet_experiments.distributed import Ranks, Traffic
+from mapnet_experiments.distributed import RankLostError, Ranks, Traffic
 from mapnet_experiments.forecasting_data import (
     SINGLE_SITE_NUMERIC,
     SINGLE_SITE_WIND,
@@ -413,41 +413,30 @@ class Trainer:
         terms: dict[str, float] = {}
         for step in bar:
             batch = order[step * config.batch_size : (step + 1) * config.batch_size]
-            if len(batch) < self.ranks.world_size:  # a last batch too small to share out
-                break
-            idx = self.ranks.shard(batch)
-            x, y = split.inputs[idx], split.targets[idx]
             lr = self.lr_at(self.epoch * steps_per_epoch + step, config.epochs * steps_per_epoch)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            if self.loss_fn is not None and not self.ranks.distributed:
-                out = self.loss_fn(x, y)
-                loss, logits = out.total, out.outputs
-                for key, value in out.values.items():
-                    terms[key] = terms.get(key, 0.0) + value * len(y)
-                task = out.values.get("task", loss.item())
-            else:
-                logits = self.forward_module(x)
-                loss = self.task.loss(logits, y)
-                task = loss.item()
-                if self.ranks.distributed:
-                    # DDP averages over ranks: weighting each rank's mean by its share of the
-                    # batch makes that average the gradient of the whole batch's mean.
-                    share = self.task.scored(y) / self.task.scored(split.targets[batch])
-                    loss = loss * (share * self.ranks.world_size)
-            self.optimizer.zero_grad(set_to_none=True)
-            try:
-                loss.backward()
-            except RuntimeError as error:
-                if self.ranks.distributed:
-                    raise self.ranks.lost(error) from None
-                raise
-            self.optimizer.step()
             if self.ranks.distributed:
-                self.traffic.step_done()
+                logits, y, task = self._shared_step(split, batch)
+            else:
+                x, y = split.inputs[batch], split.targets[batch]
+                if self.loss_fn is not None:
+                    out = self.loss_fn(x, y)
+                    loss, logits = out.total, out.outputs
+                    for key, value in out.values.items():
+                        terms[key] = terms.get(key, 0.0) + value * len(y)
+                    task = out.values.get("task", loss.item())
+                else:
+                    logits = self.module(x)
+                    loss = self.task.loss(logits, y)
+                    task = loss.item()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
             if on_step is not None:
                 on_step()
-            meter.update(logits.detach(), y, loss_mean=task)  # the training-mode loss
+            if len(y):
+                meter.update(logits.detach(), y, loss_mean=task)  # the training-mode loss
             seen += len(y)
             bar.set_postfix({k: f"{v:.4f}" for k, v in meter.result().items()})
         self.epoch += 1
@@ -455,6 +444,38 @@ class Trainer:
         row = {f"train_{k}": v for k, v in meter.result().items()} | {"lr": lr}
         row.update({f"loss_{k}": v / seen for k, v in terms.items() if k != "task"})
         return row
+
+    def _shared_step(
+        self, split: Split, batch: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One step of a multi-process run on this rank's share of `batch`. Its mean loss is
+        weighted by its share of the batch, so DDP's average over ranks is the gradient of the
+        whole batch's mean. A rank whose share is empty (a last batch smaller than the number
+        of ranks) takes part with one sample at weight 0 (BatchNorm statistics see it).
+        Returns this rank's outputs, targets and mean loss."""
+        idx = self.ranks.shard(batch)
+        empty = len(idx) == 0
+        x, y = (
+            split.inputs[idx if not empty else batch[:1]],
+            split.targets[idx if not empty else batch[:1]],
+        )
+        whole = self.task.scored(split.targets[batch])
+        share = 0.0 if empty or whole == 0 else self.task.scored(y) / whole
+        try:
+            logits = self.forward_module(x)  # DDP may broadcast buffers here
+            loss = self.task.loss(logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            (loss * (share * self.ranks.world_size)).backward()  # the all-reduce runs here
+        except RuntimeError as error:
+            lost = self.ranks.lost(error)
+            if lost is None:
+                raise
+            raise lost from None
+        self.optimizer.step()
+        self.traffic.step_done()
+        if empty:
+            return logits[:0], y[:0], 0.0
+        return logits, y, loss.item()
 
     # ------------------------------------------------------------ exact save / restore
 
@@ -603,6 +624,12 @@ def train(
         trainer.restore_state(state_dir)
         if progress and ranks.is_main:
             print(f"resuming after epoch {trainer.epoch} of {config.epochs}", file=sys.stderr)
+    main_epoch = ranks.from_main(trainer.epoch)
+    if main_epoch != trainer.epoch:
+        raise ValueError(
+            f"rank {ranks.rank} resumed after epoch {trainer.epoch}, rank 0 after epoch "
+            f"{main_epoch}: every rank must see the same {out_dir} (a shared file system)"
+        )
     elapsed_before = trainer.history[-1]["seconds"] if trainer.history else 0.0
     while trainer.epoch < config.epochs:
         row: dict[str, Any] = trainer.train_epoch(splits["train"], progress)
@@ -654,14 +681,17 @@ def train(
         "threads": torch.get_num_threads(),
     }
     if ranks.distributed:
-        per_step = trainer.traffic.per_step
         result["processes"] = ranks.world_size
-        result["allreduce_bytes_per_step"] = max(per_step) if per_step else None
+        result["allreduce_bytes_per_step"] = trainer.traffic.max_step_bytes
     if out_dir is not None and ranks.is_main:
         save_model(trainer.module, Path(out_dir) / "checkpoint")
         write_json(Path(out_dir) / "results.json", result)
         remove_state(Path(out_dir))  # only after results.json: a crash before it can resume
-    ranks.barrier()  # every rank ends once the results are on disk
+    try:
+        ranks.barrier()  # every rank ends once the results are on disk
+    except RankLostError:
+        if not ranks.is_main:  # rank 0 has written the results: a peer lost now costs nothing
+            raise
     return result
 
 

@@ -56,6 +56,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def unshared_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` on the CPU, contiguous, with no two tensors sharing storage: safetensors refuses
+    shared storage (a tied weight under two names, buffers that view one another), so each
+    further tensor on a storage gets its own copy."""
+    tensors, storages = {}, set()
+    for key, value in state.items():
+        value = value.detach().contiguous().cpu()
+        storage = value.untyped_storage().data_ptr()
+        tensors[key] = value.clone() if storage in storages else value
+        storages.add(storage)
+    return tensors
+
+
 def save(
     mapped: MappedModule, path: str | os.PathLike[str], metadata: dict[str, Any] | None = None
 ) -> Path:
@@ -69,15 +82,7 @@ def save(
             f"save() takes a MappedModule from mapnet.wrap(), got {type(mapped).__name__}"
         )
     folder = Path(path)
-    tensors, storages = {}, set()
-    for key, value in mapped.state_dict().items():
-        value = value.detach().contiguous().cpu()
-        storage = value.untyped_storage().data_ptr()
-        # safetensors refuses shared storage. A tied parameter appears once in the state, but
-        # buffers may still view one another: each further tensor on a storage gets a copy.
-        tensors[key] = value.clone() if storage in storages else value
-        storages.add(storage)
-    blob = save_safetensors(tensors)
+    blob = save_safetensors(unshared_tensors(mapped.state_dict()))
     description = {
         "format": FORMAT,
         "version": VERSION,
