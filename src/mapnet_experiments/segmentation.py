@@ -29,7 +29,8 @@ SEEDS = (0, 1, 2)
 STRUCTURED = {"projection": "structured"}
 # Paper Table 3 (Cityscapes): pixel accuracy %, mIoU.
 SPECS = [
-    Row("unet", "unet", "U-Net trained directly", "plain", {}, (93.21, 0.4957), (None, None)),
+    Row("unet", "unet", "U-Net trained directly (1 channel in, 21 classes; 1,734,803 numbers at "
+        "the paper's 3 and 19)", "plain", {}, (93.21, 0.4957), (None, None)),
     Row("ours-8192", "unet", "Ours* 8192", "mapped", {"latent_dim": 8192} | STRUCTURED,
         (97.92, 0.4623), (None, None)),
     Row("ours-2048", "unet", "Ours* 2048", "mapped", {"latent_dim": 2048} | STRUCTURED,
