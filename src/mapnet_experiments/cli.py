@@ -505,11 +505,12 @@ Multi-process training's exchange: CNN2 plain (108,618 weights) and mapped (d = 
 structured projection) each train a few Adam steps on a fixed synthetic batch of 128, in fresh
 processes started as `mapnet train --nproc N` starts them: 1 process, then 2 gloo ranks with 64
 samples each. A DDP communication hook counts the bytes of every gradient all-reduce; rank 0's
-median step time is recorded (1 torch thread per process). 3 rounds in alternating order.""",
+median step time is recorded (1 torch thread per process). 50 steps per process, 5 rounds in
+alternating order.""",
         epilog="""\
 examples:
   mapnet bench comm --smoke                     # seconds: 2 steps, one round
-  mapnet bench comm                             # ~1 min
+  mapnet bench comm                             # ~2 min
   mapnet bench report                           # adds the table to docs/results/bench.md""",
     )
     _add_report_options(q, "results/bench/comm.json")

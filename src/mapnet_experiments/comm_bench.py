@@ -98,7 +98,7 @@ def measure(variant: str, processes: int, warmup: int, steps: int) -> dict[str, 
 
 
 def communication_bench(
-    out: Path, command: str, smoke: bool = False, rounds: int = 3, steps: int = 20
+    out: Path, command: str, smoke: bool = False, rounds: int = 5, steps: int = 50
 ) -> dict[str, Any]:
     """Every variant on 1 and 2 processes, `rounds` times in alternating order; writes `out`."""
     from mapnet_experiments.bench import _announce, _finish, _results_header
