@@ -101,8 +101,15 @@ def test_each_task_resumes_to_the_uninterrupted_result(
     monkeypatch.setattr(Trainer, "train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(config, splits=splits, progress=False, out_dir=tmp_path / "cut", resume=True)
-    monkeypatch.setattr(Trainer, "train_epoch", original)
+    epochs_run = []
+
+    def counted(self: Trainer, *args, **kwargs):  # type: ignore[no-untyped-def]
+        epochs_run.append(self.epoch)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_epoch", counted)
     resumed = train(config, splits=splits, progress=False, out_dir=tmp_path / "cut", resume=True)
+    assert epochs_run == [1]  # it went on from the saved epoch, it did not start over
 
     def strip(result: dict) -> list[dict]:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in result["history"]]

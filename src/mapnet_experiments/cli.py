@@ -869,7 +869,7 @@ def _run_repro(args: argparse.Namespace) -> int:
         if recipe is forecasting:
             print(forecasting.report(root, out, data_dir=args.data_dir))
         else:
-            print(segmentation.report(root, out))
+            print(segmentation.report(root, out, data_dir=args.data_dir))
         figure = recipe.figure(root, out.with_name(recipe.FIGURE.name), data_dir=args.data_dir)
         print(figure or "(the example figure needs the seed-0 runs)")
         return 0

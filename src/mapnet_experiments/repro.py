@@ -362,6 +362,22 @@ def mean_std(values: list[float], digits: int = 2, seeds: int = 3) -> str:
     return text + ("" if len(values) == seeds else f" ({len(values)} seeds)")
 
 
+def recipe_text(plain: dict[str, Any] | None, mapped: dict[str, Any] | None) -> str:
+    """How a table's runs trained, from two stored run configs (a plain and a mapped one)."""
+    config = plain or mapped
+    if config is None:
+        return ""
+    lrs = []
+    if plain is not None:
+        lrs.append(f"{plain['lr']:g} trained directly")
+    if mapped is not None:
+        lrs.append(f"{mapped['lr']:g} through a latent")
+    return (
+        f"{config['epochs']} epochs of {config['optimizer'].capitalize()}, {config['schedule']} "
+        f"schedule, batch {config['batch_size']}, learning rate {' and '.join(lrs)}"
+    )
+
+
 def _cell(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 

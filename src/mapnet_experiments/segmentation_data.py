@@ -24,8 +24,9 @@ import torch
 from torch.nn import functional
 
 IGNORE = 255
-# The "scenes" data set of the recipe: 64×64 canvases (a 128×128 U-Net step takes 2.7 s per
-# batch of 16 on one core here, four times a 64×64 one), 2,000 / 300 / 500 scenes.
+# The "scenes" data set of the recipe: 64×64 canvases (a U-Net step on a batch of 16 takes
+# 1.7–2.0 s at 128×128 on one thread here, the other core busy, about 5× the 0.3–0.4 s at
+# 64×64), 2,000 / 300 / 500 scenes.
 SCENE_SIZE = 64
 SCENE_COUNTS = (2000, 300, 500)
 THRESHOLD = 0.3  # of full intensity: a pixel brighter than this belongs to its object
