@@ -41,6 +41,7 @@ ADDED_TRAIN = {
     "prune_scope": "tensor",
     "fake_quant": False,
     "window": 24,
+    "init_seed": None,
 }
 
 

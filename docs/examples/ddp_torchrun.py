@@ -14,9 +14,8 @@ rank, world = dist.get_rank(), dist.get_world_size()
 device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
 mapped = mapnet.wrap(lambda: nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 2)),
                      mapnet.MappingConfig(latent_dim=32)).to(device)  # fmt: skip
-model = nn.parallel.DistributedDataParallel(mapped)  # fixed tensors are never broadcast
-sent: list[int] = []  # bytes of every all-reduce, through a communication hook
-model.register_comm_hook(sent, lambda state, bucket: state.append(bucket.buffer().nbytes)
+model = nn.parallel.DistributedDataParallel(mapped)  # no fixed tensor sent; the hook counts bytes
+model.register_comm_hook(sent := [], lambda state, bucket: state.append(bucket.buffer().nbytes)
                          or allreduce_hook(None, bucket))  # fmt: skip
 x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))  # the same data everywhere
 x, y = x.tensor_split(world)[rank].to(device), (x[:, 0] > 0).long().tensor_split(world)[rank]
@@ -27,4 +26,5 @@ for _ in range(30):
 if rank == 0:  # one writer
     mapnet.save(mapped, os.environ.get("OUT", "ddp-run"))
     print(f"{world} ranks: loss {loss.item():.3f}, all-reduced {sent[-1]} bytes per step")
+dist.barrier()  # no rank leaves while another still talks: gloo may abort at exit otherwise
 dist.destroy_process_group()
