@@ -76,6 +76,7 @@ def test_save_and_load_are_exact_and_keep_member_records(tmp_path: Path) -> None
     assert torch.equal(again(x), s(x))
     described = json.loads((tmp_path / "space" / "space.json").read_text())
     assert described["members"] == 5 and described["latent_dim"] == 12
+    assert described["identity"]["projection"] == s.mapping.fingerprint()["projection"]
 
 
 def test_a_space_refuses_another_mapping_and_a_corrupt_file(tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ from torch.func import functional_call, vmap
 from mapnet.bases import ModelSource
 from mapnet.checkpoint import fingerprint
 from mapnet.checkpoint.fingerprint import CheckpointError
-from mapnet.checkpoint.io import atomic_write_bytes
+from mapnet.checkpoint.io import atomic_write_bytes, readable_identity
 from mapnet.config import MappingConfig
 from mapnet.module import MappedModule, wrap
 
@@ -308,6 +308,8 @@ class ModelSpace(nn.Module):
             "latent_dim": self.latent_dim,
             "config": self.mapping.mapping_config.to_dict(),
             "target_class": self.mapping.target_class,
+            # For readers; the full identity (per-tensor digests) in the tensor file is checked.
+            "identity": readable_identity(self.mapping.fingerprint()),
             "tensors_sha256": hashlib.sha256(blob).hexdigest(),
             "torch_version": torch.__version__,
             "member_records": self.members,

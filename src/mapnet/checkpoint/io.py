@@ -88,7 +88,7 @@ def save(
         "version": VERSION,
         "config": mapped.mapping_config.to_dict(),
         "target_class": mapped.target_class,
-        "identity": _readable_identity(mapped.fingerprint()),
+        "identity": readable_identity(mapped.fingerprint()),
         "tensors_sha256": hashlib.sha256(blob).hexdigest(),
         "torch_version": torch.__version__,
         "metadata": metadata or {},
@@ -98,7 +98,7 @@ def save(
     return folder
 
 
-def _readable_identity(identity: dict[str, Any]) -> dict[str, Any]:
+def readable_identity(identity: dict[str, Any]) -> dict[str, Any]:
     """What a reader of mapnet.json wants to see; the full identity (per-tensor digests and
     sketches) is in the tensor file's `_extra_state`, and only that one is checked."""
     summary = {k: identity[k] for k in ("format", "projection", "stored")}
