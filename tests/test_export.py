@@ -30,7 +30,8 @@ from mapnet.export import (
 )
 from mapnet_experiments import export_cli
 from mapnet_experiments.models import CNN1, CNN2, LSTMForecaster, SmallCNN, UNet
-from mapnet_experiments.train import Split, TrainConfig, build, save_model, train
+from mapnet_experiments.train import TrainConfig, build, save_model, train
+from test_train_cli import tiny_splits
 
 EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "export_onnx.py"
 # CI installs the integrations extra: there a missing package fails the tests, never skips them.
@@ -224,16 +225,6 @@ def run_cli(*argv: str) -> int:
     export_cli.add_parser(parser.add_subparsers())
     args = parser.parse_args(["export", *argv])
     return args.run(args)
-
-
-def tiny_splits(n: int = 64) -> dict[str, Split]:
-    """Ten separable classes: class k lights up row 2k + 4 of the image."""
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.arange(n) % 10
-    images = 0.3 * torch.randn(n, 1, 28, 28, generator=generator)
-    images[torch.arange(n), 0, 2 * labels + 4, :] += 3.0
-    split = Split(images, labels)
-    return {"train": split, "val": split, "test": split}
 
 
 @pytest.fixture(scope="module")
