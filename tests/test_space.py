@@ -202,3 +202,30 @@ def test_latent_optimisation_fits_a_teacher_and_add_keeps_it() -> None:
     assert torch.equal(s.latents[3], fitted) and s.latents.requires_grad
     with pytest.raises(ValueError, match="2 member records for 1 latents"):
         s.add(fitted, [{}, {}])
+
+
+def test_a_learned_base_starts_at_theta0_trains_and_round_trips(tmp_path: Path) -> None:
+    fixed, learned = space(3), ModelSpace(Net, CONFIG, 3, learn_base=True)
+    with torch.no_grad():
+        learned.latents.copy_(fixed.latents)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    torch.testing.assert_close(learned(x), fixed(x), rtol=0, atol=0)  # θ₀ to begin with
+    loss = sum(nn.functional.cross_entropy(out, y) for out in learned(x))
+    grad_z, grad_base = torch.autograd.grad(loss, [learned.latents, learned.bases[0]])
+    assert grad_base.abs().sum() > 0 and grad_z.abs().sum() > 0
+    with torch.no_grad():
+        learned.bases[0].add_(0.01 * grad_base)  # the shared part moves: every member changes
+    moved = learned(x)
+    assert not torch.allclose(moved, fixed(x))
+    torch.testing.assert_close(learned.materialize_at(learned.latents[1])(x), moved[1])
+    learned.save(tmp_path / "learned")
+    again = ModelSpace.load(tmp_path / "learned", Net)
+    assert again.bases is not None and torch.equal(again.bases[0], learned.bases[0])
+    assert torch.equal(again(x), moved)
+    with pytest.raises(ValueError, match="materialize_at"):
+        learned.member(0)
+    assert ModelSpace.load(_saved(tmp_path), Net).bases is None
+
+
+def _saved(tmp_path: Path) -> Path:
+    return space(2).save(tmp_path / "plain")

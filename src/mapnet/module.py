@@ -393,7 +393,10 @@ class MappedModule(nn.Module):
         return scale_by_groups(self._base(index), 1 + m, config.group_size)  # (P_g,)
 
     def generate(
-        self, latents: Sequence[torch.Tensor] | None = None, check_finite: bool | None = None
+        self,
+        latents: Sequence[torch.Tensor] | None = None,
+        check_finite: bool | None = None,
+        bases: Sequence[torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Every generated parameter, by name (tied aliases map to the same tensor).
 
@@ -401,9 +404,12 @@ class MappedModule(nn.Module):
         mapping loss's stability term: `functional_call(mapped.target, mapped.generate(zs), x)`.
         `check_finite` overrides the config's (False under torch.func.vmap, whose batched
         tensors cannot decide an `if`: check the latents before, as ModelSpace does).
+        `bases` (one flat θ₀ per group) override θ₀: a learned shared base (ModelSpace).
         """
         if latents is not None and len(latents) != len(self.groups):
             raise ValueError(f"need one latent per group ({len(self.groups)}), got {len(latents)}")
+        if bases is not None and len(bases) != len(self.groups):
+            raise ValueError(f"need one base per group ({len(self.groups)}), got {len(bases)}")
         config = self.mapping_config
         check = config.check_finite if check_finite is None else check_finite
         params: dict[str, torch.Tensor] = {}
@@ -416,7 +422,7 @@ class MappedModule(nn.Module):
                     "diverged or the latent was set by hand; lower the learning rate or reload a "
                     "checkpoint"
                 )
-            base = self._base(index)
+            base = self._base(index) if bases is None else bases[index]
             if config.update == "multiplicative":
                 tensors = modulate_group(
                     z,

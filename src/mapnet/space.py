@@ -64,6 +64,7 @@ class ModelSpace(nn.Module):
         *,
         latents: torch.Tensor | None = None,
         members: Sequence[dict[str, Any]] | None = None,
+        learn_base: bool = False,
     ):
         super().__init__()
         if isinstance(model, MappedModule):
@@ -89,6 +90,16 @@ class ModelSpace(nn.Module):
         self.members: list[dict[str, Any]] = [dict(m) for m in members or [{} for _ in latents]]
         if len(self.members) != len(latents):
             raise ValueError(f"{len(self.members)} member records for {len(latents)} latents")
+        # A learned θ₀ shared by every member (the shared part functa meta-learns): a variant,
+        # not the paper's method, in which θ₀ stays the initialisation.
+        self.bases: nn.ParameterList | None = None
+        if learn_base:
+            bases = [mapping._base(i).detach() for i in range(len(mapping.groups))]
+            if any(b.numel() == 0 for b in bases):
+                raise ValueError(
+                    "learn_base needs a θ₀ to start from; this mapping has base='zero'"
+                )
+            self.bases = nn.ParameterList([nn.Parameter(b.clone()) for b in bases])
 
     # ------------------------------------------------------------------ construction
 
@@ -147,6 +158,11 @@ class ModelSpace(nn.Module):
 
     def mapped_at(self, z: torch.Tensor) -> MappedModule:
         """A standalone MappedModule at latent `z` (d,): a member, a midpoint or a soup."""
+        if self.bases is not None:
+            raise ValueError(
+                "with a learned base a point of this space is not a MappedModule of its mapping "
+                "(whose θ₀ is the initialisation): use materialize_at(z) or space(x, latents=…)"
+            )
         (z,) = self._checked_latents(z.reshape(1, -1), "z")
         module = copy.deepcopy(self.mapping)
         with torch.no_grad():
@@ -155,11 +171,19 @@ class ModelSpace(nn.Module):
                 latent.requires_grad_(True)
         return module
 
+    def materialize_at(self, z: torch.Tensor) -> nn.Module:
+        """An ordinary module of the target's class holding the weights `z` (d,) generates."""
+        (z,) = self._checked_latents(z.reshape(1, -1), "z")
+        with torch.no_grad():
+            return self.mapping.materialize(self.generate(z.detach()))
+
     # ------------------------------------------------------------------ generation, forward
 
     def generate(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """The weights one latent z (d,) generates, by parameter name (vmap-safe)."""
-        return self.mapping.generate(list(z.split(self._sizes, dim=-1)), check_finite=False)
+        bases = None if self.bases is None else list(self.bases)
+        parts = list(z.split(self._sizes, dim=-1))
+        return self.mapping.generate(parts, check_finite=False, bases=bases)
 
     def forward(
         self,
@@ -301,6 +325,8 @@ class ModelSpace(nn.Module):
             "latents": self.latents.detach().cpu().contiguous(),
             "identity": fingerprint.encode(self.mapping.fingerprint()),
         }
+        for index, base in enumerate(self.bases or []):
+            tensors[f"base.{index}"] = base.detach().cpu().contiguous()
         blob = save_safetensors(tensors)
         description = {
             "format": SPACE_FORMAT,
@@ -313,6 +339,7 @@ class ModelSpace(nn.Module):
             "tensors_sha256": hashlib.sha256(blob).hexdigest(),
             "torch_version": torch.__version__,
             "member_records": self.members,
+            "learned_base": self.bases is not None,
         }
         atomic_write_bytes(folder / TENSOR_FILE, blob)
         atomic_write_bytes(folder / DESCRIPTION_FILE, json.dumps(description, indent=1).encode())
@@ -343,7 +370,20 @@ class ModelSpace(nn.Module):
             mapping = wrap(model, MappingConfig.from_dict(description["config"]))
         saved = fingerprint.decode(tensors["identity"], str(folder))
         fingerprint.compare(saved, mapping.fingerprint(), str(folder))
-        return cls(mapping, latents=tensors["latents"], members=description["member_records"])
+        learned = bool(description.get("learned_base"))
+        space = cls(
+            mapping,
+            latents=tensors["latents"],
+            members=description["member_records"],
+            learn_base=learned,
+        )
+        if learned:
+            with torch.no_grad():
+                for index, base in enumerate(space.bases):  # type: ignore[arg-type]
+                    if f"base.{index}" not in tensors:
+                        raise CheckpointError(f"{folder}: the learned base {index} is missing")
+                    base.copy_(tensors[f"base.{index}"])
+        return space
 
 
 def _check_shareable(mapping: MappedModule) -> None:
