@@ -762,7 +762,8 @@ def _repro_parser(sub: argparse._SubParsersAction) -> None:
             "space    a model space: 12 CNN2 classifiers as latents of one mapping, 2 trained\n"
             "         with path flattening, plain controls; --stages train, analyse (paths,\n"
             "         soups, latent optimisation, distillation, PCA; --tsne: t-SNE too),\n"
-            "         speed (256 members by vmap vs a loop: run it alone); --report writes\n"
+            "         speed (256 members by vmap vs a loop: run it alone), inr (one SIREN per\n"
+            "         image, classified from its latent; --datasets); --report writes\n"
             "         docs/results/space.md and its figures.\n\n"
             "Finished runs are skipped and interrupted ones resume from their last epoch, so\n"
             "the same command carries a long table across sessions (see --hours). A run is\n"
@@ -885,8 +886,15 @@ def _run_repro(args: argparse.Namespace) -> int:
                     space_study.analyse(root, args.data_dir, tsne=args.tsne)
                 elif stage == "speed":
                     space_study.speed(root)
+                elif stage == "inr":
+                    from mapnet_experiments import inr_study
+
+                    datasets = tuple(args.datasets.split(","))
+                    inr_study.run(root / "inr", args.data_dir, datasets)
                 else:
-                    raise ValueError(f"unknown stage {stage!r} for space (train, analyse, speed)")
+                    raise ValueError(
+                        f"unknown stage {stage!r} for space (train, analyse, speed, inr)"
+                    )
         print(space_study.report(root, args.report_to or space_study.REPORT))
         return 0
     if args.table == "trajectory":

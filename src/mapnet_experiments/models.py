@@ -4,6 +4,7 @@ not a dependency."""
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -257,3 +258,26 @@ class ResNet50(nn.Module):
 
 
 MODELS["resnet50"] = ResNet50
+
+
+class Siren(nn.Module):
+    """A small SIREN (Sitzmann et al. 2020), 2 -> width -> width -> 1: an image as a function of
+    its pixel coordinates in [-1, 1]², sin activations at frequency omega, SIREN's
+    initialisation (first layer U(±1/2), the others U(±√(6/width)/omega)). 1,185 parameters at
+    width 32."""
+
+    def __init__(self, width: int = 32, omega: float = 30.0):
+        super().__init__()
+        self.omega = omega
+        self.first = nn.Linear(2, width)
+        self.hidden = nn.Linear(width, width)
+        self.last = nn.Linear(width, 1)
+        bound = math.sqrt(6 / width) / omega
+        with torch.no_grad():
+            self.first.weight.uniform_(-1 / 2, 1 / 2)
+            self.hidden.weight.uniform_(-bound, bound)
+            self.last.weight.uniform_(-bound, bound)
+
+    def forward(self, xy: torch.Tensor) -> torch.Tensor:  # (P, 2) -> (P, 1)
+        h = torch.sin(self.omega * self.first(xy))
+        return self.last(torch.sin(self.omega * self.hidden(h)))

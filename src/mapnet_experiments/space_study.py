@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mapnet import ModelSpace
-from mapnet_experiments.models import CNN2
+from mapnet_experiments.models import CNN2, Siren
 from mapnet_experiments.space_training import (
     LATENTS_FILE,
     Member,
@@ -271,21 +271,6 @@ def _embedding(by_epoch: torch.Tensor, tasks: list[str], tsne: bool) -> dict[str
 # ---------------------------------------------------------------------- speed
 
 
-class Siren(nn.Module):
-    """A small SIREN (Sitzmann et al. 2020), 2 -> 32 -> 32 -> 1: an image as a function."""
-
-    def __init__(self, width: int = 32, omega: float = 30.0):
-        super().__init__()
-        self.omega = omega
-        self.first = nn.Linear(2, width)
-        self.hidden = nn.Linear(width, width)
-        self.last = nn.Linear(width, 1)
-
-    def forward(self, xy: torch.Tensor) -> torch.Tensor:  # (P, 2) -> (P, 1)
-        h = torch.sin(self.omega * self.first(xy))
-        return self.last(torch.sin(self.omega * self.hidden(h)))
-
-
 def _median_seconds(call: Callable[[], Any], repeats: int) -> float:
     call()
     times = []
@@ -437,6 +422,11 @@ def report(root: Path = ROOT, out: Path = REPORT) -> str:
             ),
             "",
         ]
+    inr_summary = root / "inr" / "summary.json"
+    if inr_summary.exists():
+        from mapnet_experiments.inr_study import report_section
+
+        lines += report_section(json.loads(inr_summary.read_text()))
     text = "\n".join(lines)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
