@@ -42,6 +42,7 @@ ADDED_TRAIN = {
     "fake_quant": False,
     "window": 24,
     "init_seed": None,
+    "split_seed": None,
 }
 
 

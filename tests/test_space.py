@@ -229,3 +229,21 @@ def test_a_learned_base_starts_at_theta0_trains_and_round_trips(tmp_path: Path) 
 
 def _saved(tmp_path: Path) -> Path:
     return space(2).save(tmp_path / "plain")
+
+
+def test_a_given_mapped_module_is_left_alone_and_bad_additions_are_refused() -> None:
+    mapped = mapnet.wrap(Net, CONFIG)
+    s = ModelSpace(mapped, n=2)
+    assert mapped.latent.requires_grad  # the caller's module still trains
+    with torch.no_grad():
+        mapped.latent.fill_(1.0)
+    assert torch.equal(s.mapping.latent, torch.zeros(12))  # and the space has its own copy
+    assert s.mapping.projections[0] is not None
+    with pytest.raises(ValueError, match=r"\(K >= 1, 12\)"):
+        s.add(torch.zeros(12, 5))  # 60 numbers: not 5 members of 12
+    with pytest.raises(ValueError, match="at least one member"):
+        s.uniform_soup([])
+    with pytest.raises(TypeError, match="integers"):
+        s.member(1.7)  # type: ignore[arg-type]
+    with pytest.raises(IndexError, match="out of range"):
+        s.member(-3)

@@ -113,3 +113,35 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(
 def test_bad_settings_are_named(make, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_a_stop_between_the_latents_and_the_state_loses_no_row(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = run(data, [A], epochs=3)
+    train_space(config, tmp_path / "straight", progress=False)
+    real = space_training._save_state
+    calls = {"n": 0}
+
+    def stop_at_the_second_save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # epoch 2's latents are written, its state is not
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(space_training, "_save_state", stop_at_the_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_space(config, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(space_training, "_save_state", real)
+    train_space(config, tmp_path / "cut", resume=True, progress=False)
+    from safetensors.torch import load_file
+
+    files = [tmp_path / name / space_training.LATENTS_FILE for name in ("cut", "straight")]
+    cut, whole = (load_file(str(f))["latents"] for f in files)
+    assert cut.shape == whole.shape == (3, 1, 64) and torch.equal(cut, whole)
+
+
+def test_a_finished_folder_refuses_another_config(data: Path, tmp_path: Path) -> None:
+    train_space(run(data, [A], epochs=1), tmp_path / "done", progress=False)
+    with pytest.raises(ValueError, match="another config"):
+        train_space(run(data, [A], epochs=2), tmp_path / "done", progress=False)

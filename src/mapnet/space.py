@@ -49,11 +49,12 @@ DEFAULT_CHUNK = 64  # members per vmap call: bounds the memory of generated weig
 
 
 class ModelSpace(nn.Module):
-    """N latents (N, d) that share one mapping and one θ₀; `latents` is the only parameter.
+    """N latents (N, d) that share one mapping and one θ₀; `latents` is the only parameter
+    that trains (and `bases`, with learn_base).
 
     `model` is what `mapnet.wrap` takes (a factory or an instance) or an existing MappedModule,
-    whose mapping is then shared (its own latent is frozen, not a member). Members start at the
-    mapping's initial latent (z = 0 by default), or at `latents` when given.
+    whose mapping is then used (a copy sharing its fixed tensors; its latent is not a member).
+    Members start at the mapping's initial latent (z = 0 by default), or at `latents`.
     """
 
     def __init__(
@@ -70,7 +71,9 @@ class ModelSpace(nn.Module):
         if isinstance(model, MappedModule):
             if config is not None:
                 raise ValueError("a MappedModule brings its own config: pass config=None")
-            mapping = model
+            # A copy that shares the fixed tensors (W, θ₀): the caller's module and its latent
+            # stay as they are.
+            mapping = copy.deepcopy(model, {id(b): b for b in model.buffers()})
         else:
             mapping = wrap(model, config)
         _check_shareable(mapping)
@@ -86,7 +89,7 @@ class ModelSpace(nn.Module):
             latents = self._checked_latents(latents, "latents")
             if n is not None and n != len(latents):
                 raise ValueError(f"n={n} but latents holds {len(latents)} members")
-        self.latents = nn.Parameter(latents.to(start.dtype).clone())
+        self.latents = nn.Parameter(latents.to(start).clone())
         self.members: list[dict[str, Any]] = [dict(m) for m in members or [{} for _ in latents]]
         if len(self.members) != len(latents):
             raise ValueError(f"{len(self.members)} member records for {len(latents)} latents")
@@ -143,7 +146,12 @@ class ModelSpace(nn.Module):
     def _indices(self, members: int | Sequence[int] | torch.Tensor | None) -> torch.Tensor:
         if members is None:
             return torch.arange(len(self))
-        index = torch.as_tensor(members, dtype=torch.long).reshape(-1)
+        raw = torch.as_tensor(members)
+        if raw.numel() == 0:
+            return torch.zeros(0, dtype=torch.long)
+        if raw.is_floating_point() or raw.is_complex():
+            raise TypeError(f"member indices must be integers, got {raw.dtype}")
+        index = raw.to(torch.long).reshape(-1)
         bad = index[(index < -len(self)) | (index >= len(self))]
         if len(bad):
             raise IndexError(
@@ -191,11 +199,13 @@ class ModelSpace(nn.Module):
         members: int | Sequence[int] | torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
         chunk_size: int | None = DEFAULT_CHUNK,
+        randomness: str = "different",
         **kwargs: Any,
     ) -> Any:
         """Every member (or `members`, or arbitrary `latents` (K, d)) on the same inputs:
         outputs stacked along a new first axis, (K, …). One vmap over members, `chunk_size`
-        at a time (None: all at once)."""
+        at a time (None: all at once); `randomness` is vmap's (dropout: "different" draws
+        each member its own mask, "same" one for all)."""
         if latents is None:
             latents = self.latents[self._indices(members)]
         elif members is not None:
@@ -209,7 +219,7 @@ class ModelSpace(nn.Module):
         def one(z: torch.Tensor) -> Any:
             return functional_call(target, self.generate(z), args, kwargs, tie_weights=False)
 
-        return vmap(one, chunk_size=chunk_size)(latents)
+        return vmap(one, chunk_size=chunk_size, randomness=randomness)(latents)
 
     def member_forward(self, index: int, *args: Any, **kwargs: Any) -> Any:
         """Member `index` alone on its own inputs (members trained on different batches)."""
@@ -235,12 +245,15 @@ class ModelSpace(nn.Module):
         if steps < 2:
             raise ValueError(f"a path needs at least 2 steps, got {steps}")
         za, zb = self.latents[self._indices([a, b])].detach()
-        t = torch.linspace(0, 1, steps, dtype=za.dtype).unsqueeze(1)  # (steps, 1)
+        t = torch.linspace(0, 1, steps, dtype=za.dtype, device=za.device).unsqueeze(1)
         return (1 - t) * za + t * zb
 
     def uniform_soup(self, members: Sequence[int] | None = None) -> torch.Tensor:
         """The mean latent of `members` (all by default), (d,)."""
-        return self.latents[self._indices(members)].detach().mean(0)
+        index = self._indices(members)
+        if len(index) == 0:
+            raise ValueError("a soup needs at least one member")
+        return self.latents[index].detach().mean(0)
 
     def greedy_soup(
         self, score: Callable[[torch.Tensor], float], members: Sequence[int] | None = None
@@ -249,10 +262,12 @@ class ModelSpace(nn.Module):
         (higher is better; score a held-out split), best first; each is added to the running
         mean if that does not lower the score. Returns the soup (d,) and the members in it."""
         index = self._indices(members).tolist()
+        if not index:
+            raise ValueError("a soup needs at least one member")
         latents = self.latents.detach()
-        ranked = sorted(index, key=lambda i: score(latents[i]), reverse=True)
-        chosen = [ranked[0]]
-        best = score(latents[ranked[0]])
+        scores = {i: score(latents[i]) for i in index}
+        ranked = sorted(index, key=scores.__getitem__, reverse=True)
+        chosen, best = [ranked[0]], scores[ranked[0]]
         for i in ranked[1:]:
             trial = latents[[*chosen, i]].mean(0)
             value = score(trial)
@@ -282,7 +297,10 @@ class ModelSpace(nn.Module):
 
     def add(self, latents: torch.Tensor, members: Sequence[dict[str, Any]] | None = None) -> None:
         """Append latents (K, d) or (d,) as new members, with their records."""
-        latents = self._checked_latents(latents.detach().reshape(-1, self.latent_dim), "latents")
+        latents = latents.detach()
+        if latents.dim() == 1:
+            latents = latents.unsqueeze(0)
+        latents = self._checked_latents(latents, "latents")
         records = [dict(m) for m in members] if members is not None else [{} for _ in latents]
         if len(records) != len(latents):
             raise ValueError(f"{len(records)} member records for {len(latents)} latents")
@@ -309,7 +327,8 @@ class ModelSpace(nn.Module):
         first = torch.randint(len(pool), (pairs,), generator=generator)
         second = (first + torch.randint(1, len(pool), (pairs,), generator=generator)) % len(pool)
         a, b = pool[first], pool[second]
-        t = torch.rand(pairs, 1, generator=generator, dtype=self.latents.dtype)
+        t = torch.rand(pairs, 1, generator=generator, dtype=self.latents.dtype)  # on the CPU
+        t, a, b = t.to(self.latents.device), a.to(self.latents.device), b.to(self.latents.device)
         between = (1 - t) * self.latents[a] + t * self.latents[b]  # (pairs, d)
         outputs = self.forward(*args, latents=between, **kwargs)  # (pairs, …)
         return torch.stack([loss(out) for out in outputs]).mean()

@@ -94,6 +94,7 @@ def plain_config(name: str, data_dir: str | None = None) -> TrainConfig:
         lr=PLAIN_LR,
         seed=seed,
         init_seed=init_seed,
+        split_seed=0,  # the population's validation split, whatever the order
         val_size=VAL_SIZE,
         data_dir=data_dir,
     )
@@ -136,7 +137,7 @@ def _barrier(accuracy: list[float]) -> dict[str, float]:
 def latent_path(space: ModelSpace, a: int, b: int, splits: dict[str, Split]) -> dict[str, Any]:
     rows = {"val": [], "test": []}
     for z in space.path(a, b, PATH_STEPS):
-        plain = space.mapped_at(z).materialize()
+        plain = space.materialize_at(z)
         for name in rows:
             rows[name].append(_accuracy(plain, splits[name]))
     return rows | {"barrier": _barrier(rows["test"]), "val_barrier": _barrier(rows["val"])}
@@ -184,10 +185,10 @@ def analyse(root: Path = ROOT, data_dir: str | None = None, tsne: bool = True) -
     fashion = [i for i, m in enumerate(population.members) if m.task == FMNIST]
 
     def val_score(z: torch.Tensor) -> float:
-        return _accuracy(space.mapped_at(z).materialize(), fm["val"])
+        return _accuracy(space.materialize_at(z), fm["val"])
 
     def test_of(z: torch.Tensor) -> float:
-        return _accuracy(space.mapped_at(z).materialize(), fm["test"])
+        return _accuracy(space.materialize_at(z), fm["test"])
 
     members = {labels[i]: {"val": val_score(space.latents[i]), "test": test_of(space.latents[i])}
                for i in fashion}  # fmt: skip
@@ -232,7 +233,7 @@ def analyse(root: Path = ROOT, data_dir: str | None = None, tsne: bool = True) -
                                     distil_loss, lr=0.1)  # fmt: skip
     with torch.no_grad():
         agree = (
-            (space.mapped_at(student).materialize()(fm["test"].inputs).argmax(1)
+            (space.materialize_at(student)(fm["test"].inputs).argmax(1)
              == teacher(fm["test"].inputs).argmax(1)).float().mean().item() * 100
         )  # fmt: skip
     result["distillation"] = {

@@ -203,7 +203,7 @@ def evaluate_members(space: ModelSpace, splits: list[dict[str, Split]], test: bo
     """Validation (and test) accuracy of every member on its own task."""
     rows = []
     for index, member_splits_ in enumerate(splits):
-        plain = space.member(index).materialize()
+        plain = space.materialize_at(space.latents[index])
         row = {f"val_{k}": v for k, v in evaluate(plain, member_splits_["val"]).items()}
         if test:
             row |= {f"test_{k}": v for k, v in evaluate(plain, member_splits_["test"]).items()}
@@ -218,15 +218,15 @@ def train_space(
     results.json (per-member figures by epoch), space/ (the final latents) and
     latents_by_epoch.safetensors (every member's latent after each epoch)."""
     out = Path(out)
-    if (out / "results.json").exists():
-        return json.loads((out / "results.json").read_text())
     config_file = out / "config.json"
     if config_file.exists():
         saved = json.loads(config_file.read_text())
-        if not resume:
-            raise ValueError(f"{out} already holds a run; pass resume=True or choose another")
         if saved != json.loads(json.dumps(run.to_dict())):
             raise ValueError(f"{out} holds a space run with another config")
+        if (out / "results.json").exists():
+            return json.loads((out / "results.json").read_text())
+        if not resume:
+            raise ValueError(f"{out} already holds a run; pass resume=True or choose another")
     else:
         write_json(config_file, run.to_dict())
     started = time.perf_counter()
@@ -288,8 +288,10 @@ def train_space(
         if progress:
             accuracy = [f"{m['val_acc']:.1f}" for m in row["members"]]
             print(f"  epoch {epoch}: val acc {' '.join(accuracy)} ({row['seconds']:.0f} s)")
-        _save_state(state, space, optimizer, streams, flatten_rng, epoch, history)
+        # The latents first: a stop between the two leaves a row that the resumed epoch
+        # replaces (the file is cut to the saved epochs before each append).
         _append_latents(out / LATENTS_FILE, space.latents.detach(), epoch)
+        _save_state(state, space, optimizer, streams, flatten_rng, epoch, history)
     space.save(out / "space")
     result = {
         "config": run.to_dict(),

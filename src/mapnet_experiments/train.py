@@ -91,6 +91,8 @@ class TrainConfig:
     window: forecasting only: hours of history per input window.
     init_seed: mode "plain": the seed of the network's initialisation (None: `seed`, which
         also orders the batches), for two runs from one init in different orders.
+    split_seed: classification: the seed that carves the validation split from the training
+        set (None: `seed`), for runs in different orders on one split.
 
     The dataset decides the task (mapnet_experiments.tasks): "beijing-pm25" is forecasting
     (model "lstm"), "scenes" segmentation (model "unet"), any other classification.
@@ -118,6 +120,7 @@ class TrainConfig:
     fake_quant: bool = False
     window: int = 24
     init_seed: int | None = None
+    split_seed: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.mapping, dict):
@@ -189,10 +192,10 @@ class TrainConfig:
             raise ValueError(f"prune_scope={self.prune_scope!r} is not one of {PRUNE_SCOPES}")
         if not isinstance(self.fake_quant, bool):
             raise ValueError(f"fake_quant must be true or false, got {self.fake_quant!r}")
-        if self.init_seed is not None and (
-            isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int)
-        ):
-            raise ValueError(f"init_seed must be an int or null, got {self.init_seed!r}")
+        for name in ("init_seed", "split_seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an int or null, got {value!r}")
         if self.init_seed is not None and self.mode != "plain":
             raise ValueError(
                 "init_seed sets a plain network's initialisation; a mapped one starts from the "
@@ -275,7 +278,8 @@ def _image_splits(config: TrainConfig) -> dict[str, Split]:
     root = Path(config.data_dir) if config.data_dir is not None else None
     train_images, train_labels = load_idx_dataset(config.dataset, "train", root)
     test_images, test_labels = load_idx_dataset(config.dataset, "test", root)
-    train_idx, val_idx = train_val_split(len(train_labels), config.val_size, config.seed)
+    split_seed = config.seed if config.split_seed is None else config.split_seed
+    train_idx, val_idx = train_val_split(len(train_labels), config.val_size, split_seed)
     train_images = train_images.float() / 255.0
     if config.dataset in NORMALISATION:
         mean, std = NORMALISATION[config.dataset]
@@ -760,6 +764,7 @@ ADDED_TRAIN_FIELDS = (
     "fake_quant",
     "window",
     "init_seed",
+    "split_seed",
 )
 
 
