@@ -58,3 +58,35 @@ def test_the_stages_write_resume_and_report(small: None, tmp_path: Path) -> None
     assert inr_study.codes_stage("mnist", "fixed", root, None) == stored
     text = "\n".join(inr_study.report_section(summary))
     assert "| mnist | learned | 16 |" in text and "85.7" in text and "98.5" in text
+
+
+def test_an_interrupted_codes_stage_resumes_at_the_next_chunk(
+    small: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "inr"
+    whole = inr_study.codes_stage("mnist", "fixed", root / "a", None)
+    real = inr_study.fit
+    calls = {"n": 0}
+
+    def stop_at_the_third_chunk(*args, **kwargs):  # the base stage fits once, then 2 chunks
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inr_study, "fit", stop_at_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        inr_study.codes_stage("mnist", "fixed", root / "b", None)
+    pieces = sorted(p.name for p in (root / "b" / "mnist" / "codes-fixed.parts").iterdir())
+    assert pieces == ["train-0.safetensors"]
+    counted = {"n": 0}
+
+    def count(*args, **kwargs):
+        counted["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inr_study, "fit", count)
+    again = inr_study.codes_stage("mnist", "fixed", root / "b", None)
+    assert counted["n"] == 2  # the second train chunk and the test chunk, not the first
+    assert again == whole
+    assert not (root / "b" / "mnist" / "codes-fixed.parts").exists()

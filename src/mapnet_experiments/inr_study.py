@@ -26,14 +26,17 @@ variant (latents and θ₀), 0.05 for the fixed one.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from mapnet import MappingConfig, ModelSpace
+from mapnet.checkpoint.io import atomic_write_bytes
 from mapnet_experiments.data import load_idx_dataset
 from mapnet_experiments.models import Siren
 from mapnet_experiments.train import write_json
@@ -122,23 +125,32 @@ def codes_stage(dataset: str, variant: str, root: Path, data_dir: str | None) ->
     for split, count in (("train", TRAIN_IMAGES), ("test", TEST_IMAGES)):
         target, labels = images(dataset, split, count, data_dir)
         for start in range(0, count, CHUNK):
-            chunk = target[start : start + CHUNK]
-            space = ModelSpace(shared.mapping, latents=torch.zeros(len(chunk), CODE_DIM),
-                               learn_base=shared.bases is not None)  # fmt: skip
-            if shared.bases is not None:
-                with torch.no_grad():
-                    for mine, learned in zip(space.bases, shared.bases):
-                        mine.copy_(learned)
-            qualities.setdefault(split, []).append(fit(space, chunk, FIT_STEPS, LR[variant], False))
-            parts.setdefault(split, []).append(space.latents.detach().clone())
+            # Each chunk is kept as it finishes, so an interrupted stage resumes at the next.
+            piece = root / dataset / f"codes-{variant}.parts" / f"{split}-{start}.safetensors"
+            if not piece.exists():
+                chunk = target[start : start + CHUNK]
+                space = ModelSpace(shared.mapping, latents=torch.zeros(len(chunk), CODE_DIM),
+                                   learn_base=shared.bases is not None)  # fmt: skip
+                if shared.bases is not None:
+                    with torch.no_grad():
+                        for mine, learned in zip(space.bases, shared.bases):
+                            mine.copy_(learned)
+                quality = fit(space, chunk, FIT_STEPS, LR[variant], False)
+                done = {"latents": space.latents.detach().clone(), "psnr": quality}
+                atomic_write_bytes(piece, save_safetensors(done))
+            done = load_file(str(piece))
+            parts.setdefault(split, []).append(done["latents"])
+            qualities.setdefault(split, []).append(done["psnr"])
         parts[f"{split}_labels"] = [labels]
     tensors = {name: torch.cat(values).contiguous() for name, values in parts.items()}
-    save_file(tensors, str(out))
+    atomic_write_bytes(out, save_safetensors(tensors))
     result = {
         "dataset": dataset, "variant": variant, "latent_dim": CODE_DIM, "steps": FIT_STEPS,
+        "train_images": TRAIN_IMAGES, "test_images": TEST_IMAGES,
         **{f"{split}_psnr": torch.cat(q).mean().item() for split, q in qualities.items()},
     }  # fmt: skip
     write_json(summary, result)
+    shutil.rmtree(root / dataset / f"codes-{variant}.parts")  # merged: the pieces go
     return result
 
 
