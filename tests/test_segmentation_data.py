@@ -51,6 +51,13 @@ def test_scene_splits_draw_from_disjoint_images() -> None:
     splits = scene_splits(mnist, fashion, counts=(3, 3, 3), size=64)
     assert (splits["val"].masks == 0).all()  # val scenes use only the held-out images
     assert (splits["train"].masks > 0).any() and (splits["test"].masks > 0).any()
+    # And the other way round: with the training pool blank, only validation shows objects.
+    mnist = {"train": fake_source(60, 0), "test": fake_source(12, 1)}
+    fashion = {"train": fake_source(60, 2), "test": fake_source(12, 3)}
+    mnist["train"][0][:50] = 0
+    fashion["train"][0][:50] = 0
+    splits = scene_splits(mnist, fashion, counts=(3, 3, 3), size=64)
+    assert (splits["train"].masks == 0).all() and (splits["val"].masks > 0).any()
 
 
 def test_bad_masks_and_sizes_are_named() -> None:
