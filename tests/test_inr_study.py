@@ -50,7 +50,7 @@ def test_the_stages_write_resume_and_report(small: None, tmp_path: Path) -> None
     assert not torch.equal(learned.bases[0], learned.mapping.base_0)  # θ₀ was trained
     for variant in ("fixed", "learned"):
         codes = entry["codes"][variant]
-        assert codes["train_latents"] == 36 and codes["test_latents"] == 24
+        assert codes["train_latents"] + codes["val_latents"] == 48 and codes["test_latents"] == 24
         assert 0 <= codes["test_acc"] <= 100
     # A finished stage is read back, not redone.
     marker = root / "mnist" / "codes-fixed.json"
