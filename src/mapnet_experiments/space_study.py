@@ -347,8 +347,9 @@ def report(root: Path = ROOT, out: Path = REPORT) -> str:
         "Targets: a barrier ≤ 1 point between two members of one space is met with path "
         f"flattening ({flat:.2f}), not without ({barriers['mapped (one space, z)']:.2f}). A "
         "batched forward of 256 members ≥ 5× faster than a loop is met for the small INR on few "
-        "coordinates only (see the last section); the outputs agree to float rounding, not bit "
-        "for bit.",
+        "coordinates only (the vmap section); the outputs agree to float rounding, not bit "
+        "for bit. Classifying INRs from their latents falls short of its targets (the INR "
+        "section).",
         "",
         "## Interpolation: accuracy along the straight path between two members",
         "",
