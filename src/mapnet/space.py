@@ -214,29 +214,27 @@ class ModelSpace(nn.Module):
         if not torch.isfinite(latents).all():  # N·d numbers: cheap beside any forward
             rows = (~torch.isfinite(latents)).any(1).nonzero().flatten().tolist()
             raise ValueError(f"latents of rows {rows[:5]} hold NaN/inf values")
-        target = self.mapping.target
 
         def one(z: torch.Tensor) -> Any:
-            return functional_call(target, self.generate(z), args, kwargs, tie_weights=False)
+            return self._run_at(z, args, kwargs)
 
         return vmap(one, chunk_size=chunk_size, randomness=randomness)(latents)
+
+    def _run_at(self, z: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """The target on the weights one latent z (d,) generates."""
+        return functional_call(
+            self.mapping.target, self.generate(z), args, kwargs, tie_weights=False
+        )
 
     def member_forward(self, index: int, *args: Any, **kwargs: Any) -> Any:
         """Member `index` alone on its own inputs (members trained on different batches)."""
         (i,) = self._indices(index).tolist()
-        z = self.latents[i]
-        target = self.mapping.target
-        return functional_call(target, self.generate(z), args, kwargs, tie_weights=False)
+        return self._run_at(self.latents[i], args, kwargs)
 
     def loop_forward(self, *args: Any, latents: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """The same as `forward`, one member at a time (the reference vmap is checked against)."""
         latents = self.latents if latents is None else self._checked_latents(latents, "latents")
-        target = self.mapping.target
-        outputs = [
-            functional_call(target, self.generate(z), args, kwargs, tie_weights=False)
-            for z in latents
-        ]
-        return torch.stack(outputs)
+        return torch.stack([self._run_at(z, args, kwargs) for z in latents])
 
     # ------------------------------------------------------------------ exploration
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from mapnet_experiments.forecasting_data import find_series, forecasting_splits, read_single_site
-from mapnet_experiments.repro import Row, mean_std, recipe_text, run_name
+from mapnet_experiments.repro import Row, mean_std, recipe_text, run_name, seed0_config
 from mapnet_experiments.train import write_json
 
 ROOT = Path("results/forecasting")
@@ -82,11 +82,6 @@ def persistence_result(root: Path = ROOT, data_dir: str | None = None) -> dict[s
     return result
 
 
-def _config(root: Path, spec_id: str) -> dict[str, Any] | None:
-    file = root / f"{run_name(f'{spec_id}-s0', DATASET)}.json"
-    return json.loads(file.read_text())["config"] if file.exists() else None
-
-
 def report(root: Path = ROOT, out: Path = REPORT, data_dir: str | None = None) -> str:
     naive = persistence_result(root, data_dir)
     span = naive["span"]
@@ -113,7 +108,7 @@ def report(root: Path = ROOT, out: Path = REPORT, data_dir: str | None = None) -
         "trained on the first 80 %. Test MSE on the min-max scaled target and RMSE in µg/m³ "
         f"(scaled RMSE × {span:.0f}, the training period's PM2.5 range) after the last epoch, "
         "mean ± std over seeds 0–2; "
-        + recipe_text(_config(root, "lstm"), _config(root, "ours-2048"))
+        + recipe_text(seed0_config(root, "lstm", DATASET), seed0_config(root, "ours-2048", DATASET))
         + ".",
         "",
         "| row | trainable | paper MSE | public repro MSE | ours test MSE | ours RMSE µg/m³ |",

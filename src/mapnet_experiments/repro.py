@@ -362,6 +362,12 @@ def mean_std(values: list[float], digits: int = 2, seeds: int = 3) -> str:
     return text + ("" if len(values) == seeds else f" ({len(values)} seeds)")
 
 
+def seed0_config(root: Path, spec_id: str, dataset: str) -> dict[str, Any] | None:
+    """The stored config of a table row's seed-0 run (None until it has finished)."""
+    file = root / f"{run_name(f'{spec_id}-s0', dataset)}.json"
+    return json.loads(file.read_text())["config"] if file.exists() else None
+
+
 def recipe_text(plain: dict[str, Any] | None, mapped: dict[str, Any] | None) -> str:
     """How a table's runs trained, from two stored run configs (a plain and a mapped one)."""
     config = plain or mapped

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mapnet_experiments.repro import Row, mean_std, recipe_text, run_name
+from mapnet_experiments.repro import Row, mean_std, recipe_text, run_name, seed0_config
 
 ROOT = Path("results/segmentation")
 REPORT = Path("docs/results/segmentation.md")
@@ -104,7 +104,7 @@ def report(root: Path = ROOT, out: Path = REPORT, data_dir: str | None = None) -
         "is not reachable here: its figures are context. Test pixel accuracy % and mIoU after "
         "the last epoch, mean ± std over seeds 0–2 (each seed composes its own scenes, so the "
         "spread holds the data's as well as training's); "
-        + recipe_text(_config(root, "unet"), _config(root, "ours-8192"))
+        + recipe_text(seed0_config(root, "unet", DATASET), seed0_config(root, "ours-8192", DATASET))
         + ". `read_cityscapes` reads the real Cityscapes layout (tested on generated files); "
         "nothing here trains on it.",
         "",
@@ -130,11 +130,6 @@ def report(root: Path = ROOT, out: Path = REPORT, data_dir: str | None = None) -
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return text
-
-
-def _config(root: Path, spec_id: str) -> dict[str, Any] | None:
-    file = root / f"{run_name(f'{spec_id}-s0', DATASET)}.json"
-    return json.loads(file.read_text())["config"] if file.exists() else None
 
 
 def figure(
