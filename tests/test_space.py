@@ -247,3 +247,83 @@ def test_a_given_mapped_module_is_left_alone_and_bad_additions_are_refused() -> 
         s.member(1.7)  # type: ignore[arg-type]
     with pytest.raises(IndexError, match="out of range"):
         s.member(-3)
+
+
+def _per_latent_mse(targets: torch.Tensor):
+    return lambda outputs: ((outputs - targets) ** 2).mean(dim=(1, 2))  # (K,)
+
+
+def test_fit_latents_is_plain_gradient_descent_per_latent() -> None:
+    s = space(2)
+    x, targets = torch.randn(8, 6), torch.randn(3, 8, 3)
+    fitted = s.fit_latents(_per_latent_mse(targets), x, steps=4, count=3, step_size=0.5)
+    assert fitted.shape == (3, 12) and not fitted.requires_grad
+    for k in range(3):  # each latent alone, by hand: the others never enter its steps
+        z = torch.zeros(12, requires_grad=True)
+        for _ in range(4):
+            value = ((s(x, latents=z[None])[0] - targets[k]) ** 2).mean()
+            (gradient,) = torch.autograd.grad(value, z)
+            z = (z - 0.5 * gradient).detach().requires_grad_(True)
+        torch.testing.assert_close(fitted[k], z.detach(), rtol=1e-5, atol=1e-6)
+    before = s.latents.detach().clone()
+    start = torch.randn(3, 12)
+    again = s.fit_latents(_per_latent_mse(targets), x, steps=1, start=start, step_size=0.5)
+    assert not torch.equal(again, start) and torch.equal(s.latents, before)  # space untouched
+    loss_after = _per_latent_mse(targets)(s(x, latents=fitted))
+    assert (loss_after < _per_latent_mse(targets)(s(x, latents=torch.zeros(3, 12)))).all()
+
+
+def test_meta_learning_the_base_and_step_sizes_through_fit_latents(tmp_path: Path) -> None:
+    s = ModelSpace(Net, CONFIG, 1, learn_base=True, learn_step_sizes=0.3)
+    assert s.log_step_sizes is not None
+    torch.testing.assert_close(s.log_step_sizes.exp(), torch.full((12,), 0.3))
+    x, targets = torch.randn(8, 6), torch.randn(4, 8, 3)
+    fitted = s.fit_latents(_per_latent_mse(targets), x, steps=2, count=4, create_graph=True)
+    outer = _per_latent_mse(targets)(s(x, latents=fitted)).mean()
+    grad_base, grad_steps = torch.autograd.grad(outer, [s.bases[0], s.log_step_sizes])
+    assert grad_base.abs().sum() > 0 and grad_steps.abs().sum() > 0  # through the inner steps
+    # The learned step sizes are what fit_latents uses without a step_size: equal to passing them.
+    with torch.no_grad():
+        s.log_step_sizes.copy_(torch.linspace(-2, 0, 12))
+    learned = s.fit_latents(_per_latent_mse(targets), x, steps=2, count=4)
+    given = s.fit_latents(
+        _per_latent_mse(targets), x, steps=2, count=4, step_size=torch.linspace(-2, 0, 12).exp()
+    )
+    torch.testing.assert_close(learned, given)
+    s.save(tmp_path / "meta")
+    again = ModelSpace.load(tmp_path / "meta", Net)
+    assert again.log_step_sizes is not None
+    assert torch.equal(again.log_step_sizes, s.log_step_sizes)
+    torch.testing.assert_close(again.fit_latents(_per_latent_mse(targets), x, steps=2, count=4),
+                               learned, rtol=0, atol=0)  # fmt: skip
+    assert ModelSpace.load(_saved(tmp_path), Net).log_step_sizes is None
+
+
+def test_fit_latents_and_step_sizes_refuse_bad_input(tmp_path: Path) -> None:
+    s, x = space(2), torch.randn(8, 6)
+    mse = _per_latent_mse(torch.zeros(2, 8, 3))
+    with pytest.raises(ValueError, match="steps must be a positive"):
+        s.fit_latents(mse, x, steps=0, count=2, step_size=0.1)
+    with pytest.raises(ValueError, match="pass step_size, or build the space with"):
+        s.fit_latents(mse, x, steps=1, count=2)
+    with pytest.raises(ValueError, match="start \\(K, d\\) or a positive count"):
+        s.fit_latents(mse, x, steps=1, step_size=0.1)
+    with pytest.raises(ValueError, match="start or count, not both"):
+        s.fit_latents(mse, x, steps=1, count=2, start=torch.zeros(2, 12), step_size=0.1)
+    with pytest.raises(ValueError, match="start must have shape"):
+        s.fit_latents(mse, x, steps=1, start=torch.zeros(2, 5), step_size=0.1)
+    with pytest.raises(ValueError, match="one value per latent, shape \\(2,\\), got \\(\\)"):
+        s.fit_latents(lambda out: out.sum(), x, steps=1, count=2, step_size=0.1)
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="learn_step_sizes must be a positive"):
+            ModelSpace(Net, CONFIG, 1, learn_step_sizes=bad)
+    folder = ModelSpace(Net, CONFIG, 1, learn_step_sizes=0.1).save(tmp_path / "stepped")
+    description = json.loads((folder / "space.json").read_text())
+    description["learned_step_sizes"] = True
+    plain = space(1).save(tmp_path / "plain-one")  # tensors without step sizes
+    (plain / "space.json").write_text(
+        json.dumps(description | {"tensors_sha256": json.loads(
+            (plain / "space.json").read_text())["tensors_sha256"]})
+    )  # fmt: skip
+    with pytest.raises(CheckpointError, match="step sizes are missing"):
+        ModelSpace.load(plain, Net)

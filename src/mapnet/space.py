@@ -17,6 +17,11 @@ optimising a latent in the space, and learning from the latents as data.
 
 A member is its latent alone: the target's buffers are shared by every member, so a model
 with running statistics (BatchNorm) is refused; parameters trained directly are refused too.
+
+New instances can be encoded by a few plain gradient steps (`fit_latents`). Functa (Dupont
+et al. 2022) meta-learns the shared part so that 3 such steps suffice; `learn_base` (θ₀) and
+`learn_step_sizes` (per-dimension steps) make both learnable here, a variant beside the
+paper's fixed θ₀.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -50,7 +56,7 @@ DEFAULT_CHUNK = 64  # members per vmap call: bounds the memory of generated weig
 
 class ModelSpace(nn.Module):
     """N latents (N, d) that share one mapping and one θ₀; `latents` is the only parameter
-    that trains (and `bases`, with learn_base).
+    that trains (and `bases`, with learn_base; `log_step_sizes`, with learn_step_sizes).
 
     `model` is what `mapnet.wrap` takes (a factory or an instance) or an existing MappedModule,
     whose mapping is then used (a copy sharing its fixed tensors; its latent is not a member).
@@ -66,6 +72,7 @@ class ModelSpace(nn.Module):
         latents: torch.Tensor | None = None,
         members: Sequence[dict[str, Any]] | None = None,
         learn_base: bool = False,
+        learn_step_sizes: float | None = None,
     ):
         super().__init__()
         if isinstance(model, MappedModule):
@@ -103,6 +110,18 @@ class ModelSpace(nn.Module):
                     "learn_base needs a θ₀ to start from; this mapping has base='zero'"
                 )
             self.bases = nn.ParameterList([nn.Parameter(b.clone()) for b in bases])
+        # Per-dimension step sizes of `fit_latents` (Meta-SGD, as functa meta-learns them),
+        # stored as logarithms so they stay positive; they start at learn_step_sizes.
+        self.log_step_sizes: nn.Parameter | None = None
+        if learn_step_sizes is not None:
+            if not (isinstance(learn_step_sizes, (int, float)) and 0 < learn_step_sizes < math.inf):
+                raise ValueError(
+                    "learn_step_sizes must be a positive initial step size, got "
+                    f"{learn_step_sizes!r}"
+                )
+            self.log_step_sizes = nn.Parameter(
+                torch.full((self.latent_dim,), math.log(learn_step_sizes), dtype=start.dtype)
+            )
 
     # ------------------------------------------------------------------ construction
 
@@ -306,6 +325,58 @@ class ModelSpace(nn.Module):
         self.latents = nn.Parameter(grown, requires_grad=self.latents.requires_grad)
         self.members += records
 
+    def fit_latents(
+        self,
+        loss: Callable[[Any], torch.Tensor],
+        *args: Any,
+        steps: int,
+        start: torch.Tensor | None = None,
+        count: int | None = None,
+        step_size: float | torch.Tensor | None = None,
+        create_graph: bool = False,
+        chunk_size: int | None = DEFAULT_CHUNK,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Latents (K, d) after `steps` plain gradient steps z ← z - η ⊙ ∇z, from `start`
+        (K, d) or `count` copies of the mapping's initial latent, through `forward` on `args`.
+
+        `loss(outputs)` takes the outputs (K, …) and returns each latent's own loss (K,); they
+        are summed, so one latent's step never depends on another's. η is `step_size` (a
+        number or (d,)) or the learned step sizes (learn_step_sizes). With `create_graph` the
+        result is differentiable in the bases and step sizes: meta-learning them so that a
+        few steps fit a new instance is functa's recipe (Dupont et al. 2022), a variant, not
+        the paper's method. The space's own latents are not touched.
+        """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive number of gradient steps, got {steps!r}")
+        if step_size is None:
+            if self.log_step_sizes is None:
+                raise ValueError("pass step_size, or build the space with learn_step_sizes")
+            eta: float | torch.Tensor = self.log_step_sizes.exp()  # (d,)
+        else:
+            eta = step_size
+        if start is None:
+            if count is None or isinstance(count, bool) or count <= 0:
+                raise ValueError(f"pass start (K, d) or a positive count, got count={count!r}")
+            initial = torch.cat([z.detach() for z in self.mapping.latents])
+            start = initial.expand(count, -1)
+        elif count is not None:
+            raise ValueError("pass start or count, not both")
+        z = self._checked_latents(start, "start").detach().clone().requires_grad_(True)
+        for _ in range(steps):
+            outputs = self.forward(*args, latents=z, chunk_size=chunk_size, **kwargs)
+            losses = loss(outputs)
+            if not isinstance(losses, torch.Tensor) or losses.shape != (len(z),):
+                shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses)
+                raise ValueError(
+                    f"loss must return one value per latent, shape ({len(z)},), got {shape}"
+                )
+            (gradient,) = torch.autograd.grad(losses.sum(), z, create_graph=create_graph)
+            z = z - eta * gradient
+            if not create_graph:
+                z = z.detach().requires_grad_(True)
+        return z if create_graph else z.detach()
+
     def midpoint_loss(
         self,
         loss: Callable[[Any], torch.Tensor],
@@ -344,6 +415,8 @@ class ModelSpace(nn.Module):
         }
         for index, base in enumerate(self.bases or []):
             tensors[f"base.{index}"] = base.detach().cpu().contiguous()
+        if self.log_step_sizes is not None:
+            tensors["log_step_sizes"] = self.log_step_sizes.detach().cpu().contiguous()
         blob = save_safetensors(tensors)
         description = {
             "format": SPACE_FORMAT,
@@ -357,6 +430,7 @@ class ModelSpace(nn.Module):
             "torch_version": torch.__version__,
             "member_records": self.members,
             "learned_base": self.bases is not None,
+            "learned_step_sizes": self.log_step_sizes is not None,
         }
         atomic_write_bytes(folder / TENSOR_FILE, blob)
         atomic_write_bytes(folder / DESCRIPTION_FILE, json.dumps(description, indent=1).encode())
@@ -388,12 +462,23 @@ class ModelSpace(nn.Module):
         saved = fingerprint.decode(tensors["identity"], str(folder))
         fingerprint.compare(saved, mapping.fingerprint(), str(folder))
         learned = bool(description.get("learned_base"))
+        stepped = bool(description.get("learned_step_sizes"))
+        if stepped and tensors.get("log_step_sizes", torch.zeros(0)).shape != (
+            int(description["latent_dim"]),
+        ):
+            raise CheckpointError(
+                f"{folder}: the learned step sizes are missing or not one per latent dimension"
+            )
         space = cls(
             mapping,
             latents=tensors["latents"],
             members=description["member_records"],
             learn_base=learned,
+            learn_step_sizes=1.0 if stepped else None,
         )
+        if stepped:
+            with torch.no_grad():
+                space.log_step_sizes.copy_(tensors["log_step_sizes"])  # type: ignore[union-attr]
         if learned:
             with torch.no_grad():
                 for index, base in enumerate(space.bases):  # type: ignore[arg-type]
