@@ -19,8 +19,9 @@ from test_space_study import fake_sources
 def small(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(inr_study, "load_idx_dataset", fake_sources)
     settings = {"DIMS": (16,), "CODE_DIM": 16, "META_IMAGES": 24, "TRAIN_IMAGES": 48,
-                "TEST_IMAGES": 24, "VAL_IMAGES": 12, "BASE_STEPS": 20, "FIT_STEPS": 5,
-                "CHUNK": 24}  # fmt: skip
+                "TEST_IMAGES": 24, "FULL_TRAIN_IMAGES": 96, "FULL_TEST_IMAGES": 36,
+                "BASE_STEPS": 20, "FIT_STEPS": 5, "CHUNK": 24, "META_STEPS": 6,
+                "META_BATCH": 8, "META_CHECKPOINT_EVERY": 2}  # fmt: skip
     for name, value in settings.items():
         monkeypatch.setattr(inr_study, name, value)
 
@@ -41,23 +42,39 @@ def test_the_stages_write_resume_and_report(small: None, tmp_path: Path) -> None
     summary = inr_study.run(root, datasets=("mnist",))
     entry = summary["datasets"]["mnist"]
     assert {(r["variant"], r["latent_dim"]) for r in entry["base"]} == {
+        ("meta", 16),
         ("learned", 16),
         ("fixed", 16),
     }
     learned = ModelSpace.load(root / "mnist" / "learned-d16" / "space", Siren)
     fixed = ModelSpace.load(root / "mnist" / "fixed-d16" / "space", Siren)
+    meta = ModelSpace.load(root / "mnist" / "meta-d16" / "space", Siren)
     assert learned.bases is not None and fixed.bases is None
     assert not torch.equal(learned.bases[0], learned.mapping.base_0)  # θ₀ was trained
-    for variant in ("fixed", "learned"):
-        codes = entry["codes"][variant]
-        assert codes["train_latents"] + codes["val_latents"] == 48 and codes["test_latents"] == 24
+    assert meta.bases is not None and meta.log_step_sizes is not None
+    assert not torch.equal(meta.bases[0], meta.mapping.base_0)
+    assert not torch.equal(meta.log_step_sizes, torch.zeros(16))  # the step sizes moved from 1
+    assert not (root / "mnist" / "meta-d16" / "progress").exists()  # finished: no resume state
+    for name, (train, test) in {"fixed": (48, 24), "learned": (48, 24), "meta": (48, 24),
+                                "meta-full": (96, 36)}.items():  # fmt: skip
+        codes = entry["codes"][name]
+        assert codes["train_latents"] + codes["val_latents"] == train
+        assert codes["val_latents"] == train // 12 and codes["test_latents"] == test
         assert 0 <= codes["test_acc"] <= 100
+    assert entry["codes"]["meta"]["steps"] == inr_study.INNER_STEPS
+    assert {k: v["train_images"] for k, v in entry["pixels"].items()} == {
+        "pixels": 48,
+        "pixels-full": 96,
+    }
+    # On these learnable stand-ins the pixels classify: the shared MLP is not broken.
+    assert entry["pixels"]["pixels-full"]["test_acc"] > 50
     # A finished stage is read back, not redone.
     marker = root / "mnist" / "codes-fixed.json"
     stored = json.loads(marker.read_text())
     assert inr_study.codes_stage("mnist", "fixed", root, None) == stored
     text = "\n".join(inr_study.report_section(summary))
     assert "| mnist | learned | 16 |" in text and "85.7" in text and "98.5" in text
+    assert "| mnist | meta | 16 |" in text and "| mnist | pixels (no INR) | 96 / 36 |" in text
 
 
 def test_an_interrupted_codes_stage_resumes_at_the_next_chunk(
@@ -90,3 +107,36 @@ def test_an_interrupted_codes_stage_resumes_at_the_next_chunk(
     assert counted["n"] == 2  # the second train chunk and the test chunk, not the first
     assert again == whole
     assert not (root / "b" / "mnist" / "codes-fixed.parts").exists()
+
+
+def test_meta_encoding_is_its_inner_steps_and_meta_learning_resumes_exactly(
+    small: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole = inr_study.meta_stage("mnist", 16, tmp_path / "a", None, progress=False)
+    assert whole["steps"] == 6 and whole["images"] == 96
+    real = inr_study._save_meta
+
+    def save_then_stop(*args, **kwargs):
+        real(*args, **kwargs)
+        if args[3] == 4:  # killed right after the checkpoint at step 4
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(inr_study, "_save_meta", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        inr_study.meta_stage("mnist", 16, tmp_path / "b", None, progress=False)
+    state = json.loads((tmp_path / "b" / "mnist" / "meta-d16" / "progress" / "state.json")
+                       .read_text())  # fmt: skip
+    assert state["step"] == 4
+    monkeypatch.setattr(inr_study, "_save_meta", real)
+    again = inr_study.meta_stage("mnist", 16, tmp_path / "b", None, progress=False)
+    assert again == whole
+    a, b = (ModelSpace.load(root / "mnist" / "meta-d16" / "space", Siren)
+            for root in (tmp_path / "a", tmp_path / "b"))  # fmt: skip
+    assert torch.equal(a.bases[0], b.bases[0]) and torch.equal(a.log_step_sizes, b.log_step_sizes)
+    # Encoding is the INNER_STEPS learned steps from z = 0, nothing else.
+    target = torch.rand(3, 784)
+    latents, quality = inr_study.encode(a, "meta", target)
+    expected = a.fit_latents(inr_study.per_image_mse(target), inr_study.coordinates(),
+                             steps=inr_study.INNER_STEPS, count=3)  # fmt: skip
+    torch.testing.assert_close(latents, expected, rtol=0, atol=0)
+    assert quality.shape == (3,)
