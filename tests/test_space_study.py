@@ -58,3 +58,12 @@ def test_the_space_study_trains_analyses_and_reports(
     assert "| mapped, path flattening (z) |" in text and "greedy soup" in text
     assert (tmp_path / "docs" / "space-paths.png").stat().st_size > 5_000
     assert (tmp_path / "docs" / "space-latents.png").stat().st_size > 5_000
+    # The speed stage, small: vmap against the loop, the weights alone, and their report.
+    threads = torch.get_num_threads()
+    measured = space_study.speed(root, members=3, repeats=1)
+    for row in measured["rows"]:
+        assert row["max_abs_difference"] < 1e-5 and row["speedup"] > 0
+        assert 0 < row["generate_ms"] <= row["loop_ms"] * 1.5 and row["generate_vmap_ms"] > 0
+    text = space_study.report(root, tmp_path / "docs" / "space.md")
+    assert "| weights alone, vmap |" in text and "| CNN2, batch 32 |" in text
+    assert torch.get_num_threads() == threads  # the stage restores the thread count
