@@ -75,6 +75,9 @@ def test_the_stages_write_resume_and_report(small: None, tmp_path: Path) -> None
     text = "\n".join(inr_study.report_section(summary))
     assert "| mnist | learned | 16 |" in text and "85.7" in text and "98.5" in text
     assert "| mnist | meta | 16 |" in text and "| mnist | pixels (no INR) | 96 / 36 |" in text
+    drawn = inr_study.figure(root, tmp_path / "space-inr.png", None)
+    assert drawn is not None and drawn.stat().st_size > 5_000
+    assert inr_study.figure(tmp_path / "nothing", tmp_path / "none.png", None) is None
 
 
 def test_an_interrupted_codes_stage_resumes_at_the_next_chunk(

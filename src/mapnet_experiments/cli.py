@@ -897,7 +897,7 @@ def _run_repro(args: argparse.Namespace) -> int:
                     raise ValueError(
                         f"unknown stage {stage!r} for space (train, analyse, speed, inr)"
                     )
-        print(space_study.report(root, args.report_to or space_study.REPORT))
+        print(space_study.report(root, args.report_to or space_study.REPORT, args.data_dir))
         return 0
     if args.table == "trajectory":
         from mapnet_experiments import trajectory

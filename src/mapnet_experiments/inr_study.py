@@ -377,6 +377,38 @@ def summarise(root: Path = ROOT) -> dict[str, Any]:
     return summary
 
 
+FIGURE = "space-inr.png"
+FIGURE_IMAGES = 8
+
+
+def figure(root: Path, out: Path, data_dir: str | None) -> Path | None:
+    """The first test images of each data set beside their reconstructions through each
+    variant's shared part at CODE_DIM (meta: its INNER_STEPS steps; learned and fixed: their
+    FIT_STEPS Adam steps, redone here for these few images). None when no shared part is
+    there yet."""
+    from mapnet_experiments.plots import image_rows
+
+    rows: list[tuple[str, list[Any]]] = []
+    coords = coordinates()
+    for dataset in DATASETS:
+        present = [v for v in VARIANTS if (root / dataset / f"{v}-d{CODE_DIM}" / "space").exists()]
+        if not present:
+            continue
+        target, _ = images(dataset, "test", FIGURE_IMAGES, data_dir)
+        rows.append((f"{dataset}\nimage", [t.reshape(28, 28).numpy() for t in target]))
+        for variant in present:
+            shared = ModelSpace.load(root / dataset / f"{variant}-d{CODE_DIM}" / "space", Siren)
+            torch.manual_seed(0)
+            latents, quality = encode(shared, variant, target)
+            with torch.no_grad():
+                drawn = shared(coords, latents=latents, chunk_size=None).clamp(0, 1)
+            label = f"{variant}\n{quality.mean().item():.1f} dB"
+            rows.append((label, [image.reshape(28, 28).numpy() for image in drawn]))
+    if not rows:
+        return None
+    return image_rows(rows, out, f"test images and their SIRENs' reconstructions (d = {CODE_DIM})")
+
+
 def report_section(summary: dict[str, Any]) -> list[str]:
     """The INR part of docs/results/space.md."""
     lines = [
@@ -401,6 +433,9 @@ def report_section(summary: dict[str, Any]) -> list[str]:
         "(counts in the table), `meta` those and the full data sets. The MLP on the latents "
         "(and, for reference, on the same images' pixels) picks its epoch on the last twelfth "
         "of the training images (the validation ones). PSNR in dB on pixel values in [0, 1].",
+        "",
+        f"![reconstructions](space-inr.png) (the first {FIGURE_IMAGES} test images; `mapnet "
+        "repro space --report` draws it)",
         "",
         f"PSNR against d, on the first {META_IMAGES} training images:",
         "",

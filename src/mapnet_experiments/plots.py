@@ -196,3 +196,25 @@ def latent_scatter(
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _save(plt, fig, out)
+
+
+def image_rows(rows: Sequence[tuple[str, Sequence[object]]], out: Path, title: str) -> Path:
+    """One labelled row of grey images per entry (arrays (H, W) with values in [0, 1]), e.g. the
+    originals and each variant's reconstructions of them."""
+    plt = _pyplot()
+    width = max(len(images) for _, images in rows)
+    fig, axes = plt.subplots(
+        len(rows), width, figsize=(1.1 * width + 1, 1.15 * len(rows)), dpi=110, squeeze=False
+    )
+    for row_axes, (label, images) in zip(axes, rows):
+        for index, ax in enumerate(row_axes):
+            if index < len(images):
+                ax.imshow(images[index], cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+        row_axes[0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(plt, fig, out)

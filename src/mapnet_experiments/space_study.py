@@ -344,7 +344,9 @@ def speed(root: Path = ROOT, members: int = 256, repeats: int = 5) -> dict[str, 
 # ---------------------------------------------------------------------- report
 
 
-def report(root: Path = ROOT, out: Path = REPORT) -> str:
+def report(root: Path = ROOT, out: Path = REPORT, data_dir: str | None = None) -> str:
+    """docs/results/space.md and its figures from root (the INR figure also reads the test
+    images, from data_dir)."""
     if not (root / "analysis.json").exists():
         raise FileNotFoundError(
             f"{root / 'analysis.json'} is missing: run `mapnet repro space --stages analyse` "
@@ -502,6 +504,10 @@ def report(root: Path = ROOT, out: Path = REPORT) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     figures(analysis, out.parent)
+    if inr_summary.exists():
+        from mapnet_experiments.inr_study import FIGURE, figure
+
+        figure(root / "inr", out.parent / FIGURE, data_dir)
     return text
 
 
