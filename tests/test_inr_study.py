@@ -54,7 +54,7 @@ def test_the_stages_write_resume_and_report(small: None, tmp_path: Path) -> None
     assert meta.bases is not None and meta.log_step_sizes is not None
     assert not torch.equal(meta.bases[0], meta.mapping.base_0)
     assert not torch.equal(meta.log_step_sizes, torch.zeros(16))  # the step sizes moved from 1
-    assert not (root / "mnist" / "meta-d16" / "progress").exists()  # finished: no resume state
+    assert not (root / "mnist" / "meta-d16" / "state").exists()  # finished: no resume state
     for name, (train, test) in {"fixed": (48, 24), "learned": (48, 24), "meta": (48, 24),
                                 "meta-full": (96, 36)}.items():  # fmt: skip
         codes = entry["codes"][name]
@@ -117,6 +117,7 @@ def test_meta_encoding_is_its_inner_steps_and_meta_learning_resumes_exactly(
 ) -> None:
     whole = inr_study.meta_stage("mnist", 16, tmp_path / "a", None, progress=False)
     assert whole["steps"] == 6 and whole["images"] == 96
+    assert whole["inner_steps"] == inr_study.INNER_STEPS and whole["meta_batch"] == 8
     real = inr_study._save_meta
 
     def save_then_stop(*args, **kwargs):
@@ -127,12 +128,15 @@ def test_meta_encoding_is_its_inner_steps_and_meta_learning_resumes_exactly(
     monkeypatch.setattr(inr_study, "_save_meta", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         inr_study.meta_stage("mnist", 16, tmp_path / "b", None, progress=False)
-    state = json.loads((tmp_path / "b" / "mnist" / "meta-d16" / "progress" / "state.json")
-                       .read_text())  # fmt: skip
-    assert state["step"] == 4
+    folder = tmp_path / "b" / "mnist" / "meta-d16"
+    assert json.loads((folder / "state" / "state.json").read_text())["step"] == 4
     monkeypatch.setattr(inr_study, "_save_meta", real)
+    # Killed again while writing the next checkpoint: a half-written state.tmp is left.
+    (folder / "state.tmp" / "space").mkdir(parents=True)
+    (folder / "state.tmp" / "space" / "space.json").write_text("{")
     again = inr_study.meta_stage("mnist", 16, tmp_path / "b", None, progress=False)
-    assert again == whole
+    assert again == whole  # resumed from step 4, the torn save dropped
+    assert not any((folder / name).exists() for name in ("state", "state.tmp", "state.old"))
     a, b = (ModelSpace.load(root / "mnist" / "meta-d16" / "space", Siren)
             for root in (tmp_path / "a", tmp_path / "b"))  # fmt: skip
     assert torch.equal(a.bases[0], b.bases[0]) and torch.equal(a.log_step_sizes, b.log_step_sizes)
@@ -143,3 +147,33 @@ def test_meta_encoding_is_its_inner_steps_and_meta_learning_resumes_exactly(
                              steps=inr_study.INNER_STEPS, count=3)  # fmt: skip
     torch.testing.assert_close(latents, expected, rtol=0, atol=0)
     assert quality.shape == (3,)
+
+
+def test_meta_resume_refuses_other_settings_and_pixels_scale_safely(
+    small: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    real = inr_study._save_meta
+    monkeypatch.setattr(inr_study, "_save_meta", lambda *a, **k: (real(*a, **k), stop()))
+    with pytest.raises(KeyboardInterrupt):
+        inr_study.meta_stage("mnist", 16, tmp_path, None, progress=False)
+    monkeypatch.setattr(inr_study, "INNER_STEPS", 2)
+    with pytest.raises(ValueError, match="saved with the meta settings"):
+        inr_study.meta_stage("mnist", 16, tmp_path, None, progress=False)
+    # A feature constant over the training rows is not divided by ~0 (a border pixel).
+    generator = torch.Generator().manual_seed(0)
+    train_labels = torch.arange(48) % 2
+    train = torch.randn(48, 3, generator=generator) + 3 * train_labels[:, None]
+    train = torch.cat([train, torch.zeros(48, 1)], 1)  # (48, 4): the last feature is 0
+    test_labels = torch.arange(24) % 2
+    test = torch.randn(24, 3, generator=generator) + 3 * test_labels[:, None]
+    test = torch.cat([test, torch.full((24, 1), 0.5)], 1)  # nonzero where training had none
+    features = {"train": train, "train_labels": train_labels, "test": test,
+                "test_labels": test_labels}  # fmt: skip
+    result = inr_study.classify_once(features, epochs=30)
+    assert result["test_acc"] > 90
+    with pytest.raises(ValueError, match="11 training rows leave none to validate on"):
+        inr_study.classify_once({"train": train[:11], "train_labels": train_labels[:11],
+                                 "test": test, "test_labels": test_labels})  # fmt: skip

@@ -281,7 +281,21 @@ def test_meta_learning_the_base_and_step_sizes_through_fit_latents(tmp_path: Pat
     fitted = s.fit_latents(_per_latent_mse(targets), x, steps=2, count=4, create_graph=True)
     outer = _per_latent_mse(targets)(s(x, latents=fitted)).mean()
     grad_base, grad_steps = torch.autograd.grad(outer, [s.bases[0], s.log_step_sizes])
-    assert grad_base.abs().sum() > 0 and grad_steps.abs().sum() > 0  # through the inner steps
+    # The second-order meta-gradient, unrolled by hand: what a first-order shortcut would miss.
+    z = torch.zeros(4, 12, requires_grad=True)
+    for _ in range(2):
+        inner = _per_latent_mse(targets)(s(x, latents=z)).sum()
+        (gradient,) = torch.autograd.grad(inner, z, create_graph=True)
+        z = z - s.log_step_sizes.exp() * gradient
+    reference = torch.autograd.grad(
+        _per_latent_mse(targets)(s(x, latents=z)).mean(), [s.bases[0], s.log_step_sizes]
+    )
+    torch.testing.assert_close(grad_base, reference[0])
+    torch.testing.assert_close(grad_steps, reference[1])
+    first_order = torch.autograd.grad(  # the inner gradients taken as constants
+        _per_latent_mse(targets)(s(x, latents=z.detach())).mean(), s.bases[0]
+    )[0]
+    assert not torch.allclose(grad_base, first_order, rtol=1e-3, atol=1e-6)
     # The learned step sizes are what fit_latents uses without a step_size: equal to passing them.
     with torch.no_grad():
         s.log_step_sizes.copy_(torch.linspace(-2, 0, 12))
@@ -317,13 +331,42 @@ def test_fit_latents_and_step_sizes_refuse_bad_input(tmp_path: Path) -> None:
     for bad in (0.0, -1.0, float("inf")):
         with pytest.raises(ValueError, match="learn_step_sizes must be a positive"):
             ModelSpace(Net, CONFIG, 1, learn_step_sizes=bad)
-    folder = ModelSpace(Net, CONFIG, 1, learn_step_sizes=0.1).save(tmp_path / "stepped")
+    with pytest.raises(ValueError, match="learn_step_sizes must be a positive"):
+        ModelSpace(Net, CONFIG, 1, learn_step_sizes=True)  # a bool is not a step size
+    with pytest.raises(ValueError, match="one per latent dimension \\(12,\\), got shape \\(3,\\)"):
+        s.fit_latents(mse, x, steps=1, count=2, step_size=torch.ones(3))
+    with pytest.raises(ValueError, match=r"positive count, got count=2\.5"):
+        s.fit_latents(mse, x, steps=1, count=2.5, step_size=0.1)
+    # Saved step sizes that are missing, of the wrong width or not finite are refused.
+    for name, saved in (("missing", None), ("narrow", torch.zeros(3)),
+                        ("nan", torch.full((12,), float("nan")))):  # fmt: skip
+        folder = _with_step_sizes(space(1).save(tmp_path / name), saved)
+        match = "NaN/inf" if name == "nan" else "missing or not one per latent dimension"
+        with pytest.raises(CheckpointError, match=match):
+            ModelSpace.load(folder, Net)
+
+
+def _with_step_sizes(folder: Path, log_step_sizes: torch.Tensor | None) -> Path:
+    """A saved space rewritten to claim learned step sizes, holding `log_step_sizes` (or
+    none), its checksum recomputed: only the step sizes are wrong."""
+    import hashlib
+
+    from safetensors.torch import load_file, save
+
+    tensors = load_file(str(folder / "space.safetensors"))
+    if log_step_sizes is not None:
+        tensors["log_step_sizes"] = log_step_sizes
+    blob = save(tensors)
+    (folder / "space.safetensors").write_bytes(blob)
     description = json.loads((folder / "space.json").read_text())
-    description["learned_step_sizes"] = True
-    plain = space(1).save(tmp_path / "plain-one")  # tensors without step sizes
-    (plain / "space.json").write_text(
-        json.dumps(description | {"tensors_sha256": json.loads(
-            (plain / "space.json").read_text())["tensors_sha256"]})
-    )  # fmt: skip
-    with pytest.raises(CheckpointError, match="step sizes are missing"):
-        ModelSpace.load(plain, Net)
+    description |= {"learned_step_sizes": True, "tensors_sha256": hashlib.sha256(blob).hexdigest()}
+    (folder / "space.json").write_text(json.dumps(description))
+    return folder
+
+
+def test_fit_latents_works_under_no_grad() -> None:
+    s, x, targets = space(2), torch.randn(8, 6), torch.randn(2, 8, 3)
+    expected = s.fit_latents(_per_latent_mse(targets), x, steps=2, count=2, step_size=0.5)
+    with torch.no_grad():  # encoding at evaluation time
+        fitted = s.fit_latents(_per_latent_mse(targets), x, steps=2, count=2, step_size=0.5)
+    torch.testing.assert_close(fitted, expected, rtol=0, atol=0)

@@ -114,7 +114,10 @@ class ModelSpace(nn.Module):
         # stored as logarithms so they stay positive; they start at learn_step_sizes.
         self.log_step_sizes: nn.Parameter | None = None
         if learn_step_sizes is not None:
-            if not (isinstance(learn_step_sizes, (int, float)) and 0 < learn_step_sizes < math.inf):
+            number = isinstance(learn_step_sizes, (int, float)) and not isinstance(
+                learn_step_sizes, bool
+            )
+            if not (number and 0 < learn_step_sizes < math.inf):
                 raise ValueError(
                     "learn_step_sizes must be a positive initial step size, got "
                     f"{learn_step_sizes!r}"
@@ -349,33 +352,50 @@ class ModelSpace(nn.Module):
         """
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive number of gradient steps, got {steps!r}")
-        if step_size is None:
-            if self.log_step_sizes is None:
-                raise ValueError("pass step_size, or build the space with learn_step_sizes")
-            eta: float | torch.Tensor = self.log_step_sizes.exp()  # (d,)
-        else:
-            eta = step_size
+        eta = self._step_sizes(step_size)
+        if not create_graph and isinstance(eta, torch.Tensor):
+            eta = eta.detach()  # no meta-gradient wanted: no graph to the step sizes either
         if start is None:
-            if count is None or isinstance(count, bool) or count <= 0:
+            if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
                 raise ValueError(f"pass start (K, d) or a positive count, got count={count!r}")
             initial = torch.cat([z.detach() for z in self.mapping.latents])
             start = initial.expand(count, -1)
         elif count is not None:
             raise ValueError("pass start or count, not both")
         z = self._checked_latents(start, "start").detach().clone().requires_grad_(True)
-        for _ in range(steps):
-            outputs = self.forward(*args, latents=z, chunk_size=chunk_size, **kwargs)
-            losses = loss(outputs)
-            if not isinstance(losses, torch.Tensor) or losses.shape != (len(z),):
-                shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses)
-                raise ValueError(
-                    f"loss must return one value per latent, shape ({len(z)},), got {shape}"
-                )
-            (gradient,) = torch.autograd.grad(losses.sum(), z, create_graph=create_graph)
-            z = z - eta * gradient
-            if not create_graph:
-                z = z.detach().requires_grad_(True)
+        with torch.enable_grad():  # encoding under no_grad (evaluation) still needs ∇z
+            for _ in range(steps):
+                outputs = self.forward(*args, latents=z, chunk_size=chunk_size, **kwargs)
+                losses = loss(outputs)
+                if not isinstance(losses, torch.Tensor) or losses.shape != (len(z),):
+                    shape = (
+                        tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses)
+                    )
+                    raise ValueError(
+                        f"loss must return one value per latent, shape ({len(z)},), got {shape}"
+                    )
+                (gradient,) = torch.autograd.grad(losses.sum(), z, create_graph=create_graph)
+                z = z - eta * gradient
+                if not create_graph:
+                    z = z.detach().requires_grad_(True)
         return z if create_graph else z.detach()
+
+    def _step_sizes(self, step_size: float | torch.Tensor | None) -> float | torch.Tensor:
+        """η of fit_latents: the given number or (d,) tensor, else the learned step sizes."""
+        if step_size is None:
+            if self.log_step_sizes is None:
+                raise ValueError("pass step_size, or build the space with learn_step_sizes")
+            return self.log_step_sizes.exp()  # (d,)
+        if isinstance(step_size, torch.Tensor):
+            if step_size.shape not in ((), (self.latent_dim,)):
+                raise ValueError(
+                    f"step_size must be a number or one per latent dimension ({self.latent_dim},),"
+                    f" got shape {tuple(step_size.shape)}"
+                )
+            return step_size
+        if isinstance(step_size, bool) or not isinstance(step_size, (int, float)):
+            raise TypeError(f"step_size must be a number or a tensor, got {type(step_size)}")
+        return float(step_size)
 
     def midpoint_loss(
         self,
@@ -463,12 +483,6 @@ class ModelSpace(nn.Module):
         fingerprint.compare(saved, mapping.fingerprint(), str(folder))
         learned = bool(description.get("learned_base"))
         stepped = bool(description.get("learned_step_sizes"))
-        if stepped and tensors.get("log_step_sizes", torch.zeros(0)).shape != (
-            int(description["latent_dim"]),
-        ):
-            raise CheckpointError(
-                f"{folder}: the learned step sizes are missing or not one per latent dimension"
-            )
         space = cls(
             mapping,
             latents=tensors["latents"],
@@ -477,8 +491,16 @@ class ModelSpace(nn.Module):
             learn_step_sizes=1.0 if stepped else None,
         )
         if stepped:
+            saved_steps = tensors.get("log_step_sizes")
+            if saved_steps is None or saved_steps.shape != (space.latent_dim,):
+                raise CheckpointError(
+                    f"{folder}: the learned step sizes are missing or not one per latent "
+                    f"dimension ({space.latent_dim},)"
+                )
+            if not torch.isfinite(saved_steps).all():
+                raise CheckpointError(f"{folder}: the learned step sizes hold NaN/inf values")
             with torch.no_grad():
-                space.log_step_sizes.copy_(tensors["log_step_sizes"])  # type: ignore[union-attr]
+                space.log_step_sizes.copy_(saved_steps)  # type: ignore[union-attr]
         if learned:
             with torch.no_grad():
                 for index, base in enumerate(space.bases):  # type: ignore[arg-type]

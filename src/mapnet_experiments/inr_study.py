@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,14 @@ from mapnet import MappingConfig, ModelSpace
 from mapnet.checkpoint.io import atomic_write_bytes
 from mapnet_experiments.data import load_idx_dataset
 from mapnet_experiments.models import Siren
-from mapnet_experiments.train import _flatten_optimizer, _unflatten_optimizer, write_json
+from mapnet_experiments.train import (
+    flatten_optimizer,
+    recover_state,
+    remove_state,
+    replace_folder,
+    unflatten_optimizer,
+    write_json,
+)
 
 ROOT = Path("results/space/inr")
 DATASETS = ("mnist", "fashion-mnist")
@@ -90,7 +98,7 @@ def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1 / mse)
 
 
-def per_image_mse(target: torch.Tensor):
+def per_image_mse(target: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """outputs (N, 784, 1) -> each image's reconstruction MSE (N,): the loss of fit_latents."""
     return lambda outputs: ((outputs.squeeze(-1) - target) ** 2).mean(1)
 
@@ -133,13 +141,19 @@ def base_stage(dataset: str, variant: str, d: int, root: Path, data_dir: str | N
     return result
 
 
+def meta_settings() -> dict[str, Any]:
+    """What a meta-learned shared part depends on, recorded with it and checked on resume."""
+    return {"meta_steps": META_STEPS, "meta_batch": META_BATCH, "meta_lr": META_LR,
+            "inner_steps": INNER_STEPS, "inner_step_size": INNER_STEP_SIZE}  # fmt: skip
+
+
 def meta_stage(
     dataset: str, d: int, root: Path, data_dir: str | None, progress: bool = True
 ) -> dict:
-    """θ₀ and step sizes meta-learned on every training image (batches of META_BATCH drawn by
-    a generator seeded with the step, so a resumed run draws what the uninterrupted one
-    would); a checkpoint every META_CHECKPOINT_EVERY steps, removed once done. The PSNR is
-    that of the first META_IMAGES training images after INNER_STEPS steps."""
+    """θ₀ and step sizes meta-learned on the training images (META_STEPS batches of
+    META_BATCH, drawn by a generator seeded with the step, so a resumed run draws what the
+    uninterrupted one would); a checkpoint every META_CHECKPOINT_EVERY steps, removed once
+    done. The PSNR is that of the first META_IMAGES training images after INNER_STEPS steps."""
     folder = root / dataset / f"meta-d{d}"
     if (folder / "result.json").exists():
         return json.loads((folder / "result.json").read_text())
@@ -148,10 +162,8 @@ def meta_stage(
     space = ModelSpace(Siren, _config(d), 1, learn_base=True, learn_step_sizes=INNER_STEP_SIZE)
     assert space.bases is not None and space.log_step_sizes is not None
     optimizer = torch.optim.Adam([*space.bases, space.log_step_sizes], lr=META_LR)
-    progress_folder = folder / "progress"
-    start = 0
-    if (progress_folder / "state.json").exists():
-        start = _restore_meta(progress_folder, space, optimizer)
+    recover_state(folder)  # an interrupted checkpoint is dropped, a cut swap finished
+    start = _restore_meta(folder / "state", space, optimizer) if (folder / "state").exists() else 0
     bar = tqdm(total=META_STEPS, initial=start, desc=f"meta {dataset} d={d}", disable=not progress)
     for step in range(start, META_STEPS):
         chosen = torch.randint(len(target), (META_BATCH,), generator=_step_generator(step))
@@ -164,15 +176,15 @@ def meta_stage(
         optimizer.step()
         bar.update()
         if (step + 1) % META_CHECKPOINT_EVERY == 0 and step + 1 < META_STEPS:
-            _save_meta(progress_folder, space, optimizer, step + 1)
+            _save_meta(folder, space, optimizer, step + 1)
     bar.close()
     space.save(folder / "space")
     first, _ = images(dataset, "train", META_IMAGES, data_dir)
     quality = encode(space, "meta", first)[1]
     result = {"dataset": dataset, "variant": "meta", "latent_dim": d, "images": len(target),
-              "steps": META_STEPS, "psnr": quality.mean().item()}  # fmt: skip
+              "steps": META_STEPS, "psnr": quality.mean().item(), **meta_settings()}  # fmt: skip
     write_json(folder / "result.json", result)
-    shutil.rmtree(progress_folder, ignore_errors=True)  # finished: the resume state goes
+    remove_state(folder)  # finished: the resume state goes
     return result
 
 
@@ -180,25 +192,36 @@ def _step_generator(step: int) -> torch.Generator:
     return torch.Generator().manual_seed(1_000_003 * step + 17)
 
 
-def _save_meta(folder: Path, space: ModelSpace, optimizer: torch.optim.Optimizer, step: int):
-    tensors, meta = _flatten_optimizer(optimizer.state_dict())
-    space.save(folder / "space")
-    atomic_write_bytes(folder / "optimizer.safetensors", save_safetensors(tensors))
-    write_json(folder / "state.json", {"step": step, "optimizer": meta})  # last: marks it whole
+def _save_meta(
+    folder: Path, space: ModelSpace, optimizer: torch.optim.Optimizer, step: int
+) -> None:
+    """folder/state, written whole beside it and then swapped in (train.replace_folder)."""
+    staging = folder / "state.tmp"
+    tensors, meta = flatten_optimizer(optimizer.state_dict())
+    space.save(staging / "space")
+    atomic_write_bytes(staging / "optimizer.safetensors", save_safetensors(tensors))
+    write_json(staging / "state.json", {"step": step, "optimizer": meta, **meta_settings()})
+    replace_folder(staging, folder / "state")
 
 
-def _restore_meta(folder: Path, space: ModelSpace, optimizer: torch.optim.Optimizer) -> int:
-    state = json.loads((folder / "state.json").read_text())
-    saved = ModelSpace.load(folder / "space", Siren)
+def _restore_meta(state: Path, space: ModelSpace, optimizer: torch.optim.Optimizer) -> int:
+    description = json.loads((state / "state.json").read_text())
+    recorded = {key: description.get(key) for key in meta_settings()}
+    if recorded != meta_settings():
+        raise ValueError(
+            f"{state} was saved with the meta settings {recorded}, now {meta_settings()}: "
+            "delete it to start again"
+        )
+    saved = ModelSpace.load(state / "space", space.mapping)
+    assert space.bases is not None and space.log_step_sizes is not None
+    assert saved.bases is not None and saved.log_step_sizes is not None
     with torch.no_grad():
-        for mine, theirs in zip(
-            [*space.bases, space.log_step_sizes],  # type: ignore[misc]
-            [*saved.bases, saved.log_step_sizes],
-        ):  # type: ignore[misc]
-            mine.copy_(theirs)  # fmt: skip
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
-    return int(state["step"])
+        mine, theirs = [*space.bases, space.log_step_sizes], [*saved.bases, saved.log_step_sizes]
+        for own, loaded in zip(mine, theirs, strict=True):
+            own.copy_(loaded)
+    tensors = load_file(str(state / "optimizer.safetensors"))
+    optimizer.load_state_dict(unflatten_optimizer(tensors, description["optimizer"]))
+    return int(description["step"])
 
 
 def shared_part(dataset: str, variant: str, root: Path, data_dir: str | None) -> ModelSpace:
@@ -230,6 +253,11 @@ def codes_name(variant: str, full: bool) -> str:
     return f"codes-{variant}-full" if full else f"codes-{variant}"
 
 
+def image_counts(full: bool) -> tuple[int, int]:
+    """Training and test images encoded: the subset, or with `full` the whole data sets."""
+    return (FULL_TRAIN_IMAGES, FULL_TEST_IMAGES) if full else (TRAIN_IMAGES, TEST_IMAGES)
+
+
 def codes_stage(
     dataset: str, variant: str, root: Path, data_dir: str | None, full: bool = False
 ) -> dict:
@@ -240,7 +268,7 @@ def codes_stage(
     if summary.exists():
         return json.loads(summary.read_text())
     shared = shared_part(dataset, variant, root, data_dir)
-    counts = (FULL_TRAIN_IMAGES, FULL_TEST_IMAGES) if full else (TRAIN_IMAGES, TEST_IMAGES)
+    counts = image_counts(full)
     parts: dict[str, list[torch.Tensor]] = {}
     qualities: dict[str, list[torch.Tensor]] = {}
     for split, count in zip(("train", "test"), counts):
@@ -271,10 +299,10 @@ def codes_stage(
 
 def pixels_stage(dataset: str, root: Path, data_dir: str | None, full: bool = False) -> dict:
     """The same MLP on the same images' pixels (784 numbers each): what a user would pick."""
-    file = root / dataset / f"pixels{'-full' if full else ''}.json"
+    file = root / dataset / f"{codes_name('pixels', full).removeprefix('codes-')}.json"
     if file.exists():
         return json.loads(file.read_text())
-    counts = (FULL_TRAIN_IMAGES, FULL_TEST_IMAGES) if full else (TRAIN_IMAGES, TEST_IMAGES)
+    counts = image_counts(full)
     (train, train_labels), (test, test_labels) = (
         images(dataset, split, count, data_dir) for split, count in zip(("train", "test"), counts)
     )
@@ -308,9 +336,14 @@ def classify_once(
     last twelfth, its epoch chosen on those, test accuracy of that epoch."""
     z, labels = tensors["train"], tensors["train_labels"]
     held = len(z) // 12  # 512 of the subset's 6,144, 5,000 of the full 60,000
+    if held == 0:
+        raise ValueError(f"{len(z)} training rows leave none to validate on: at least 12 needed")
     fit_z, fit_y = z[:-held], labels[:-held]
     val_z, val_y = z[-held:], labels[-held:]
-    mean, std = fit_z.mean(0), fit_z.std(0) + 1e-6
+    # A feature constant over the training rows (a border pixel) is centred, not scaled: its
+    # 1e-6 would blow a test image's value at that pixel up to ~1e5.
+    mean, spread = fit_z.mean(0), fit_z.std(0)
+    std = torch.where(spread > 0, spread, torch.ones_like(spread)) + 1e-6
     torch.manual_seed(seed)
     mlp = nn.Sequential(
         nn.Linear(z.shape[1], 256), nn.ReLU(), nn.Dropout(0.2),
@@ -398,7 +431,6 @@ def figure(root: Path, out: Path, data_dir: str | None) -> Path | None:
         rows.append((f"{dataset}\nimage", [t.reshape(28, 28).numpy() for t in target]))
         for variant in present:
             shared = ModelSpace.load(root / dataset / f"{variant}-d{CODE_DIM}" / "space", Siren)
-            torch.manual_seed(0)
             latents, quality = encode(shared, variant, target)
             with torch.no_grad():
                 drawn = shared(coords, latents=latents, chunk_size=None).clamp(0, 1)
@@ -411,6 +443,10 @@ def figure(root: Path, out: Path, data_dir: str | None) -> Path | None:
 
 def report_section(summary: dict[str, Any]) -> list[str]:
     """The INR part of docs/results/space.md."""
+    recorded = [
+        r for e in summary["datasets"].values() for r in e["base"] if r["variant"] == "meta"
+    ]
+    meta = recorded[0] if recorded else meta_settings()  # what the meta runs were made with
     lines = [
         "## A population of INRs: one SIREN per image, classified from its latent",
         "",
@@ -423,10 +459,10 @@ def report_section(summary: dict[str, Any]) -> list[str]:
         f"- `learned`: θ₀ trained with the latents of the first {META_IMAGES} training images, "
         f"then frozen; each latent is fitted by {FIT_STEPS} Adam steps.",
         f"- `meta`: functa's recipe (Dupont et al. 2022): θ₀ and per-dimension step sizes "
-        f"meta-learned ({META_STEPS} steps of {META_BATCH} training images) so that "
-        f"{INNER_STEPS} plain gradient steps from z = 0 fit an image; each latent is those "
-        f"{INNER_STEPS} steps (`ModelSpace.fit_latents`). Cheap enough to encode the whole "
-        "data sets.",
+        f"meta-learned ({meta['meta_steps']} Adam steps, lr {meta['meta_lr']:g}, on batches of "
+        f"{meta['meta_batch']} training images) so that {meta['inner_steps']} plain gradient "
+        f"steps from z = 0 fit an image; each latent is those {meta['inner_steps']} steps "
+        "(`ModelSpace.fit_latents`). Cheap enough to encode the whole data sets.",
         "",
         "`learned` and `meta` are variants, not the paper's method. Sized to this machine: "
         "`fixed` and `learned` encode the first training and test images of each data set "
@@ -434,8 +470,7 @@ def report_section(summary: dict[str, Any]) -> list[str]:
         "(and, for reference, on the same images' pixels) picks its epoch on the last twelfth "
         "of the training images (the validation ones). PSNR in dB on pixel values in [0, 1].",
         "",
-        f"![reconstructions](space-inr.png) (the first {FIGURE_IMAGES} test images; `mapnet "
-        "repro space --report` draws it)",
+        f"![reconstructions]({FIGURE}) (the first {FIGURE_IMAGES} test images of each data set)",
         "",
         f"PSNR against d, on the first {META_IMAGES} training images:",
         "",
@@ -444,7 +479,7 @@ def report_section(summary: dict[str, Any]) -> list[str]:
     ]
     for dataset, entry in summary["datasets"].items():
         for row in sorted(entry["base"], key=lambda r: (r["variant"], r["latent_dim"])):
-            steps = INNER_STEPS if row["variant"] == "meta" else row["steps"]
+            steps = row["inner_steps"] if row["variant"] == "meta" else row["steps"]
             fitted_on = (f"{row['images']:,} images, {row['steps']} meta-steps"
                          if row["variant"] == "meta" else f"{row['images']:,} images")  # fmt: skip
             if row["variant"] == "fixed":

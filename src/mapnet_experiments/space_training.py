@@ -39,13 +39,13 @@ from mapnet_experiments.models import model_factory
 from mapnet_experiments.train import (
     Split,
     TrainConfig,
-    _flatten_optimizer,
-    _unflatten_optimizer,
     evaluate,
+    flatten_optimizer,
     load_splits,
     recover_state,
     remove_state,
     replace_folder,
+    unflatten_optimizer,
     write_json,
 )
 
@@ -328,7 +328,7 @@ def _save_state(
 ) -> None:
     staging = folder.with_name(folder.name + ".tmp")
     space.save(staging / "space")
-    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    tensors, meta = flatten_optimizer(optimizer.state_dict())
     for index, stream in enumerate(streams):
         tensors |= {f"stream.{index}.{k}": v for k, v in stream.state().items()}
     tensors["flatten_rng"] = flatten_rng.get_state()
@@ -350,7 +350,7 @@ def _restore(
         space.latents.copy_(saved.latents)
     description = json.loads((folder / "trainer.json").read_text())
     tensors = load_safetensors((folder / "trainer.safetensors").read_bytes())
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, description["optimizer"]))
+    optimizer.load_state_dict(unflatten_optimizer(tensors, description["optimizer"]))
     for index, stream in enumerate(streams):
         prefix = f"stream.{index}."
         stream.restore({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})

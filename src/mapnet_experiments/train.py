@@ -488,7 +488,7 @@ class Trainer:
         staging = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
         save_model(self.module, staging / "model")
-        tensors, meta = _flatten_optimizer(self.optimizer.state_dict())
+        tensors, meta = flatten_optimizer(self.optimizer.state_dict())
         tensors["rng.batch_order"] = self.batch_order.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
         if self.loss_fn is not None:
@@ -514,7 +514,7 @@ class Trainer:
         if description.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{folder}: unknown training-state format")
         load_model(self.module, folder / "model")
-        self.optimizer.load_state_dict(_unflatten_optimizer(tensors, description["optimizer"]))
+        self.optimizer.load_state_dict(unflatten_optimizer(tensors, description["optimizer"]))
         self.batch_order.set_state(tensors["rng.batch_order"])
         torch.set_rng_state(tensors["rng.torch"])
         if self.loss_fn is not None:
@@ -570,7 +570,7 @@ def load_model(module: nn.Module, folder: Path) -> None:
         raise CheckpointError(f"{folder} does not fit this model: {error}") from None
 
 
-def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Optimiser state as safetensors-ready tensors plus JSON-ready scalars (no pickle)."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -583,7 +583,7 @@ def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
