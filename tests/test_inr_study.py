@@ -21,7 +21,7 @@ def small(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = {"DIMS": (16,), "CODE_DIM": 16, "META_IMAGES": 24, "TRAIN_IMAGES": 48,
                 "TEST_IMAGES": 24, "FULL_TRAIN_IMAGES": 96, "FULL_TEST_IMAGES": 36,
                 "BASE_STEPS": 20, "FIT_STEPS": 5, "CHUNK": 24, "META_STEPS": 6,
-                "META_BATCH": 8, "META_CHECKPOINT_EVERY": 2}  # fmt: skip
+                "META_BATCH": 8, "META_CHECKPOINT_EVERY": 2, "FULL_DIMS": (16, 8)}  # fmt: skip
     for name, value in settings.items():
         monkeypatch.setattr(inr_study, name, value)
 
@@ -43,6 +43,7 @@ def test_the_stages_write_resume_and_report(small: None, tmp_path: Path) -> None
     entry = summary["datasets"]["mnist"]
     assert {(r["variant"], r["latent_dim"]) for r in entry["base"]} == {
         ("meta", 16),
+        ("meta", 8),
         ("learned", 16),
         ("fixed", 16),
     }
@@ -55,13 +56,20 @@ def test_the_stages_write_resume_and_report(small: None, tmp_path: Path) -> None
     assert not torch.equal(meta.bases[0], meta.mapping.base_0)
     assert not torch.equal(meta.log_step_sizes, torch.zeros(16))  # the step sizes moved from 1
     assert not (root / "mnist" / "meta-d16" / "state").exists()  # finished: no resume state
-    for name, (train, test) in {"fixed": (48, 24), "learned": (48, 24), "meta": (48, 24),
-                                "meta-full": (96, 36)}.items():  # fmt: skip
+    expected = {"fixed": (48, 24), "learned": (48, 24), "meta": (48, 24), "meta-full": (96, 36),
+                "meta-full-d8": (96, 36)}  # fmt: skip
+    for name, (train, test) in expected.items():
         codes = entry["codes"][name]
         assert codes["train_latents"] + codes["val_latents"] == train
         assert codes["val_latents"] == train // 12 and codes["test_latents"] == test
         assert 0 <= codes["test_acc"] <= 100
     assert entry["codes"]["meta"]["steps"] == inr_study.INNER_STEPS
+    assert entry["codes"]["meta-full-d8"]["latent_dim"] == 8
+    # The headline is the full-data row with the best validation accuracy, whatever the test.
+    name, chosen = inr_study.chosen_row(entry)
+    assert name in ("meta-full", "meta-full-d8")
+    other = entry["codes"]["meta-full-d8" if name == "meta-full" else "meta-full"]
+    assert inr_study.validation_accuracy(chosen) >= inr_study.validation_accuracy(other)
     assert {k: v["train_images"] for k, v in entry["pixels"].items()} == {
         "pixels": 48,
         "pixels-full": 96,
@@ -74,7 +82,8 @@ def test_the_stages_write_resume_and_report(small: None, tmp_path: Path) -> None
     assert inr_study.codes_stage("mnist", "fixed", root, None) == stored
     text = "\n".join(inr_study.report_section(summary))
     assert "| mnist | learned | 16 |" in text and "85.7" in text and "98.5" in text
-    assert "| mnist | meta | 16 |" in text and "| mnist | pixels (no INR) | 96 / 36 |" in text
+    assert "| mnist | meta | 16 |" in text and "| mnist | pixels (no INR) | – | 96 / 36 |" in text
+    assert text.count("| **") == 1  # one headline row, in bold
     drawn = inr_study.figure(root, tmp_path / "space-inr.png", None)
     assert drawn is not None and drawn.stat().st_size > 5_000
     assert inr_study.figure(tmp_path / "nothing", tmp_path / "none.png", None) is None
