@@ -465,11 +465,14 @@ def report(root: Path = ROOT, out: Path = REPORT, data_dir: str | None = None) -
     ]
     speed_file = root / "speed.json"
     if speed_file.exists():
-        speed_rows = json.loads(speed_file.read_text())["rows"]
+        measured = json.loads(speed_file.read_text())
+        speed_rows, speed_threads = measured["rows"], measured["threads"]
         lines += [
-            "## Batched forward of 256 members (`torch.func.vmap`) against a Python loop",
+            f"## Batched forward of {speed_rows[0]['members']} members (`torch.func.vmap`) "
+            "against a Python loop",
             "",
-            "`mapnet repro space --stages speed`, 1 thread, no_grad, median of 5. The "
+            f"`mapnet repro space --stages speed`, {speed_threads} thread, no_grad, median of "
+            "5. The "
             '"weights alone" columns generate every member\'s weights and run nothing, '
             "member by member and batched by vmap. Each member's weights are its own, so no "
             "forward of all members takes less than the faster of the two: the loop's time "
