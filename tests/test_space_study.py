@@ -39,6 +39,7 @@ def test_the_space_study_trains_analyses_and_reports(
     assert set(paths) == {
         "mapped (one space, z)",
         "mapped, path flattening (z)",
+        "mapped, independent starts (z)",
         "plain, independent inits (weights)",
         "plain, one init (weights)",
     }

@@ -106,6 +106,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(
         (lambda: Member("x", classes=[3, 3]), "distinct"),
         (lambda: Member("x", classes=[10]), "0..9"),
         (lambda: Member("x", train_fraction=0), r"\(0, 1\]"),
+        (lambda: Member("x", start_std=-1.0), "start_std must be >= 0"),
         (lambda: SpaceRun([Member("x"), Member("x")]), "distinct"),
         (lambda: SpaceRun([]), "at least one member"),
     ],
@@ -145,3 +146,26 @@ def test_a_finished_folder_refuses_another_config(data: Path, tmp_path: Path) ->
     train_space(run(data, [A], epochs=1), tmp_path / "done", progress=False)
     with pytest.raises(ValueError, match="another config"):
         train_space(run(data, [A], epochs=2), tmp_path / "done", progress=False)
+
+
+def test_members_can_start_at_independent_random_latents(data: Path) -> None:
+    wide = [Member("w0", "tiny", 0, start_std=1.0), Member("w1", "tiny", 1, start_std=1.0)]
+    space = space_training.build_space(run(data, [*wide, A]))
+    a, b, zero = space.latents.detach()
+    assert torch.equal(zero, torch.zeros(64))  # start_std 0: the mapping's start
+    assert not torch.equal(a, b) and 0.8 < a.std().item() < 1.2
+    again = space_training.build_space(run(data, wide)).latents.detach()
+    assert torch.equal(again[0], a)  # drawn from the member's seed: reproducible
+
+
+def test_a_config_saved_before_a_field_existed_still_resumes(data: Path, tmp_path: Path) -> None:
+    train_space(run(data, [A], epochs=1), tmp_path / "old", progress=False)
+    config = tmp_path / "old" / "config.json"
+    saved = json.loads(config.read_text())
+    for member in saved["members"]:
+        del member["start_std"]  # as written before start_std existed
+    config.write_text(json.dumps(saved))
+    again = train_space(run(data, [A], epochs=1), tmp_path / "old", progress=False)
+    assert again["members"][0]["label"] == "a"
+    with pytest.raises(ValueError, match="another config"):  # a real difference still counts
+        train_space(run(data, [A], epochs=2), tmp_path / "old", progress=False)

@@ -55,13 +55,15 @@ LATENTS_FILE = "latents_by_epoch.safetensors"
 
 @dataclass
 class Member:
-    """One member's data: `seed` orders its batches and draws its training subset."""
+    """One member's data: `seed` orders its batches, draws its training subset and, with
+    start_std > 0, its starting latent N(0, start_std²) (0: the mapping's start, z = 0)."""
 
     label: str
     dataset: str = "fashion-mnist"  # a TrainConfig data set (any IDX folder name with data_dir)
     seed: int = 0
     classes: list[int] | None = None  # train, validate and test on these classes only
     train_fraction: float = 1.0
+    start_std: float = 0.0
 
     def __post_init__(self) -> None:
         if self.classes is not None:
@@ -70,6 +72,8 @@ class Member:
                 raise ValueError(f"member {self.label!r}: classes must be distinct and nonempty")
             if not all(isinstance(c, int) and 0 <= c < 10 for c in self.classes):
                 raise ValueError(f"member {self.label!r}: classes must lie in 0..9")
+        if not 0 <= self.start_std < math.inf:
+            raise ValueError(f"member {self.label!r}: start_std must be >= 0, got {self.start_std}")
         if not 0 < self.train_fraction <= 1:
             raise ValueError(
                 f"member {self.label!r}: train_fraction must be in (0, 1], got "
@@ -196,6 +200,11 @@ def build_space(run: SpaceRun) -> ModelSpace:
     factory = model_factory(run.model)
     space = ModelSpace(factory, run.mapping, len(run.members))
     space.members = [dataclasses.asdict(m) for m in run.members]
+    with torch.no_grad():
+        for index, member in enumerate(run.members):
+            if member.start_std > 0:  # an independent start in z, as plain nets have in weights
+                generator = torch.Generator().manual_seed(member.seed)
+                space.latents[index].normal_(0, member.start_std, generator=generator)
     return space
 
 
@@ -220,8 +229,9 @@ def train_space(
     out = Path(out)
     config_file = out / "config.json"
     if config_file.exists():
-        saved = json.loads(config_file.read_text())
-        if saved != json.loads(json.dumps(run.to_dict())):
+        # Read back through SpaceRun: a field added since (its default) means the same run.
+        saved = SpaceRun.from_dict(json.loads(config_file.read_text())).to_dict()
+        if json.loads(json.dumps(saved)) != json.loads(json.dumps(run.to_dict())):
             raise ValueError(f"{out} holds a space run with another config")
         if (out / "results.json").exists():
             return json.loads((out / "results.json").read_text())
