@@ -414,6 +414,17 @@ def report(root: Path = ROOT, out: Path = REPORT, data_dir: str | None = None) -
             f"{bar['barrier_midpoint']:.2f} | {bar['barrier_max']:.2f} | "
             f"{path['val_barrier']['barrier_max']:.2f} |"
         )
+    if "mapped, independent starts (z)" in barriers:
+        lines += [
+            "",
+            "From independent starts the mapped pair's largest barrier is "
+            f"{barriers['mapped, independent starts (z)']:.2f}, against "
+            f"{barriers['plain, independent inits (weights)']:.2f} for two plain CNN2s from "
+            "independent inits: the shared coordinates alone do not connect two members. What "
+            "connects them is their shared start, as one init does for plain CNN2s "
+            f"({barriers['plain, one init (weights)']:.2f}); path flattening then brings the "
+            f"shared-start pair from {barriers['mapped (one space, z)']:.2f} to {flat:.2f}.",
+        ]
     lines += [
         "",
         "| path-flattening weight | endpoints, validation | largest barrier, validation | "
