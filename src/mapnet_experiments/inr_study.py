@@ -180,8 +180,7 @@ def meta_stage(
             _save_meta(folder, space, optimizer, step + 1)
     bar.close()
     space.save(folder / "space")
-    first, _ = images(dataset, "train", META_IMAGES, data_dir)
-    quality = encode(space, "meta", first)[1]
+    quality = encode(space, "meta", target[:META_IMAGES])[1]  # the first training images
     result = {"dataset": dataset, "variant": "meta", "latent_dim": d, "images": len(target),
               "steps": META_STEPS, "psnr": quality.mean().item(), **meta_settings()}  # fmt: skip
     write_json(folder / "result.json", result)
@@ -254,9 +253,11 @@ def encode(shared: ModelSpace, variant: str, target: torch.Tensor) -> tuple[torc
     return space.latents.detach().clone(), quality
 
 
-def codes_name(variant: str, full: bool, d: int | None = None) -> str:
+def run_name(features: str, full: bool, d: int | None = None) -> str:
+    """A classification run's name, e.g. meta-full-d256 (its files: codes-<name>.*) or
+    pixels-full (pixels-full.json)."""
     d = CODE_DIM if d is None else d
-    return f"codes-{variant}" + ("-full" if full else "") + ("" if d == CODE_DIM else f"-d{d}")
+    return features + ("-full" if full else "") + ("" if d == CODE_DIM else f"-d{d}")
 
 
 def image_counts(full: bool) -> tuple[int, int]:
@@ -275,7 +276,7 @@ def codes_stage(
     """Every train and test image's latent at d (CODE_DIM by default), the shared part
     frozen: the subset's TRAIN_IMAGES / TEST_IMAGES, or with `full` the whole data sets."""
     d = CODE_DIM if d is None else d
-    name = codes_name(variant, full, d)
+    name = f"codes-{run_name(variant, full, d)}"
     out, summary = root / dataset / f"{name}.safetensors", root / dataset / f"{name}.json"
     if summary.exists():
         return json.loads(summary.read_text())
@@ -311,7 +312,7 @@ def codes_stage(
 
 def pixels_stage(dataset: str, root: Path, data_dir: str | None, full: bool = False) -> dict:
     """The same MLP on the same images' pixels (784 numbers each): what a user would pick."""
-    file = root / dataset / f"{codes_name('pixels', full).removeprefix('codes-')}.json"
+    file = root / dataset / f"{run_name('pixels', full)}.json"
     if file.exists():
         return json.loads(file.read_text())
     counts = image_counts(full)
