@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from interrupts import interrupted_at_call
 from mapnet import ModelSpace
 from mapnet_experiments import inr_study
 from mapnet_experiments.models import Siren
@@ -94,21 +95,13 @@ def test_an_interrupted_codes_stage_resumes_at_the_next_chunk(
 ) -> None:
     root = tmp_path / "inr"
     whole = inr_study.codes_stage("mnist", "fixed", root / "a", None)
-    real = inr_study.fit
-    calls = {"n": 0}
-
-    def stop_at_the_third_chunk(*args, **kwargs):  # the base stage fits once, then 2 chunks
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(inr_study, "fit", stop_at_the_third_chunk)
-    with pytest.raises(KeyboardInterrupt):
+    # The base stage fits once, then 2 chunks: the third fit is the second chunk.
+    with interrupted_at_call(inr_study, "fit", 3):
         inr_study.codes_stage("mnist", "fixed", root / "b", None)
     pieces = sorted(p.name for p in (root / "b" / "mnist" / "codes-fixed.parts").iterdir())
     assert pieces == ["train-0.safetensors"]
     counted = {"n": 0}
+    real = inr_study.fit
 
     def count(*args, **kwargs):
         counted["n"] += 1
@@ -122,24 +115,16 @@ def test_an_interrupted_codes_stage_resumes_at_the_next_chunk(
 
 
 def test_meta_encoding_is_its_inner_steps_and_meta_learning_resumes_exactly(
-    small: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    small: None, tmp_path: Path
 ) -> None:
     whole = inr_study.meta_stage("mnist", 16, tmp_path / "a", None, progress=False)
     assert whole["steps"] == 6 and whole["images"] == 96
     assert whole["inner_steps"] == inr_study.INNER_STEPS and whole["meta_batch"] == 8
-    real = inr_study._save_meta
-
-    def save_then_stop(*args, **kwargs):
-        real(*args, **kwargs)
-        if args[3] == 4:  # killed right after the checkpoint at step 4
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(inr_study, "_save_meta", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    # Killed right after the second checkpoint, at step 4 (one every 2 steps).
+    with interrupted_at_call(inr_study, "_save_meta", 2, after=True):
         inr_study.meta_stage("mnist", 16, tmp_path / "b", None, progress=False)
     folder = tmp_path / "b" / "mnist" / "meta-d16"
     assert json.loads((folder / "state" / "state.json").read_text())["step"] == 4
-    monkeypatch.setattr(inr_study, "_save_meta", real)
     # Killed again while writing the next checkpoint: a half-written state.tmp is left.
     (folder / "state.tmp" / "space").mkdir(parents=True)
     (folder / "state.tmp" / "space" / "space.json").write_text("{")
@@ -161,12 +146,7 @@ def test_meta_encoding_is_its_inner_steps_and_meta_learning_resumes_exactly(
 def test_meta_resume_refuses_other_settings_and_pixels_scale_safely(
     small: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def stop(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    real = inr_study._save_meta
-    monkeypatch.setattr(inr_study, "_save_meta", lambda *a, **k: (real(*a, **k), stop()))
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_call(inr_study, "_save_meta", 1, after=True):
         inr_study.meta_stage("mnist", 16, tmp_path, None, progress=False)
     monkeypatch.setattr(inr_study, "INNER_STEPS", 2)
     with pytest.raises(ValueError, match="saved with the meta settings"):

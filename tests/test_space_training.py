@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from interrupts import interrupted_at_call
 from mapnet import MappingConfig, ModelSpace
 from mapnet_experiments import space_training
 from mapnet_experiments.space_training import Member, SpaceRun, train_space
@@ -66,24 +67,11 @@ def test_path_flattening_changes_the_latents_and_is_recorded(data: Path, tmp_pat
         run(data, [A, HALF], flatten=1.0)
 
 
-def test_an_interrupted_run_resumes_to_the_uninterrupted_result(
-    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(data: Path, tmp_path: Path) -> None:
     config = run(data, [A, HALF], epochs=3, flatten=0.0)
     straight = train_space(config, tmp_path / "straight", progress=False)
-    calls = {"n": 0}
-    real = space_training.evaluate_members
-
-    def fail_in_epoch_two(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(space_training, "evaluate_members", fail_in_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_call(space_training, "evaluate_members", 2):  # in epoch two
         train_space(config, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(space_training, "evaluate_members", real)
     state = json.loads((tmp_path / "cut" / "state" / "trainer.json").read_text())
     assert state["epoch"] == 1
     with pytest.raises(ValueError, match="already holds a run"):
@@ -116,24 +104,12 @@ def test_bad_settings_are_named(make, message: str) -> None:
         make()
 
 
-def test_a_stop_between_the_latents_and_the_state_loses_no_row(
-    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_stop_between_the_latents_and_the_state_loses_no_row(data: Path, tmp_path: Path) -> None:
     config = run(data, [A], epochs=3)
     train_space(config, tmp_path / "straight", progress=False)
-    real = space_training._save_state
-    calls = {"n": 0}
-
-    def stop_at_the_second_save(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:  # epoch 2's latents are written, its state is not
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(space_training, "_save_state", stop_at_the_second_save)
-    with pytest.raises(KeyboardInterrupt):
+    # At the second save epoch 2's latents are written, its state is not.
+    with interrupted_at_call(space_training, "_save_state", 2):
         train_space(config, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(space_training, "_save_state", real)
     train_space(config, tmp_path / "cut", resume=True, progress=False)
     from safetensors.torch import load_file
 
