@@ -1,4 +1,4 @@
-"""The paper's Table 7 variants (mapnet_experiments.ablations), the Table 6–8 rows and the
+"""The paper's Table 7 variants (mapnet_experiments.models.variants), the Table 6–8 rows and the
 training recipe's variant / pruning / QAT options."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from torch import nn
 import mapnet
 from mapnet import MappingConfig
 from mapnet.compress import CompressedWeights, magnitude_masks
-from mapnet_experiments import ablation_tables
-from mapnet_experiments.ablations import SeparateModulation, TrainableMapping, build_variant
-from mapnet_experiments.models import CNN2
-from mapnet_experiments.repro import run_table
-from mapnet_experiments.train import TrainConfig, Trainer, load_model, train
+from mapnet_experiments.models.networks import CNN2
+from mapnet_experiments.models.variants import SeparateModulation, TrainableMapping, build_variant
+from mapnet_experiments.recipe.train import TrainConfig, Trainer, load_model, train
+from mapnet_experiments.studies import ablations as ablation_tables
+from mapnet_experiments.studies.table1 import run_table
 from test_train_cli import tiny_splits
 
 X = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))

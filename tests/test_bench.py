@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mapnet.bases import seeded_initialisation
-from mapnet_experiments.bench import (
+from mapnet_experiments.bench.suite import (
     LOSS_TERM_STEPS,
     MALLOC_TUNED_ENV,
     STEP_VARIANTS,
@@ -26,8 +26,8 @@ from mapnet_experiments.bench import (
     target_parameter_count,
     targets_status,
 )
-from mapnet_experiments.cli import main
-from mapnet_experiments.models import MODELS, ResNet50
+from mapnet_experiments.cli.main import main
+from mapnet_experiments.models.networks import MODELS, ResNet50
 
 
 def _positive(value: object) -> bool:
@@ -207,7 +207,7 @@ def test_peak_memory_trackers_see_a_tensor_come_and_go() -> None:
     assert kept.numel() == 1000
     # RSS in a fresh process: this one may hold freed memory that a new tensor reuses.
     code = (
-        "import json, torch; from mapnet_experiments.bench import PeakMemory\n"
+        "import json, torch; from mapnet_experiments.bench.suite import PeakMemory\n"
         "with PeakMemory('rss') as peak:\n"
         "    touched = torch.ones(16_000_000)  # 64 MB, written, so resident\n"
         "    del touched\n"

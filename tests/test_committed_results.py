@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import mapnet
-from mapnet_experiments.models import MODELS
-from mapnet_experiments.train import TrainConfig, evaluate, load_splits
+from mapnet_experiments.models.networks import MODELS
+from mapnet_experiments.recipe.train import TrainConfig, evaluate, load_splits
 
 RUNS = Path(__file__).resolve().parents[1] / "results" / "table1" / "runs"
 # A dense and a structured row of each data set that MAPNET_DATA_DIR (CI: the shared copies) holds.

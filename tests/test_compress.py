@@ -22,7 +22,7 @@ from mapnet.compress import (
     quantize_int8,
     save_quantized,
 )
-from mapnet_experiments.models import CNN2, CNN2LowRank
+from mapnet_experiments.models.networks import CNN2, CNN2LowRank
 
 
 def test_low_rank_linear_is_the_product_of_its_factors() -> None:
@@ -223,7 +223,7 @@ def test_int8_loading_names_a_wrong_file_or_architecture(tmp_path: Path) -> None
         load_quantized(tmp_path / "q", CNN2LowRank(), torch.randn(1, 1, 28, 28))
     with pytest.raises(CheckpointError, match="not a readable int8 model"):
         load_quantized(tmp_path / "missing", CNN2(), torch.randn(1, 1, 28, 28))
-    from mapnet_experiments.models import SmallCNN
+    from mapnet_experiments.models.networks import SmallCNN
 
     small = quantize_int8(SmallCNN((4, 8, 16)).eval(), [torch.randn(8, 1, 28, 28)])
     save_quantized(small, tmp_path / "small")

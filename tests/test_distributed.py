@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import load_file
 
 from mapnet.config import MappingConfig
-from mapnet_experiments.cli import _without_nproc, main
-from mapnet_experiments.distributed import Ranks, _exit_text
-from mapnet_experiments.tasks import Task
-from mapnet_experiments.train import TrainConfig, Trainer, saved_epoch
+from mapnet_experiments.cli.main import _without_nproc, main
+from mapnet_experiments.recipe.distributed import Ranks, _exit_text
+from mapnet_experiments.recipe.tasks import Task
+from mapnet_experiments.recipe.train import TrainConfig, Trainer, saved_epoch
 from test_train_cli import write_tiny_dataset
 
 pytestmark = pytest.mark.skipif(
@@ -195,7 +195,7 @@ def test_launcher_helpers() -> None:
 
 
 def test_comm_bench_counts_the_latent_against_every_weight() -> None:
-    from mapnet_experiments import comm_bench
+    from mapnet_experiments.bench import comm as comm_bench
 
     mapped = comm_bench.measure("mapped", 2, warmup=0, steps=1)
     assert mapped["allreduce_bytes_per_step"] == comm_bench.LATENT_DIM * 4

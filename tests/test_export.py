@@ -28,9 +28,9 @@ from mapnet.export import (
     export_safetensors,
     read_export_metadata,
 )
-from mapnet_experiments import export_cli
-from mapnet_experiments.models import CNN1, CNN2, LSTMForecaster, SmallCNN, UNet
-from mapnet_experiments.train import TrainConfig, build, save_model, train
+from mapnet_experiments.cli import export as export_cli
+from mapnet_experiments.models.networks import CNN1, CNN2, LSTMForecaster, SmallCNN, UNet
+from mapnet_experiments.recipe.train import TrainConfig, build, save_model, train
 from test_train_cli import tiny_splits
 
 EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "export_onnx.py"

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mapnet_experiments import ablation_tables, budget, trajectory
-from mapnet_experiments.train import write_json
+from mapnet_experiments.recipe.train import write_json
+from mapnet_experiments.studies import ablations as ablation_tables
+from mapnet_experiments.studies import budget, trajectory
 from test_train_cli import write_tiny_dataset
 
 
@@ -95,7 +96,7 @@ def test_budget_report_picks_the_small_cnn_on_validation_and_says_where_mapnet_l
 
 
 def test_small_cnns_match_their_budgets() -> None:
-    from mapnet_experiments.models import SmallCNN, small_cnn_parameters, small_cnn_widths
+    from mapnet_experiments.models.networks import SmallCNN, small_cnn_parameters, small_cnn_widths
 
     for size in budget.BUDGETS:
         for shape in budget.SHAPES:

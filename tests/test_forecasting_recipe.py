@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from mapnet_experiments import forecasting
+from mapnet_experiments.studies import forecasting
 from test_forecasting_data import write_single_site
 
 

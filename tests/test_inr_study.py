@@ -11,8 +11,8 @@ import torch
 
 from interrupts import interrupted_at_call
 from mapnet import ModelSpace
-from mapnet_experiments import inr_study
-from mapnet_experiments.models import Siren
+from mapnet_experiments.models.networks import Siren
+from mapnet_experiments.studies.space import inr as inr_study
 from test_space_study import fake_sources
 
 

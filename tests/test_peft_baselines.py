@@ -13,8 +13,8 @@ from torch import nn
 
 pytest.importorskip("peft")
 
-from mapnet_experiments import peft_baselines as pb
-from mapnet_experiments.models import ResNet50
+from mapnet_experiments.models import peft_adapters as pb
+from mapnet_experiments.models.networks import ResNet50
 
 HEAD = "fc"
 

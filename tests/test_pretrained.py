@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from mapnet_experiments import pretrained
-from mapnet_experiments.pretrained import (
+from mapnet_experiments.models import pretrained
+from mapnet_experiments.models.pretrained import (
     HEADS,
     NAMES,
     PRETRAINED_ENV,

@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mapnet_experiments.metrics import ConfusionMatrix, mse, rmse_in_units
-from mapnet_experiments.models import UNet
-from mapnet_experiments.segmentation_data import (
+from mapnet_experiments.data.scenes import (
     IGNORE,
     NUM_SCENE_CLASSES,
     SegmentationSplit,
@@ -20,6 +18,8 @@ from mapnet_experiments.segmentation_data import (
     read_cityscapes,
     scene_splits,
 )
+from mapnet_experiments.models.networks import UNet
+from mapnet_experiments.recipe.metrics import ConfusionMatrix, mse, rmse_in_units
 
 
 def fake_source(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mapnet_experiments import segmentation, segmentation_data
-from mapnet_experiments import train as train_module
+from mapnet_experiments.data import scenes as segmentation_data
+from mapnet_experiments.recipe import train as train_module
+from mapnet_experiments.studies import segmentation
 
 
 def fake_sources(name: str, split: str, root: Path | None) -> tuple[torch.Tensor, torch.Tensor]:

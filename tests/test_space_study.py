@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mapnet_experiments import space_study
-from mapnet_experiments import train as train_module
+from mapnet_experiments.recipe import train as train_module
+from mapnet_experiments.studies.space import study as space_study
 
 
 def fake_sources(name: str, split: str, root: Path | None) -> tuple[torch.Tensor, torch.Tensor]:

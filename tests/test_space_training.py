@@ -10,8 +10,8 @@ import torch
 
 from interrupts import interrupted_at_call
 from mapnet import MappingConfig, ModelSpace
-from mapnet_experiments import space_training
-from mapnet_experiments.space_training import Member, SpaceRun, train_space
+from mapnet_experiments.studies.space import training as space_training
+from mapnet_experiments.studies.space.training import Member, SpaceRun, train_space
 from test_train_cli import write_tiny_dataset
 
 
@@ -36,7 +36,7 @@ def latents(out: Path) -> torch.Tensor:
 
 
 def _cnn2():
-    from mapnet_experiments.models import CNN2
+    from mapnet_experiments.models.networks import CNN2
 
     return CNN2()
 

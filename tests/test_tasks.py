@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from mapnet import MappingConfig
-from mapnet_experiments.segmentation_data import compose_scenes
-from mapnet_experiments.tasks import Task, task_of
-from mapnet_experiments.train import Split, TrainConfig, Trainer, evaluate, train
+from mapnet_experiments.data.scenes import compose_scenes
+from mapnet_experiments.recipe.tasks import Task, task_of
+from mapnet_experiments.recipe.train import Split, TrainConfig, Trainer, evaluate, train
 from test_segmentation_data import fake_source
 
 

@@ -8,9 +8,9 @@ import torch
 
 import mapnet
 from mapnet.config import MappingConfig
-from mapnet_experiments.cli import main
-from mapnet_experiments.models import CNN1, CNN2
-from mapnet_experiments.train import Split, TrainConfig, train
+from mapnet_experiments.cli.main import main
+from mapnet_experiments.models.networks import CNN1, CNN2
+from mapnet_experiments.recipe.train import Split, TrainConfig, train
 
 
 def test_paper_models_have_the_exact_parameter_counts() -> None:
@@ -129,7 +129,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert main(tiny_run_args(root, straight)) == 0
 
-    code = "import sys; from mapnet_experiments.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from mapnet_experiments.cli.main import main; sys.exit(main(sys.argv[1:]))"
     process = subprocess.Popen([sys.executable, "-c", code, *tiny_run_args(root, killed)])
     metrics = killed / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -207,7 +207,7 @@ def test_run_folder_protects_finished_and_different_runs(
 
 
 def test_config_file_and_overrides(tmp_path: Path) -> None:
-    from mapnet_experiments.cli import make_train_config, parse_overrides
+    from mapnet_experiments.cli.main import make_train_config, parse_overrides
 
     assert parse_overrides(["--mapping.alpha", "0.2", "--epochs", "3", "--dataset", "mnist"]) == {
         "mapping": {"alpha": 0.2},
@@ -304,7 +304,7 @@ def test_repro_tuning_scores_on_validation_only(tmp_path: Path) -> None:
 
 
 def test_tuning_rows_override_seed_and_epochs_for_the_whole_run() -> None:
-    from mapnet_experiments.repro import TUNING
+    from mapnet_experiments.studies.table1 import TUNING
 
     rows = {row.id: row for row in TUNING}
     rival = rows["intrinsic-seed-2"].config("mnist", epochs=10)
@@ -320,7 +320,7 @@ def test_tuning_rows_override_seed_and_epochs_for_the_whole_run() -> None:
 
 
 def test_init_seed_gives_two_plain_runs_one_initialisation() -> None:
-    from mapnet_experiments.train import build
+    from mapnet_experiments.recipe.train import build
 
     first = build(TrainConfig(mode="plain", seed=0))
     same_init = build(TrainConfig(mode="plain", seed=1, init_seed=0))

@@ -42,19 +42,25 @@ from mapnet.checkpoint.io import CheckpointError, atomic_write_bytes, load_into,
 from mapnet.checks import from_dict
 from mapnet.compress import PRUNE_SCOPES, CompressedWeights, check_sparsity
 from mapnet.loss import MappingLoss
-from mapnet_experiments.ablations import build_variant, check_variant
-from mapnet_experiments.data import DATASETS, load_idx_dataset, train_val_split
-from mapnet_experiments.distributed import RankLostError, Ranks, Traffic
-from mapnet_experiments.forecasting_data import (
+from mapnet_experiments.data.air_quality import (
     SINGLE_SITE_NUMERIC,
     SINGLE_SITE_WIND,
     find_series,
     forecasting_splits,
     read_single_site,
 )
-from mapnet_experiments.models import SMALL_CNN, LSTMForecaster, UNet, model_factory
-from mapnet_experiments.segmentation_data import scene_splits
-from mapnet_experiments.tasks import CLASSIFICATION, DATASET_TASKS, TASK_MODELS, Task, task_of
+from mapnet_experiments.data.mnist import DATASETS, load_idx_dataset, train_val_split
+from mapnet_experiments.data.scenes import scene_splits
+from mapnet_experiments.models.networks import SMALL_CNN, LSTMForecaster, UNet, model_factory
+from mapnet_experiments.models.variants import build_variant, check_variant
+from mapnet_experiments.recipe.distributed import RankLostError, Ranks, Traffic
+from mapnet_experiments.recipe.tasks import (
+    CLASSIFICATION,
+    DATASET_TASKS,
+    TASK_MODELS,
+    Task,
+    task_of,
+)
 
 SINGLE_SITE_FEATURES = len(SINGLE_SITE_NUMERIC) + len(SINGLE_SITE_WIND)
 
@@ -79,7 +85,7 @@ class TrainConfig:
     data_dir: read `dataset` from <data_dir>/<dataset>/ instead of the built-in sources (IDX
         files; beijing-pm25: its CSV; scenes: the mnist/ and fashion-mnist/ folders); any
         classification name is then allowed (a custom IDX set is checked for structure only).
-    variant: mode "mapped" only: what trains (mapnet_experiments.ablations.VARIANTS; the
+    variant: mode "mapped" only: what trains (mapnet_experiments.models.variants.VARIANTS; the
         paper's Table 7). "ours" is the method.
     start_from: a finished run folder whose final checkpoint (same model, mode and mapping)
         the run starts from instead of the initialisation: pruning and quantisation-aware
@@ -94,7 +100,7 @@ class TrainConfig:
     split_seed: classification: the seed that carves the validation split from the training
         set (None: `seed`), for runs in different orders on one split.
 
-    The dataset decides the task (mapnet_experiments.tasks): "beijing-pm25" is forecasting
+    The dataset decides the task (mapnet_experiments.recipe.tasks): "beijing-pm25" is forecasting
     (model "lstm"), "scenes" segmentation (model "unet"), any other classification.
     """
 

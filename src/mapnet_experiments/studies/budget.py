@@ -15,8 +15,8 @@ import json
 import math
 from pathlib import Path
 
-from mapnet_experiments.models import small_cnn_widths
-from mapnet_experiments.repro import Row
+from mapnet_experiments.models.networks import small_cnn_widths
+from mapnet_experiments.studies.table1 import Row
 
 ROOT = Path("results/budget")
 REPORT = Path("docs/results/budget.md")
@@ -134,7 +134,7 @@ def report(
     baseline: Path = Path("results/table1/cnn2-baseline-fashion-mnist.json"),
 ) -> str:
     """docs/results/budget.md and budget.png from root's files (and Table 1's CNN2 run)."""
-    from mapnet_experiments.plots import Point, accuracy_vs_budget
+    from mapnet_experiments.studies.plots import Point, accuracy_vs_budget
 
     lr = chosen_lr(root)
     lines = [

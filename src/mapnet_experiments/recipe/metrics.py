@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from mapnet_experiments.segmentation_data import IGNORE
+from mapnet_experiments.data.scenes import IGNORE
 
 
 def mse(predictions: torch.Tensor, targets: torch.Tensor) -> float:

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from mapnet_experiments.metrics import ConfusionMatrix
-from mapnet_experiments.segmentation_data import IGNORE, check_labels
+from mapnet_experiments.data.scenes import IGNORE, check_labels
+from mapnet_experiments.recipe.metrics import ConfusionMatrix
 
 if TYPE_CHECKING:
-    from mapnet_experiments.distributed import Ranks
+    from mapnet_experiments.recipe.distributed import Ranks
 
 
 class Meter:

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from mapnet import MappingConfig, wrap
-from mapnet_experiments.distributed import Ranks, Traffic, launch
-from mapnet_experiments.models import CNN2
+from mapnet_experiments.models.networks import CNN2
+from mapnet_experiments.recipe.distributed import Ranks, Traffic, launch
 
 VARIANTS = ("plain", "mapped")
 LATENT_DIM = 2048
@@ -91,7 +91,7 @@ def measure(variant: str, processes: int, warmup: int, steps: int) -> dict[str, 
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "result.json"
         argv = [variant, str(out), "--warmup", str(warmup), "--steps", str(steps)]
-        code = launch(argv, processes, module="mapnet_experiments.comm_bench")
+        code = launch(argv, processes, module="mapnet_experiments.bench.comm")
         if code != 0 or not out.exists():
             raise RuntimeError(f"the {variant} measurement on {processes} process(es) failed")
         return json.loads(out.read_text())
@@ -101,7 +101,7 @@ def communication_bench(
     out: Path, command: str, smoke: bool = False, rounds: int = 5, steps: int = 50
 ) -> dict[str, Any]:
     """Every variant on 1 and 2 processes, `rounds` times in alternating order; writes `out`."""
-    from mapnet_experiments.bench import _announce, _finish, _results_header
+    from mapnet_experiments.bench.suite import _announce, _finish, _results_header
 
     started = time.perf_counter()
     if smoke:
@@ -160,7 +160,7 @@ def report_section(data: dict[str, Any]) -> list[str]:
         f"`{data['command']}` on {data['date']}: CNN2, global batch {data['batch']} on a fixed "
         f"synthetic batch, DDP over gloo; 1 torch thread per process; median step time of "
         f"rank 0 over {data['steps']} steps, median over rounds. The all-reduced bytes are "
-        "counted by a communication hook on DDP (`mapnet_experiments.distributed.Traffic`), "
+        "counted by a communication hook on DDP (`mapnet_experiments.recipe.distributed.Traffic`), "
         "which `mapnet train --nproc N` also reports. Both processes share one 2-core machine, "
         "so the 2-process time measures loopback gloo on shared cores, not a network.",
         "",

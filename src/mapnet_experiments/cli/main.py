@@ -17,9 +17,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from mapnet.config import MappingConfig
-from mapnet_experiments import distributed, export_cli
-from mapnet_experiments.data import DATASETS, DataUnavailableError, fetch
-from mapnet_experiments.train import TrainConfig, train
+from mapnet_experiments.cli import export as export_cli
+from mapnet_experiments.data.mnist import DATASETS, DataUnavailableError, fetch
+from mapnet_experiments.recipe import distributed
+from mapnet_experiments.recipe.train import TrainConfig, train
 
 EXAMPLES = """\
 examples:
@@ -181,7 +182,7 @@ def _resume_hint(args: argparse.Namespace) -> str:
         return "Nothing was saved (no --out)."
     if (args.out / "results.json").exists():
         return f"The run had finished: {args.out} holds its results.json and checkpoint/."
-    from mapnet_experiments.train import saved_epoch
+    from mapnet_experiments.recipe.train import saved_epoch
 
     epoch = saved_epoch(args.out)
     if epoch is None:
@@ -577,7 +578,7 @@ def _positive(**values: int | None) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from mapnet_experiments import bench
+    from mapnet_experiments.bench import suite as bench
 
     what = args.what
     if what == "report":
@@ -599,7 +600,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         bench.write_report(out.parent, args.report_out)
         return 0
     if what == "comm":
-        from mapnet_experiments import comm_bench
+        from mapnet_experiments.bench import comm as comm_bench
 
         command = (
             "mapnet bench comm"
@@ -826,7 +827,7 @@ def _repro_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    from mapnet_experiments import finetune
+    from mapnet_experiments.studies import finetune
 
     root = args.root or finetune.RESULTS_DIR
     if not args.report:
@@ -844,7 +845,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 def _run_repro(args: argparse.Namespace) -> int:
-    from mapnet_experiments import repro
+    from mapnet_experiments.studies import table1 as repro
 
     if args.threads:
         import torch
@@ -855,7 +856,7 @@ def _run_repro(args: argparse.Namespace) -> int:
     if args.table in ("ablations", "compression", "budget"):
         return _run_paper_tables(args)
     if args.table in ("forecasting", "segmentation"):
-        from mapnet_experiments import forecasting, segmentation
+        from mapnet_experiments.studies import forecasting, segmentation
 
         recipe = forecasting if args.table == "forecasting" else segmentation
         root = args.root or recipe.ROOT
@@ -877,7 +878,7 @@ def _run_repro(args: argparse.Namespace) -> int:
         print(figure or "(the example figure needs the seed-0 runs)")
         return 0
     if args.table == "space":
-        from mapnet_experiments import space_study
+        from mapnet_experiments.studies.space import study as space_study
 
         root = args.root or space_study.ROOT
         if not args.report:
@@ -889,7 +890,7 @@ def _run_repro(args: argparse.Namespace) -> int:
                 elif stage == "speed":
                     space_study.speed(root)
                 elif stage == "inr":
-                    from mapnet_experiments import inr_study
+                    from mapnet_experiments.studies.space import inr as inr_study
 
                     datasets = tuple(args.datasets.split(","))
                     inr_study.run(root / "inr", args.data_dir, datasets)
@@ -900,7 +901,7 @@ def _run_repro(args: argparse.Namespace) -> int:
         print(space_study.report(root, args.report_to or space_study.REPORT, args.data_dir))
         return 0
     if args.table == "trajectory":
-        from mapnet_experiments import trajectory
+        from mapnet_experiments.studies import trajectory
 
         dataset = args.datasets.split(",")[0]
         root = args.root or trajectory.ROOT
@@ -943,8 +944,9 @@ def _run_repro(args: argparse.Namespace) -> int:
 
 
 def _run_paper_tables(args: argparse.Namespace) -> int:
-    from mapnet_experiments import ablation_tables, budget
-    from mapnet_experiments.repro import run_table
+    from mapnet_experiments.studies import ablations as ablation_tables
+    from mapnet_experiments.studies import budget
+    from mapnet_experiments.studies.table1 import run_table
 
     deadline = time.monotonic() + 3600 * args.hours if args.hours else None
     if args.table == "budget":

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mapnet.config import MappingConfig
-from mapnet_experiments.train import TrainConfig, train, write_json
+from mapnet_experiments.recipe.train import TrainConfig, train, write_json
 
 TABLE1_DIR = Path("results/table1")
 
@@ -476,7 +476,7 @@ DATASET_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
 def draw_curves(panels: dict[str, dict[str, dict[str, Any]]], out: Path, title: str) -> Path:
     """Training and validation accuracy per epoch from finished runs' JSON: one panel per
     name, one curve per data set ({panel: {dataset: result}})."""
-    from mapnet_experiments.plots import Curve, training_curves
+    from mapnet_experiments.studies.plots import Curve, training_curves
 
     curves = {
         name: [

@@ -1,7 +1,7 @@
 """`mapnet repro forecasting`: the paper's Table 4 (§3.2), the LSTM air-quality forecaster.
 
 The paper does not name its data; this recipe uses the single-site UCI Beijing PM2.5 series
-(2010–2014, 11 inputs: mapnet_experiments.forecasting_data), 24-hour windows predicting the next
+(2010–2014, 11 inputs: mapnet_experiments.data.air_quality), 24-hour windows predicting the next
 hour's PM2.5, min-max scaled on the training period, consecutive 70 / 10 / 20 % periods. The
 public reproduction built 67 inputs from the 12-station data set instead (its reader is
 `read_multi_site`), so its figures and the paper's are shown beside ours, not as targets.
@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from mapnet_experiments.forecasting_data import find_series, forecasting_splits, read_single_site
-from mapnet_experiments.repro import Row, mean_std, recipe_text, run_name, seed0_config
-from mapnet_experiments.train import write_json
+from mapnet_experiments.data.air_quality import find_series, forecasting_splits, read_single_site
+from mapnet_experiments.recipe.train import write_json
+from mapnet_experiments.studies.table1 import Row, mean_std, recipe_text, run_name, seed0_config
 
 ROOT = Path("results/forecasting")
 REPORT = Path("docs/results/forecasting.md")
@@ -153,7 +153,7 @@ def run(
     root: Path = ROOT, data_dir: str | None = None, progress: bool = True, **kwargs: Any
 ) -> list[Path]:
     """Every row and seed not finished yet (resumable, shareable between processes)."""
-    from mapnet_experiments.repro import run_table
+    from mapnet_experiments.studies.table1 import run_table
 
     written = run_table(rows(), (DATASET,), root, progress=progress, data_dir=data_dir, **kwargs)
     persistence_result(root, data_dir)
@@ -165,8 +165,8 @@ def figure(
 ) -> Path | None:
     """The first `hours` of the test period: truth, persistence, and seed 0's LSTM and Ours*
     2048 (None until both runs exist)."""
-    from mapnet_experiments.plots import forecast_example
-    from mapnet_experiments.train import TrainConfig, build, load_model, plain_view
+    from mapnet_experiments.recipe.train import TrainConfig, build, load_model, plain_view
+    from mapnet_experiments.studies.plots import forecast_example
 
     series = read_single_site(find_series(DATASET, data_dir))
     folder = root / "runs" / run_name("lstm-s0", DATASET)
