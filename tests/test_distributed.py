@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from mapnet.config import MappingConfig
-from mapnet_experiments.cli.main import _without_nproc, main
+from mapnet_experiments.cli.main import main
+from mapnet_experiments.cli.train import _without_nproc
 from mapnet_experiments.recipe.distributed import Ranks, _exit_text
 from mapnet_experiments.recipe.tasks import Task
 from mapnet_experiments.recipe.train import TrainConfig, Trainer, saved_epoch

@@ -207,7 +207,7 @@ def test_run_folder_protects_finished_and_different_runs(
 
 
 def test_config_file_and_overrides(tmp_path: Path) -> None:
-    from mapnet_experiments.cli.main import make_train_config, parse_overrides
+    from mapnet_experiments.cli.train import make_train_config, parse_overrides
 
     assert parse_overrides(["--mapping.alpha", "0.2", "--epochs", "3", "--dataset", "mnist"]) == {
         "mapping": {"alpha": 0.2},
