@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from mapnet.config import MappingConfig
+from mapnet.errors import CheckpointError
 from mapnet.projections.seeding import hash_signs, stream_key
 
 IDENTITY_FORMAT = 2
@@ -44,11 +45,6 @@ SKETCH_PERIOD = 4099  # a prime: a tensor's rows rarely line up with it
 # Relative to the tensor's rms: last-bit differences are ~1e-7, a re-initialisation ~1.
 SKETCH_TOLERANCE = 1e-5
 _SKETCH_CHUNK = 1 << 18
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or state dict that is missing, corrupt, edited, or made for another model or
-    mapping."""
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
