@@ -14,11 +14,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 import mapnet
+from interrupts import interrupted_at_call
 from mapnet import MappingConfig
 from mapnet.compress import CompressedWeights, magnitude_masks
 from mapnet_experiments.models.networks import CNN2
 from mapnet_experiments.models.variants import SeparateModulation, TrainableMapping, build_variant
-from mapnet_experiments.recipe.train import TrainConfig, Trainer, load_model, train
+from mapnet_experiments.recipe.config import TrainConfig
+from mapnet_experiments.recipe.run import train
+from mapnet_experiments.recipe.state import load_model
+from mapnet_experiments.recipe.trainer import Trainer
 from mapnet_experiments.studies import ablations as ablation_tables
 from mapnet_experiments.studies.table1 import run_table
 from test_train_cli import tiny_splits
@@ -176,17 +180,8 @@ def test_a_variant_trains_and_resumes_through_the_recipe(
         )
     whole = train(config, splits=tiny_splits(), progress=False, out_dir=tmp_path / "whole")
 
-    original = Trainer.train_epoch
-
-    def interrupted(self: Trainer, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if self.epoch == 1:
-            raise KeyboardInterrupt  # killed after epoch 1 was saved
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_call(Trainer, "end_epoch", 2):  # killed after epoch 1 was saved
         train(config, splits=tiny_splits(), progress=False, out_dir=tmp_path / "cut", resume=True)
-    monkeypatch.setattr(Trainer, "train_epoch", original)
     resumed = train(
         config, splits=tiny_splits(), progress=False, out_dir=tmp_path / "cut", resume=True
     )
@@ -229,7 +224,7 @@ def test_a_start_from_that_does_not_fit_is_named(tmp_path: Path) -> None:
     with pytest.raises(mapnet.CheckpointError, match=r"mapnet\.json"):
         train(wrong, splits=tiny_splits(), progress=False)
     missing = TrainConfig(mode="plain", epochs=1, start_from=str(tmp_path / "nowhere"))
-    with pytest.raises(mapnet.CheckpointError, match="model unreadable"):
+    with pytest.raises(mapnet.CheckpointError, match=r"nowhere.checkpoint.* not found"):
         train(missing, splits=tiny_splits(), progress=False)
 
 

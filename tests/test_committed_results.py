@@ -11,7 +11,9 @@ import pytest
 
 import mapnet
 from mapnet_experiments.models.networks import MODELS
-from mapnet_experiments.recipe.train import TrainConfig, evaluate, load_splits
+from mapnet_experiments.recipe.config import TrainConfig
+from mapnet_experiments.recipe.splits import load_splits
+from mapnet_experiments.recipe.trainer import evaluate
 
 RUNS = Path(__file__).resolve().parents[1] / "results" / "table1" / "runs"
 # A dense and a structured row of each data set that MAPNET_DATA_DIR (CI: the shared copies) holds.

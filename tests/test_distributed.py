@@ -24,9 +24,11 @@ from safetensors.torch import load_file
 from mapnet.config import MappingConfig
 from mapnet_experiments.cli.main import main
 from mapnet_experiments.cli.train import _without_nproc
+from mapnet_experiments.recipe.config import TrainConfig
 from mapnet_experiments.recipe.distributed import Ranks, _exit_text
+from mapnet_experiments.recipe.state import load_model, load_state, saved_epoch
 from mapnet_experiments.recipe.tasks import Task
-from mapnet_experiments.recipe.train import TrainConfig, Trainer, saved_epoch
+from mapnet_experiments.recipe.trainer import Trainer
 from test_train_cli import write_tiny_dataset
 
 pytestmark = pytest.mark.skipif(
@@ -144,15 +146,16 @@ def test_killing_a_rank_stops_the_job_clearly_and_resume_finishes_it(
     assert not (out / "results.json").exists()
 
     config = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
-    trainer = Trainer(config)
-    trainer.restore_state(out / "state")  # intact: loads
-    assert trainer.epoch == epoch and len(trainer.history) == epoch
+    recorded = json.loads(json.dumps(config.to_dict()))
+    saved = load_state(out / "state", config=recorded, epochs=config.epochs)  # intact: loads
+    load_model(Trainer(config).module, saved.model)
+    assert saved.epoch == epoch and len(saved.history) == epoch
 
     resumed = mapnet(*base, "--nproc", str(resume_with), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     result = json.loads((out / "results.json").read_text())
     assert [row["epoch"] for row in result["history"]] == [1, 2, 3]
-    assert result["history"][:epoch] == trainer.history
+    assert result["history"][:epoch] == saved.history
     assert not (out / "state").exists()
 
 

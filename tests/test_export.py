@@ -30,7 +30,10 @@ from mapnet.export import (
 )
 from mapnet_experiments.cli import export as export_cli
 from mapnet_experiments.models.networks import CNN1, CNN2, LSTMForecaster, SmallCNN, UNet
-from mapnet_experiments.recipe.train import TrainConfig, build, save_model, train
+from mapnet_experiments.recipe.config import TrainConfig
+from mapnet_experiments.recipe.run import train
+from mapnet_experiments.recipe.state import save_model
+from mapnet_experiments.recipe.trainer import build
 from test_train_cli import tiny_splits
 
 EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "export_onnx.py"

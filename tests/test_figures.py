@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mapnet_experiments.recipe.train import write_json
+from mapnet.files import write_json
 from mapnet_experiments.studies import ablations as ablation_tables
 from mapnet_experiments.studies import budget, trajectory
 from test_train_cli import write_tiny_dataset

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from interrupts import interrupted_at_call
-from mapnet import ModelSpace
+from mapnet import CheckpointError, ModelSpace
 from mapnet_experiments.models.networks import Siren
+from mapnet_experiments.recipe import loop as recipe_loop
 from mapnet_experiments.studies.space import inr as inr_study
 from test_space_study import fake_sources
 
@@ -121,16 +122,18 @@ def test_meta_encoding_is_its_inner_steps_and_meta_learning_resumes_exactly(
     assert whole["steps"] == 6 and whole["images"] == 96
     assert whole["inner_steps"] == inr_study.INNER_STEPS and whole["meta_batch"] == 8
     # Killed right after the second checkpoint, at step 4 (one every 2 steps).
-    with interrupted_at_call(inr_study, "_save_meta", 2, after=True):
+    with interrupted_at_call(recipe_loop, "save_state", 2, after=True):
         inr_study.meta_stage("mnist", 16, tmp_path / "b", None, progress=False)
     folder = tmp_path / "b" / "mnist" / "meta-d16"
-    assert json.loads((folder / "state" / "state.json").read_text())["step"] == 4
-    # Killed again while writing the next checkpoint: a half-written state.tmp is left.
-    (folder / "state.tmp" / "space").mkdir(parents=True)
-    (folder / "state.tmp" / "space" / "space.json").write_text("{")
+    state = json.loads((folder / "state" / "state.json").read_text())
+    assert state["epoch"] == 2 and state["history"][-1]["step"] == 4
+    # Killed again while writing the next checkpoint: a half-written staging folder is left.
+    torn = folder / ".state.staging-torn" / "model"
+    torn.mkdir(parents=True)
+    (torn / "space.json").write_text("{")
     again = inr_study.meta_stage("mnist", 16, tmp_path / "b", None, progress=False)
     assert again == whole  # resumed from step 4, the torn save dropped
-    assert not any((folder / name).exists() for name in ("state", "state.tmp", "state.old"))
+    assert sorted(p.name for p in folder.iterdir()) == ["result.json", "space"]
     a, b = (ModelSpace.load(root / "mnist" / "meta-d16" / "space", Siren)
             for root in (tmp_path / "a", tmp_path / "b"))  # fmt: skip
     assert torch.equal(a.bases[0], b.bases[0]) and torch.equal(a.log_step_sizes, b.log_step_sizes)
@@ -146,10 +149,10 @@ def test_meta_encoding_is_its_inner_steps_and_meta_learning_resumes_exactly(
 def test_meta_resume_refuses_other_settings_and_pixels_scale_safely(
     small: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with interrupted_at_call(inr_study, "_save_meta", 1, after=True):
+    with interrupted_at_call(recipe_loop, "save_state", 1, after=True):
         inr_study.meta_stage("mnist", 16, tmp_path, None, progress=False)
     monkeypatch.setattr(inr_study, "INNER_STEPS", 2)
-    with pytest.raises(ValueError, match="saved with the meta settings"):
+    with pytest.raises(CheckpointError, match=r"another config \(fields \['inner_steps'\]\)"):
         inr_study.meta_stage("mnist", 16, tmp_path, None, progress=False)
     # A feature constant over the training rows is not divided by ~0 (a border pixel).
     generator = torch.Generator().manual_seed(0)

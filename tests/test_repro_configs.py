@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from mapnet_experiments.recipe.train import TrainConfig, _prepare_run_dir
+from mapnet_experiments.recipe.config import TrainConfig
+from mapnet_experiments.recipe.run import _prepare_run_dir
 from mapnet_experiments.studies.table1 import DATASETS, TABLE1, TUNING, Row, run_id
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mapnet_experiments.data import scenes as segmentation_data
-from mapnet_experiments.recipe import train as train_module
+from mapnet_experiments.recipe import splits as train_module
 from mapnet_experiments.studies import segmentation
 
 

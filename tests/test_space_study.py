@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mapnet_experiments.recipe import train as train_module
+from mapnet_experiments.recipe import splits as train_module
 from mapnet_experiments.studies.space import study as space_study
 
 

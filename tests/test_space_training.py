@@ -10,6 +10,7 @@ import torch
 
 from interrupts import interrupted_at_call
 from mapnet import MappingConfig, ModelSpace
+from mapnet_experiments.recipe import loop as recipe_loop
 from mapnet_experiments.studies.space import training as space_training
 from mapnet_experiments.studies.space.training import Member, SpaceRun, train_space
 from test_train_cli import write_tiny_dataset
@@ -72,7 +73,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(data: Path, tmp_
     straight = train_space(config, tmp_path / "straight", progress=False)
     with interrupted_at_call(space_training, "evaluate_members", 2):  # in epoch two
         train_space(config, tmp_path / "cut", progress=False)
-    state = json.loads((tmp_path / "cut" / "state" / "trainer.json").read_text())
+    state = json.loads((tmp_path / "cut" / "state" / "state.json").read_text())
     assert state["epoch"] == 1
     with pytest.raises(ValueError, match="already holds a run"):
         train_space(config, tmp_path / "cut", progress=False)
@@ -108,7 +109,7 @@ def test_a_stop_between_the_latents_and_the_state_loses_no_row(data: Path, tmp_p
     config = run(data, [A], epochs=3)
     train_space(config, tmp_path / "straight", progress=False)
     # At the second save epoch 2's latents are written, its state is not.
-    with interrupted_at_call(space_training, "_save_state", 2):
+    with interrupted_at_call(recipe_loop, "save_state", 2):
         train_space(config, tmp_path / "cut", progress=False)
     train_space(config, tmp_path / "cut", resume=True, progress=False)
     from safetensors.torch import load_file

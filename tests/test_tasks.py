@@ -8,10 +8,14 @@ import math
 import pytest
 import torch
 
+from interrupts import interrupted_at_call
 from mapnet import MappingConfig
 from mapnet_experiments.data.scenes import compose_scenes
+from mapnet_experiments.recipe.config import TrainConfig
+from mapnet_experiments.recipe.run import train
+from mapnet_experiments.recipe.splits import Split
 from mapnet_experiments.recipe.tasks import Task, task_of
-from mapnet_experiments.recipe.train import Split, TrainConfig, Trainer, evaluate, train
+from mapnet_experiments.recipe.trainer import Trainer, evaluate
 from test_segmentation_data import fake_source
 
 
@@ -91,25 +95,19 @@ def test_each_task_resumes_to_the_uninterrupted_result(
                              mapping=MappingConfig(latent_dim=32))  # fmt: skip
         splits = scene_splits()
     whole = train(config, splits=splits, progress=False, out_dir=tmp_path / "whole")
-    original = Trainer.train_epoch
-
-    def interrupted(self: Trainer, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if self.epoch == 1:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    # Killed in epoch two, after epoch one's state was committed.
+    with interrupted_at_call(Trainer, "end_epoch", 2):
         train(config, splits=splits, progress=False, out_dir=tmp_path / "cut", resume=True)
     epochs_run = []
+    original = Trainer.end_epoch
 
-    def counted(self: Trainer, *args, **kwargs):  # type: ignore[no-untyped-def]
-        epochs_run.append(self.epoch)
-        return original(self, *args, **kwargs)
+    def counted(self: Trainer, epoch: int) -> dict:
+        epochs_run.append(epoch)
+        return original(self, epoch)
 
-    monkeypatch.setattr(Trainer, "train_epoch", counted)
+    monkeypatch.setattr(Trainer, "end_epoch", counted)
     resumed = train(config, splits=splits, progress=False, out_dir=tmp_path / "cut", resume=True)
-    assert epochs_run == [1]  # it went on from the saved epoch, it did not start over
+    assert epochs_run == [2]  # it went on from the saved epoch, it did not start over
 
     def strip(result: dict) -> list[dict]:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in result["history"]]

@@ -10,7 +10,9 @@ import mapnet
 from mapnet.config import MappingConfig
 from mapnet_experiments.cli.main import main
 from mapnet_experiments.models.networks import CNN1, CNN2
-from mapnet_experiments.recipe.train import Split, TrainConfig, train
+from mapnet_experiments.recipe.config import TrainConfig
+from mapnet_experiments.recipe.run import train
+from mapnet_experiments.recipe.splits import Split
 
 
 def test_paper_models_have_the_exact_parameter_counts() -> None:
@@ -320,7 +322,7 @@ def test_tuning_rows_override_seed_and_epochs_for_the_whole_run() -> None:
 
 
 def test_init_seed_gives_two_plain_runs_one_initialisation() -> None:
-    from mapnet_experiments.recipe.train import build
+    from mapnet_experiments.recipe.trainer import build
 
     first = build(TrainConfig(mode="plain", seed=0))
     same_init = build(TrainConfig(mode="plain", seed=1, init_seed=0))

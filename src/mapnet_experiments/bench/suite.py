@@ -46,10 +46,10 @@ from torch.func import functional_call
 
 import mapnet
 from mapnet import MappedModule, MappingConfig, wrap
+from mapnet.files import write_json
 from mapnet.loss import MappingLoss
 from mapnet_experiments.bench import comm as comm_bench
 from mapnet_experiments.models.networks import CNN1, CNN2, MODELS, ResNet50
-from mapnet_experiments.recipe.train import write_json
 
 
 def peak_rss_bytes() -> int:
@@ -240,7 +240,9 @@ DEFAULT_VARIANTS: list[dict[str, Any]] = [
 
 def defaults_sweep(dataset: str, out: Path, variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run each variant not yet in `out` (JSON lines, appended as each finishes: resumable)."""
-    from mapnet_experiments.recipe.train import TrainConfig, load_splits, train
+    from mapnet_experiments.recipe.config import TrainConfig
+    from mapnet_experiments.recipe.run import train
+    from mapnet_experiments.recipe.splits import load_splits
 
     done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     seen = {json.dumps(row["variant"], sort_keys=True) for row in done}

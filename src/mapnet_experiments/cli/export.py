@@ -25,14 +25,10 @@ from mapnet.export import (
     export_safetensors,
 )
 from mapnet_experiments.data.scenes import SCENE_SIZE
+from mapnet_experiments.recipe.config import TrainConfig, stored_config
+from mapnet_experiments.recipe.state import load_model
 from mapnet_experiments.recipe.tasks import task_of
-from mapnet_experiments.recipe.train import (
-    SINGLE_SITE_FEATURES,
-    TrainConfig,
-    build,
-    load_model,
-    stored_config,
-)
+from mapnet_experiments.recipe.trainer import SINGLE_SITE_FEATURES, build
 
 FORMATS = ("safetensors", "onnx", "program")
 

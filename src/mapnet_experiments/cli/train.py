@@ -18,7 +18,8 @@ else:  # pragma: no cover
 from mapnet.config import MappingConfig
 from mapnet_experiments.cli.arguments import positive_int
 from mapnet_experiments.recipe import distributed
-from mapnet_experiments.recipe.train import TrainConfig, train
+from mapnet_experiments.recipe.config import TrainConfig
+from mapnet_experiments.recipe.run import train
 
 EXAMPLES = """\
 examples:
@@ -180,7 +181,7 @@ def _resume_hint(args: argparse.Namespace) -> str:
         return "Nothing was saved (no --out)."
     if (args.out / "results.json").exists():
         return f"The run had finished: {args.out} holds its results.json and checkpoint/."
-    from mapnet_experiments.recipe.train import saved_epoch
+    from mapnet_experiments.recipe.state import saved_epoch
 
     epoch = saved_epoch(args.out)
     if epoch is None:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mapnet.compress import PRUNE_SCOPES
-from mapnet_experiments.recipe.train import write_json
+from mapnet.files import write_json
 from mapnet_experiments.studies.table1 import Row, _cell, draw_curves, mean_std, run_name
 
 ROOT = Path("results/ablations")
@@ -387,14 +387,10 @@ def int8_results(
     models' inference time on the test split, side by side in this process at 1 thread and at
     the default count. Writes <root>/int8/<run>.json; finished files are kept."""
     from mapnet.compress import quantize_int8, save_quantized
-    from mapnet_experiments.recipe.train import (
-        TrainConfig,
-        build,
-        evaluate,
-        load_model,
-        load_splits,
-        plain_view,
-    )
+    from mapnet_experiments.recipe.config import TrainConfig
+    from mapnet_experiments.recipe.splits import load_splits
+    from mapnet_experiments.recipe.state import load_model
+    from mapnet_experiments.recipe.trainer import build, evaluate, plain_view
 
     written = []
     for seed in seeds:

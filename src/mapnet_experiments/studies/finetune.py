@@ -42,14 +42,14 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors
 from torch import nn
-from tqdm import tqdm
 
 import mapnet
 from mapnet import MappingConfig
+from mapnet.files import write_json
 from mapnet_experiments.bench.suite import machine, peak_rss_bytes
 from mapnet_experiments.models import pretrained
 from mapnet_experiments.models.peft_adapters import freeze_batchnorm_statistics
-from mapnet_experiments.recipe.train import write_json
+from mapnet_experiments.recipe.loop import Loop
 
 RESULTS_DIR = Path("results/finetune")
 REPORT = Path("docs/results/finetune.md")
@@ -402,21 +402,40 @@ def run_row(stage: str, row: Row, root: Path, progress: bool = True) -> dict[str
     statistics_before = _batchnorm_statistics(model)
     generator = torch.Generator().manual_seed(setup.seed)
     images, labels = data.splits["train"]
-    steps = math.ceil(len(images) / setup.batch) * setup.epochs
-    step_times, history = [], []
-    bar = tqdm(total=steps, desc=f"{stage}/{row.id}", disable=not progress, leave=False)
-    for epoch in range(setup.epochs):
-        model.train()
-        freeze_batchnorm_statistics(model)
-        for x, y in batches(images, labels, setup.batch, generator):
-            seconds, loss = train_step(model, optimizer, data.prepare(x), y)
-            step_times.append(seconds)
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        history.append(
-            {"epoch": epoch + 1, "loss": loss.item(), "val_accuracy": evaluate(model, data, "val")}
-        )
-    bar.close()
+    loop = Loop(
+        optimizer,
+        epochs=setup.epochs,
+        steps=math.ceil(len(images) / setup.batch),
+        config={"stage": stage, "row": dataclasses.asdict(row)},
+        label=f"{stage}/{row.id} epoch",
+        show_progress=progress,
+        loss_key="loss",
+    )
+    step_times: list[float] = []
+    epoch_batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(())
+    ticks = {"step": 0.0}
+    last = {"loss": math.nan}
+
+    def step(i: int) -> dict[str, float]:
+        nonlocal epoch_batches
+        if i == 0:
+            model.train()
+            freeze_batchnorm_statistics(model)
+            epoch_batches = batches(images, labels, setup.batch, generator)
+        x, y = next(epoch_batches)
+        ticks["step"] = time.perf_counter()
+        loss = nn.functional.cross_entropy(model(data.prepare(x)), y)
+        loss.backward()
+        last["loss"] = loss.item()
+        return last
+
+    def after_step() -> None:  # the optimiser's step is part of a step's time
+        step_times.append(time.perf_counter() - ticks["step"])
+
+    def end_epoch(epoch: int) -> dict[str, Any]:
+        return {"epoch": epoch, "loss": last["loss"], "val_accuracy": evaluate(model, data, "val")}
+
+    history = loop.run(step, end_epoch, dict, lambda folder: None, after_step=after_step)
     rest, head_numbers = trainable_counts(model, head)
     after = _batchnorm_statistics(model)
     unchanged = all(torch.equal(a, b) for a, b in zip(statistics_before, after))

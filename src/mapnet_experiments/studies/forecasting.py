@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from mapnet.files import write_json
 from mapnet_experiments.data.air_quality import find_series, forecasting_splits, read_single_site
-from mapnet_experiments.recipe.train import write_json
 from mapnet_experiments.studies.table1 import Row, mean_std, recipe_text, run_name, seed0_config
 
 ROOT = Path("results/forecasting")
@@ -165,7 +165,9 @@ def figure(
 ) -> Path | None:
     """The first `hours` of the test period: truth, persistence, and seed 0's LSTM and Ours*
     2048 (None until both runs exist)."""
-    from mapnet_experiments.recipe.train import TrainConfig, build, load_model, plain_view
+    from mapnet_experiments.recipe.config import TrainConfig
+    from mapnet_experiments.recipe.state import load_model
+    from mapnet_experiments.recipe.trainer import build, plain_view
     from mapnet_experiments.studies.plots import forecast_example
 
     series = read_single_site(find_series(DATASET, data_dir))

@@ -74,9 +74,11 @@ def run(
 def background_result(root: Path = ROOT, data_dir: str | None = None) -> dict[str, Any]:
     """Test pixel accuracy % and mIoU of predicting background (class 0) everywhere, per seed,
     as committed in root/background.json (computed and written if absent)."""
+    from mapnet.files import write_json
     from mapnet_experiments.data.scenes import NUM_SCENE_CLASSES
+    from mapnet_experiments.recipe.config import TrainConfig
     from mapnet_experiments.recipe.metrics import ConfusionMatrix
-    from mapnet_experiments.recipe.train import TrainConfig, load_splits, write_json
+    from mapnet_experiments.recipe.splits import load_splits
 
     file = root / "background.json"
     if file.exists():
@@ -137,13 +139,10 @@ def figure(
 ) -> Path | None:
     """image | truth | prediction of seed 0's Ours* 8192 on the first test scenes."""
     from mapnet_experiments.data.scenes import NUM_SCENE_CLASSES, mask_colours
-    from mapnet_experiments.recipe.train import (
-        TrainConfig,
-        build,
-        load_model,
-        load_splits,
-        plain_view,
-    )
+    from mapnet_experiments.recipe.config import TrainConfig
+    from mapnet_experiments.recipe.splits import load_splits
+    from mapnet_experiments.recipe.state import load_model
+    from mapnet_experiments.recipe.trainer import build, plain_view
     from mapnet_experiments.studies.plots import segmentation_examples
 
     folder = root / "runs" / run_name("ours-8192-s0", DATASET)

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from mapnet.config import MappingConfig
-from mapnet_experiments.recipe.train import TrainConfig, train, write_json
+from mapnet.files import write_json
+from mapnet_experiments.recipe.config import TrainConfig
+from mapnet_experiments.recipe.run import train
 
 TABLE1_DIR = Path("results/table1")
 

@@ -20,14 +20,11 @@ from torch import nn
 
 from mapnet import MappingConfig
 from mapnet.bases import build_from_factory
+from mapnet.files import write_json
 from mapnet_experiments.models.networks import CNN2
-from mapnet_experiments.recipe.train import (
-    TrainConfig,
-    Trainer,
-    load_splits,
-    plain_view,
-    write_json,
-)
+from mapnet_experiments.recipe.config import TrainConfig
+from mapnet_experiments.recipe.splits import load_splits
+from mapnet_experiments.recipe.trainer import Trainer, plain_view
 from mapnet_experiments.studies.table1 import MAPPED, PLAIN
 
 ROOT = Path("results/figures")
@@ -59,8 +56,8 @@ def record(config: TrainConfig, every: int, progress: bool = True) -> list[dict[
         if steps % every == 0:
             snapshots.append(_weights(trainer.module))
 
-    while trainer.epoch < config.epochs:
-        trainer.train_epoch(splits["train"], progress, on_step=on_step)
+    trainer.make_loop(len(splits["train"]), progress=progress)
+    trainer.fit(splits, evaluate_test=False, after_step=on_step)
     return snapshots
 
 

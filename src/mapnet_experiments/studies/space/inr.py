@@ -44,20 +44,13 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 from torch import nn
-from tqdm import tqdm
 
 from mapnet import MappingConfig, ModelSpace
-from mapnet.checkpoint.io import atomic_write_bytes
+from mapnet.files import atomic_write_bytes, write_json
 from mapnet_experiments.data.mnist import load_idx_dataset
 from mapnet_experiments.models.networks import Siren
-from mapnet_experiments.recipe.train import (
-    flatten_optimizer,
-    recover_state,
-    remove_state,
-    replace_folder,
-    unflatten_optimizer,
-    write_json,
-)
+from mapnet_experiments.recipe.loop import Loop
+from mapnet_experiments.recipe.state import STATE, Saved, recover_state, remove_state
 
 ROOT = Path("results/space/inr")
 DATASETS = ("mnist", "fashion-mnist")
@@ -153,32 +146,59 @@ def meta_stage(
 ) -> dict:
     """θ₀ and step sizes meta-learned on the training images (META_STEPS batches of
     META_BATCH, drawn by a generator seeded with the step, so a resumed run draws what the
-    uninterrupted one would); a checkpoint every META_CHECKPOINT_EVERY steps, removed once
-    done. The PSNR is that of the first META_IMAGES training images after INNER_STEPS steps."""
+    uninterrupted one would), through the one loop (recipe.loop) in "epochs" of
+    META_CHECKPOINT_EVERY steps, its state committed after each and removed once done. The PSNR
+    is that of the first META_IMAGES training images after INNER_STEPS steps."""
     folder = root / dataset / f"meta-d{d}"
     if (folder / "result.json").exists():
         return json.loads((folder / "result.json").read_text())
+    if META_STEPS % META_CHECKPOINT_EVERY:
+        raise ValueError(f"META_STEPS ({META_STEPS}) must be a multiple of {META_CHECKPOINT_EVERY}")
     target, _ = images(dataset, "train", FULL_TRAIN_IMAGES, data_dir)
     coords = coordinates()
     space = ModelSpace(Siren, _config(d), 1, learn_base=True, learn_step_sizes=INNER_STEP_SIZE)
     assert space.bases is not None and space.log_step_sizes is not None
-    optimizer = torch.optim.Adam([*space.bases, space.log_step_sizes], lr=META_LR)
-    recover_state(folder)  # an interrupted checkpoint is dropped, a cut swap finished
-    start = _restore_meta(folder / "state", space, optimizer) if (folder / "state").exists() else 0
-    bar = tqdm(total=META_STEPS, initial=start, desc=f"meta {dataset} d={d}", disable=not progress)
-    for step in range(start, META_STEPS):
-        chosen = torch.randint(len(target), (META_BATCH,), generator=_step_generator(step))
+    shared = [*space.bases, space.log_step_sizes]
+    optimizer = torch.optim.Adam(shared, lr=META_LR)
+    recover_state(folder)  # what an earlier version's cut swap left
+    loop = Loop(
+        optimizer,
+        epochs=META_STEPS // META_CHECKPOINT_EVERY,
+        steps=META_CHECKPOINT_EVERY,
+        config={"dataset": dataset, "latent_dim": d, **meta_settings()},
+        state_dir=folder / STATE,
+        label=f"meta {dataset} d={d}, steps of {META_CHECKPOINT_EVERY}",
+        show_progress=progress,
+        loss_key="meta_loss",
+    )
+
+    def restore(saved: Saved) -> None:
+        loaded = ModelSpace.load(saved.model, space.mapping)
+        assert loaded.bases is not None and loaded.log_step_sizes is not None
+        with torch.no_grad():
+            for own, kept in zip(shared, [*loaded.bases, loaded.log_step_sizes], strict=True):
+                own.copy_(kept)
+
+    loop.resume(restore)
+    losses: list[float] = []
+
+    def step(i: int) -> dict[str, float]:
+        index = loop.epoch * META_CHECKPOINT_EVERY + i
+        chosen = torch.randint(len(target), (META_BATCH,), generator=_step_generator(index))
         batch = target[chosen]  # (B, 784)
         z = space.fit_latents(per_image_mse(batch), coords, steps=INNER_STEPS,
                               count=META_BATCH, create_graph=True, chunk_size=None)  # fmt: skip
         loss = per_image_mse(batch)(space(coords, latents=z, chunk_size=None)).mean()
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        bar.update()
-        if (step + 1) % META_CHECKPOINT_EVERY == 0 and step + 1 < META_STEPS:
-            _save_meta(folder, space, optimizer, step + 1)
-    bar.close()
+        losses.append(loss.item())
+        return {"loss": losses[-1]}
+
+    def end_epoch(epoch: int) -> dict[str, Any]:
+        row = {"step": epoch * META_CHECKPOINT_EVERY, "meta_loss": sum(losses) / len(losses)}
+        losses.clear()
+        return row
+
+    loop.run(step, end_epoch, dict, space.save)
     space.save(folder / "space")
     quality = encode(space, "meta", target[:META_IMAGES])[1]  # the first training images
     result = {"dataset": dataset, "variant": "meta", "latent_dim": d, "images": len(target),
@@ -190,38 +210,6 @@ def meta_stage(
 
 def _step_generator(step: int) -> torch.Generator:
     return torch.Generator().manual_seed(1_000_003 * step + 17)
-
-
-def _save_meta(
-    folder: Path, space: ModelSpace, optimizer: torch.optim.Optimizer, step: int
-) -> None:
-    """folder/state, written whole beside it and then swapped in (train.replace_folder)."""
-    staging = folder / "state.tmp"
-    tensors, meta = flatten_optimizer(optimizer.state_dict())
-    space.save(staging / "space")
-    atomic_write_bytes(staging / "optimizer.safetensors", save_safetensors(tensors))
-    write_json(staging / "state.json", {"step": step, "optimizer": meta, **meta_settings()})
-    replace_folder(staging, folder / "state")
-
-
-def _restore_meta(state: Path, space: ModelSpace, optimizer: torch.optim.Optimizer) -> int:
-    description = json.loads((state / "state.json").read_text())
-    recorded = {key: description.get(key) for key in meta_settings()}
-    if recorded != meta_settings():
-        raise ValueError(
-            f"{state} was saved with the meta settings {recorded}, now {meta_settings()}: "
-            "delete it to start again"
-        )
-    saved = ModelSpace.load(state / "space", space.mapping)
-    assert space.bases is not None and space.log_step_sizes is not None
-    assert saved.bases is not None and saved.log_step_sizes is not None
-    with torch.no_grad():
-        mine, theirs = [*space.bases, space.log_step_sizes], [*saved.bases, saved.log_step_sizes]
-        for own, loaded in zip(mine, theirs, strict=True):
-            own.copy_(loaded)
-    tensors = load_file(str(state / "optimizer.safetensors"))
-    optimizer.load_state_dict(unflatten_optimizer(tensors, description["optimizer"]))
-    return int(description["step"])
 
 
 def shared_part(

@@ -36,16 +36,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mapnet import ModelSpace
+from mapnet.files import write_json
 from mapnet_experiments.models.networks import CNN2, Siren
-from mapnet_experiments.recipe.train import (
-    Split,
-    TrainConfig,
-    build,
-    evaluate,
-    load_model,
-    train,
-    write_json,
-)
+from mapnet_experiments.recipe.config import TrainConfig
+from mapnet_experiments.recipe.run import train
+from mapnet_experiments.recipe.splits import Split
+from mapnet_experiments.recipe.state import load_model
+from mapnet_experiments.recipe.trainer import build, evaluate
 from mapnet_experiments.studies.space.training import (
     LATENTS_FILE,
     Member,

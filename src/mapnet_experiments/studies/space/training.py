@@ -12,8 +12,8 @@ same task (ModelSpace.midpoint_loss), which pulls the straight path between them
 loss.
 
 An epoch is the full training split's step count for every member (a member on a subset sees
-it several times). State is saved after every epoch (atomic folder swap) and a run resumes
-from it; a finished run keeps results.json and the final space.
+it several times). The one loop (recipe.loop) commits the state after every epoch and a run
+resumes from it; a finished run keeps results.json and the final space.
 """
 
 from __future__ import annotations
@@ -30,26 +30,17 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
-from tqdm import tqdm
 
-from mapnet import MappingConfig, ModelSpace
-from mapnet.checkpoint.io import atomic_write_bytes
+from mapnet import MappingConfig, ModelSpace, files
 from mapnet.checks import from_dict
+from mapnet.files import atomic_write_bytes, write_json
 from mapnet_experiments.models.networks import model_factory
-from mapnet_experiments.recipe.train import (
-    Split,
-    TrainConfig,
-    evaluate,
-    flatten_optimizer,
-    load_splits,
-    recover_state,
-    remove_state,
-    replace_folder,
-    unflatten_optimizer,
-    write_json,
-)
+from mapnet_experiments.recipe.config import TrainConfig
+from mapnet_experiments.recipe.loop import Loop
+from mapnet_experiments.recipe.splits import Split, load_splits
+from mapnet_experiments.recipe.state import STATE, Saved, recover_state, remove_state, take
+from mapnet_experiments.recipe.trainer import evaluate
 
-STATE_FORMAT = 1
 LATENTS_FILE = "latents_by_epoch.safetensors"
 
 
@@ -239,6 +230,13 @@ def train_space(
             raise ValueError(f"{out} already holds a run; pass resume=True or choose another")
     else:
         write_json(config_file, run.to_dict())
+    with files.lock(out):
+        return _train(run, out, resume, progress)
+
+
+def _train(run: SpaceRun, out: Path, resume: bool, progress: bool) -> dict[str, Any]:
+    """The population through the one loop (recipe.loop): a step is one batch of every member
+    (and, with path flattening, one midpoint), an epoch the largest training split's steps."""
     started = time.perf_counter()
     splits, full = member_splits(run)
     space = build_space(run)
@@ -250,58 +248,90 @@ def train_space(
     flatten_rng = torch.Generator().manual_seed(run.split_seed)
     tasks = [indices for indices in run.tasks().values() if len(indices) > 1]
     steps = math.ceil(full / run.batch_size)
-    epoch, history, elapsed = 0, [], 0.0
-    state = out / "state"
     recover_state(out)
-    if resume and state.exists():
-        epoch, history, elapsed = _restore(state, space, optimizer, streams, flatten_rng)
-    while epoch < run.epochs:
-        space.train()
-        sums = torch.zeros(len(run.members))
-        flat_sum = 0.0
-        bar = tqdm(range(steps), disable=not progress, leave=False, desc=f"epoch {epoch + 1}")
-        for _ in bar:
-            batches = []
-            total = torch.zeros(())
-            for index, (member_splits_, stream) in enumerate(zip(splits, streams)):
-                chosen = stream.next()
-                x, y = (
-                    member_splits_["train"].inputs[chosen],
-                    member_splits_["train"].targets[chosen],
-                )
-                loss = nn.functional.cross_entropy(space.member_forward(index, x), y)
-                total = total + loss
-                sums[index] += loss.item()
-                batches.append((x, y))
-            if run.flatten > 0:
-                task = tasks[int(torch.randint(len(tasks), (1,), generator=flatten_rng))]
-                x, y = batches[task[0]]  # a batch of that task
-                mid = space.midpoint_loss(
-                    lambda outputs, y=y: nn.functional.cross_entropy(outputs, y),
-                    x,
-                    among=task,
-                    generator=flatten_rng,
-                )
-                total = total + run.flatten * mid
-                flat_sum += mid.item()
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-        epoch += 1
+    loop = Loop(
+        optimizer,
+        epochs=run.epochs,
+        steps=steps,
+        config=json.loads(json.dumps(run.to_dict())),
+        state_dir=out / STATE,
+        show_progress=progress,
+    )
+    sums = torch.zeros(len(run.members))
+    flat_sum = 0.0
+
+    def restore(saved: Saved) -> None:
+        loaded = ModelSpace.load(saved.model, space.mapping)
+        with torch.no_grad():
+            space.latents.copy_(loaded.latents)
+        for index, stream in enumerate(streams):
+            prefix = f"stream.{index}."
+            stream.restore({k[len(prefix) :]: v for k, v in saved.tensors.items()
+                            if k.startswith(prefix)})  # fmt: skip
+        flatten_rng.set_state(take(saved.tensors, "flatten_rng", saved.model.parent))
+
+    loop.resume(restore) if resume else None
+    elapsed = loop.history[-1]["seconds"] if loop.history else 0.0
+
+    def step(i: int) -> dict[str, float]:
+        nonlocal flat_sum
+        if i == 0:
+            space.train()
+        batches = []
+        total = torch.zeros(())
+        for index, (member_splits_, stream) in enumerate(zip(splits, streams)):
+            chosen = stream.next()
+            x, y = member_splits_["train"].inputs[chosen], member_splits_["train"].targets[chosen]
+            loss = nn.functional.cross_entropy(space.member_forward(index, x), y)
+            total = total + loss
+            sums[index] += loss.item()
+            batches.append((x, y))
+        if run.flatten > 0:
+            task = tasks[int(torch.randint(len(tasks), (1,), generator=flatten_rng))]
+            x, y = batches[task[0]]  # a batch of that task
+            mid = space.midpoint_loss(
+                lambda outputs, y=y: nn.functional.cross_entropy(outputs, y),
+                x,
+                among=task,
+                generator=flatten_rng,
+            )
+            total = total + run.flatten * mid
+            flat_sum += mid.item()
+        total.backward()
+        return {"loss": total.item()}
+
+    def end_epoch(epoch: int) -> dict[str, Any]:
+        nonlocal flat_sum
         row: dict[str, Any] = {"epoch": epoch, "flatten_loss": flat_sum / steps}
         row["members"] = [
             {"train_loss": float(s) / steps} | figures
             for s, figures in zip(sums, evaluate_members(space, splits))
         ]
         row["seconds"] = elapsed + time.perf_counter() - started
-        history.append(row)
-        if progress:
-            accuracy = [f"{m['val_acc']:.1f}" for m in row["members"]]
-            print(f"  epoch {epoch}: val acc {' '.join(accuracy)} ({row['seconds']:.0f} s)")
-        # The latents first: a stop between the two leaves a row that the resumed epoch
-        # replaces (the file is cut to the saved epochs before each append).
+        sums.zero_()
+        flat_sum = 0.0
+        # Before the state is committed: a stop between the two leaves a row that the resumed
+        # epoch replaces (the file is cut to the saved epochs before each append).
         _append_latents(out / LATENTS_FILE, space.latents.detach(), epoch)
-        _save_state(state, space, optimizer, streams, flatten_rng, epoch, history)
+        return row
+
+    def state_tensors() -> dict[str, torch.Tensor]:
+        tensors = {"flatten_rng": flatten_rng.get_state()}
+        for index, stream in enumerate(streams):
+            tensors |= {f"stream.{index}.{k}": v for k, v in stream.state().items()}
+        return tensors
+
+    history = loop.run(
+        step,
+        end_epoch,
+        state_tensors,
+        space.save,
+        describe=lambda row: (
+            f"  epoch {row['epoch']}: val acc "
+            + " ".join(f"{m['val_acc']:.1f}" for m in row["members"])
+            + f" ({row['seconds']:.0f} s)"
+        ),
+    )
     space.save(out / "space")
     result = {
         "config": run.to_dict(),
@@ -325,45 +355,3 @@ def _append_latents(path: Path, latents: torch.Tensor, epoch: int) -> None:
     earlier = load_safetensors(path.read_bytes())["latents"][: epoch - 1] if path.exists() else None
     rows = latents[None] if earlier is None else torch.cat([earlier, latents[None]])
     atomic_write_bytes(path, save_safetensors({"latents": rows.contiguous()}))
-
-
-def _save_state(
-    folder: Path,
-    space: ModelSpace,
-    optimizer: torch.optim.Optimizer,
-    streams: list[_Batches],
-    flatten_rng: torch.Generator,
-    epoch: int,
-    history: list[dict[str, Any]],
-) -> None:
-    staging = folder.with_name(folder.name + ".tmp")
-    space.save(staging / "space")
-    tensors, meta = flatten_optimizer(optimizer.state_dict())
-    for index, stream in enumerate(streams):
-        tensors |= {f"stream.{index}.{k}": v for k, v in stream.state().items()}
-    tensors["flatten_rng"] = flatten_rng.get_state()
-    atomic_write_bytes(staging / "trainer.safetensors", save_safetensors(tensors))
-    description = {"format": STATE_FORMAT, "epoch": epoch, "history": history, "optimizer": meta}
-    atomic_write_bytes(staging / "trainer.json", json.dumps(description).encode())
-    replace_folder(staging, folder)
-
-
-def _restore(
-    folder: Path,
-    space: ModelSpace,
-    optimizer: torch.optim.Optimizer,
-    streams: list[_Batches],
-    flatten_rng: torch.Generator,
-) -> tuple[int, list[dict[str, Any]], float]:
-    saved = ModelSpace.load(folder / "space", space.mapping)
-    with torch.no_grad():
-        space.latents.copy_(saved.latents)
-    description = json.loads((folder / "trainer.json").read_text())
-    tensors = load_safetensors((folder / "trainer.safetensors").read_bytes())
-    optimizer.load_state_dict(unflatten_optimizer(tensors, description["optimizer"]))
-    for index, stream in enumerate(streams):
-        prefix = f"stream.{index}."
-        stream.restore({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-    flatten_rng.set_state(tensors["flatten_rng"])
-    history = description["history"]
-    return description["epoch"], history, history[-1]["seconds"] if history else 0.0
