@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ from mapnet_experiments.recipe.run import train
 from mapnet_experiments.recipe.state import load_model
 from mapnet_experiments.recipe.trainer import Trainer
 from mapnet_experiments.studies import ablations as ablation_tables
-from mapnet_experiments.studies.table1 import run_table
+from mapnet_experiments.studies.runner import run_table
 from test_train_cli import tiny_splits
 
 X = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -253,14 +255,19 @@ def test_table_rows_have_the_papers_counts_and_seeds() -> None:
 
 
 def test_a_run_locked_by_another_process_is_left_to_it(tmp_path: Path) -> None:
-    import fcntl
-
     rows = [spec.row(0) for spec in ablation_tables.TABLE7[:1]]
     out = tmp_path / "runs" / "cnn2-s0-mnist"
-    out.parent.mkdir(parents=True)
-    with open(out.with_name(out.name + ".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        written = run_table(rows, ("mnist",), tmp_path, progress=False)
+    code = (
+        "import sys, time; from mapnet import files; held = files.lock(sys.argv[1]); "
+        "held.__enter__(); print('held', flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        written = run_table(rows, root=tmp_path, datasets=("mnist",), progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
     assert written == [] and not out.exists()
 
 
@@ -268,7 +275,7 @@ def test_a_continued_row_without_its_base_is_named_not_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     spec = next(s for s in ablation_tables.TABLE8 if s.id == "ours-2048-prune")
-    written = run_table([spec.row(0)], ("mnist",), tmp_path, progress=False)
+    written = run_table([spec.row(0)], root=tmp_path, datasets=("mnist",), progress=False)
     assert written == [] and not (tmp_path / "runs" / "ours-2048-prune-s0-mnist").exists()
     assert "runs continuing ours-2048-s0-mnist wait" in capsys.readouterr().out
 
@@ -283,7 +290,13 @@ def test_a_continued_row_runs_once_its_base_finishes_in_the_same_call(tmp_path: 
     )
     rows = [prune.row(0), specs["cnn2"].row(0)]  # the continued row first: it must wait
     written = run_table(
-        rows, ("tiny",), tmp_path / "r", epochs=1, progress=False, data_dir=str(data), val_size=50
+        rows,
+        root=tmp_path / "r",
+        datasets=("tiny",),
+        epochs=1,
+        progress=False,
+        data_dir=str(data),
+        val_size=50,
     )
     assert {p.name for p in written} == {"cnn2-s0-tiny.json", "cnn2-prune-s0-tiny.json"}
     result = json.loads((tmp_path / "r" / "cnn2-prune-s0-tiny.json").read_text())

@@ -13,7 +13,7 @@ import torch
 
 from mapnet.files import write_json
 from mapnet_experiments.studies import ablations as ablation_tables
-from mapnet_experiments.studies import budget, trajectory
+from mapnet_experiments.studies import budget, compression, trajectory
 from test_train_cli import write_tiny_dataset
 
 
@@ -34,7 +34,7 @@ def test_ablation_report_gives_mean_and_std_over_seeds(tmp_path: Path) -> None:
     for seed, value in values.items():
         write_json(tmp_path / f"ours-2048-s{seed}-fashion-mnist.json", fake_result(value))
     write_json(tmp_path / "wm-2048-s0-mnist.json", fake_result(96.0))
-    text = ablation_tables.report("ablations", tmp_path, tmp_path / "docs" / "ablations.md")
+    text = ablation_tables.report(tmp_path, tmp_path / "docs" / "ablations.md")
     mean, std = statistics.mean(values.values()), statistics.stdev(values.values())
     row = next(line for line in text.splitlines() if line.startswith("| Ours* 2048 |"))
     assert f"{mean:.2f} ± {std:.2f}" in row and "98.66 / 91.88" in row
@@ -59,7 +59,7 @@ def test_compression_report_lists_int8_bytes_and_times(tmp_path: Path) -> None:
             "inference_ms": timing,
         },
     )
-    text = ablation_tables.report("compression", tmp_path, tmp_path / "compression.md")
+    text = compression.report(tmp_path, tmp_path / "compression.md")
     prune = next(line for line in text.splitlines() if line.startswith("| CNN2 + Prune"))
     assert "| 10,864 |" in prune and "97.00 (1 seed)" in prune
     int8 = next(line for line in text.splitlines() if line.startswith("| cnn2 | mnist"))

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from mapnet_experiments.studies import finetune
-from mapnet_experiments.studies.finetune import Data, Row, Setup
+from mapnet_experiments.studies import finetune, finetune_report
+from mapnet_experiments.studies.finetune import Data, FinetuneRow, Setup
 
 
 class Tiny(nn.Module):
@@ -54,18 +54,18 @@ def tiny(monkeypatch: pytest.MonkeyPatch) -> Data:
 
 
 ROWS = [
-    Row("mapnet", "resnet50", "mapnet", 16, group_size=3, lr=1e-2),
-    Row("additive", "resnet50", "additive", 16, lr=1e-2),
-    Row("head", "resnet50", "head"),
-    Row("full", "resnet50", "full"),
-    Row("lora", "resnet50", "lora", 60, lr=1e-2),
-    Row("vera", "resnet50", "vera", 12, lr=1e-2),
+    FinetuneRow("mapnet", "resnet50", "mapnet", 16, group_size=3, lr=1e-2),
+    FinetuneRow("additive", "resnet50", "additive", 16, lr=1e-2),
+    FinetuneRow("head", "resnet50", "head"),
+    FinetuneRow("full", "resnet50", "full"),
+    FinetuneRow("lora", "resnet50", "lora", 60, lr=1e-2),
+    FinetuneRow("vera", "resnet50", "vera", 12, lr=1e-2),
 ]
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 def test_each_method_trains_its_numbers_and_reports_them(
-    row: Row, tiny: Data, tmp_path: Path
+    row: FinetuneRow, tiny: Data, tmp_path: Path
 ) -> None:
     result = finetune.run_row("transfer", row, tmp_path, progress=False)
     head = 6 * 3 + 3
@@ -84,7 +84,7 @@ def test_each_method_trains_its_numbers_and_reports_them(
 
 
 def test_the_latent_moves_and_the_pretrained_weights_do_not(tiny: Data) -> None:
-    model, _ = finetune.build(Row("m", "resnet50", "mapnet", 16), 3)
+    model, _ = finetune.build(FinetuneRow("m", "resnet50", "mapnet", 16), 3)
     before = {n: b.clone() for n, b in model.named_buffers()}
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
     model.train()
@@ -100,7 +100,7 @@ def test_the_latent_moves_and_the_pretrained_weights_do_not(tiny: Data) -> None:
 
 
 def test_learning_rate_comes_from_the_select_stage(tmp_path: Path) -> None:
-    row = Row("r", "resnet50", "lora", 100)
+    row = FinetuneRow("r", "resnet50", "lora", 100)
     with pytest.raises(FileNotFoundError, match="--stages select"):
         finetune.selected_lr(row, tmp_path)
     scores = dict.fromkeys(finetune.SELECT_LRS, 0.5) | {3e-3: 0.7, 1e-2: 0.7}  # a tie
@@ -118,13 +118,13 @@ def test_learning_rate_comes_from_the_select_stage(tmp_path: Path) -> None:
         json.dumps({"row": {"method": "lora", "lr": lr}, "val_accuracy": scores[lr]})
     )
     assert finetune.selected_lr(row, tmp_path) == 3e-3  # the best; of a tie, the smaller
-    assert finetune.selected_lr(Row("h", "resnet50", "head"), tmp_path) == finetune.HEAD_LR
+    assert finetune.selected_lr(FinetuneRow("h", "resnet50", "head"), tmp_path) == finetune.HEAD_LR
 
 
 def test_a_stage_resumes_at_the_first_unfinished_row(tiny: Data, tmp_path: Path) -> None:
     calls: list[str] = []
 
-    def runner(stage: str, row: Row, root: Path, progress: bool) -> dict:
+    def runner(stage: str, row: FinetuneRow, root: Path, progress: bool) -> dict:
         calls.append(row.id)
         return finetune.run_row(stage, row, root, progress)
 
@@ -145,7 +145,7 @@ def test_report_is_generated_from_the_result_files(tiny: Data, tmp_path: Path) -
         out = tmp_path / "transfer" / f"{row.id}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(finetune.run_row("transfer", row, tmp_path, progress=False)))
-    text = finetune.report(tmp_path, tmp_path / "finetune.md")
+    text = finetune_report.report(tmp_path, tmp_path / "finetune.md")
     assert "## Transfer to Fashion-MNIST: ResNet-50" in text
     assert "mapnet ×(1+m), L = 3" in text and "head only" in text and "LoRA r = " in text
     assert text == (tmp_path / "finetune.md").read_text()
@@ -163,4 +163,5 @@ def test_step_times_are_measured_at_each_thread_count(tiny: Data, tmp_path: Path
     trained = tmp_path / "transfer" / "mapnet.json"
     trained.parent.mkdir(parents=True)
     trained.write_text(json.dumps(finetune.run_row("transfer", ROWS[0], tmp_path, progress=False)))
-    assert " · " in finetune.report(tmp_path, tmp_path / "finetune.md").split("mapnet ×(1+m)")[1]
+    page = finetune_report.report(tmp_path, tmp_path / "finetune.md")
+    assert " · " in page.split("mapnet ×(1+m)")[1]

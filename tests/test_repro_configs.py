@@ -17,7 +17,9 @@ import pytest
 
 from mapnet_experiments.recipe.config import TrainConfig
 from mapnet_experiments.recipe.run import _prepare_run_dir
-from mapnet_experiments.studies.table1 import DATASETS, TABLE1, TUNING, Row, run_id
+from mapnet_experiments.studies.runner import DATASETS, TableRow, run_id
+from mapnet_experiments.studies.table1 import TABLE1
+from mapnet_experiments.studies.tuning import TUNING
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 TABLES = {"table1": TABLE1, "tuning": TUNING}
@@ -51,7 +53,7 @@ def as_json(config: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(config.to_dict()))
 
 
-def stored_configs(table: str) -> list[tuple[Row, str, Path, dict[str, Any]]]:
+def stored_configs(table: str) -> list[tuple[TableRow, str, Path, dict[str, Any]]]:
     """(row, dataset, file, stored config) for every committed file that records a config."""
     root = RESULTS / table
     found = []

@@ -306,7 +306,7 @@ def test_repro_tuning_scores_on_validation_only(tmp_path: Path) -> None:
 
 
 def test_tuning_rows_override_seed_and_epochs_for_the_whole_run() -> None:
-    from mapnet_experiments.studies.table1 import TUNING
+    from mapnet_experiments.studies.tuning import TUNING
 
     rows = {row.id: row for row in TUNING}
     rival = rows["intrinsic-seed-2"].config("mnist", epochs=10)

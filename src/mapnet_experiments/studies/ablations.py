@@ -1,4 +1,6 @@
-"""`mapnet repro ablations` and `mapnet repro compression`: the paper's Tables 6–8 on CNN2.
+"""`mapnet repro ablations`: the paper's Tables 6–8 on CNN2, what runs (the specs, the
+choices, the plan), and the Tables 6–7 page; `studies.compression` reports Table 8 and adds the
+int8 stage.
 
     Table 7 (§3.4)   what trains: Ours*, Ours* − WM (α = 0), LV + WMAP, Full DNN, LV + FullDNN
     Table 6 (§3.5)   the mapping loss: the task loss alone, + one term, all terms (Fashion-MNIST)
@@ -17,18 +19,15 @@ the validation split only.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mapnet.compress import PRUNE_SCOPES
-from mapnet.files import write_json
-from mapnet_experiments.studies.table1 import Row, _cell, draw_curves, mean_std, run_name
+from mapnet_experiments.studies.report import cell, draw_curves, mean_std
+from mapnet_experiments.studies.runner import TableRow, run_name, run_table
+from mapnet_experiments.studies.study import Options, Study
 
 ROOT = Path("results/ablations")
 SEEDS = (0, 1, 2)
@@ -72,8 +71,8 @@ class Spec:
     start_from: str | None = None
     model: str = "cnn2"
 
-    def row(self, seed: int) -> Row:
-        return Row(
+    def row(self, seed: int) -> TableRow:
+        return TableRow(
             f"{self.id}-s{seed}",
             self.model,
             self.label,
@@ -326,7 +325,7 @@ def choices(root: Path = ROOT) -> dict[str, Any]:
             rest = spec.id.removeprefix(f"select-{prefix}")
             if rest == spec.id or not rest.startswith(tuple(f"{s}-lr" for s in scopes)):
                 continue
-            result = _load(root, run_name(f"{spec.id}-s0", "fashion-mnist"))
+            result = load_run(root, run_name(f"{spec.id}-s0", "fashion-mnist"))
             if result is None:
                 return None
             train = spec.train or {}
@@ -353,14 +352,14 @@ def choices(root: Path = ROOT) -> dict[str, Any]:
     return out
 
 
-def rows(specs: Iterable[Spec], seeds: Iterable[int] = SEEDS) -> list[Row]:
+def rows(specs: Iterable[Spec], seeds: Iterable[int] = SEEDS) -> list[TableRow]:
     """Seed-major: every spec at seed 0, then seed 1, …; specs keep their order, which puts
     the runs a row continues before it."""
     specs = list(specs)
     return [spec.row(seed) for seed in seeds for spec in specs]
 
 
-def plan(table: str, seeds: Iterable[int] = SEEDS) -> list[tuple[Row, tuple[str, ...]]]:
+def plan(table: str, seeds: Iterable[int] = SEEDS) -> list[tuple[TableRow, tuple[str, ...]]]:
     """The runs of one command, with the data sets each row runs on."""
     seeds = tuple(seeds)
     if table == "ablations":
@@ -376,124 +375,43 @@ def plan(table: str, seeds: Iterable[int] = SEEDS) -> list[tuple[Row, tuple[str,
     raise ValueError(f"unknown table {table!r}: ablations, compression, select-bases or select")
 
 
-# ---------------------------------------------------------------- int8 post-training stage
-
-
-def int8_results(
-    root: Path = ROOT, seeds: Iterable[int] = SEEDS, progress: bool = True
-) -> list[Path]:
-    """For every finished run named in INT8_OF: accuracy of its int8 version (static PTQ,
-    calibrated on 8 training batches of 128), the bytes stored, and the float and int8
-    models' inference time on the test split, side by side in this process at 1 thread and at
-    the default count. Writes <root>/int8/<run>.json; finished files are kept."""
-    from mapnet.compress import quantize_int8, save_quantized
-    from mapnet_experiments.recipe.config import TrainConfig
-    from mapnet_experiments.recipe.splits import load_splits
-    from mapnet_experiments.recipe.state import load_model
-    from mapnet_experiments.recipe.trainer import build, evaluate, plain_view
-
-    written = []
-    for seed in seeds:
-        for name in INT8_OF:
-            for dataset in DATASETS:
-                run = run_name(f"{name}-s{seed}", dataset)
-                out = root / "int8" / f"{run}.json"
-                if out.exists():
-                    written.append(out)
-                    continue
-                folder = root / "runs" / run
-                if not (folder / "results.json").exists():
-                    continue
-                config = TrainConfig.from_dict(json.loads((folder / "config.json").read_text()))
-                module = build(replace(config, start_from=None))
-                load_model(module, folder / "checkpoint")
-                float_model = plain_view(module).eval()
-                splits = load_splits(config)
-                calibration = [splits["train"].images[i * 128 : (i + 1) * 128] for i in range(8)]
-                int8 = quantize_int8(float_model, calibration)
-                staging = root / "int8" / f".{run}"
-                stored = save_quantized(int8, staging)
-                for file in staging.iterdir():
-                    file.unlink()
-                staging.rmdir()
-                result = {
-                    "run": run,
-                    "float_bytes": 4 * sum(p.numel() for p in float_model.parameters()),
-                    "int8_bytes": stored,
-                    "val_acc_float": evaluate(float_model, splits["val"])["acc"],
-                    "val_acc_int8": evaluate(int8, splits["val"])["acc"],
-                    "test_acc_float": evaluate(float_model, splits["test"])["acc"],
-                    "test_acc_int8": evaluate(int8, splits["test"])["acc"],
-                    "inference_ms": _inference_times(float_model, int8, splits["test"].images),
-                }
-                write_json(out, result)
-                written.append(out)
-                if progress:
-                    print(f"int8 {run}: test {result['test_acc_float']:.2f} -> "
-                          f"{result['test_acc_int8']:.2f}", flush=True)  # fmt: skip
-    return written
-
-
-def _inference_times(
-    float_model: torch.nn.Module, int8: torch.nn.Module, images: torch.Tensor, rounds: int = 7
-) -> dict[str, dict[str, float]]:
-    """Median ms per batch of 256 test images, float and int8 alternating in one process."""
-    batch = images[:256]
-    default = torch.get_num_threads()
-    times: dict[str, dict[str, float]] = {}
-    for threads in sorted({1, default}):
-        torch.set_num_threads(threads)
-        samples: dict[str, list[float]] = {"float": [], "int8": []}
-        with torch.no_grad():
-            for model in (float_model, int8):
-                model(batch)  # warm-up
-            for _ in range(rounds):
-                for key, model in (("float", float_model), ("int8", int8)):
-                    started = time.perf_counter()
-                    model(batch)
-                    samples[key].append(1e3 * (time.perf_counter() - started))
-        times[f"threads{threads}"] = {k: statistics.median(v) for k, v in samples.items()}
-    torch.set_num_threads(default)
-    return times
-
-
 # ---------------------------------------------------------------- reports
 
 
-def _load(root: Path, run: str) -> dict[str, Any] | None:
+def load_run(root: Path, run: str) -> dict[str, Any] | None:
     file = root / f"{run}.json"
     return json.loads(file.read_text()) if file.exists() else None
 
 
-def _values(root: Path, spec_id: str, dataset: str, key: str) -> list[float]:
+def seed_values(root: Path, spec_id: str, dataset: str, key: str) -> list[float]:
     out = []
     for seed in SEEDS:
-        result = _load(root, f"{spec_id}-s{seed}-{dataset}")
+        result = load_run(root, f"{spec_id}-s{seed}-{dataset}")
         if result is not None and result.get(key) is not None:
             out.append(result[key])
     return out
 
 
-def _gap(root: Path, spec_id: str, dataset: str) -> list[float]:
+def seed_gaps(root: Path, spec_id: str, dataset: str) -> list[float]:
     out = []
     for seed in SEEDS:
-        result = _load(root, f"{spec_id}-s{seed}-{dataset}")
+        result = load_run(root, f"{spec_id}-s{seed}-{dataset}")
         if result is not None:
             out.append(result["train_acc"] - result["test_acc"])
     return out
 
 
-def _trainable(root: Path, spec_id: str) -> str:
+def trainable_text(root: Path, spec_id: str) -> str:
     for seed in SEEDS:
         for dataset in DATASETS:
-            result = _load(root, f"{spec_id}-s{seed}-{dataset}")
+            result = load_run(root, f"{spec_id}-s{seed}-{dataset}")
             if result is not None:
                 return f"{result['trainable_parameters']:,}"
     return "–"
 
 
-def _pair(values: tuple[float | None, float | None]) -> str:
-    return f"{_cell(values[0])} / {_cell(values[1])}"
+def pair_text(values: tuple[float | None, float | None]) -> str:
+    return f"{cell(values[0])} / {cell(values[1])}"
 
 
 HEADER = (
@@ -505,7 +423,7 @@ HEADER = (
 )
 
 
-def _select_section(root: Path) -> list[str]:
+def select_section(root: Path) -> list[str]:
     lines = [
         "",
         "## Choices (validation accuracy %, seed 0, Fashion-MNIST; never the test split)",
@@ -514,8 +432,8 @@ def _select_section(root: Path) -> list[str]:
         "|---|---|---|",
     ]
     for spec in SELECT:
-        result = _load(root, run_name(f"{spec.id}-s0", "fashion-mnist"))
-        value = "–" if result is None else _cell(result["val_acc"])
+        result = load_run(root, run_name(f"{spec.id}-s0", "fashion-mnist"))
+        value = "–" if result is None else cell(result["val_acc"])
         lines.append(
             f"| {spec.id.removeprefix('select-')} | {(spec.train or {})['epochs']} | {value} |"
         )
@@ -537,12 +455,12 @@ def _table7(root: Path) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for spec in TABLE7:
-        mnist = mean_std(_values(root, spec.id, "mnist", "test_acc"))
-        fmnist = mean_std(_values(root, spec.id, "fashion-mnist", "test_acc"))
-        gap = mean_std(_gap(root, spec.id, "fashion-mnist"))
+        mnist = mean_std(seed_values(root, spec.id, "mnist", "test_acc"))
+        fmnist = mean_std(seed_values(root, spec.id, "fashion-mnist", "test_acc"))
+        gap = mean_std(seed_gaps(root, spec.id, "fashion-mnist"))
         lines.append(
-            f"| {spec.label} | {_trainable(root, spec.id)} | {_pair(spec.paper)} | "
-            f"{_pair(spec.public)} | {mnist} | {fmnist} | {gap} |"
+            f"| {spec.label} | {trainable_text(root, spec.id)} | {pair_text(spec.paper)} | "
+            f"{pair_text(spec.public)} | {mnist} | {fmnist} | {gap} |"
         )
     return lines
 
@@ -564,98 +482,30 @@ def _table6(root: Path) -> list[str]:
         cells = []
         for column in columns:
             spec_id = task_row if column == "task" else f"loss-{column}-{key}"
-            ours = mean_std(_values(root, spec_id, "fashion-mnist", "test_acc"))
-            cells.append(f"{ours} [{_cell(paper[column])}]")
+            ours = mean_std(seed_values(root, spec_id, "fashion-mnist", "test_acc"))
+            cells.append(f"{ours} [{cell(paper[column])}]")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
-def _table8(root: Path) -> list[str]:
-    lines = [
-        "## Table 8: compression (paper §2.2.5)",
-        "",
-        f"Pruning and QAT rows continue the seed's finished 10-epoch run for {CONTINUE_EPOCHS} "
-        "epochs (cosine from the lr in 'Choices'); pruning keeps the ⌈10 %⌉ largest |θ| "
-        + (
-            "of all weights ranked together (global)"
-            if PRUNE_SCOPE == "global"
-            else "of every tensor"
-        )
-        + ", the masks fixed. 'nonzero' counts the parameters the final network runs with.",
-        "",
-        "| row | trainable | nonzero | paper MNIST / FMNIST | public repro | ours MNIST "
-        "| ours FMNIST |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for spec in TABLE7[:2] + TABLE8:
-        nonzero = [v for d in DATASETS for v in _values(root, spec.id, d, "nonzero_weights")]
-        mnist = mean_std(_values(root, spec.id, "mnist", "test_acc"))
-        fmnist = mean_std(_values(root, spec.id, "fashion-mnist", "test_acc"))
-        lines.append(
-            f"| {spec.label} | {_trainable(root, spec.id)} | "
-            f"{f'{int(nonzero[0]):,}' if nonzero else '–'} | {_pair(spec.paper)} | "
-            f"{_pair(spec.public)} | {mnist} | {fmnist} |"
-        )
-    return lines + _int8_section(root)
-
-
-def _int8_section(root: Path) -> list[str]:
-    lines = [
-        "",
-        "## int8",
-        "",
-        "`mapnet repro compression --stages int8`: static post-training quantisation of the",
-        "materialised network (weights int8 per output channel, activations per tensor, x86",
-        "kernels, calibrated on 8 training batches of 128). QAT rows were trained through",
-        "int8-rounded weights first. Bytes: the saved int8 model",
-        "(`mapnet.compress.save_quantized`, safetensors + JSON) against float32 weights.",
-        "Time: median ms per batch of 256 test images, float and int8 alternating in one",
-        "process.",
-        "",
-        "| model | data set | test float | test int8 | bytes float → int8 | ms float → int8, "
-        "1 thread | ms, default threads |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name in INT8_OF:
-        for dataset in DATASETS:
-            results = [
-                r
-                for seed in SEEDS
-                if (r := _load(root / "int8", f"{name}-s{seed}-{dataset}")) is not None
-            ]
-            if not results:
-                continue
-
-            def pick(key: str, results: list[dict[str, Any]] = results) -> list[float]:
-                return [r[key] for r in results]
-
-            times = [r["inference_ms"] for r in results]
-            threads = sorted(times[0], key=lambda k: int(k.removeprefix("threads")))
-
-            def ms(key: str, times: list[dict[str, Any]] = times) -> str:
-                f = statistics.median(t[key]["float"] for t in times)
-                q = statistics.median(t[key]["int8"] for t in times)
-                return f"{f:.2f} → {q:.2f}"
-
-            lines.append(
-                f"| {name} | {dataset} | {mean_std(pick('test_acc_float'))} | "
-                f"{mean_std(pick('test_acc_int8'))} | {results[0]['float_bytes']:,} → "
-                f"{results[0]['int8_bytes']:,} | {ms(threads[0])} | "
-                f"{ms(threads[-1]) + ' (' + threads[-1].removeprefix('threads') + ')'} |"
-            )
-    return lines
-
-
-def report(table: str, root: Path = ROOT, out: Path | None = None) -> str:
-    """docs/results/ablations.md (Tables 6–7) or compression.md (Table 8), from root's files."""
-    if table not in ("ablations", "compression"):
-        raise ValueError(f"unknown table {table!r}")
-    out = out or Path(f"docs/results/{table}.md")
-    title = (
-        "# The paper's ablations (Tables 6–7), reproduced"
-        if table == "ablations"
-        else "# Compression add-ons (Table 8), reproduced"
+def report(root: Path = ROOT, out: Path | None = None) -> str:
+    """docs/results/ablations.md (Tables 6–7) from root's files."""
+    return write_page(
+        "ablations",
+        "# The paper's ablations (Tables 6–7), reproduced",
+        root,
+        out,
+        _table7(root) + _table6(root),
+        TABLE7 + TABLE8[:1] + TABLE6,
     )
+
+
+def write_page(
+    table: str, title: str, root: Path, out: Path | None, sections: list[str], specs: list[Spec]
+) -> str:
+    """A Tables 6–8 page: the title, how every run trained, `sections`, the choices, and the
+    seed-0 training curves of `specs`."""
+    out = out or Path(f"docs/results/{table}.md")
     lines = [
         title,
         "",
@@ -663,15 +513,14 @@ def report(table: str, root: Path = ROOT, out: Path | None = None) -> str:
         f"`mapnet repro {table}` (resumable). " + HEADER,
         "",
     ]
-    specs = TABLE7 + TABLE8[:1] + TABLE6 if table == "ablations" else TABLE7[:2] + TABLE8
-    lines += _table7(root) + _table6(root) if table == "ablations" else _table8(root)
-    lines += _select_section(root)
+    lines += sections
+    lines += select_section(root)
     figure = out.with_name(f"curves-{table}.png")
     panels = {
         spec.label: {
             dataset: result
             for dataset in DATASETS
-            if (result := _load(root, f"{spec.id}-s0-{dataset}")) is not None
+            if (result := load_run(root, f"{spec.id}-s0-{dataset}")) is not None
         }
         for spec in specs
     }
@@ -686,3 +535,34 @@ def report(table: str, root: Path = ROOT, out: Path | None = None) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return text
+
+
+def run_stages(table: str, options: Options, stages: tuple[str, ...]) -> None:
+    """The `select` and `train` stages of the ablations or compression table. select: the
+    runs the choices continue (table runs, test recorded), then the candidates themselves,
+    scored on validation only."""
+    for stage in stages:
+        if stage not in ("select", "train"):
+            continue
+        for part in ["select-bases", "select"] if stage == "select" else [table]:
+            run_table(
+                [],
+                root=options.root_or(ROOT),
+                deadline=options.deadline,
+                progress=options.progress,
+                evaluate_test=part != "select",
+                plan=plan(part, options.seeds),
+            )
+
+
+STUDY = Study(
+    name="ablations",
+    summary="the paper's Tables 6-7 on CNN2 (what trains: Ours*, - WM, LV + WMAP, Full DNN, "
+    "LV + FullDNN; the mapping loss term by term), seeds 0-2; select chooses learning rates on "
+    "validation; writes docs/results/ablations.md",
+    stages=("select", "train"),
+    default=("select", "train"),
+    run=lambda options, stages: run_stages("ablations", options, stages),
+    report=lambda options: report(options.root_or(ROOT), options.report_to),
+    example="mapnet repro ablations --stages train --seeds 0 --threads 1",
+)

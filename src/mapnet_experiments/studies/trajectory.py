@@ -25,7 +25,8 @@ from mapnet_experiments.models.networks import CNN2
 from mapnet_experiments.recipe.config import TrainConfig
 from mapnet_experiments.recipe.splits import load_splits
 from mapnet_experiments.recipe.trainer import Trainer, plain_view
-from mapnet_experiments.studies.table1 import MAPPED, PLAIN
+from mapnet_experiments.studies.runner import MAPPED, PLAIN
+from mapnet_experiments.studies.study import Options, Study
 
 ROOT = Path("results/figures")
 FIGURE = Path("docs/results/trajectory.png")
@@ -171,3 +172,36 @@ def figure(source: Path, out: Path = FIGURE, method: str = "pca") -> Path:
         f"{data['every']} steps; same θ₀ ({method.upper()} of both runs together)"
     )
     return trajectories(panels, out, title)
+
+
+def _run(options: Options, stages: tuple[str, ...]) -> None:
+    run(
+        options.datasets[0],
+        tsne=options.tsne,
+        root=options.root_or(ROOT),
+        data_dir=options.data_dir,
+        progress=options.progress,
+    )
+
+
+def _report(options: Options) -> str:
+    source = options.root_or(ROOT) / f"trajectory-{options.datasets[0]}.json"
+    out = options.report_or(FIGURE)
+    drawn = [figure(source, out)]
+    if options.tsne:
+        drawn.append(figure(source, out.with_name(out.stem + "-tsne.png"), "tsne"))
+    return "\n".join(map(str, drawn))
+
+
+STUDY = Study(
+    name="trajectory",
+    summary="paper Figure 2: CNN2 trained directly and through a latent from the same θ₀, "
+    "weight snapshots projected by PCA (--tsne: also t-SNE, scikit-learn); writes "
+    "results/figures/trajectory-<dataset>.json and docs/results/trajectory.png (first of "
+    "--datasets)",
+    stages=("train",),
+    default=("train",),
+    run=_run,
+    report=_report,
+    example="mapnet repro trajectory --datasets mnist --tsne",
+)

@@ -50,6 +50,7 @@ from mapnet_experiments.studies.space.training import (
     member_splits,
     train_space,
 )
+from mapnet_experiments.studies.study import Options, Study
 
 ROOT = Path("results/space")
 REPORT = Path("docs/results/space.md")
@@ -591,3 +592,35 @@ def figures(analysis: dict[str, Any], folder: Path) -> list[Path]:
     made.append(latent_scatter(panels, embedding["tasks"], folder / "space-latents.png",
                                "members' latents after each epoch, by task"))  # fmt: skip
     return made
+
+
+def _run(options: Options, stages: tuple[str, ...]) -> None:
+    root = options.root_or(ROOT)
+    for stage in stages:
+        if stage == "train":
+            train_all(root, options.data_dir, progress=options.progress)
+        elif stage == "analyse":
+            analyse(root, options.data_dir, tsne=options.tsne)
+        elif stage == "speed":
+            speed(root)
+        elif stage == "inr":
+            from mapnet_experiments.studies.space import inr
+
+            inr.run(root / "inr", options.data_dir, options.datasets)
+
+
+STUDY = Study(
+    name="space",
+    summary="a model space: 12 CNN2 classifiers as latents of one mapping, 2 trained with path "
+    "flattening, plain controls; stages train, analyse (paths, soups, latent optimisation, "
+    "distillation, PCA; --tsne: t-SNE too), speed (256 members by vmap vs a loop: run it "
+    "alone), inr (one SIREN per image, classified from its latent; one process per data set: "
+    "--datasets mnist); writes docs/results/space.md and its figures",
+    stages=("train", "analyse", "speed", "inr"),
+    default=("train", "analyse"),
+    run=_run,
+    report=lambda options: report(
+        options.root_or(ROOT), options.report_or(REPORT), options.data_dir
+    ),
+    example="mapnet repro space --stages inr --datasets fashion-mnist --threads 1",
+)

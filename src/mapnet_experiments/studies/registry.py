@@ -1,0 +1,33 @@
+"""Every study `mapnet repro` runs, by name, in the order `mapnet repro --help` lists them."""
+
+from __future__ import annotations
+
+from mapnet_experiments.studies import (
+    ablations,
+    budget,
+    compression,
+    finetune,
+    forecasting,
+    segmentation,
+    table1,
+    trajectory,
+    tuning,
+)
+from mapnet_experiments.studies.space import study as space
+from mapnet_experiments.studies.study import Study
+
+STUDIES: dict[str, Study] = {
+    study.name: study
+    for study in (
+        table1.STUDY,
+        tuning.STUDY,
+        ablations.STUDY,
+        compression.STUDY,
+        budget.STUDY,
+        finetune.STUDY,
+        forecasting.STUDY,
+        segmentation.STUDY,
+        trajectory.STUDY,
+        space.STUDY,
+    )
+}
