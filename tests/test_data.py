@@ -11,7 +11,6 @@ import shlex
 import struct
 import subprocess
 import tarfile
-import urllib.error
 from dataclasses import replace
 from pathlib import Path
 
@@ -71,19 +70,10 @@ def _raw_digest(tensor: torch.Tensor, ndim: int) -> tuple[str, int]:
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, registries_offline: None) -> None:
     """No real data dir, a private cache, and no way to reach the network or run npm/apt."""
     monkeypatch.delenv("MAPNET_DATA_DIR", raising=False)
     monkeypatch.setenv("MAPNET_CACHE_DIR", str(tmp_path / "cache"))
-
-    def no_network(*args: object, **kwargs: object) -> None:
-        raise urllib.error.URLError("network disabled in tests")
-
-    def no_tools(cmd: list[str], *args: object, **kwargs: object) -> None:
-        raise AssertionError(f"test tried to run {cmd}")
-
-    monkeypatch.setattr(registries.urllib.request, "urlopen", no_network)
-    monkeypatch.setattr(registries, "run_tool", no_tools)
 
 
 # --- parsing --------------------------------------------------------------------------------------

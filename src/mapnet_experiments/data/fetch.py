@@ -221,6 +221,18 @@ def _digest(path: Path, decompress: bool) -> tuple[str, int]:
     return sha.hexdigest(), size
 
 
+def _check(origin: str, artifact: Artifact, member: Member, content: bytes) -> None:
+    """Raise ValueError unless ``content`` (decompressed, for a gzip member) is the member's."""
+    got = hashlib.sha256(content).hexdigest(), len(content)
+    _compare(origin, artifact, member, got)
+
+
+def _compare(origin: str, artifact: Artifact, member: Member, got: tuple[str, int]) -> None:
+    if got[0] != member.sha256 or member.size not in (None, got[1]):
+        what = f"{artifact.name}/{member.name}" + (" (decompressed)" if member.gzip else "")
+        raise ValueError(_mismatch(origin, what, got, member.sha256, member.size))
+
+
 def _mismatch(origin: str, what: str, got: tuple[str, int], sha256: str, size: int | None) -> str:
     expected = f"{size} bytes, sha256 {sha256}" if size is not None else f"sha256 {sha256}"
     return (
@@ -246,12 +258,9 @@ def verify(path: Path, artifact: Artifact, member: Member, content: bytes | None
     if key in _verified:
         return
     if content is None:
-        got = _digest(path, member.gzip)
+        _compare(str(path), artifact, member, _digest(path, member.gzip))
     else:
-        got = hashlib.sha256(content).hexdigest(), len(content)
-    if got[0] != member.sha256 or member.size not in (None, got[1]):
-        what = f"{artifact.name}/{member.name}" + (" (decompressed)" if member.gzip else "")
-        raise ValueError(_mismatch(str(path), what, got, member.sha256, member.size))
+        _check(str(path), artifact, member, content)
     _verified.add(key)
 
 
@@ -285,11 +294,7 @@ def _cached_ok(folder: Path, artifact: Artifact, member: Member, progress: bool)
 
 def _install(data: bytes, origin: str, folder: Path, artifact: Artifact, member: Member) -> None:
     """Write ``data`` into ``folder`` atomically, only once it matches the member's checksum."""
-    content = gunzip(data, origin) if member.gzip else data
-    got = hashlib.sha256(content).hexdigest(), len(content)
-    if got[0] != member.sha256 or member.size not in (None, got[1]):
-        what = f"{artifact.name}/{member.name}" + (" (decompressed)" if member.gzip else "")
-        raise ValueError(_mismatch(origin, what, got, member.sha256, member.size))
+    _check(origin, artifact, member, gunzip(data, origin) if member.gzip else data)
     if member.gzip and data[:2] != _GZIP_MAGIC:
         data = gzip.compress(data, compresslevel=6, mtime=0)  # mtime=0: a reproducible archive
     dest = folder / member.stored
