@@ -34,8 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-# `mapnet.files` (the public home for it) is not on this branch yet.
-from mapnet.checkpoint.io import atomic_write_bytes
+from mapnet.files import atomic_write_bytes
 from mapnet_experiments.data import registries
 from mapnet_experiments.data.registries import Package, hand_steps, one_line
 
