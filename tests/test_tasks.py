@@ -78,7 +78,8 @@ def test_evaluate_gives_each_tasks_metrics() -> None:
         torch.nn.Flatten(), torch.nn.Linear(24 * 11, 1), torch.nn.Flatten(0)
     )
     metrics = evaluate(model, splits["val"], Task("regression"))
-    expected = float(((model(splits["val"].inputs) - splits["val"].targets) ** 2).mean())
+    with torch.no_grad():
+        expected = float(((model(splits["val"].inputs) - splits["val"].targets) ** 2).mean())
     assert metrics["mse"] == pytest.approx(expected, rel=1e-5) and metrics["loss"] == metrics["mse"]
 
 

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
+import mapnet
+from mapnet import files
 from mapnet_experiments.cli import bench, data, export, repro, train
 from mapnet_experiments.cli.train import EXAMPLES
 from mapnet_experiments.data.fetch import DataUnavailableError
+from mapnet_experiments.recipe.loop import DivergedError
+
+# Exit codes besides 0: 2 a bad setting or input (named), 3 training diverged, 4 the system
+# refused a read or write (a full disk), 130 interrupted.
+DIVERGED_EXIT = 3
+SYSTEM_EXIT = 4
 
 
 def keep_freed_memory() -> None:
@@ -25,6 +34,19 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 1 << 30)
 
 
+def system_error_text(error: OSError) -> str:
+    """One line for a refused read or write. Every file mapnet writes is committed whole (a
+    temporary beside it, then one rename), so a failed write leaves the previous version."""
+    where = f" ({error.filename})" if error.filename else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"no space left on the device{where}. Nothing was corrupted: every file is written "
+            "whole or not at all. Free some space and run the same command again (a training "
+            "run continues with --resume from its last finished epoch)"
+        )
+    return f"{error.strerror or error}{where}"
+
+
 def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     parser = argparse.ArgumentParser(
@@ -33,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"mapnet {mapnet.__version__}")
     sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     for command in (train, data, bench, repro, export):
         command.add_parser(sub)
@@ -48,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, DataUnavailableError, FileNotFoundError) as error:
         print(f"mapnet: error: {error}", file=sys.stderr)
         return 2
+    except files.InUseError as error:
+        print(f"mapnet: error: {error}; wait for it to finish or stop it", file=sys.stderr)
+        return 2
+    except DivergedError as error:
+        print(f"mapnet: error: {error}", file=sys.stderr)
+        return DIVERGED_EXIT
+    except OSError as error:
+        print(f"mapnet: error: {system_error_text(error)}", file=sys.stderr)
+        return SYSTEM_EXIT
     except KeyboardInterrupt:
         print("mapnet: interrupted", file=sys.stderr)
         return 130

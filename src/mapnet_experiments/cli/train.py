@@ -202,12 +202,13 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         return distributed.launch(argv, args.nproc, lambda: _resume_hint(args))
     ranks = distributed.Ranks.from_environment()
     try:
-        return _train_and_report(args, config, ranks)
+        code = _train_and_report(args, config, ranks)
     except distributed.RankLostError as error:
+        # Exit at once, without closing the group: gloo's teardown can wait on the lost peers.
         print(f"mapnet: error: {error}. {_resume_hint(args)}", file=sys.stderr)
         return distributed.LOST_PEERS_EXIT
-    finally:
-        ranks.close()
+    ranks.close()
+    return code
 
 
 def _train_and_report(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tqdm import tqdm
+from mapnet_experiments.progress import bar
 
 __all__ = [
     "Package",
@@ -200,18 +200,18 @@ def download(url: str, dest: Path, progress: bool) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": "mapnet (python urllib)"})
     with urllib.request.urlopen(request, timeout=_URL_TIMEOUT) as response, open(dest, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(
+        with bar(
             total=total,
+            enabled=progress,
             unit="B",
             unit_scale=True,
             unit_divisor=1024,
             desc=dest.name,
-            disable=not progress,
             leave=False,
-        ) as bar:
+        ) as shown:
             while chunk := response.read(1 << 16):
                 out.write(chunk)
-                bar.update(len(chunk))
+                shown.update(len(chunk))
 
 
 def run_tool(

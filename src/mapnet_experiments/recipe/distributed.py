@@ -223,8 +223,7 @@ def launch(
     try:
         while True:
             codes = [proc.poll() for proc in procs]
-            failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
-            if failed:
+            if any(code not in (None, 0) for code in codes):
                 return _stop_after_failure(procs, resume_hint)
             if all(code == 0 for code in codes):
                 return 0
@@ -237,11 +236,12 @@ def launch(
             signal.signal(sig, handler)
 
 
-def _stop(procs: list[subprocess.Popen], grace: float = GRACE_SECONDS) -> None:
-    """Terminate every rank still running; kill those that outlive `grace` seconds."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
+def _stop(procs: list[subprocess.Popen], grace: float = GRACE_SECONDS) -> set[int]:
+    """Terminate every rank still running; kill those that outlive `grace` seconds. Returns
+    the ranks stopped here (their exit codes are this launcher's doing, not a failure)."""
+    stopped = {rank for rank, proc in enumerate(procs) if proc.poll() is None}
+    for rank in stopped:
+        procs[rank].terminate()
     deadline = time.monotonic() + grace
     for proc in procs:
         try:
@@ -249,21 +249,28 @@ def _stop(procs: list[subprocess.Popen], grace: float = GRACE_SECONDS) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    return stopped
 
 
 def _stop_after_failure(
     procs: list[subprocess.Popen], resume_hint: Callable[[], str] | None
 ) -> int:
     """Give the other ranks GRACE_SECONDS to stop on their own, stop the rest, and name the
-    rank that failed (not one that only lost its peers, unless every failure is that)."""
+    rank that failed: never one this launcher stopped (a rank still busy when the grace ran
+    out, say finishing an evaluation, is not the cause), and not one that only lost its peers
+    unless every failure is that."""
     deadline = time.monotonic() + GRACE_SECONDS
     for proc in procs:
         try:
             proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
         except subprocess.TimeoutExpired:
             break
-    _stop(procs)
-    failed = [(rank, proc.returncode) for rank, proc in enumerate(procs) if proc.returncode != 0]
+    stopped = _stop(procs)
+    failed = [
+        (rank, proc.returncode)
+        for rank, proc in enumerate(procs)
+        if proc.returncode != 0 and rank not in stopped
+    ]
     causes = [(rank, code) for rank, code in failed if code != LOST_PEERS_EXIT] or failed
     rank, code = causes[0]
     message = f"mapnet: rank {rank} of {len(procs)} {_exit_text(code)}; all stopped."

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from mapnet import files
-from mapnet_experiments.recipe import progress
+from mapnet_experiments import progress
 from mapnet_experiments.recipe.state import Saved, load_state, restore_optimizer, save_state
 
 
