@@ -21,6 +21,7 @@ from mapnet_experiments.bench.suite import (
     PeakMemory,
     _dense_skip_reason,
     _memory_total_bytes,
+    defaults_report,
     in_subprocess,
     release_targets,
     target_parameter_count,
@@ -423,6 +424,23 @@ def test_report_renders_every_kind_and_the_targets(tmp_path: Path) -> None:
     assert "## Inference (d): `mapnet bench inference --smoke" in text
     assert "| tiny | 1×8×8 | 8 | 1 |" in text
     assert "## Earlier targets (issue 4)" not in text  # no step runs here
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not (ROOT / "results" / "bench").is_dir(), reason="no committed results")
+def test_committed_pages_regenerate_byte_for_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # From the repository root: the pages name their sources as `results/bench/…`.
+    monkeypatch.chdir(ROOT)
+    bench = tmp_path / "bench.md"
+    assert main(["bench", "report", "--results", "results/bench", "--report-out", str(bench)]) == 0
+    assert bench.read_bytes() == (ROOT / "docs" / "results" / "bench.md").read_bytes()
+    defaults = tmp_path / "defaults.md"
+    defaults_report(Path("results/bench"), defaults)
+    assert defaults.read_bytes() == (ROOT / "docs" / "results" / "defaults.md").read_bytes()
 
 
 def test_every_bench_measurement_explains_itself(capsys: pytest.CaptureFixture[str]) -> None:
