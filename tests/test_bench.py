@@ -13,16 +13,16 @@ import pytest
 import torch
 
 from mapnet.bases import seeded_initialisation
+from mapnet_experiments.bench.harness import MALLOC_TUNED_ENV, in_subprocess, memory_total_bytes
 from mapnet_experiments.bench.suite import (
     LOSS_TERM_STEPS,
-    MALLOC_TUNED_ENV,
     STEP_VARIANTS,
     TRACKERS,
     PeakMemory,
     _dense_skip_reason,
-    _memory_total_bytes,
     defaults_report,
-    in_subprocess,
+    measure_step,
+    measure_wrap_memory,
     release_targets,
     target_parameter_count,
     targets_status,
@@ -101,13 +101,31 @@ def test_report_without_results_is_a_clean_error(
 
 def test_a_measurement_in_a_fresh_process_gets_the_allocator_settings() -> None:
     kwargs = {"model": "tiny", "latent_dim": 64, "batch": 8, "warmup": 0, "steps": 1}
-    row = in_subprocess("measure_step", env=MALLOC_TUNED_ENV, variant="plain", threads=1, **kwargs)
+    row = in_subprocess(measure_step, env=MALLOC_TUNED_ENV, variant="plain", threads=1, **kwargs)
     assert row["malloc_env"] == MALLOC_TUNED_ENV and row["threads"] == 1
     assert row["minor_faults_per_step"] >= 0 and _positive(row["peak_rss_bytes"])
 
 
+def test_a_fresh_process_finds_its_measurement_by_name_or_says_which_name_is_wrong() -> None:
+    name = f"{measure_step.__module__}:measure_step"
+    kwargs = {"model": "tiny", "variant": "plain", "latent_dim": 64, "batch": 2, "warmup": 0}
+    assert in_subprocess(name, steps=1, threads=1, **kwargs)["variant"] == "plain"
+    with pytest.raises(LookupError, match="has no function measure_stpe"):
+        in_subprocess(f"{measure_step.__module__}:measure_stpe", **kwargs)
+    with pytest.raises(LookupError, match=r"no module mapnet_experiments\.bench\.nowhere"):
+        in_subprocess("mapnet_experiments.bench.nowhere:measure_step", **kwargs)
+    with pytest.raises(ValueError, match=r"'measure_step' is not a 'package\.module:function'"):
+        in_subprocess("measure_step", **kwargs)
+
+    def local() -> dict:
+        return {}
+
+    with pytest.raises(ValueError, match="only import a module-level function"):
+        in_subprocess(local)
+
+
 def test_dense_projection_of_the_25m_target_is_skipped_with_its_size() -> None:
-    if not _memory_total_bytes():
+    if not memory_total_bytes():
         pytest.skip("no /proc/meminfo")
     reason = _dense_skip_reason(25_557_032, 2048)
     assert reason is not None and "209 GB" in reason
@@ -262,7 +280,7 @@ def test_memory_smoke_writes_every_figure(tmp_path: Path) -> None:
 
 def test_a_memory_measurement_runs_in_a_fresh_process() -> None:
     row = in_subprocess(
-        "measure_wrap_memory",
+        measure_wrap_memory,
         model="tiny",
         source="instance",
         tracker="allocator",

@@ -26,14 +26,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import datetime
 import json
-import math
 import os
-import platform
-import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,20 +38,44 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-import mapnet
 from mapnet import MappedModule, MappingConfig, wrap
 from mapnet.loss import MappingLoss
 from mapnet_experiments.bench import comm as comm_bench
+from mapnet_experiments.bench.harness import (
+    DEFAULT_THREADS,
+    MALLOC_TUNED_ENV,
+    announce,
+    finish,
+    in_subprocess,
+    load,
+    machine,
+    malloc_env,
+    median,
+    memory_total_bytes,
+    minor_faults,
+    now,
+    peak_rss_bytes,
+    resolved_threads,
+    results_header,
+    row_threads,
+    runner,
+    set_threads,
+    thread_counts,
+    threads_text,
+)
+from mapnet_experiments.bench.text import (
+    gib,
+    machine_line,
+    mib,
+    ms,
+    ms_signed,
+    ratio_text,
+    run_header,
+    run_name,
+    shape_text,
+)
 from mapnet_experiments.models.networks import CNN1, CNN2, MODELS, ResNet50
 from mapnet_experiments.recipe.train import write_json
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status (Linux only)")
 
 
 def measure_construction(
@@ -68,7 +86,7 @@ def measure_construction(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Time and memory to build the mapping for one of the paper's models (run in a subprocess)."""
-    _set_threads(threads)
+    set_threads(threads)
     torch.manual_seed(0)
     target = MODELS[model]()
     baseline_rss = peak_rss_bytes()
@@ -91,90 +109,6 @@ def measure_construction(
     }
 
 
-def in_subprocess(
-    function: str, *, env: dict[str, str] | None = None, **kwargs: Any
-) -> dict[str, Any]:
-    """`bench.suite.<function>(**kwargs)` in a fresh Python; `env` adds variables."""
-    code = (
-        "import json, sys, mapnet_experiments.bench.suite as b; "
-        f"print(json.dumps(b.{function}(**json.loads(sys.argv[1]))))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(kwargs)],
-        capture_output=True,
-        text=True,
-        env=None if env is None else os.environ | env,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{function}({kwargs}) failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-# glibc returns freed blocks above its mmap threshold to the kernel, so every training step
-# re-faults its activations page by page (≈3,500 minor faults per CNN2 step, a quarter of its
-# time, and the main source of process-to-process spread). A 1 GiB threshold keeps them.
-MALLOC_TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
-
-
-def minor_faults() -> int:
-    """Minor page faults of this process so far (a page first touched after an mmap)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _memory_total_bytes() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def load() -> dict[str, Any]:
-    """The machine's load right now: other jobs on a 2-core machine move every timing."""
-    try:
-        uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        uptime = ""
-    return {"uptime": uptime, "loadavg": list(os.getloadavg())}
-
-
-# torch's own thread count in a fresh process here (read before any measurement sets its own).
-DEFAULT_THREADS = torch.get_num_threads()
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.machine(),
-        "cpu": _cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "memory_bytes": _memory_total_bytes(),
-        "threads": torch.get_num_threads(),
-        "default_threads": DEFAULT_THREADS,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "mapnet": mapnet.__version__,
-    }
-
-
-def _now() -> str:
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
 def construction_table(
     cases: list[tuple[str, int, str] | tuple[str, int, str, str]],
     out: Path | None,
@@ -189,7 +123,7 @@ def construction_table(
         model, latent_dim, strategy = case[:3]
         projection = case[3] if len(case) > 3 else "dense"
         row = in_subprocess(
-            "measure_construction",
+            measure_construction,
             model=model,
             latent_dim=latent_dim,
             strategy=strategy,
@@ -209,7 +143,7 @@ def construction_table(
         data = {
             "what": "construction",
             "command": command,
-            "date": _now(),
+            "date": now(),
             "machine": machine() | {"threads": rows[0]["threads"] if rows else None},
             "load": {"start": started, "end": load()},
             "rows": rows,
@@ -365,41 +299,6 @@ def variant_config(variant: StepVariant, latent_dim: int) -> MappingConfig:
     return MappingConfig(latent_dim=latent_dim, projection=variant.projection)
 
 
-def _results_header(
-    what: str, command: str, smoke: bool, counts: list[int | None]
-) -> dict[str, Any]:
-    """The fields every results file of this bench starts with: what, how and where it ran."""
-    return {
-        "what": what,
-        "smoke": smoke,
-        "fresh_process_per_measurement": not smoke,
-        "command": command,
-        "argv": sys.argv,
-        "date": _now(),
-        "machine": machine() | {"threads": _threads_label(counts)},
-        "load": {"start": load()},
-    }
-
-
-def _announce(started: float, what: str) -> None:
-    """`[ elapsed s] what ...`, left open for the measurement's figures."""
-    print(f"[{time.perf_counter() - started:6.0f} s] {what} ...", end=" ", flush=True)
-
-
-def _finish(data: dict[str, Any], out: Path, started: float) -> dict[str, Any]:
-    """Close a results file: the load at the end, the wall time; write it and say so."""
-    data["load"]["end"] = load()
-    data["wall_seconds"] = time.perf_counter() - started
-    write_json(out, data)  # atomic: an interrupted bench leaves the previous file
-    print(f"wrote {out} ({data['wall_seconds']:.0f} s)")
-    return data
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-
 def _fixed_batch(spec: StepModel, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Synthetic, seeded: N(0, 1) images (B, C, H, W) and uniform labels (B,). The same batch
     every step, so a falling loss shows the latent can fit it (timings do not depend on data)."""
@@ -429,7 +328,7 @@ def measure_step(
     threads: int | None,
 ) -> dict[str, Any]:
     """Build one variant and time `warmup + steps` training steps on a fixed batch (subprocess)."""
-    _set_threads(threads)
+    set_threads(threads)
     loadavg = list(os.getloadavg())
     spec, kind = STEP_MODELS[model], VARIANTS_BY_NAME[variant]
     torch.manual_seed(0)
@@ -480,17 +379,13 @@ def measure_step(
         "optimizer_state_bytes": _tensor_bytes(optimizer_state),
         "warmup_seconds": seconds[:warmup],
         "step_seconds": seconds[warmup:],
-        "minor_faults_per_step": _median(faults[warmup:]),
-        "malloc_env": {name: os.environ.get(name) for name in MALLOC_TUNED_ENV},
+        "minor_faults_per_step": median(faults[warmup:]),
+        "malloc_env": malloc_env(),
         "losses": losses,
         "loss_after": loss_after,
         "rss_before_bytes": rss_before,
         "peak_rss_bytes": peak_rss_bytes(),
     }
-
-
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else math.nan
 
 
 def _summarise(
@@ -503,8 +398,8 @@ def _summarise(
     """One row per variant (of one thread count): pooled median step, ratio to plain (pooled
     and per round)."""
     plain_runs = runs.get("plain", [])
-    plain_median = _median([s for r in plain_runs for s in r["step_seconds"]])
-    plain_by_round = {r["round"]: _median(r["step_seconds"]) for r in plain_runs}
+    plain_median = median([s for r in plain_runs for s in r["step_seconds"]])
+    plain_by_round = {r["round"]: median(r["step_seconds"]) for r in plain_runs}
     rows = []
     for variant in variants:
         row: dict[str, Any] = {"model": model, "variant": variant.name, "label": variant.label}
@@ -515,21 +410,21 @@ def _summarise(
             continue
         done = runs[variant.name]
         first = done[0]
-        median = _median([s for r in done for s in r["step_seconds"]])
+        pooled = median([s for r in done for s in r["step_seconds"]])
         builds = [r["construction_seconds"] for r in done if r["construction_seconds"] is not None]
         row |= {
             "skipped": False,
             "processes": len(done),
-            "step_ms_median": median * 1e3,
-            "step_ms_round_medians": [_median(r["step_seconds"]) * 1e3 for r in done],
-            "ratio_to_plain": median / plain_median,
+            "step_ms_median": pooled * 1e3,
+            "step_ms_round_medians": [median(r["step_seconds"]) * 1e3 for r in done],
+            "ratio_to_plain": pooled / plain_median,
             "ratio_per_round": [
-                _median(r["step_seconds"]) / plain_by_round[r["round"]]
+                median(r["step_seconds"]) / plain_by_round[r["round"]]
                 for r in done
                 if r["round"] in plain_by_round
             ],
-            "construction_seconds": _median(builds) if builds else None,
-            "minor_faults_per_step": _median([r["minor_faults_per_step"] for r in done]),
+            "construction_seconds": median(builds) if builds else None,
+            "minor_faults_per_step": median([r["minor_faults_per_step"] for r in done]),
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in done),
             "rss_before_bytes": first["rss_before_bytes"],
             "projection_bytes": first["projection_bytes"],
@@ -552,28 +447,13 @@ def _summarise(
 def _dense_skip_reason(parameters: int, latent_dim: int) -> str | None:
     """Why a dense W cannot be built here, or None: it needs P·d float32 numbers in memory."""
     needed = parameters * latent_dim * 4
-    memory = _memory_total_bytes()
+    memory = memory_total_bytes()
     if memory and needed > memory / 2:
         return (
             f"dense W needs P·d·4 B = {parameters:,} × {latent_dim} × 4 B = {needed / 1e9:.0f} GB; "
             f"this machine has {memory / 2**30:.0f} GiB"
         )
     return None
-
-
-def _thread_counts(threads: int | Sequence[int | None] | None) -> list[int | None]:
-    """`threads` as a list of thread counts (None: torch's default), each once, in order."""
-    counts = list(threads) if isinstance(threads, (list, tuple)) else [threads]
-    for count in counts:
-        if count is not None and count <= 0:
-            raise ValueError(f"thread counts must be > 0, got {count}")
-    return list(dict.fromkeys(counts)) or [None]
-
-
-def _threads_label(counts: list[int | None]) -> int | list[int]:
-    """What `machine()["threads"]` records: the one count, or the list side by side."""
-    resolved = [DEFAULT_THREADS if c is None else c for c in counts]
-    return resolved[0] if len(resolved) == 1 else resolved
 
 
 def step_bench(
@@ -602,22 +482,22 @@ def step_bench(
     `malloc_tuned` runs the measurements with MALLOC_TUNED_ENV (subprocesses only).
     """
     env = MALLOC_TUNED_ENV if malloc_tuned else None
-    counts = _thread_counts(threads)
+    counts = thread_counts(threads)
     unknown = sorted(set(variants or ()) - set(VARIANTS_BY_NAME))
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS_BY_NAME)}")
     chosen = [
         v for v in STEP_VARIANTS if variants is None or v.name in variants or v.kind == "plain"
     ]
-    run = _runner(smoke, env)
+    run = runner(smoke, env)
 
     data: dict[str, Any] = {
-        **_results_header("step", command, smoke, counts),
+        **results_header("step", command, smoke, counts),
         "settings": {
             "batch": batch,
             "latent_dim": latent_dim,
             "strategy": "single",
-            "threads": [DEFAULT_THREADS if c is None else c for c in counts],
+            "threads": resolved_threads(counts),
             "variants": [v.name for v in chosen],
             "loss": "cross-entropy, fixed synthetic batch",
             "optimizer": "Adam",
@@ -659,14 +539,14 @@ def step_bench(
             if round_index % 2:  # alternate the order: ABC CBA ABC ...
                 order.reverse()
             for count, variant in order:
-                _announce(
+                announce(
                     started,
                     f"{model} {variant.name}"
-                    + (f" {_threads_text(count)}" if len(counts) > 1 else "")
+                    + (f" {threads_text(count)}" if len(counts) > 1 else "")
                     + f" round {round_index + 1}/{spec.rounds}",
                 )
                 result = run(
-                    "measure_step",
+                    measure_step,
                     model=model,
                     variant=variant.name,
                     latent_dim=latent_dim,
@@ -679,7 +559,7 @@ def step_bench(
                 runs[count][variant.name].append(result)
                 build = result["construction_seconds"]
                 print(
-                    f"step {_median(result['step_seconds']) * 1e3:.1f} ms"
+                    f"step {median(result['step_seconds']) * 1e3:.1f} ms"
                     + (f", built in {build:.2f} s" if build is not None else "")
                     + f", peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB, loss "
                     f"{result['losses'][0]:.3f} -> {result['loss_after']:.3f}, "
@@ -692,14 +572,14 @@ def step_bench(
     for model in breakdown or []:
         spec = STEP_MODELS[model]
         for count in counts:
-            _announce(
+            announce(
                 started,
                 f"{model} breakdown (structured"
-                + (f", {_threads_text(count)}" if len(counts) > 1 else "")
+                + (f", {threads_text(count)}" if len(counts) > 1 else "")
                 + ")",
             )
             result = run(
-                "measure_breakdown",
+                measure_breakdown,
                 model=model,
                 latent_dim=latent_dim,
                 batch=batch,
@@ -714,27 +594,7 @@ def step_bench(
                 flush=True,
             )
     data["targets"] = targets_status(data, None)
-    return _finish(data, out, started)
-
-
-def _threads_text(count: int | None) -> str:
-    count = DEFAULT_THREADS if count is None else count
-    return f"{count} thread{'s' if count != 1 else ''}"
-
-
-def _runner(smoke: bool, env: dict[str, str] | None) -> Callable[..., dict[str, Any]]:
-    """How a bench calls one measurement: in a fresh process, or (smoke) in this one."""
-
-    def run(function: str, **kwargs: Any) -> dict[str, Any]:
-        if not smoke:
-            return in_subprocess(function, env=env, **kwargs)
-        threads_before = torch.get_num_threads()
-        try:  # through JSON, as from a subprocess
-            return json.loads(json.dumps(globals()[function](**kwargs)))
-        finally:
-            torch.set_num_threads(threads_before)  # the measurement set its own
-
-    return run
+    return finish(data, out, started)
 
 
 # --------------------------------------------------------------------- breakdown
@@ -818,7 +678,7 @@ def measure_breakdown(
     same step cut into phases, a plain step cut into forward / backward / optimiser, and probes
     (plain forward directly vs through functional_call; W u and Wᵀg alone).
     """
-    _set_threads(threads)
+    set_threads(threads)
     loadavg = list(os.getloadavg())
     spec = STEP_MODELS[model]
     torch.manual_seed(0)
@@ -937,7 +797,7 @@ def measure_breakdown(
             phase_run(index >= warmup)
 
     def medians(kind: str) -> dict[str, float]:
-        return {name: _median(values) * 1e3 for name, values in samples[kind].items()}
+        return {name: median(values) * 1e3 for name, values in samples[kind].items()}
 
     mapped_ms, plain_ms = medians("mapped"), medians("plain")
     whole = mapped_ms.pop("whole step")
@@ -956,7 +816,7 @@ def measure_breakdown(
         "plain_step_ms": sum(plain_ms.values()),
         "plain_phases_ms": plain_ms,
         "probes_ms": medians("probe"),
-        "minor_faults_per_step": {kind: _median(values) for kind, values in faults.items()},
+        "minor_faults_per_step": {kind: median(values) for kind, values in faults.items()},
         "grad_check_max_abs_diff": grad_diff,
         "profile_mapped": _profile(whole_mapped, profile_steps),
         "profile_plain": _profile(whole_plain, profile_steps),
@@ -1213,7 +1073,7 @@ def measure_training_memory(
     """
     if variant not in ("plain", "mapped"):
         raise ValueError(f"variant must be 'plain' or 'mapped', got {variant!r}")
-    _set_threads(threads)
+    set_threads(threads)
     loadavg = list(os.getloadavg())
     spec = _with_input_size(STEP_MODELS[model], input_size)
     _warm_up(latent_dim)
@@ -1262,7 +1122,7 @@ def measure_training_memory(
         "optimizer_state_bytes": _tensor_bytes(optimizer_state),
         "losses": losses,
         "seconds": time.perf_counter() - started,
-        "malloc_env": {name: os.environ.get(name) for name in MALLOC_TUNED_ENV},
+        "malloc_env": malloc_env(),
         "process_peak_rss_bytes": peak_rss_bytes(),
         **peak.result(),
     }
@@ -1285,7 +1145,7 @@ def measure_wrap_memory(
     """
     if source not in ("factory", "instance"):
         raise ValueError(f"source must be 'factory' or 'instance', got {source!r}")
-    _set_threads(threads)
+    set_threads(threads)
     loadavg = list(os.getloadavg())
     factory = STEP_MODELS[model].factory
     config = MappingConfig(latent_dim=latent_dim, projection="structured")
@@ -1321,7 +1181,7 @@ def measure_wrap_memory(
         "budget_bytes": sizes["weights_bytes"] + sizes["buffers_bytes"] + projection + theta0,
         "seconds": seconds,
         "wrap_peak_bytes": result["phases"]["wrap"]["peak_bytes"],
-        "malloc_env": {name: os.environ.get(name) for name in MALLOC_TUNED_ENV},
+        "malloc_env": malloc_env(),
         "process_peak_rss_bytes": peak_rss_bytes(),
         **result,
     }
@@ -1351,9 +1211,9 @@ def memory_bench(
 ) -> dict[str, Any]:
     """(b) training memory, plain vs mapped, per input size, and (c) `wrap()`'s memory, factory
     vs instance; each (case, tracker) in a fresh process (smoke: in this one); write `out`."""
-    run = _runner(smoke, None)
+    run = runner(smoke, None)
     data: dict[str, Any] = {
-        **_results_header("memory", command, smoke, [threads]),
+        **results_header("memory", command, smoke, [threads]),
         "settings": dataclasses.asdict(plan) | {"trackers": list(TRACKERS), "optimizer": "Adam"},
         "training": [],
         "wrap": [],
@@ -1362,13 +1222,13 @@ def memory_bench(
     for input_size in plan.input_sizes:
         for tracker in TRACKERS:
             for variant in ("plain", "mapped"):
-                _announce(
+                announce(
                     started,
                     f"training {plan.model} {variant} input {input_size or 'default'}, "
                     f"batch {plan.batch}, {tracker}",
                 )
                 row = run(
-                    "measure_training_memory",
+                    measure_training_memory,
                     model=plan.model,
                     variant=variant,
                     tracker=tracker,
@@ -1380,16 +1240,16 @@ def memory_bench(
                 )
                 data["training"].append(row)
                 print(
-                    f"peak {_mib(row['peak_bytes'])} MiB, loss "
+                    f"peak {mib(row['peak_bytes'])} MiB, loss "
                     + " -> ".join(f"{v:.3f}" for v in row["losses"])
                     + f" ({row['seconds']:.1f} s)",
                     flush=True,
                 )
     for source in ("factory", "instance"):
         for tracker in TRACKERS:
-            _announce(started, f"wrap {plan.model} {source}, {tracker}")
+            announce(started, f"wrap {plan.model} {source}, {tracker}")
             row = run(
-                "measure_wrap_memory",
+                measure_wrap_memory,
                 model=plan.model,
                 source=source,
                 tracker=tracker,
@@ -1398,12 +1258,12 @@ def memory_bench(
             )
             data["wrap"].append(row)
             print(
-                f"peak {_mib(row['peak_bytes'])} MiB of a budget of "
-                f"{_mib(row['budget_bytes'])} MiB ({row['seconds']:.1f} s)",
+                f"peak {mib(row['peak_bytes'])} MiB of a budget of "
+                f"{mib(row['budget_bytes'])} MiB ({row['seconds']:.1f} s)",
                 flush=True,
             )
     data["summary"] = memory_summary(data)
-    return _finish(data, out, started)
+    return finish(data, out, started)
 
 
 def memory_summary(data: dict[str, Any]) -> dict[str, Any]:
@@ -1480,7 +1340,7 @@ def measure_inference(
     """Time eval-mode forwards under torch.no_grad() of the plain or mapped model (subprocess)."""
     if variant not in INFERENCE_VARIANTS:
         raise ValueError(f"variant must be one of {INFERENCE_VARIANTS}, got {variant!r}")
-    _set_threads(threads)
+    set_threads(threads)
     loadavg = list(os.getloadavg())
     spec = _with_input_size(STEP_MODELS[model], input_size)
     x, _ = _fixed_batch(spec, batch)
@@ -1532,15 +1392,15 @@ def inference_bench(
 ) -> dict[str, Any]:
     """(d) for `models` at every thread count: rounds of fresh processes, each running one
     (variant, thread count), in alternating order; write `out`. `batch` overrides the models'."""
-    counts = _thread_counts(threads)
-    run = _runner(smoke, MALLOC_TUNED_ENV if malloc_tuned else None)
+    counts = thread_counts(threads)
+    run = runner(smoke, MALLOC_TUNED_ENV if malloc_tuned else None)
     data: dict[str, Any] = {
-        **_results_header("inference", command, smoke, counts),
+        **results_header("inference", command, smoke, counts),
         "settings": {
             "latent_dim": latent_dim,
             "projection": "structured",
             "malloc_tuned": malloc_tuned,
-            "threads": [DEFAULT_THREADS if c is None else c for c in counts],
+            "threads": resolved_threads(counts),
             "models": {
                 name: dataclasses.asdict(INFERENCE_MODELS[name])
                 | {
@@ -1568,13 +1428,13 @@ def inference_bench(
             if round_index % 2:
                 order.reverse()
             for count, variant in order:
-                _announce(
+                announce(
                     started,
-                    f"{model} {variant} {_threads_text(count)} "
+                    f"{model} {variant} {threads_text(count)} "
                     f"round {round_index + 1}/{plan.rounds}",
                 )
                 result = run(
-                    "measure_inference",
+                    measure_inference,
                     model=model,
                     variant=variant,
                     batch=size,
@@ -1587,7 +1447,7 @@ def inference_bench(
                 result["round"] = round_index
                 runs[(count, variant)].append(result)
                 print(
-                    f"forward {_median(result['call_seconds']) * 1e3:.2f} ms, first call "
+                    f"forward {median(result['call_seconds']) * 1e3:.2f} ms, first call "
                     f"{result['first_call_seconds'] * 1e3:.1f} ms, load {result['loadavg'][0]:.1f}",
                     flush=True,
                 )
@@ -1595,16 +1455,16 @@ def inference_bench(
             data["rows"].extend(
                 _summarise_inference(model, {v: runs[(count, v)] for v in INFERENCE_VARIANTS})
             )
-    return _finish(data, out, started)
+    return finish(data, out, started)
 
 
 def _summarise_inference(model: str, runs: dict[str, list[dict[str, Any]]]) -> list[dict]:
     plain = runs["plain"]
-    plain_median = _median([s for r in plain for s in r["call_seconds"]])
-    plain_by_round = {r["round"]: _median(r["call_seconds"]) for r in plain}
+    plain_median = median([s for r in plain for s in r["call_seconds"]])
+    plain_by_round = {r["round"]: median(r["call_seconds"]) for r in plain}
     rows = []
     for variant, done in runs.items():
-        median = _median([s for r in done for s in r["call_seconds"]])
+        pooled = median([s for r in done for s in r["call_seconds"]])
         rows.append(
             {
                 "model": model,
@@ -1613,16 +1473,16 @@ def _summarise_inference(model: str, runs: dict[str, list[dict[str, Any]]]) -> l
                 "batch": done[0]["batch"],
                 "input_shape": done[0]["input_shape"],
                 "processes": len(done),
-                "forward_ms_median": median * 1e3,
-                "forward_ms_round_medians": [_median(r["call_seconds"]) * 1e3 for r in done],
-                "ratio_to_plain": median / plain_median,
+                "forward_ms_median": pooled * 1e3,
+                "forward_ms_round_medians": [median(r["call_seconds"]) * 1e3 for r in done],
+                "ratio_to_plain": pooled / plain_median,
                 "ratio_per_round": [
-                    _median(r["call_seconds"]) / plain_by_round[r["round"]]
+                    median(r["call_seconds"]) / plain_by_round[r["round"]]
                     for r in done
                     if r["round"] in plain_by_round
                 ],
-                "first_call_ms_median": _median([r["first_call_seconds"] for r in done]) * 1e3,
-                "build_seconds_median": _median([r["build_seconds"] for r in done]),
+                "first_call_ms_median": median([r["first_call_seconds"] for r in done]) * 1e3,
+                "build_seconds_median": median([r["build_seconds"] for r in done]),
                 "repeat_output_equal": all(r["repeat_output_equal"] for r in done),
                 "peak_rss_bytes": max(r["peak_rss_bytes"] for r in done),
                 "runs": done,
@@ -1736,11 +1596,6 @@ def _judged_threads(runs: list[dict[str, Any]]) -> list[int]:
     return sorted({1, default or DEFAULT_THREADS})
 
 
-def _row_threads(data: dict[str, Any], row: dict[str, Any]) -> int | None:
-    threads = row.get("threads", data["machine"].get("threads"))
-    return threads if isinstance(threads, int) else None
-
-
 def _source(data: dict[str, Any]) -> str:
     return f"`{Path(data.get('file', '?')).name}` ({data.get('date', '?')})"
 
@@ -1765,15 +1620,15 @@ def _ratio_target(
         for r in data["rows"]
         if r["model"] == row["model"]
         and r["variant"] == "plain"
-        and _row_threads(data, r) == _row_threads(data, row)
+        and row_threads(data, r) == row_threads(data, row)
     )
     processes = row.get("processes", len(row.get("runs", [])))
     rounds = ", ".join(f"{r:.3f}" for r in row["ratio_per_round"])
-    detail = f"mapped {_ms(row[key])} / plain {_ms(plain[key])} {unit}; per process {rounds}" + (
+    detail = f"mapped {ms(row[key])} / plain {ms(plain[key])} {unit}; per process {rounds}" + (
         f" (only {processes} processes)" if processes < MIN_PROCESSES else ""
     )
     if "first_call_ms_median" in row:
-        detail += f"; first call {_ms(row['first_call_ms_median'])} ms (generates θ)"
+        detail += f"; first call {ms(row['first_call_ms_median'])} ms (generates θ)"
         if not row.get("repeat_output_equal", True):
             detail += "; **a repeated call gave a different output**"
     value = row["ratio_to_plain"]
@@ -1802,13 +1657,13 @@ def release_targets(
                     row["model"] == model
                     and row["variant"] == "mapped-structured"
                     and data["settings"]["batch"] == RELEASE_STEP_BATCH
-                    and _row_threads(data, row) == threads
+                    and row_threads(data, row) == threads
                 )
 
             out.append(
                 _ratio_target(
                     f"(a) training step mapped / plain ≤ {RELEASE_STEP_RATIO:.2f}: {model}, "
-                    f"batch {RELEASE_STEP_BATCH}, {_threads_text(threads)}",
+                    f"batch {RELEASE_STEP_BATCH}, {threads_text(threads)}",
                     RELEASE_STEP_RATIO,
                     _find(steps, step_row),
                     "ms",
@@ -1889,14 +1744,14 @@ def release_targets(
                     row["model"] == model
                     and row["variant"] == "mapped"
                     and row["batch"] == INFERENCE_MODELS[model].batch
-                    and _row_threads(data, row) == threads
+                    and row_threads(data, row) == threads
                 )
 
             plan = INFERENCE_MODELS[model]
             out.append(
                 _ratio_target(
                     f"(d) eval forward (no_grad) mapped / plain ≤ {RELEASE_INFERENCE_RATIO:.2f}: "
-                    f"{model}, batch {plan.batch}, {_threads_text(threads)}",
+                    f"{model}, batch {plan.batch}, {threads_text(threads)}",
                     RELEASE_INFERENCE_RATIO,
                     _find(inferences, eval_row),
                     "ms",
@@ -1923,18 +1778,6 @@ def _peak_place(row: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------- report
 
 
-def _ms(value: float) -> str:
-    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
-
-
-def _gib(value: float) -> str:
-    return f"{value / 2**30:.2f}"
-
-
-def _mib(value: float) -> str:
-    return f"{value / 2**20:.1f}" if abs(value) >= 2**20 else f"{value / 2**20:.3f}"
-
-
 def _load_results(results: Path) -> dict[str, list[dict[str, Any]]]:
     """The runs in `results` by kind: "step" (step.json first, then by date), "construction"
     (by date), "memory" and "inference" (newest first). Smoke runs only when a kind has
@@ -1958,23 +1801,6 @@ def _load_results(results: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 REPORT_KINDS = ("step", "construction", "memory", "inference", "communication")
-
-
-def _machine_line(data: dict[str, Any]) -> str:
-    m = data["machine"]
-    memory = f", {m['memory_bytes'] / 2**30:.0f} GiB" if m.get("memory_bytes") else ""
-    threads = m["threads"]
-    threads = " and ".join(map(str, threads)) if isinstance(threads, list) else threads
-    return (
-        f"{m.get('cpu', m['processor'])} ({m.get('logical_cpus', '?')} logical CPUs{memory}), "
-        f"{m['platform']}, torch {m['torch']}, Python {m['python']}"
-        + (f", mapnet {m['mapnet']}" if m.get("mapnet") else "")
-        + f", {threads} torch thread(s)"
-    )
-
-
-def _run_name(index: int) -> str:
-    return f"run {chr(ord('A') + index)}"
 
 
 def _step_section(step: dict[str, Any], name: str) -> list[str]:
@@ -2003,7 +1829,7 @@ def _step_section(step: dict[str, Any], name: str) -> list[str]:
         f"Measured {step['date']} in {step['wall_seconds'] / 60:.1f} min; {allocator}; "
         f"results `{step['file']}`.",
         "",
-        f"Machine: {_machine_line(step)}.",
+        f"Machine: {machine_line(step)}.",
         "",
         f"Load (`uptime`) at start: `{step['load']['start']['uptime']}`; at end: "
         f"`{step['load']['end']['uptime']}`.",
@@ -2026,7 +1852,7 @@ def _step_section(step: dict[str, Any], name: str) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in step["rows"]:
-        threads = _row_threads(step, row) or "–"
+        threads = row_threads(step, row) or "–"
         if row.get("skipped"):
             lines.append(
                 f"| {row['model']} | {threads} | {row['label']} | – | – | – | – | – | – | – "
@@ -2042,7 +1868,7 @@ def _step_section(step: dict[str, Any], name: str) -> list[str]:
             f"| {row['trainable_parameters']:,} / {row['target_parameters']:,} "
             f"| {'–' if build is None else f'{build:.2f}'} "
             f"| {per_parameter if row['projection_bytes'] else '–'} "
-            f"| {_gib(row['peak_rss_bytes'])} | {_ms(row['step_ms_median'])} "
+            f"| {gib(row['peak_rss_bytes'])} | {ms(row['step_ms_median'])} "
             f"| {row['ratio_to_plain']:.3f} [{rounds}] "
             f"| {'–' if faults is None else f'{faults:,.0f}'} "
             f"| {row['loss_first']:.3f} → {row['loss_after']:.3f} ({row['lr']:g}) |"
@@ -2057,7 +1883,7 @@ def _breakdown_section(step: dict[str, Any], name: str) -> list[str]:
     several = len({r["threads"] for r in results}) > 1
     names = [
         f"{r['model']} ({r['target_parameters']:,})"
-        + (f", {_threads_text(r['threads'])}" if several else "")
+        + (f", {threads_text(r['threads'])}" if several else "")
         for r in results
     ]
     library_generate = any("mapped.generate()" in k for k in results[0]["mapped_phases_ms"])
@@ -2092,26 +1918,26 @@ def _breakdown_section(step: dict[str, Any], name: str) -> list[str]:
         cells = []
         for r in results:
             value = r["mapped_phases_ms"][phase]
-            cells.append(f"{_ms(value)} ({100 * value / r['mapped_phases_sum_ms']:.0f}%)")
+            cells.append(f"{ms(value)} ({100 * value / r['mapped_phases_sum_ms']:.0f}%)")
         lines.append(f"| mapped: {phase} | " + " | ".join(cells) + " |")
     lines.append(
         "| **mapped: sum of phases** | "
-        + " | ".join(f"**{_ms(r['mapped_phases_sum_ms'])}**" for r in results)
+        + " | ".join(f"**{ms(r['mapped_phases_sum_ms'])}**" for r in results)
         + " |"
     )
     lines.append(
         "| mapped: whole step, unsplit | "
-        + " | ".join(_ms(r["mapped_step_ms"]) for r in results)
+        + " | ".join(ms(r["mapped_step_ms"]) for r in results)
         + " |"
     )
     for phase in results[0]["plain_phases_ms"]:
         lines.append(
             f"| plain: {phase} | "
-            + " | ".join(_ms(r["plain_phases_ms"][phase]) for r in results)
+            + " | ".join(ms(r["plain_phases_ms"][phase]) for r in results)
             + " |"
         )
     lines.append(
-        "| **plain: sum** | " + " | ".join(f"**{_ms(r['plain_step_ms'])}**" for r in results) + " |"
+        "| **plain: sum** | " + " | ".join(f"**{ms(r['plain_step_ms'])}**" for r in results) + " |"
     )
     if all("minor_faults_per_step" in r for r in results):
         for kind in ("mapped", "plain"):
@@ -2119,7 +1945,7 @@ def _breakdown_section(step: dict[str, Any], name: str) -> list[str]:
             lines.append(f"| {kind}: minor page faults / whole step | " + " | ".join(cells) + " |")
     for probe in results[0]["probes_ms"]:
         lines.append(
-            f"| probe: {probe} | " + " | ".join(_ms(r["probes_ms"][probe]) for r in results) + " |"
+            f"| probe: {probe} | " + " | ".join(ms(r["probes_ms"][probe]) for r in results) + " |"
         )
     lines += [
         "",
@@ -2130,7 +1956,7 @@ def _breakdown_section(step: dict[str, Any], name: str) -> list[str]:
         "|---|" + "---|" * len(results),
     ]
     for cause in _overhead_causes(results[0]):
-        cells = [_ms_signed(_overhead_causes(r)[cause]) for r in results]
+        cells = [ms_signed(_overhead_causes(r)[cause]) for r in results]
         lines.append(f"| {cause} | " + " | ".join(cells) + " |")
     if all("loss_terms_ms" in r for r in results):
         lines += [
@@ -2147,11 +1973,11 @@ def _breakdown_section(step: dict[str, Any], name: str) -> list[str]:
             for r in results:
                 times = r["loss_terms_ms"]
                 first = next(iter(times))  # every term off: the reference
-                extra = "" if term == first else f" ({_ms_signed(times[term] - times[first])})"
-                cells.append(_ms(times[term]) + extra)
+                extra = "" if term == first else f" ({ms_signed(times[term] - times[first])})"
+                cells.append(ms(times[term]) + extra)
             lines.append(f"| {term} | " + " | ".join(cells) + " |")
     for r in results:
-        label = r["model"] + (f", {_threads_text(r['threads'])}" if several else "")
+        label = r["model"] + (f", {threads_text(r['threads'])}" if several else "")
         profiles = {"mapped step": "profile_mapped", "plain step": "profile_plain"}
         if "profile_all_loss_terms" in r:
             profiles["mapped step with all three loss terms"] = "profile_all_loss_terms"
@@ -2170,13 +1996,9 @@ def _breakdown_section(step: dict[str, Any], name: str) -> list[str]:
             for e in r[key][:10]:
                 lines.append(
                     f"| `{e['op']}` | {e['calls_per_step']:g} "
-                    f"| {_ms(e['self_ms_per_step'])} | {_ms(e['total_ms_per_step'])} |"
+                    f"| {ms(e['self_ms_per_step'])} | {ms(e['total_ms_per_step'])} |"
                 )
     return [*lines, ""]
-
-
-def _ms_signed(value: float) -> str:
-    return ("+" if value >= 0 else "−") + _ms(abs(value))
 
 
 def _overhead_causes(result: dict[str, Any]) -> dict[str, float]:
@@ -2214,7 +2036,7 @@ def _construction_section(construction: dict[str, Any]) -> list[str]:
             else ""
         ),
         "",
-        f"Machine: {_machine_line(construction)}.",
+        f"Machine: {machine_line(construction)}.",
         "",
         "`wrap()` in a fresh process; torch threads: "
         f"{construction['rows'][0].get('threads', 'default') if construction['rows'] else '–'}.",
@@ -2227,9 +2049,9 @@ def _construction_section(construction: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {row['model']} | {row['strategy']} | {row.get('projection', 'dense')} "
             f"| {row['latent_dim']} | {row['target_parameters']:,} "
-            f"| {row['construction_seconds']:.2f} | {_gib(row['projection_bytes'])} "
+            f"| {row['construction_seconds']:.2f} | {gib(row['projection_bytes'])} "
             f"| {row['projection_bytes'] / row['target_parameters']:.2f} "
-            f"| {_gib(row['peak_rss_bytes'])} |"
+            f"| {gib(row['peak_rss_bytes'])} |"
         )
     return [*lines, ""]
 
@@ -2278,8 +2100,8 @@ RELEASE_COMMANDS = {
 def _targets_section(steps: list[dict[str, Any]]) -> list[str]:
     """One (measured, met?) column pair per step run; the detail column is run A's."""
     statuses = [targets_status(step, None) for step in steps]
-    head = " | ".join(f"{_run_name(i)} | met?" for i in range(len(steps)))
-    lines = ["## Earlier targets (issue 4)", "", f"| target | {head} | detail ({_run_name(0)}) |"]
+    head = " | ".join(f"{run_name(i)} | met?" for i in range(len(steps)))
+    lines = ["## Earlier targets (issue 4)", "", f"| target | {head} | detail ({run_name(0)}) |"]
     lines.append("|---|" + "---|---|" * len(steps) + "---|")
     for index, target in enumerate(statuses[0]):
         cells = []
@@ -2288,9 +2110,7 @@ def _targets_section(steps: list[dict[str, Any]]) -> list[str]:
             cells.append("–" if t["value"] is None else f"{t['value']:.3f}")
             cells.append({True: "yes", False: "**no**", None: "not measured"}[t["met"]])
         lines.append(f"| {target['target']} | {' | '.join(cells)} | {target['detail']} |")
-    runs = "; ".join(
-        f"{_run_name(i)} = `{s['command']}` ({s['date']})" for i, s in enumerate(steps)
-    )
+    runs = "; ".join(f"{run_name(i)} = `{s['command']}` ({s['date']})" for i, s in enumerate(steps))
     note = (
         "Construction here is `wrap()` inside the step runs (their thread count); the "
         "Construction sections below also give it with torch's default thread count."
@@ -2298,38 +2118,10 @@ def _targets_section(steps: list[dict[str, Any]]) -> list[str]:
     return [*lines, "", f"Runs: {runs}.", "", note, ""]
 
 
-def _run_header(data: dict[str, Any], title: str) -> list[str]:
-    where = (
-        "each figure from a fresh process"
-        if data.get("fresh_process_per_measurement")
-        else "every figure in the calling process (smoke)"
-    )
-    return [
-        f"## {title}: `{data['command']}`",
-        "",
-        f"Measured {data['date']} in {data['wall_seconds'] / 60:.1f} min, {where}; results "
-        f"`{data['file']}`.",
-        "",
-        f"Machine: {_machine_line(data)}.",
-        "",
-        f"Load (`uptime`) at start: `{data['load']['start']['uptime']}`; at end: "
-        f"`{data['load']['end']['uptime']}`.",
-        "",
-    ]
-
-
-def _ratio_text(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
-def _shape(shape: list[int]) -> str:
-    return "×".join(map(str, shape))
-
-
 def _memory_section(data: dict[str, Any]) -> list[str]:
     settings = data["settings"]
     lines = [
-        *_run_header(data, "Memory"),
+        *run_header(data, "Memory"),
         "Two trackers, "
         + (
             "each in its own process"
@@ -2362,10 +2154,10 @@ def _memory_section(data: dict[str, Any]) -> list[str]:
     for row in data["training"]:
         place = _peak_place(row).removeprefix("; peak in ") or "–"
         lines.append(
-            f"| {_shape(row['input_shape'])} | {row['tracker']} | {row['variant']} "
+            f"| {shape_text(row['input_shape'])} | {row['tracker']} | {row['variant']} "
             f"| {row['trainable_parameters']:,} / {row['target_parameters']:,} "
-            f"| {_mib(row['peak_bytes'])} | {_mib(row['end_bytes'])} "
-            f"| {_mib(row['optimizer_state_bytes'])} "
+            f"| {mib(row['peak_bytes'])} | {mib(row['end_bytes'])} "
+            f"| {mib(row['optimizer_state_bytes'])} "
             f"| {' → '.join(f'{v:.3f}' for v in row['losses'])} | {place} |"
         )
     lines += [
@@ -2375,9 +2167,9 @@ def _memory_section(data: dict[str, Any]) -> list[str]:
     ]
     for case in data["summary"]["training"]:
         lines.append(
-            f"| {_shape(case['input_shape'])} | {case['batch']} | {case['tracker']} "
+            f"| {shape_text(case['input_shape'])} | {case['batch']} | {case['tracker']} "
             f"| {case['plain_peak_bytes']:,} | {case['mapped_peak_bytes']:,} "
-            f"| {_ratio_text(case['ratio'])} |"
+            f"| {ratio_text(case['ratio'])} |"
         )
     wraps = data["wrap"]
     if wraps:
@@ -2390,9 +2182,9 @@ def _memory_section(data: dict[str, Any]) -> list[str]:
             "factory = `mapnet.wrap(Model, cfg)`, instance = `mapnet.wrap(Model(), cfg)` (the "
             "instance dropped afterwards); the block starts before the model exists, so both "
             "build its weights once and both have the same budget: weights "
-            f"{_mib(first['weights_bytes'])} MiB + buffers {_mib(first['buffers_bytes'])} MiB + "
-            f"W {_mib(first['projection_bytes'])} MiB (`mapped.projection_bytes()`) + one θ₀ "
-            f"{_mib(first['theta0_bytes'])} MiB = {first['budget_bytes']:,} B. "
+            f"{mib(first['weights_bytes'])} MiB + buffers {mib(first['buffers_bytes'])} MiB + "
+            f"W {mib(first['projection_bytes'])} MiB (`mapped.projection_bytes()`) + one θ₀ "
+            f"{mib(first['theta0_bytes'])} MiB = {first['budget_bytes']:,} B. "
             "wrap() alone = the peak of the call itself above what was held when it began "
             "(the instance's weights).",
             "",
@@ -2403,8 +2195,8 @@ def _memory_section(data: dict[str, Any]) -> list[str]:
         for row in wraps:
             place = _peak_place(row).removeprefix("; peak in ") or "–"
             lines.append(
-                f"| {row['source']} | {row['tracker']} | {_mib(row['peak_bytes'])} "
-                f"| {_mib(row['wrap_peak_bytes'])} | {_mib(row['end_bytes'])} "
+                f"| {row['source']} | {row['tracker']} | {mib(row['peak_bytes'])} "
+                f"| {mib(row['wrap_peak_bytes'])} | {mib(row['end_bytes'])} "
                 f"| {row['peak_bytes'] / row['budget_bytes']:.3f} | {row['seconds']:.2f} "
                 f"| {place} |"
             )
@@ -2414,12 +2206,12 @@ def _memory_section(data: dict[str, Any]) -> list[str]:
 def _inference_section(data: dict[str, Any]) -> list[str]:
     settings = data["settings"]
     plans = ", ".join(
-        f"{name} {_shape(s['input_shape'])} batch {s['batch']}: 1 + {s['warmup']} + "
+        f"{name} {shape_text(s['input_shape'])} batch {s['batch']}: 1 + {s['warmup']} + "
         f"{s['steps']} calls × {s['rounds']}"
         for name, s in settings["models"].items()
     )
     lines = [
-        *_run_header(data, "Inference (d)"),
+        *run_header(data, "Inference (d)"),
         "`module.eval()`, then `with torch.no_grad(): module(x)` on one fixed batch; plain = "
         "the model itself, mapped = `wrap(factory, MappingConfig(latent_dim="
         f'{settings["latent_dim"]}, projection="structured"))`, which generates θ on its '
@@ -2445,10 +2237,10 @@ def _inference_section(data: dict[str, Any]) -> list[str]:
         )
         rounds = ", ".join(f"{r:.2f}" for r in mapped["ratio_per_round"])
         lines.append(
-            f"| {mapped['model']} | {_shape(mapped['input_shape'])} | {mapped['batch']} "
-            f"| {mapped['threads']} | {_ms(plain['forward_ms_median'])} "
-            f"| {_ms(mapped['forward_ms_median'])} | {mapped['ratio_to_plain']:.3f} [{rounds}] "
-            f"| {_ms(mapped['first_call_ms_median'])} | {_ms(plain['first_call_ms_median'])} "
+            f"| {mapped['model']} | {shape_text(mapped['input_shape'])} | {mapped['batch']} "
+            f"| {mapped['threads']} | {ms(plain['forward_ms_median'])} "
+            f"| {ms(mapped['forward_ms_median'])} | {mapped['ratio_to_plain']:.3f} [{rounds}] "
+            f"| {ms(mapped['first_call_ms_median'])} | {ms(plain['first_call_ms_median'])} "
             f"| {'yes' if mapped['repeat_output_equal'] else '**no**'} |"
         )
     return [*lines, ""]
@@ -2482,7 +2274,7 @@ def write_report(results: Path, out: Path) -> Path:
         "and `mapnet bench construction` (`mapnet bench --help` says what each measures and "
         "how long it takes).",
         "",
-        f"Machine: {_machine_line(first)}.",
+        f"Machine: {machine_line(first)}.",
         "",
         *_release_targets_section(found),
         *(_targets_section(found["step"]) if found["step"] else []),
@@ -2490,8 +2282,8 @@ def write_report(results: Path, out: Path) -> Path:
             line
             for index, run in enumerate(found["step"])
             for line in (
-                *_step_section(run, _run_name(index)),
-                *_breakdown_section(run, _run_name(index)),
+                *_step_section(run, run_name(index)),
+                *_breakdown_section(run, run_name(index)),
             )
         ),
         *(line for run in found["memory"] for line in _memory_section(run)),
