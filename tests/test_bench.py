@@ -14,9 +14,9 @@ import torch
 
 from mapnet.bases import seeded_initialisation
 from mapnet_experiments.bench.harness import MALLOC_TUNED_ENV, in_subprocess, memory_total_bytes
+from mapnet_experiments.bench.subjects import STEP_VARIANTS, target_parameter_count
 from mapnet_experiments.bench.suite import (
     LOSS_TERM_STEPS,
-    STEP_VARIANTS,
     TRACKERS,
     PeakMemory,
     _dense_skip_reason,
@@ -24,7 +24,6 @@ from mapnet_experiments.bench.suite import (
     measure_step,
     measure_wrap_memory,
     release_targets,
-    target_parameter_count,
     targets_status,
 )
 from mapnet_experiments.cli.main import main

@@ -63,6 +63,17 @@ from mapnet_experiments.bench.harness import (
     thread_counts,
     threads_text,
 )
+from mapnet_experiments.bench.subjects import (
+    STEP_MODELS,
+    STEP_VARIANTS,
+    VARIANTS_BY_NAME,
+    StepVariant,
+    fixed_batch,
+    target_parameter_count,
+    tensor_bytes,
+    variant_config,
+    with_input_size,
+)
 from mapnet_experiments.bench.text import (
     gib,
     machine_line,
@@ -74,7 +85,7 @@ from mapnet_experiments.bench.text import (
     run_name,
     shape_text,
 )
-from mapnet_experiments.models.networks import CNN1, CNN2, MODELS, ResNet50
+from mapnet_experiments.models.networks import MODELS
 from mapnet_experiments.recipe.train import write_json
 
 
@@ -210,75 +221,6 @@ def defaults_sweep(dataset: str, out: Path, variants: list[dict[str, Any]]) -> l
 # every variant alike; ratios are to the plain step of the same run.
 
 
-class TinyNet(nn.Module):
-    """What `--smoke` trains: conv + BatchNorm + linear, 1,498 parameters, 1×8×8 input."""
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4 * 6 * 6, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 8, 8) -> (B, classes)
-        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
-
-
-@dataclass(frozen=True)
-class StepModel:
-    """A target of the step bench: how to build it, its input, learning rates and step counts.
-
-    Learning rates only matter for the loss columns (the time of an Adam step does not depend on
-    them). Plain: Adam's usual 1e-3. Latents: the project's default 0.1 (docs/method.md) for the
-    CNNs; for ResNet-50 a 5-step probe on the fixed batch gave loss 7.15 -> 7.13 at 0.1 (no fall),
-    -> 6.82 at 0.01 and -> 6.65 at 1e-3 (mapped), and -> 6.55 at 0.01 for θ₀ + W z.
-    """
-
-    factory: Callable[[], nn.Module]
-    input_shape: tuple[int, ...]  # (C, H, W)
-    num_classes: int
-    lr_plain: float
-    lr_mapped: float
-    lr_intrinsic: float
-    warmup: int
-    steps: int  # measured steps per process
-    rounds: int  # processes per variant (dense variants: see step_bench's dense_rounds)
-
-
-STEP_MODELS: dict[str, StepModel] = {
-    # Five rounds: the spread between processes (allocator state, the other core's jobs) is
-    # larger than the spread between steps of one process.
-    "cnn2": StepModel(CNN2, (1, 28, 28), 10, 1e-3, 0.1, 0.1, warmup=3, steps=20, rounds=5),
-    "cnn1": StepModel(CNN1, (1, 28, 28), 10, 1e-3, 0.1, 0.1, warmup=3, steps=10, rounds=5),
-    # 3×64×64, not 224×224: a 224² step of ResNet-50 at batch 128 would take minutes on 2 cores.
-    "resnet50": StepModel(
-        ResNet50, (3, 64, 64), 1000, 1e-3, 1e-3, 0.01, warmup=1, steps=3, rounds=2
-    ),
-    "tiny": StepModel(TinyNet, (1, 8, 8), 10, 1e-3, 0.1, 0.1, warmup=0, steps=2, rounds=1),
-}
-
-
-@dataclass(frozen=True)
-class StepVariant:
-    name: str
-    label: str
-    kind: str  # "plain" | "mapped" | "intrinsic"
-    projection: str | None
-
-
-STEP_VARIANTS: tuple[StepVariant, ...] = (
-    StepVariant("plain", "plain training (all P weights)", "plain", None),
-    StepVariant("mapped-dense", "mapped, single d, dense W", "mapped", "dense"),
-    StepVariant("mapped-structured", "mapped, single d, structured W", "mapped", "structured"),
-    StepVariant("id-dense", "intrinsic dim. θ₀ + W z, dense", "intrinsic", "dense"),
-    StepVariant(
-        "id-structured",
-        "intrinsic dim. θ₀ + W z, structured (Fastfood's role)",
-        "intrinsic",
-        "structured",
-    ),
-)
-VARIANTS_BY_NAME = {v.name: v for v in STEP_VARIANTS}
-
 # The mapping loss's terms (paper §2.3) timed on the mapped step, each switched on alone and all
 # together, against the MappingLoss with every term off (the task loss through the same module).
 LOSS_TERM_STEPS: dict[str, dict[str, bool]] = {
@@ -288,34 +230,6 @@ LOSS_TERM_STEPS: dict[str, dict[str, bool]] = {
     "+ alignment": {"alignment": True},
     "all three terms": {"stability": True, "smoothness": True, "alignment": True},
 }
-
-
-def variant_config(variant: StepVariant, latent_dim: int) -> MappingConfig:
-    assert variant.projection is not None
-    if variant.kind == "intrinsic":
-        return MappingConfig.intrinsic_dimension(
-            latent_dim=latent_dim, projection=variant.projection
-        )
-    return MappingConfig(latent_dim=latent_dim, projection=variant.projection)
-
-
-def _fixed_batch(spec: StepModel, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Synthetic, seeded: N(0, 1) images (B, C, H, W) and uniform labels (B,). The same batch
-    every step, so a falling loss shows the latent can fit it (timings do not depend on data)."""
-    generator = torch.Generator().manual_seed(1234)
-    x = torch.randn(batch, *spec.input_shape, generator=generator)
-    y = torch.randint(0, spec.num_classes, (batch,), generator=generator)
-    return x, y
-
-
-def target_parameter_count(model: str) -> int:
-    """P without allocating it (meta device): ResNet-50's 25.6M would cost 100 MB here."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in STEP_MODELS[model].factory().parameters())
-
-
-def _tensor_bytes(tensors: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def measure_step(
@@ -333,7 +247,7 @@ def measure_step(
     spec, kind = STEP_MODELS[model], VARIANTS_BY_NAME[variant]
     torch.manual_seed(0)
     target = spec.factory()
-    x, y = _fixed_batch(spec, batch)
+    x, y = fixed_batch(spec, batch)
     rss_before = peak_rss_bytes()
     construction: float | None = None
     module: nn.Module = target
@@ -375,8 +289,8 @@ def measure_step(
         "construction_seconds": construction,
         "projection_bytes": module.projection_bytes() if isinstance(module, MappedModule) else 0,
         # Everything the module holds (mapped: latents, W, θ₀ and the target's buffers).
-        "module_bytes": _tensor_bytes(module.parameters()) + _tensor_bytes(module.buffers()),
-        "optimizer_state_bytes": _tensor_bytes(optimizer_state),
+        "module_bytes": tensor_bytes(module.parameters()) + tensor_bytes(module.buffers()),
+        "optimizer_state_bytes": tensor_bytes(optimizer_state),
         "warmup_seconds": seconds[:warmup],
         "step_seconds": seconds[warmup:],
         "minor_faults_per_step": median(faults[warmup:]),
@@ -683,7 +597,7 @@ def measure_breakdown(
     spec = STEP_MODELS[model]
     torch.manual_seed(0)
     target = spec.factory()
-    x, y = _fixed_batch(spec, batch)
+    x, y = fixed_batch(spec, batch)
     plain = copy.deepcopy(target)
     mapped = wrap(target, MappingConfig(latent_dim=latent_dim, projection=projection))
     mapped.train()
@@ -1011,34 +925,27 @@ def _short_frame(name: str) -> str:
     return name
 
 
-def _with_input_size(spec: StepModel, input_size: int | None) -> StepModel:
-    """The model's spec with a square input of `input_size` pixels (None: the step bench's)."""
-    if input_size is None:
-        return spec
-    return dataclasses.replace(spec, input_shape=(spec.input_shape[0], input_size, input_size))
-
-
 def _model_tensor_bytes(model: str) -> dict[str, int]:
     """The plain model's parameter and buffer bytes, counted on the meta device (no memory)."""
     with torch.device("meta"):
         target = STEP_MODELS[model].factory()
     return {
-        "weights_bytes": _tensor_bytes(target.parameters()),
-        "buffers_bytes": _tensor_bytes(target.buffers()),
+        "weights_bytes": tensor_bytes(target.parameters()),
+        "buffers_bytes": tensor_bytes(target.buffers()),
     }
 
 
 def _theta0_bytes(mapped: MappedModule) -> int:
     """θ₀: one base tensor per generated parameter (views into the groups' flat vectors)."""
     views = (mapped.base_tensor(spec.name) for spec in mapped.specs)
-    return _tensor_bytes(v for v in views if v is not None)
+    return tensor_bytes(v for v in views if v is not None)
 
 
 def _warm_up(latent_dim: int) -> None:
     """Load every code path (lazy imports, kernels) a measurement uses, on the tiny model, so
     neither variant's figure carries a first use: one plain and one mapped training step."""
     spec = STEP_MODELS["tiny"]
-    x, y = _fixed_batch(spec, 4)
+    x, y = fixed_batch(spec, 4)
     torch.manual_seed(0)
     for module in (
         spec.factory(),
@@ -1075,12 +982,12 @@ def measure_training_memory(
         raise ValueError(f"variant must be 'plain' or 'mapped', got {variant!r}")
     set_threads(threads)
     loadavg = list(os.getloadavg())
-    spec = _with_input_size(STEP_MODELS[model], input_size)
+    spec = with_input_size(STEP_MODELS[model], input_size)
     _warm_up(latent_dim)
     started = time.perf_counter()
     losses: list[float] = []
     with PeakMemory(tracker) as peak:
-        x, y = _fixed_batch(spec, batch)
+        x, y = fixed_batch(spec, batch)
         if variant == "plain":
             torch.manual_seed(0)
             module: nn.Module = spec.factory()
@@ -1119,7 +1026,7 @@ def measure_training_memory(
         **_model_tensor_bytes(model),
         "projection_bytes": mapped.projection_bytes() if mapped else 0,
         "theta0_bytes": _theta0_bytes(mapped) if mapped else 0,
-        "optimizer_state_bytes": _tensor_bytes(optimizer_state),
+        "optimizer_state_bytes": tensor_bytes(optimizer_state),
         "losses": losses,
         "seconds": time.perf_counter() - started,
         "malloc_env": malloc_env(),
@@ -1342,8 +1249,8 @@ def measure_inference(
         raise ValueError(f"variant must be one of {INFERENCE_VARIANTS}, got {variant!r}")
     set_threads(threads)
     loadavg = list(os.getloadavg())
-    spec = _with_input_size(STEP_MODELS[model], input_size)
-    x, _ = _fixed_batch(spec, batch)
+    spec = with_input_size(STEP_MODELS[model], input_size)
+    x, _ = fixed_batch(spec, batch)
     started = time.perf_counter()
     if variant == "plain":
         torch.manual_seed(0)
@@ -1406,7 +1313,7 @@ def inference_bench(
                 | {
                     "batch": batch or INFERENCE_MODELS[name].batch,
                     "input_shape": list(
-                        _with_input_size(
+                        with_input_size(
                             STEP_MODELS[name], INFERENCE_MODELS[name].input_size
                         ).input_shape
                     ),
