@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mapnet.bases import seeded_initialisation
+from mapnet_experiments.bench.defaults import defaults_report
 from mapnet_experiments.bench.harness import MALLOC_TUNED_ENV, in_subprocess, memory_total_bytes
 from mapnet_experiments.bench.subjects import STEP_VARIANTS, target_parameter_count
 from mapnet_experiments.bench.suite import (
@@ -20,7 +21,6 @@ from mapnet_experiments.bench.suite import (
     TRACKERS,
     PeakMemory,
     _dense_skip_reason,
-    defaults_report,
     measure_step,
     measure_wrap_memory,
     release_targets,
@@ -88,6 +88,19 @@ def test_step_smoke_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureFi
     assert "| tiny | 1 | mapped, single d, structured W |" in text  # model, threads, variant
     assert "## Where a mapped step's time goes" in text
     assert "| + stability (one noisy forward) |" in text and "all three loss terms" in text
+
+
+def test_construction_smoke_builds_in_a_fresh_process(tmp_path: Path) -> None:
+    out = tmp_path / "construction.json"
+    assert main(["bench", "construction", "--smoke", "--threads", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["what"] == "construction" and data["machine"]["threads"] == 1
+    (row,) = data["rows"]
+    assert (row["model"], row["latent_dim"], row["strategy"]) == ("cnn2", 64, "single")
+    assert row["trainable_parameters"] == 64 and row["threads"] == 1
+    assert row["projection_bytes"] == row["target_parameters"] * 64 * 4  # dense W
+    assert row["peak_rss_bytes"] >= row["rss_before_bytes"] > 0
+    assert _positive(row["construction_seconds"])
 
 
 def test_report_without_results_is_a_clean_error(

@@ -41,19 +41,16 @@ from torch.func import functional_call
 from mapnet import MappedModule, MappingConfig, wrap
 from mapnet.loss import MappingLoss
 from mapnet_experiments.bench import comm as comm_bench
+from mapnet_experiments.bench import construction
 from mapnet_experiments.bench.harness import (
     DEFAULT_THREADS,
     MALLOC_TUNED_ENV,
     announce,
     finish,
-    in_subprocess,
-    load,
-    machine,
     malloc_env,
     median,
     memory_total_bytes,
     minor_faults,
-    now,
     peak_rss_bytes,
     resolved_threads,
     results_header,
@@ -85,133 +82,6 @@ from mapnet_experiments.bench.text import (
     run_name,
     shape_text,
 )
-from mapnet_experiments.models.networks import MODELS
-from mapnet_experiments.recipe.train import write_json
-
-
-def measure_construction(
-    model: str,
-    latent_dim: int,
-    strategy: str,
-    projection: str = "dense",
-    threads: int | None = None,
-) -> dict[str, Any]:
-    """Time and memory to build the mapping for one of the paper's models (run in a subprocess)."""
-    set_threads(threads)
-    torch.manual_seed(0)
-    target = MODELS[model]()
-    baseline_rss = peak_rss_bytes()
-    started = time.perf_counter()
-    config = MappingConfig(latent_dim=latent_dim, strategy=strategy, projection=projection)
-    mapped = wrap(target, config)
-    seconds = time.perf_counter() - started
-    return {
-        "model": model,
-        "strategy": strategy,
-        "projection": projection,
-        "threads": torch.get_num_threads(),
-        "latent_dim": latent_dim,
-        "trainable_parameters": mapped.num_trainable_parameters(),
-        "target_parameters": mapped.num_target_parameters(),
-        "construction_seconds": seconds,
-        "projection_bytes": mapped.projection_bytes(),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "rss_before_bytes": baseline_rss,
-    }
-
-
-def construction_table(
-    cases: list[tuple[str, int, str] | tuple[str, int, str, str]],
-    out: Path | None,
-    command: str = "mapnet bench construction",
-    threads: int | None = None,
-) -> list[dict[str, Any]]:
-    """Each case (model, latent_dim, strategy[, projection]) built in a fresh process, with
-    `threads` torch threads (None: torch's default)."""
-    rows = []
-    started = load()
-    for case in cases:
-        model, latent_dim, strategy = case[:3]
-        projection = case[3] if len(case) > 3 else "dense"
-        row = in_subprocess(
-            measure_construction,
-            model=model,
-            latent_dim=latent_dim,
-            strategy=strategy,
-            projection=projection,
-            threads=threads,
-        )
-        rows.append(row)
-        print(
-            f"{model} {strategy} d={latent_dim}: built in {row['construction_seconds']:.1f} s, "
-            f"projection {row['projection_bytes'] / 2**30:.2f} GiB, "
-            f"peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB"
-            + (f" ({projection})" if projection != "dense" else ""),
-            flush=True,
-        )
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        data = {
-            "what": "construction",
-            "command": command,
-            "date": now(),
-            "machine": machine() | {"threads": rows[0]["threads"] if rows else None},
-            "load": {"start": started, "end": load()},
-            "rows": rows,
-        }
-        write_json(out, data)
-        print(f"wrote {out}")
-    return rows
-
-
-# One epoch of CNN2 (single, d=2048) per variant, scored on the validation split only: the runs
-# that chose the defaults in docs/method.md. Keys other than lr/literal are MappingConfig fields.
-DEFAULT_VARIANTS: list[dict[str, Any]] = [
-    {"lr": 0.003},
-    {"lr": 0.01},
-    {"lr": 0.03},
-    {"lr": 0.1},
-    {"lr": 0.3},
-    {"lr": 1.0},
-    {"lr": 0.1, "alpha": 0.0},
-    {"lr": 0.1, "alpha": 1.0},
-    {"lr": 0.1, "activation": "tanh"},
-    {"lr": 0.1, "scaling": "none"},
-    {"lr": 0.1, "projection": "structured"},
-    {"lr": 0.01, "literal": True},
-    {"lr": 0.1, "literal": True},
-]
-
-
-def defaults_sweep(dataset: str, out: Path, variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run each variant not yet in `out` (JSON lines, appended as each finishes: resumable)."""
-    from mapnet_experiments.recipe.train import TrainConfig, load_splits, train
-
-    done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    seen = {json.dumps(row["variant"], sort_keys=True) for row in done}
-    splits = None
-    for variant in variants:
-        if json.dumps(variant, sort_keys=True) in seen:
-            continue
-        settings = {k: v for k, v in variant.items() if k not in ("lr", "literal")}
-        make = MappingConfig.paper_literal if variant.get("literal") else MappingConfig
-        config = TrainConfig(dataset=dataset, lr=variant["lr"], mapping=make(**settings))
-        # Every variant shares the split (same dataset, val_size and seed): load it once.
-        splits = splits or load_splits(config)
-        result = train(config, splits, progress=False)
-        row = {
-            "variant": variant,
-            "val_acc": result["history"][-1]["val_acc"],
-            "train_acc": result["history"][-1]["train_acc"],
-            "seconds": result["wall_seconds"],
-        }
-        print(json.dumps(row), flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
-        done.append(row)
-    return done
-
 
 # ============================================================================ step
 #
@@ -1931,38 +1801,6 @@ def _overhead_causes(result: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _construction_section(construction: dict[str, Any]) -> list[str]:
-    lines = [
-        f"## Construction: `{construction.get('command', 'mapnet bench construction')}`",
-        "",
-        f"Results `{construction['file']}`"
-        + (f" · measured {construction['date']}" if "date" in construction else "")
-        + (
-            f" · load at start `{construction['load']['start']['uptime']}`"
-            if "load" in construction
-            else ""
-        ),
-        "",
-        f"Machine: {machine_line(construction)}.",
-        "",
-        "`wrap()` in a fresh process; torch threads: "
-        f"{construction['rows'][0].get('threads', 'default') if construction['rows'] else '–'}.",
-        "",
-        "| model | strategy | projection | d | P | build (s) | W (GiB) | W bytes / param "
-        "| peak RSS (GiB) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in construction["rows"]:
-        lines.append(
-            f"| {row['model']} | {row['strategy']} | {row.get('projection', 'dense')} "
-            f"| {row['latent_dim']} | {row['target_parameters']:,} "
-            f"| {row['construction_seconds']:.2f} | {gib(row['projection_bytes'])} "
-            f"| {row['projection_bytes'] / row['target_parameters']:.2f} "
-            f"| {gib(row['peak_rss_bytes'])} |"
-        )
-    return [*lines, ""]
-
-
 def _release_targets_section(found: dict[str, list[dict[str, Any]]]) -> list[str]:
     targets = release_targets(found["step"], found["memory"], found["inference"])
     lines = [
@@ -2196,43 +2034,9 @@ def write_report(results: Path, out: Path) -> Path:
         *(line for run in found["memory"] for line in _memory_section(run)),
         *(line for run in found["inference"] for line in _inference_section(run)),
         *(line for run in found["communication"][:1] for line in comm_bench.report_section(run)),
-        *(line for run in found["construction"] for line in _construction_section(run)),
+        *(line for run in found["construction"] for line in construction.report_section(run)),
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {out}")
     return out
-
-
-def defaults_report(results: Path, out: Path) -> str:
-    """docs/results/defaults.md from results/bench/defaults-*.jsonl (validation accuracy only)."""
-    lines = [
-        "# The runs behind the defaults",
-        "",
-        "Generated by `mapnet bench defaults --report` from `results/bench/defaults-*.jsonl`, "
-        "written by `mapnet bench defaults --dataset mnist|fashion-mnist`. One epoch of CNN2, "
-        "single strategy, d = 2048, Adam, batch 128, constant lr, seed 0, task loss; accuracy "
-        "on the 5,000-image validation split carved from the training set (test never read). "
-        "Unlisted settings are the defaults. Seconds vary with machine load.",
-    ]
-    for file in sorted(results.glob("defaults-*.jsonl")):
-        rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-        lines += [
-            "",
-            f"## {file.stem.removeprefix('defaults-')}",
-            "",
-            "| setting | val acc % | train acc % (running, epoch 1) | seconds |",
-            "|---|---|---|---|",
-        ]
-        for row in sorted(rows, key=lambda r: -r["val_acc"]):
-            variant = dict(row["variant"])
-            literal = " (paper-literal)" if variant.pop("literal", False) else ""
-            setting = ", ".join(f"{k}={v}" for k, v in variant.items()) + literal
-            lines.append(
-                f"| {setting} | {row['val_acc']:.2f} | {row['train_acc']:.2f} | "
-                f"{row['seconds']:.0f} |"
-            )
-    text = "\n".join(lines) + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return text

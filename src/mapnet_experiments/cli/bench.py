@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from mapnet_experiments.data.mnist import DATASETS
 
@@ -304,15 +303,9 @@ def run(args: argparse.Namespace) -> int:
         bench.write_report(args.results, args.report_out)
         return 0
     if what == "defaults":
-        if args.report:
-            print(bench.defaults_report(Path("results/bench"), Path("docs/results/defaults.md")))
-            return 0
-        out = args.out or Path(f"results/bench/defaults-{args.dataset}.jsonl")
-        variants = bench.DEFAULT_VARIANTS
-        bench.defaults_sweep(args.dataset, out, variants[:1] if args.smoke else variants)
-        return 0
+        return _run_defaults(args)
     if what == "construction":
-        return _run_construction(args, bench)
+        return _run_construction(args)
     suffix = "-smoke" if args.smoke else ""
     out = args.out or Path(f"results/bench/{what}{suffix}.json")
     if args.report:
@@ -408,7 +401,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_construction(args: argparse.Namespace, bench: Any) -> int:
+def _run_defaults(args: argparse.Namespace) -> int:
+    from mapnet_experiments.bench import defaults
+
+    if args.report:
+        print(defaults.defaults_report(Path("results/bench"), Path("docs/results/defaults.md")))
+        return 0
+    out = args.out or Path(f"results/bench/defaults-{args.dataset}.jsonl")
+    variants = defaults.DEFAULT_VARIANTS
+    defaults.defaults_sweep(args.dataset, out, variants[:1] if args.smoke else variants)
+    return 0
+
+
+def _run_construction(args: argparse.Namespace) -> int:
+    from mapnet_experiments.bench.construction import construction_table
+
     cases = (
         [("cnn2", 64, "single")]
         if args.smoke
@@ -426,7 +433,7 @@ def _run_construction(args: argparse.Namespace, bench: Any) -> int:
     command += (f" --threads {args.threads}" if args.threads else "") + (
         f" --out {args.out}" if args.out else ""
     )
-    bench.construction_table(
+    construction_table(
         cases, args.out or Path("results/bench/construction.json"), command, args.threads
     )
     return 0
