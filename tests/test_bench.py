@@ -13,18 +13,16 @@ import pytest
 import torch
 
 from mapnet.bases import seeded_initialisation
+from mapnet_experiments.bench.breakdown import LOSS_TERM_STEPS
 from mapnet_experiments.bench.defaults import defaults_report
 from mapnet_experiments.bench.harness import MALLOC_TUNED_ENV, in_subprocess, memory_total_bytes
+from mapnet_experiments.bench.step import _dense_skip_reason, measure_step, targets_status
 from mapnet_experiments.bench.subjects import STEP_VARIANTS, target_parameter_count
 from mapnet_experiments.bench.suite import (
-    LOSS_TERM_STEPS,
     TRACKERS,
     PeakMemory,
-    _dense_skip_reason,
-    measure_step,
     measure_wrap_memory,
     release_targets,
-    targets_status,
 )
 from mapnet_experiments.cli.main import main
 from mapnet_experiments.models.networks import MODELS, ResNet50

@@ -339,7 +339,9 @@ def run(args: argparse.Namespace) -> int:
             + (" --malloc-tuned" if args.malloc_tuned else "")
             + given_out
         )
-        bench.step_bench(
+        from mapnet_experiments.bench.step import step_bench
+
+        step_bench(
             models,
             out,
             latent_dim=latent_dim,
