@@ -16,14 +16,11 @@ from mapnet.bases import seeded_initialisation
 from mapnet_experiments.bench.breakdown import LOSS_TERM_STEPS
 from mapnet_experiments.bench.defaults import defaults_report
 from mapnet_experiments.bench.harness import MALLOC_TUNED_ENV, in_subprocess, memory_total_bytes
+from mapnet_experiments.bench.memory import measure_wrap_memory
+from mapnet_experiments.bench.peak_memory import TRACKERS, PeakMemory
 from mapnet_experiments.bench.step import _dense_skip_reason, measure_step, targets_status
 from mapnet_experiments.bench.subjects import STEP_VARIANTS, target_parameter_count
-from mapnet_experiments.bench.suite import (
-    TRACKERS,
-    PeakMemory,
-    measure_wrap_memory,
-    release_targets,
-)
+from mapnet_experiments.bench.suite import release_targets
 from mapnet_experiments.cli.main import main
 from mapnet_experiments.models.networks import MODELS, ResNet50
 
@@ -236,7 +233,7 @@ def test_peak_memory_trackers_see_a_tensor_come_and_go() -> None:
     assert kept.numel() == 1000
     # RSS in a fresh process: this one may hold freed memory that a new tensor reuses.
     code = (
-        "import json, torch; from mapnet_experiments.bench.suite import PeakMemory\n"
+        "import json, torch; from mapnet_experiments.bench.peak_memory import PeakMemory\n"
         "with PeakMemory('rss') as peak:\n"
         "    touched = torch.ones(16_000_000)  # 64 MB, written, so resident\n"
         "    del touched\n"

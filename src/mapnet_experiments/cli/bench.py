@@ -296,7 +296,9 @@ def _positive(**values: int | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mapnet_experiments.bench import inference, memory
     from mapnet_experiments.bench import suite as bench
+    from mapnet_experiments.bench.harness import DEFAULT_THREADS
 
     what = args.what
     if what == "report":
@@ -360,9 +362,9 @@ def run(args: argparse.Namespace) -> int:
             if size < 32:
                 raise ValueError(f"--input-sizes: ResNet-50 needs at least 32 pixels, got {size}")
         plan = (
-            bench.MEMORY_SMOKE
+            memory.MEMORY_SMOKE
             if args.smoke
-            else bench.MemoryPlan(
+            else memory.MemoryPlan(
                 "resnet50", args.latent_dim, args.batch_size, args.steps, tuple(args.input_sizes)
             )
         )
@@ -377,10 +379,10 @@ def run(args: argparse.Namespace) -> int:
             + (f" --threads {args.threads}" if args.threads else "")
             + given_out
         )
-        bench.memory_bench(out, plan, threads=args.threads, command=command, smoke=args.smoke)
+        memory.memory_bench(out, plan, threads=args.threads, command=command, smoke=args.smoke)
         return 0
     # inference
-    counts = args.threads or sorted({1, bench.DEFAULT_THREADS})
+    counts = args.threads or sorted({1, DEFAULT_THREADS})
     models = ["tiny"] if args.smoke else args.models
     latent_dim = 64 if args.smoke else args.latent_dim
     command = (
@@ -390,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
         + (" --malloc-tuned" if args.malloc_tuned else "")
         + given_out
     )
-    bench.inference_bench(
+    inference.inference_bench(
         models,
         out,
         threads=counts,
