@@ -20,7 +20,7 @@ from mapnet_experiments.bench.memory import measure_wrap_memory
 from mapnet_experiments.bench.peak_memory import TRACKERS, PeakMemory
 from mapnet_experiments.bench.step import _dense_skip_reason, measure_step, targets_status
 from mapnet_experiments.bench.subjects import STEP_VARIANTS, target_parameter_count
-from mapnet_experiments.bench.suite import release_targets
+from mapnet_experiments.bench.targets import release_targets
 from mapnet_experiments.cli.main import main
 from mapnet_experiments.models.networks import MODELS, ResNet50
 

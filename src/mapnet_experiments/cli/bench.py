@@ -296,13 +296,13 @@ def _positive(**values: int | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mapnet_experiments.bench import inference, memory
-    from mapnet_experiments.bench import suite as bench
+    from mapnet_experiments.bench import comm, inference, memory, step
     from mapnet_experiments.bench.harness import DEFAULT_THREADS
+    from mapnet_experiments.bench.report import write_report
 
     what = args.what
     if what == "report":
-        bench.write_report(args.results, args.report_out)
+        write_report(args.results, args.report_out)
         return 0
     if what == "defaults":
         return _run_defaults(args)
@@ -311,17 +311,15 @@ def run(args: argparse.Namespace) -> int:
     suffix = "-smoke" if args.smoke else ""
     out = args.out or Path(f"results/bench/{what}{suffix}.json")
     if args.report:
-        bench.write_report(out.parent, args.report_out)
+        write_report(out.parent, args.report_out)
         return 0
     if what == "comm":
-        from mapnet_experiments.bench import comm as comm_bench
-
         command = (
             "mapnet bench comm"
             + (" --smoke" if args.smoke else "")
             + (f" --out {out}" if args.out else "")
         )
-        comm_bench.communication_bench(out, command, smoke=args.smoke)
+        comm.communication_bench(out, command, smoke=args.smoke)
         return 0
     threads = args.threads if isinstance(args.threads, list) else [args.threads]
     _positive(latent_dim=args.latent_dim, batch_size=args.batch_size)
@@ -341,9 +339,7 @@ def run(args: argparse.Namespace) -> int:
             + (" --malloc-tuned" if args.malloc_tuned else "")
             + given_out
         )
-        from mapnet_experiments.bench.step import step_bench
-
-        step_bench(
+        step.step_bench(
             models,
             out,
             latent_dim=latent_dim,

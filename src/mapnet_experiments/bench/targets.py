@@ -1,64 +1,40 @@
-"""`mapnet bench`: what a mapping costs, measured on this machine.
+"""The v0.2 targets (speed and memory of the v0.2 library), each judged from the newest run of
+this bench that measured it, and their section of the bench report.
 
-Every figure is measured in a fresh subprocess, so peak RSS (VmHWM) belongs to that measurement
-alone and nothing is warm from the previous one; processes that are compared run interleaved in
-rounds of alternating order.
-
-    construction   time and memory to build a mapping (`measure_construction`)
-    step           one training step (batch, cross-entropy, Adam) of the plain target, of the
-                   mapped target (dense / structured projection) and of intrinsic-dimension
-                   training θ₀ + W z (Li et al. 2018), at one or several thread counts side by
-                   side, plus a per-phase breakdown of a mapped step (`step_bench`,
-                   `measure_step`, `measure_breakdown`)
-    memory         peak memory of a few Adam steps, plain vs mapped, and of `wrap()` from a
-                   factory and from an instance, tracked through torch's allocations and as
-                   peak RSS (`memory_bench`, `measure_training_memory`, `measure_wrap_memory`)
-    inference      eval-mode forward under torch.no_grad(), plain vs mapped, the mapped model
-                   reusing its generated weights (`inference_bench`, `measure_inference`)
-    communication  bytes all-reduced per step and step time over 2 gloo processes, plain vs
-                   mapped CNN2 (comm_bench.py)
-    report         docs/results/bench.md from results/bench/*.json, with the v0.2 targets
-                   judged from the measurements (`write_report`, `release_targets`)
+Only runs that record the library's version count: older results measured other code. The
+earlier targets of issue 4 are judged by step.py from each step run.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mapnet_experiments.bench import breakdown, construction, inference, memory, step
-from mapnet_experiments.bench import comm as comm_bench
-from mapnet_experiments.bench.harness import (
-    DEFAULT_THREADS,
-    row_threads,
-    threads_text,
-)
+from mapnet_experiments.bench.harness import DEFAULT_THREADS, row_threads, threads_text
 from mapnet_experiments.bench.inference import INFERENCE_MODELS
-from mapnet_experiments.bench.memory import TRACKERS, peak_place
-from mapnet_experiments.bench.text import (
-    machine_line,
-    ms,
-    run_name,
-)
+from mapnet_experiments.bench.memory import peak_place
+from mapnet_experiments.bench.peak_memory import TRACKERS
+from mapnet_experiments.bench.text import ms
 
-MEMORY_TARGET_INPUT = 224  # ResNet-50's own input (ImageNet's 224×224), where (b) is judged
-
-
-# ------------------------------------------------------------------------ targets
-
-
-# The v0.2 targets (speed and memory of the v0.2 library), judged only on runs made by this
-# bench (they record the library's version): older results measured other code.
 RELEASE_STEP_RATIO = 1.05  # (a) mapped-structured / plain training step, batch 128
 RELEASE_STEP_BATCH = 128
 RELEASE_MEMORY_RATIO = 1.0  # (b) peak training memory mapped / plain, ResNet-50, batch 8
 RELEASE_MEMORY_BATCH = 8
+MEMORY_TARGET_INPUT = 224  # ResNet-50's own input (ImageNet's 224×224), where (b) is judged
 RELEASE_WRAP_RATIO = 1.0  # (c) wrap()'s peak / (weights + buffers + W + θ₀)
 RELEASE_INFERENCE_RATIO = 1.02  # (d) eval forward under no_grad, mapped / plain
 MIN_PROCESSES = 5
 TRACKER_LABELS = {"allocator": "tracked torch allocations", "rss": "peak RSS increase"}
+
+# The commands whose results the v0.2 targets read (what `--help` and the report suggest).
+RELEASE_COMMANDS = {
+    "(a)": "mapnet bench step --models cnn2 cnn1 --variants plain mapped-structured "
+    "--threads 1 2 --out results/bench/step-v02.json",
+    "(b)": "mapnet bench memory",
+    "(c)": "mapnet bench memory",
+    "(d)": "mapnet bench inference",
+}
 
 
 def _newest_first(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -241,36 +217,12 @@ def release_targets(
     return out
 
 
-# ------------------------------------------------------------------------- report
-
-
-def _load_results(results: Path) -> dict[str, list[dict[str, Any]]]:
-    """The runs in `results` by kind: "step" (step.json first, then by date), "construction"
-    (by date), "memory" and "inference" (newest first). Smoke runs only when a kind has
-    nothing else (the report then says so)."""
-    found: dict[str, list[dict[str, Any]]] = {k: [] for k in REPORT_KINDS}
-    for path in sorted(results.glob("*.json")):
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            continue
-        kind = data.get("what", "construction")
-        if kind in found and (kind != "construction" or "rows" in data):
-            found[kind].append(data | {"file": str(path)})
-    for kind, runs in found.items():
-        real = [d for d in runs if not d.get("smoke")]
-        found[kind] = real or runs
-    found["step"].sort(key=lambda d: (Path(d["file"]).name != "step.json", d["date"]))
-    found["construction"].sort(key=lambda d: d.get("date", ""))
-    for kind in ("memory", "inference", "communication"):
-        found[kind].sort(key=lambda d: d.get("date", ""), reverse=True)
-    return found
-
-
-REPORT_KINDS = ("step", "construction", "memory", "inference", "communication")
-
-
-def _release_targets_section(found: dict[str, list[dict[str, Any]]]) -> list[str]:
-    targets = release_targets(found["step"], found["memory"], found["inference"])
+def report_section(
+    steps: list[dict[str, Any]],
+    memories: list[dict[str, Any]],
+    inferences: list[dict[str, Any]],
+) -> list[str]:
+    targets = release_targets(steps, memories, inferences)
     lines = [
         "## Targets (v0.2)",
         "",
@@ -298,64 +250,3 @@ def _release_targets_section(found: dict[str, list[dict[str, Any]]]) -> list[str
     if missing:
         lines += ["", "Not yet measured; run: " + "; ".join(f"`{c}`" for c in missing) + "."]
     return [*lines, ""]
-
-
-# The commands whose results the v0.2 targets read (what `--help` and the report suggest).
-RELEASE_COMMANDS = {
-    "(a)": "mapnet bench step --models cnn2 cnn1 --variants plain mapped-structured "
-    "--threads 1 2 --out results/bench/step-v02.json",
-    "(b)": "mapnet bench memory",
-    "(c)": "mapnet bench memory",
-    "(d)": "mapnet bench inference",
-}
-
-
-def write_report(results: Path, out: Path) -> Path:
-    """docs/results/bench.md from the JSON files in `results` (smoke runs only when a kind has
-    no other)."""
-    found = _load_results(results)
-    runs = [d for kind in REPORT_KINDS for d in found[kind]]
-    if not any(found[k] for k in ("step", "memory", "inference")):
-        raise FileNotFoundError(
-            f"no step, memory or inference results in {results}: run `mapnet bench step`, "
-            "`mapnet bench memory` or `mapnet bench inference` first"
-        )
-    first = next(d for k in ("step", "memory", "inference") for d in found[k])
-    sources = ", ".join(f"`{d['file']}`" for d in runs)
-    smoke = any(d.get("smoke") for d in runs)
-    # No date of its own: each section says when its run was measured, and the same results
-    # give the same page (a regenerated report differs only where the results do).
-    lines = [
-        "# `mapnet bench`: what a mapping costs",
-        "",
-        *(
-            ["**SMOKE RUN: a tiny model and two steps; these figures measure nothing.**", ""]
-            if smoke
-            else []
-        ),
-        f"Generated by `mapnet bench report` from {sources}; do not edit by hand. "
-        "Re-measure with `mapnet bench step`, `mapnet bench memory`, `mapnet bench inference` "
-        "and `mapnet bench construction` (`mapnet bench --help` says what each measures and "
-        "how long it takes).",
-        "",
-        f"Machine: {machine_line(first)}.",
-        "",
-        *_release_targets_section(found),
-        *(step.targets_section(found["step"]) if found["step"] else []),
-        *(
-            line
-            for index, run in enumerate(found["step"])
-            for line in (
-                *step.report_section(run, run_name(index)),
-                *breakdown.report_section(run, run_name(index)),
-            )
-        ),
-        *(line for run in found["memory"] for line in memory.report_section(run)),
-        *(line for run in found["inference"] for line in inference.report_section(run)),
-        *(line for run in found["communication"][:1] for line in comm_bench.report_section(run)),
-        *(line for run in found["construction"] for line in construction.report_section(run)),
-    ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines).rstrip() + "\n")
-    print(f"wrote {out}")
-    return out
