@@ -229,6 +229,31 @@ def row_threads(data: dict[str, Any], row: dict[str, Any]) -> int | None:
     return threads if isinstance(threads, int) else None
 
 
+# ------------------------------------------------------------------- rounds
+
+
+def compared_to_plain(
+    done: list[dict[str, Any]], plain: list[dict[str, Any]], seconds: str, name: str
+) -> dict[str, Any]:
+    """One variant's processes against the plain ones of the same run, from each process's
+    list of measured times `seconds`: the pooled median (`name`_ms_median), each process's
+    (`name`_ms_round_medians), their ratio to plain's pooled median, and each process's ratio
+    to the plain process of its round (the rounds share the machine's state)."""
+    plain_median = median([s for r in plain for s in r[seconds]])
+    plain_by_round = {r["round"]: median(r[seconds]) for r in plain}
+    pooled = median([s for r in done for s in r[seconds]])
+    return {
+        f"{name}_ms_median": pooled * 1e3,
+        f"{name}_ms_round_medians": [median(r[seconds]) * 1e3 for r in done],
+        "ratio_to_plain": pooled / plain_median,
+        "ratio_per_round": [
+            median(r[seconds]) / plain_by_round[r["round"]]
+            for r in done
+            if r["round"] in plain_by_round
+        ],
+    }
+
+
 # ------------------------------------------------------------------- results files
 
 

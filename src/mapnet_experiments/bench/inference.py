@@ -24,6 +24,7 @@ from mapnet import MappingConfig, wrap
 from mapnet_experiments.bench.harness import (
     MALLOC_TUNED_ENV,
     announce,
+    compared_to_plain,
     finish,
     median,
     peak_rss_bytes,
@@ -190,12 +191,8 @@ def inference_bench(
 
 
 def _summarise_inference(model: str, runs: dict[str, list[dict[str, Any]]]) -> list[dict]:
-    plain = runs["plain"]
-    plain_median = median([s for r in plain for s in r["call_seconds"]])
-    plain_by_round = {r["round"]: median(r["call_seconds"]) for r in plain}
     rows = []
     for variant, done in runs.items():
-        pooled = median([s for r in done for s in r["call_seconds"]])
         rows.append(
             {
                 "model": model,
@@ -204,14 +201,7 @@ def _summarise_inference(model: str, runs: dict[str, list[dict[str, Any]]]) -> l
                 "batch": done[0]["batch"],
                 "input_shape": done[0]["input_shape"],
                 "processes": len(done),
-                "forward_ms_median": pooled * 1e3,
-                "forward_ms_round_medians": [median(r["call_seconds"]) * 1e3 for r in done],
-                "ratio_to_plain": pooled / plain_median,
-                "ratio_per_round": [
-                    median(r["call_seconds"]) / plain_by_round[r["round"]]
-                    for r in done
-                    if r["round"] in plain_by_round
-                ],
+                **compared_to_plain(done, runs["plain"], "call_seconds", "forward"),
                 "first_call_ms_median": median([r["first_call_seconds"] for r in done]) * 1e3,
                 "build_seconds_median": median([r["build_seconds"] for r in done]),
                 "repeat_output_equal": all(r["repeat_output_equal"] for r in done),

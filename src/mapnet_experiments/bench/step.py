@@ -23,6 +23,7 @@ from mapnet_experiments.bench.breakdown import measure_breakdown
 from mapnet_experiments.bench.harness import (
     MALLOC_TUNED_ENV,
     announce,
+    compared_to_plain,
     finish,
     malloc_env,
     median,
@@ -130,8 +131,6 @@ def _summarise(
     """One row per variant (of one thread count): pooled median step, ratio to plain (pooled
     and per round)."""
     plain_runs = runs.get("plain", [])
-    plain_median = median([s for r in plain_runs for s in r["step_seconds"]])
-    plain_by_round = {r["round"]: median(r["step_seconds"]) for r in plain_runs}
     rows = []
     for variant in variants:
         row: dict[str, Any] = {"model": model, "variant": variant.name, "label": variant.label}
@@ -142,19 +141,11 @@ def _summarise(
             continue
         done = runs[variant.name]
         first = done[0]
-        pooled = median([s for r in done for s in r["step_seconds"]])
         builds = [r["construction_seconds"] for r in done if r["construction_seconds"] is not None]
         row |= {
             "skipped": False,
             "processes": len(done),
-            "step_ms_median": pooled * 1e3,
-            "step_ms_round_medians": [median(r["step_seconds"]) * 1e3 for r in done],
-            "ratio_to_plain": pooled / plain_median,
-            "ratio_per_round": [
-                median(r["step_seconds"]) / plain_by_round[r["round"]]
-                for r in done
-                if r["round"] in plain_by_round
-            ],
+            **compared_to_plain(done, plain_runs, "step_seconds", "step"),
             "construction_seconds": median(builds) if builds else None,
             "minor_faults_per_step": median([r["minor_faults_per_step"] for r in done]),
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in done),

@@ -52,6 +52,16 @@ def _judged_threads(runs: list[dict[str, Any]]) -> list[int]:
     return sorted({1, default or DEFAULT_THREADS})
 
 
+def _resnet50_memory_runs(memories: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The memory runs of ResNet-50, the model targets (b) and (c) are set for, newest first."""
+    return [d for d in _newest_first(memories) if d["settings"].get("model") == "resnet50"]
+
+
+def _unmeasured(target: str) -> dict[str, Any]:
+    """A target as no run of this bench has measured it yet."""
+    return {"target": target, "value": None, "met": None, "detail": "", "source": ""}
+
+
 def _source(data: dict[str, Any]) -> str:
     return f"`{Path(data.get('file', '?')).name}` ({data.get('date', '?')})"
 
@@ -69,7 +79,7 @@ def _ratio_target(
     target: str, limit: float, found: tuple | None, unit: str, key: str
 ) -> dict[str, Any]:
     if found is None:
-        return {"target": target, "value": None, "met": None, "detail": "", "source": ""}
+        return _unmeasured(target)
     data, row = found
     plain = next(
         r
@@ -127,18 +137,12 @@ def release_targets(
                 )
             )
     for tracker in TRACKERS:
-        entry: dict[str, Any] = {
-            "target": f"(b) peak training memory mapped / plain ≤ {RELEASE_MEMORY_RATIO:.2f}: "
+        entry = _unmeasured(
+            f"(b) peak training memory mapped / plain ≤ {RELEASE_MEMORY_RATIO:.2f}: "
             f"ResNet-50, batch {RELEASE_MEMORY_BATCH}, 3×{MEMORY_TARGET_INPUT}×"
-            f"{MEMORY_TARGET_INPUT}, Adam ({TRACKER_LABELS[tracker]})",
-            "value": None,
-            "met": None,
-            "detail": "",
-            "source": "",
-        }
-        for data in _newest_first(memories):
-            if data["settings"].get("model") != "resnet50":
-                continue
+            f"{MEMORY_TARGET_INPUT}, Adam ({TRACKER_LABELS[tracker]})"
+        )
+        for data in _resnet50_memory_runs(memories):
             case = next(
                 (
                     c
@@ -163,17 +167,10 @@ def release_targets(
     for source in ("factory", "instance"):
         call = "wrap(ResNet50, cfg)" if source == "factory" else "wrap(ResNet50(), cfg)"
         for tracker in TRACKERS:
-            entry = {
-                "target": f"(c) `{call}` peak ≤ weights + buffers + W + one θ₀ "
-                f"({TRACKER_LABELS[tracker]})",
-                "value": None,
-                "met": None,
-                "detail": "",
-                "source": "",
-            }
-            for data in _newest_first(memories):
-                if data["settings"].get("model") != "resnet50":
-                    continue
+            entry = _unmeasured(
+                f"(c) `{call}` peak ≤ weights + buffers + W + one θ₀ ({TRACKER_LABELS[tracker]})"
+            )
+            for data in _resnet50_memory_runs(memories):
                 row = next(
                     (r for r in data["wrap"] if r["source"] == source and r["tracker"] == tracker),
                     None,
