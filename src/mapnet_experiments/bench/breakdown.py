@@ -5,7 +5,6 @@ cut into timed phases, probes, the mapping loss's terms and torch.profiler's bus
 from __future__ import annotations
 
 import copy
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +15,7 @@ from torch.func import functional_call
 
 from mapnet import MappedModule, MappingConfig, wrap
 from mapnet.loss import MappingLoss
-from mapnet_experiments.bench.harness import median, minor_faults, set_threads, threads_text
+from mapnet_experiments.bench.harness import median, minor_faults, start_measurement, threads_text
 from mapnet_experiments.bench.subjects import STEP_MODELS, fixed_batch
 from mapnet_experiments.bench.text import ms, ms_signed
 
@@ -109,8 +108,7 @@ def measure_breakdown(
     same step cut into phases, a plain step cut into forward / backward / optimiser, and probes
     (plain forward directly vs through functional_call; W u and Wᵀg alone).
     """
-    set_threads(threads)
-    loadavg = list(os.getloadavg())
+    conditions = start_measurement(threads)
     spec = STEP_MODELS[model]
     torch.manual_seed(0)
     target = spec.factory()
@@ -237,8 +235,7 @@ def measure_breakdown(
         "projection": projection,
         "latent_dim": latent_dim,
         "batch": batch,
-        "threads": torch.get_num_threads(),
-        "loadavg": loadavg,
+        **conditions,
         "steps": steps,
         "target_parameters": mapped.num_target_parameters(),
         "mapped_step_ms": whole,

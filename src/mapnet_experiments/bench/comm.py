@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from mapnet import MappingConfig, wrap
-from mapnet_experiments.bench.harness import announce, finish, results_header
+from mapnet_experiments.bench.harness import announce, finish, in_round_order, results_header
 from mapnet_experiments.models.networks import CNN2
 from mapnet_experiments.recipe.distributed import Ranks, Traffic, launch
 
@@ -110,8 +110,7 @@ def communication_bench(
     data |= {"model": "cnn2", "batch": BATCH, "latent_dim": LATENT_DIM, "steps": steps}
     runs: list[dict[str, Any]] = []
     for round_ in range(rounds):
-        order = VARIANTS if round_ % 2 == 0 else VARIANTS[::-1]
-        for variant in order:
+        for variant in in_round_order(VARIANTS, round_):
             for processes in (1, 2):
                 announce(started, f"round {round_ + 1}/{rounds}: {variant}, {processes} proc")
                 run = measure(variant, processes, warmup, steps) | {"round": round_}

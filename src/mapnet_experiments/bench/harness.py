@@ -23,13 +23,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 import mapnet
 from mapnet_experiments.recipe.train import write_json
 
+T = TypeVar("T")
 Measurement = Callable[..., dict[str, Any]]
 # How a bench calls one measurement: run(measurement, **kwargs) -> its result (see `runner`).
 Runner = Callable[..., dict[str, Any]]
@@ -64,7 +65,7 @@ def resolve(name: str) -> Measurement:
 
 
 def in_subprocess(
-    function: Measurement | str, *, env: dict[str, str] | None = None, **kwargs: Any
+    function: Measurement | str, /, *, env: dict[str, str] | None = None, **kwargs: Any
 ) -> dict[str, Any]:
     """`function(**kwargs)` in a fresh Python; `function` is the function or its
     'package.module:function' name; `env` adds variables."""
@@ -88,7 +89,7 @@ def in_subprocess(
 def runner(smoke: bool, env: dict[str, str] | None) -> Runner:
     """How a bench calls one measurement: in a fresh process, or (smoke) in this one."""
 
-    def run(measurement: Measurement, **kwargs: Any) -> dict[str, Any]:
+    def run(measurement: Measurement, /, **kwargs: Any) -> dict[str, Any]:
         if not smoke:
             return in_subprocess(measurement, env=env, **kwargs)
         threads_before = torch.get_num_threads()
@@ -98,6 +99,22 @@ def runner(smoke: bool, env: dict[str, str] | None) -> Runner:
             torch.set_num_threads(threads_before)  # the measurement set its own
 
     return run
+
+
+def measure(
+    run: Runner,
+    started: float,
+    what: str,
+    measurement: Measurement,
+    figures: Callable[[dict[str, Any]], str],
+    /,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """One measurement of a bench, said as it runs: `[elapsed s] what ... figures`."""
+    announce(started, what)
+    result = run(measurement, **kwargs)
+    print(figures(result), flush=True)
+    return result
 
 
 # ------------------------------------------------------------------- the process
@@ -133,6 +150,13 @@ def set_threads(threads: int | None) -> None:
     """torch's thread count for a measurement (None: leave torch's default)."""
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+def start_measurement(threads: int | None) -> dict[str, Any]:
+    """Set torch's thread count for a measurement (None: leave torch's default); what it runs
+    under, for its result: that thread count and the load average as it starts."""
+    set_threads(threads)
+    return {"threads": torch.get_num_threads(), "loadavg": list(os.getloadavg())}
 
 
 def median(values: list[float]) -> float:
@@ -230,6 +254,12 @@ def row_threads(data: dict[str, Any], row: dict[str, Any]) -> int | None:
 
 
 # ------------------------------------------------------------------- rounds
+
+
+def in_round_order(items: Sequence[T], round_index: int) -> list[T]:
+    """`items` in the order of round `round_index`: ABC CBA ABC …, so that slow drift of a shared
+    machine hits every item alike."""
+    return list(items[::-1] if round_index % 2 else items)
 
 
 def compared_to_plain(

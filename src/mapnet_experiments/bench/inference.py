@@ -10,7 +10,6 @@ the warm-up.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,15 +22,16 @@ from torch import nn
 from mapnet import MappingConfig, wrap
 from mapnet_experiments.bench.harness import (
     MALLOC_TUNED_ENV,
-    announce,
     compared_to_plain,
     finish,
+    in_round_order,
+    measure,
     median,
     peak_rss_bytes,
     resolved_threads,
     results_header,
     runner,
-    set_threads,
+    start_measurement,
     thread_counts,
     threads_text,
 )
@@ -72,8 +72,7 @@ def measure_inference(
     """Time eval-mode forwards under torch.no_grad() of the plain or mapped model (subprocess)."""
     if variant not in INFERENCE_VARIANTS:
         raise ValueError(f"variant must be one of {INFERENCE_VARIANTS}, got {variant!r}")
-    set_threads(threads)
-    loadavg = list(os.getloadavg())
+    conditions = start_measurement(threads)
     spec = with_input_size(STEP_MODELS[model], input_size)
     x, _ = fixed_batch(spec, batch)
     started = time.perf_counter()
@@ -98,8 +97,7 @@ def measure_inference(
     return {
         "model": model,
         "variant": variant,
-        "threads": torch.get_num_threads(),
-        "loadavg": loadavg,
+        **conditions,
         "input_shape": list(spec.input_shape),
         "batch": batch,
         "latent_dim": latent_dim if variant == "mapped" else None,
@@ -156,17 +154,14 @@ def inference_bench(
             (c, v): [] for c in counts for v in INFERENCE_VARIANTS
         }
         for round_index in range(plan.rounds):
-            order = list(runs)
-            if round_index % 2:
-                order.reverse()
-            for count, variant in order:
-                announce(
+            for count, variant in in_round_order(list(runs), round_index):
+                result = measure(
+                    run,
                     started,
                     f"{model} {variant} {threads_text(count)} "
                     f"round {round_index + 1}/{plan.rounds}",
-                )
-                result = run(
                     measure_inference,
+                    _figures,
                     model=model,
                     variant=variant,
                     batch=size,
@@ -178,16 +173,18 @@ def inference_bench(
                 )
                 result["round"] = round_index
                 runs[(count, variant)].append(result)
-                print(
-                    f"forward {median(result['call_seconds']) * 1e3:.2f} ms, first call "
-                    f"{result['first_call_seconds'] * 1e3:.1f} ms, load {result['loadavg'][0]:.1f}",
-                    flush=True,
-                )
         for count in counts:
             data["rows"].extend(
                 _summarise_inference(model, {v: runs[(count, v)] for v in INFERENCE_VARIANTS})
             )
     return finish(data, out, started)
+
+
+def _figures(result: dict[str, Any]) -> str:
+    return (
+        f"forward {median(result['call_seconds']) * 1e3:.2f} ms, first call "
+        f"{result['first_call_seconds'] * 1e3:.1f} ms, load {result['loadavg'][0]:.1f}"
+    )
 
 
 def _summarise_inference(model: str, runs: dict[str, list[dict[str, Any]]]) -> list[dict]:

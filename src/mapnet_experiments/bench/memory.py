@@ -5,7 +5,6 @@ one of the trackers of peak_memory.py; and its section of the bench report."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +15,13 @@ from torch import nn
 
 from mapnet import MappedModule, MappingConfig, wrap
 from mapnet_experiments.bench.harness import (
-    announce,
     finish,
     malloc_env,
+    measure,
     peak_rss_bytes,
     results_header,
     runner,
-    set_threads,
+    start_measurement,
 )
 from mapnet_experiments.bench.peak_memory import TRACKERS, PeakMemory
 from mapnet_experiments.bench.subjects import (
@@ -89,8 +88,7 @@ def measure_training_memory(
     """
     if variant not in ("plain", "mapped"):
         raise ValueError(f"variant must be 'plain' or 'mapped', got {variant!r}")
-    set_threads(threads)
-    loadavg = list(os.getloadavg())
+    conditions = start_measurement(threads)
     spec = with_input_size(STEP_MODELS[model], input_size)
     _warm_up(latent_dim)
     started = time.perf_counter()
@@ -121,8 +119,7 @@ def measure_training_memory(
         "model": model,
         "variant": variant,
         "tracker": tracker,
-        "threads": torch.get_num_threads(),
-        "loadavg": loadavg,
+        **conditions,
         "input_shape": list(spec.input_shape),
         "batch": batch,
         "steps": steps,
@@ -161,8 +158,7 @@ def measure_wrap_memory(
     """
     if source not in ("factory", "instance"):
         raise ValueError(f"source must be 'factory' or 'instance', got {source!r}")
-    set_threads(threads)
-    loadavg = list(os.getloadavg())
+    conditions = start_measurement(threads)
     factory = STEP_MODELS[model].factory
     config = MappingConfig(latent_dim=latent_dim, projection="structured")
     _warm_up(latent_dim)
@@ -186,8 +182,7 @@ def measure_wrap_memory(
         "model": model,
         "source": source,
         "tracker": tracker,
-        "threads": torch.get_num_threads(),
-        "loadavg": loadavg,
+        **conditions,
         "latent_dim": latent_dim,
         "projection": config.projection,
         "target_parameters": mapped.num_target_parameters(),
@@ -233,52 +228,53 @@ def memory_bench(
         "training": [],
         "wrap": [],
     }
+    shared = {"model": plan.model, "latent_dim": plan.latent_dim, "threads": threads}
     started = time.perf_counter()
     for input_size in plan.input_sizes:
         for tracker in TRACKERS:
             for variant in ("plain", "mapped"):
-                announce(
+                row = measure(
+                    run,
                     started,
                     f"training {plan.model} {variant} input {input_size or 'default'}, "
                     f"batch {plan.batch}, {tracker}",
-                )
-                row = run(
                     measure_training_memory,
-                    model=plan.model,
+                    _training_figures,
                     variant=variant,
                     tracker=tracker,
-                    latent_dim=plan.latent_dim,
                     batch=plan.batch,
                     steps=plan.steps,
                     input_size=input_size,
-                    threads=threads,
+                    **shared,
                 )
                 data["training"].append(row)
-                print(
-                    f"peak {mib(row['peak_bytes'])} MiB, loss "
-                    + " -> ".join(f"{v:.3f}" for v in row["losses"])
-                    + f" ({row['seconds']:.1f} s)",
-                    flush=True,
-                )
     for source in ("factory", "instance"):
         for tracker in TRACKERS:
-            announce(started, f"wrap {plan.model} {source}, {tracker}")
-            row = run(
+            row = measure(
+                run,
+                started,
+                f"wrap {plan.model} {source}, {tracker}",
                 measure_wrap_memory,
-                model=plan.model,
+                _wrap_figures,
                 source=source,
                 tracker=tracker,
-                latent_dim=plan.latent_dim,
-                threads=threads,
+                **shared,
             )
             data["wrap"].append(row)
-            print(
-                f"peak {mib(row['peak_bytes'])} MiB of a budget of "
-                f"{mib(row['budget_bytes'])} MiB ({row['seconds']:.1f} s)",
-                flush=True,
-            )
     data["summary"] = memory_summary(data)
     return finish(data, out, started)
+
+
+def _training_figures(row: dict[str, Any]) -> str:
+    losses = " -> ".join(f"{v:.3f}" for v in row["losses"])
+    return f"peak {mib(row['peak_bytes'])} MiB, loss {losses} ({row['seconds']:.1f} s)"
+
+
+def _wrap_figures(row: dict[str, Any]) -> str:
+    return (
+        f"peak {mib(row['peak_bytes'])} MiB of a budget of "
+        f"{mib(row['budget_bytes'])} MiB ({row['seconds']:.1f} s)"
+    )
 
 
 def memory_summary(data: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,6 @@ of the same run. A per-phase breakdown of a mapped step follows (breakdown.py).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,10 +21,11 @@ from mapnet import MappedModule, wrap
 from mapnet_experiments.bench.breakdown import measure_breakdown
 from mapnet_experiments.bench.harness import (
     MALLOC_TUNED_ENV,
-    announce,
     compared_to_plain,
     finish,
+    in_round_order,
     malloc_env,
+    measure,
     median,
     memory_total_bytes,
     minor_faults,
@@ -34,7 +34,7 @@ from mapnet_experiments.bench.harness import (
     results_header,
     row_threads,
     runner,
-    set_threads,
+    start_measurement,
     thread_counts,
     threads_text,
 )
@@ -61,8 +61,7 @@ def measure_step(
     threads: int | None,
 ) -> dict[str, Any]:
     """Build one variant and time `warmup + steps` training steps on a fixed batch (subprocess)."""
-    set_threads(threads)
-    loadavg = list(os.getloadavg())
+    conditions = start_measurement(threads)
     spec, kind = STEP_MODELS[model], VARIANTS_BY_NAME[variant]
     torch.manual_seed(0)
     target = spec.factory()
@@ -97,8 +96,7 @@ def measure_step(
     return {
         "model": model,
         "variant": variant,
-        "threads": torch.get_num_threads(),
-        "loadavg": loadavg,
+        **conditions,
         "input_shape": list(spec.input_shape),
         "batch": batch,
         "latent_dim": latent_dim if is_mapped else None,
@@ -253,71 +251,76 @@ def step_bench(
             count: {v.name: [] for v in chosen} for count in counts
         }
         for round_index in range(spec.rounds):
-            order = [
+            pairs = [
                 (count, v)
                 for count in counts
                 for v in chosen
                 if v.name not in skipped and (v.projection != "dense" or round_index < dense_rounds)
             ]
-            if round_index % 2:  # alternate the order: ABC CBA ABC ...
-                order.reverse()
-            for count, variant in order:
-                announce(
+            for count, variant in in_round_order(pairs, round_index):
+                result = measure(
+                    run,
                     started,
                     f"{model} {variant.name}"
                     + (f" {threads_text(count)}" if len(counts) > 1 else "")
                     + f" round {round_index + 1}/{spec.rounds}",
-                )
-                result = run(
                     measure_step,
-                    model=model,
+                    _step_figures,
                     variant=variant.name,
-                    latent_dim=latent_dim,
-                    batch=batch,
-                    warmup=spec.warmup,
-                    steps=spec.steps,
                     threads=count,
+                    **_schedule(model, latent_dim, batch),
                 )
                 result["round"] = round_index
                 runs[count][variant.name].append(result)
-                build = result["construction_seconds"]
-                print(
-                    f"step {median(result['step_seconds']) * 1e3:.1f} ms"
-                    + (f", built in {build:.2f} s" if build is not None else "")
-                    + f", peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB, loss "
-                    f"{result['losses'][0]:.3f} -> {result['loss_after']:.3f}, "
-                    f"{result['minor_faults_per_step']:.0f} page faults/step, "
-                    f"load {result['loadavg'][0]:.1f}",
-                    flush=True,
-                )
         for count in counts:
             data["rows"].extend(_summarise(model, runs[count], skipped, chosen, count))
     for model in breakdown or []:
-        spec = STEP_MODELS[model]
         for count in counts:
-            announce(
+            result = measure(
+                run,
                 started,
                 f"{model} breakdown (structured"
                 + (f", {threads_text(count)}" if len(counts) > 1 else "")
                 + ")",
-            )
-            result = run(
                 measure_breakdown,
-                model=model,
-                latent_dim=latent_dim,
-                batch=batch,
-                warmup=spec.warmup,
-                steps=spec.steps,
+                _breakdown_figures,
                 threads=count,
+                **_schedule(model, latent_dim, batch),
             )
             data["breakdown"].append(result)
-            print(
-                f"mapped {result['mapped_step_ms']:.1f} ms, plain {result['plain_step_ms']:.1f} "
-                f"ms, gradient check {result['grad_check_max_abs_diff']:.1e}",
-                flush=True,
-            )
     data["targets"] = targets_status(data, None)
     return finish(data, out, started)
+
+
+def _schedule(model: str, latent_dim: int, batch: int) -> dict[str, Any]:
+    """What a step and a breakdown of `model` are measured with, besides the thread count."""
+    spec = STEP_MODELS[model]
+    return {
+        "model": model,
+        "latent_dim": latent_dim,
+        "batch": batch,
+        "warmup": spec.warmup,
+        "steps": spec.steps,
+    }
+
+
+def _step_figures(result: dict[str, Any]) -> str:
+    build = result["construction_seconds"]
+    return (
+        f"step {median(result['step_seconds']) * 1e3:.1f} ms"
+        + (f", built in {build:.2f} s" if build is not None else "")
+        + f", peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB, loss "
+        f"{result['losses'][0]:.3f} -> {result['loss_after']:.3f}, "
+        f"{result['minor_faults_per_step']:.0f} page faults/step, "
+        f"load {result['loadavg'][0]:.1f}"
+    )
+
+
+def _breakdown_figures(result: dict[str, Any]) -> str:
+    return (
+        f"mapped {result['mapped_step_ms']:.1f} ms, plain {result['plain_step_ms']:.1f} "
+        f"ms, gradient check {result['grad_check_max_abs_diff']:.1e}"
+    )
 
 
 # ---------------------------------------------------------------- targets (issue 4)
