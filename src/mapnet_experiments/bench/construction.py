@@ -98,6 +98,9 @@ def construction_table(
     return rows
 
 
+# ------------------------------------------------------------------------- report
+
+
 def report_section(construction: dict[str, Any]) -> list[str]:
     lines = [
         f"## Construction: `{construction.get('command', 'mapnet bench construction')}`",

@@ -35,7 +35,7 @@ Measurement = Callable[..., dict[str, Any]]
 # How a bench calls one measurement: run(measurement, **kwargs) -> its result (see `runner`).
 Runner = Callable[..., dict[str, Any]]
 
-# ------------------------------------------------------------------ fresh processes
+# ---------------------------------------------------------------- fresh processes
 
 
 def qualified_name(function: Callable[..., Any]) -> str:
@@ -117,7 +117,7 @@ def measure(
     return result
 
 
-# ------------------------------------------------------------------- the process
+# -------------------------------------------------------------------- the process
 
 
 def peak_rss_bytes() -> int:
@@ -163,7 +163,7 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
-# ------------------------------------------------------------------- the machine
+# -------------------------------------------------------------------- the machine
 
 
 def _cpu_model() -> str:
@@ -219,7 +219,7 @@ def now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-# ------------------------------------------------------------------- thread counts
+# ------------------------------------------------------------------ thread counts
 
 
 def thread_counts(threads: int | Sequence[int | None] | None) -> list[int | None]:
@@ -253,7 +253,7 @@ def row_threads(data: dict[str, Any], row: dict[str, Any]) -> int | None:
     return threads if isinstance(threads, int) else None
 
 
-# ------------------------------------------------------------------- rounds
+# ------------------------------------------------------------------------- rounds
 
 
 def in_round_order(items: Sequence[T], round_index: int) -> list[T]:
@@ -284,7 +284,7 @@ def compared_to_plain(
     }
 
 
-# ------------------------------------------------------------------- results files
+# ------------------------------------------------------------------ results files
 
 
 def results_header(

@@ -209,6 +209,9 @@ def _summarise_inference(model: str, runs: dict[str, list[dict[str, Any]]]) -> l
     return rows
 
 
+# ------------------------------------------------------------------------- report
+
+
 def report_section(data: dict[str, Any]) -> list[str]:
     settings = data["settings"]
     plans = ", ".join(

@@ -312,6 +312,9 @@ def memory_summary(data: dict[str, Any]) -> dict[str, Any]:
     return {"training": training, "wrap": wraps}
 
 
+# ------------------------------------------------------------------------- report
+
+
 def peak_place(row: dict[str, Any]) -> str:
     """'; peak in mapnet/…: f › aten::op' from the allocator tracker's frames, if any."""
     frames = [

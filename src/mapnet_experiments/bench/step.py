@@ -323,7 +323,7 @@ def _breakdown_figures(result: dict[str, Any]) -> str:
     )
 
 
-# ---------------------------------------------------------------- targets (issue 4)
+# -------------------------------------------------------------- targets (issue 4)
 
 
 STEP_RATIO_TARGET = 1.10  # mapped-structured step / plain step, CNN1 and CNN2
@@ -402,7 +402,7 @@ def targets_status(step: dict[str, Any], construction: dict[str, Any] | None) ->
     return out
 
 
-# ------------------------------------------------------------------------ report
+# ------------------------------------------------------------------------- report
 
 
 def report_section(step: dict[str, Any], name: str) -> list[str]:
