@@ -13,19 +13,14 @@ import pytest
 import torch
 
 from mapnet.bases import seeded_initialisation
-from mapnet_experiments.bench.suite import (
-    LOSS_TERM_STEPS,
-    MALLOC_TUNED_ENV,
-    STEP_VARIANTS,
-    TRACKERS,
-    PeakMemory,
-    _dense_skip_reason,
-    _memory_total_bytes,
-    in_subprocess,
-    release_targets,
-    target_parameter_count,
-    targets_status,
-)
+from mapnet_experiments.bench.breakdown import LOSS_TERM_STEPS
+from mapnet_experiments.bench.defaults import defaults_report
+from mapnet_experiments.bench.harness import MALLOC_TUNED_ENV, in_subprocess, memory_total_bytes
+from mapnet_experiments.bench.memory import measure_wrap_memory
+from mapnet_experiments.bench.peak_memory import TRACKERS, PeakMemory
+from mapnet_experiments.bench.step import _dense_skip_reason, measure_step, targets_status
+from mapnet_experiments.bench.subjects import STEP_VARIANTS, target_parameter_count
+from mapnet_experiments.bench.targets import release_targets
 from mapnet_experiments.cli.main import main
 from mapnet_experiments.models.networks import MODELS, ResNet50
 
@@ -90,6 +85,19 @@ def test_step_smoke_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureFi
     assert "| + stability (one noisy forward) |" in text and "all three loss terms" in text
 
 
+def test_construction_smoke_builds_in_a_fresh_process(tmp_path: Path) -> None:
+    out = tmp_path / "construction.json"
+    assert main(["bench", "construction", "--smoke", "--threads", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["what"] == "construction" and data["machine"]["threads"] == 1
+    (row,) = data["rows"]
+    assert (row["model"], row["latent_dim"], row["strategy"]) == ("cnn2", 64, "single")
+    assert row["trainable_parameters"] == 64 and row["threads"] == 1
+    assert row["projection_bytes"] == row["target_parameters"] * 64 * 4  # dense W
+    assert row["peak_rss_bytes"] >= row["rss_before_bytes"] > 0
+    assert _positive(row["construction_seconds"])
+
+
 def test_report_without_results_is_a_clean_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -100,13 +108,31 @@ def test_report_without_results_is_a_clean_error(
 
 def test_a_measurement_in_a_fresh_process_gets_the_allocator_settings() -> None:
     kwargs = {"model": "tiny", "latent_dim": 64, "batch": 8, "warmup": 0, "steps": 1}
-    row = in_subprocess("measure_step", env=MALLOC_TUNED_ENV, variant="plain", threads=1, **kwargs)
+    row = in_subprocess(measure_step, env=MALLOC_TUNED_ENV, variant="plain", threads=1, **kwargs)
     assert row["malloc_env"] == MALLOC_TUNED_ENV and row["threads"] == 1
     assert row["minor_faults_per_step"] >= 0 and _positive(row["peak_rss_bytes"])
 
 
+def test_a_fresh_process_finds_its_measurement_by_name_or_says_which_name_is_wrong() -> None:
+    name = f"{measure_step.__module__}:measure_step"
+    kwargs = {"model": "tiny", "variant": "plain", "latent_dim": 64, "batch": 2, "warmup": 0}
+    assert in_subprocess(name, steps=1, threads=1, **kwargs)["variant"] == "plain"
+    with pytest.raises(LookupError, match="has no function measure_stpe"):
+        in_subprocess(f"{measure_step.__module__}:measure_stpe", **kwargs)
+    with pytest.raises(LookupError, match=r"no module mapnet_experiments\.bench\.nowhere"):
+        in_subprocess("mapnet_experiments.bench.nowhere:measure_step", **kwargs)
+    with pytest.raises(ValueError, match=r"'measure_step' is not a 'package\.module:function'"):
+        in_subprocess("measure_step", **kwargs)
+
+    def local() -> dict:
+        return {}
+
+    with pytest.raises(ValueError, match="only import a module-level function"):
+        in_subprocess(local)
+
+
 def test_dense_projection_of_the_25m_target_is_skipped_with_its_size() -> None:
-    if not _memory_total_bytes():
+    if not memory_total_bytes():
         pytest.skip("no /proc/meminfo")
     reason = _dense_skip_reason(25_557_032, 2048)
     assert reason is not None and "209 GB" in reason
@@ -207,7 +233,7 @@ def test_peak_memory_trackers_see_a_tensor_come_and_go() -> None:
     assert kept.numel() == 1000
     # RSS in a fresh process: this one may hold freed memory that a new tensor reuses.
     code = (
-        "import json, torch; from mapnet_experiments.bench.suite import PeakMemory\n"
+        "import json, torch; from mapnet_experiments.bench.peak_memory import PeakMemory\n"
         "with PeakMemory('rss') as peak:\n"
         "    touched = torch.ones(16_000_000)  # 64 MB, written, so resident\n"
         "    del touched\n"
@@ -261,7 +287,7 @@ def test_memory_smoke_writes_every_figure(tmp_path: Path) -> None:
 
 def test_a_memory_measurement_runs_in_a_fresh_process() -> None:
     row = in_subprocess(
-        "measure_wrap_memory",
+        measure_wrap_memory,
         model="tiny",
         source="instance",
         tracker="allocator",
@@ -423,6 +449,23 @@ def test_report_renders_every_kind_and_the_targets(tmp_path: Path) -> None:
     assert "## Inference (d): `mapnet bench inference --smoke" in text
     assert "| tiny | 1×8×8 | 8 | 1 |" in text
     assert "## Earlier targets (issue 4)" not in text  # no step runs here
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not (ROOT / "results" / "bench").is_dir(), reason="no committed results")
+def test_committed_pages_regenerate_byte_for_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # From the repository root: the pages name their sources as `results/bench/…`.
+    monkeypatch.chdir(ROOT)
+    bench = tmp_path / "bench.md"
+    assert main(["bench", "report", "--results", "results/bench", "--report-out", str(bench)]) == 0
+    assert bench.read_bytes() == (ROOT / "docs" / "results" / "bench.md").read_bytes()
+    defaults = tmp_path / "defaults.md"
+    defaults_report(Path("results/bench"), defaults)
+    assert defaults.read_bytes() == (ROOT / "docs" / "results" / "defaults.md").read_bytes()
 
 
 def test_every_bench_measurement_explains_itself(capsys: pytest.CaptureFixture[str]) -> None:

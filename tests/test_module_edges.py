@@ -254,7 +254,7 @@ def test_wrap_holds_at_most_the_weights_theta0_and_w() -> None:
     """Finding 11: wrap() made ~5 transient copies of the weights. Now a factory's model is
     copied once into θ₀ and freed before W is built, so the peak stays within weights + θ₀ + W
     (6.3M parameters: past 2^22, W keeps int8 signs and one gain per tensor)."""
-    from mapnet_experiments.bench.suite import PeakMemory
+    from mapnet_experiments.bench.peak_memory import PeakMemory
 
     def factory() -> nn.Module:
         return nn.Sequential(nn.Linear(2500, 2500), nn.ReLU(), nn.Linear(2500, 10))

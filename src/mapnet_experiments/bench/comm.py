@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from mapnet import MappingConfig, wrap
+from mapnet_experiments.bench.harness import announce, finish, in_round_order, results_header
 from mapnet_experiments.models.networks import CNN2
 from mapnet_experiments.recipe.distributed import Ranks, Traffic, launch
 
@@ -101,26 +102,23 @@ def communication_bench(
     out: Path, command: str, smoke: bool = False, rounds: int = 5, steps: int = 50
 ) -> dict[str, Any]:
     """Every variant on 1 and 2 processes, `rounds` times in alternating order; writes `out`."""
-    from mapnet_experiments.bench.suite import _announce, _finish, _results_header
-
     started = time.perf_counter()
     if smoke:
         rounds, steps = 1, 2
     warmup = 1 if smoke else 3
-    data = _results_header("communication", command, smoke, [1])
+    data = results_header("communication", command, smoke, [1])
     data |= {"model": "cnn2", "batch": BATCH, "latent_dim": LATENT_DIM, "steps": steps}
     runs: list[dict[str, Any]] = []
     for round_ in range(rounds):
-        order = VARIANTS if round_ % 2 == 0 else VARIANTS[::-1]
-        for variant in order:
+        for variant in in_round_order(VARIANTS, round_):
             for processes in (1, 2):
-                _announce(started, f"round {round_ + 1}/{rounds}: {variant}, {processes} proc")
+                announce(started, f"round {round_ + 1}/{rounds}: {variant}, {processes} proc")
                 run = measure(variant, processes, warmup, steps) | {"round": round_}
                 print(f"{run['step_ms']:.1f} ms/step, {run['allreduce_bytes_per_step']:,} B")
                 runs.append(run)
     data["runs"] = runs
     data["rows"] = summarise(runs)
-    return _finish(data, out, started)
+    return finish(data, out, started)
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

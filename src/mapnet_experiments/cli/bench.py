@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from mapnet_experiments.data.mnist import DATASETS
 
@@ -297,36 +296,30 @@ def _positive(**values: int | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mapnet_experiments.bench import suite as bench
+    from mapnet_experiments.bench import comm, inference, memory, step
+    from mapnet_experiments.bench.harness import DEFAULT_THREADS
+    from mapnet_experiments.bench.report import write_report
 
     what = args.what
     if what == "report":
-        bench.write_report(args.results, args.report_out)
+        write_report(args.results, args.report_out)
         return 0
     if what == "defaults":
-        if args.report:
-            print(bench.defaults_report(Path("results/bench"), Path("docs/results/defaults.md")))
-            return 0
-        out = args.out or Path(f"results/bench/defaults-{args.dataset}.jsonl")
-        variants = bench.DEFAULT_VARIANTS
-        bench.defaults_sweep(args.dataset, out, variants[:1] if args.smoke else variants)
-        return 0
+        return _run_defaults(args)
     if what == "construction":
-        return _run_construction(args, bench)
+        return _run_construction(args)
     suffix = "-smoke" if args.smoke else ""
     out = args.out or Path(f"results/bench/{what}{suffix}.json")
     if args.report:
-        bench.write_report(out.parent, args.report_out)
+        write_report(out.parent, args.report_out)
         return 0
     if what == "comm":
-        from mapnet_experiments.bench import comm as comm_bench
-
         command = (
             "mapnet bench comm"
             + (" --smoke" if args.smoke else "")
             + (f" --out {out}" if args.out else "")
         )
-        comm_bench.communication_bench(out, command, smoke=args.smoke)
+        comm.communication_bench(out, command, smoke=args.smoke)
         return 0
     threads = args.threads if isinstance(args.threads, list) else [args.threads]
     _positive(latent_dim=args.latent_dim, batch_size=args.batch_size)
@@ -346,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
             + (" --malloc-tuned" if args.malloc_tuned else "")
             + given_out
         )
-        bench.step_bench(
+        step.step_bench(
             models,
             out,
             latent_dim=latent_dim,
@@ -365,9 +358,9 @@ def run(args: argparse.Namespace) -> int:
             if size < 32:
                 raise ValueError(f"--input-sizes: ResNet-50 needs at least 32 pixels, got {size}")
         plan = (
-            bench.MEMORY_SMOKE
+            memory.MEMORY_SMOKE
             if args.smoke
-            else bench.MemoryPlan(
+            else memory.MemoryPlan(
                 "resnet50", args.latent_dim, args.batch_size, args.steps, tuple(args.input_sizes)
             )
         )
@@ -382,10 +375,10 @@ def run(args: argparse.Namespace) -> int:
             + (f" --threads {args.threads}" if args.threads else "")
             + given_out
         )
-        bench.memory_bench(out, plan, threads=args.threads, command=command, smoke=args.smoke)
+        memory.memory_bench(out, plan, threads=args.threads, command=command, smoke=args.smoke)
         return 0
     # inference
-    counts = args.threads or sorted({1, bench.DEFAULT_THREADS})
+    counts = args.threads or sorted({1, DEFAULT_THREADS})
     models = ["tiny"] if args.smoke else args.models
     latent_dim = 64 if args.smoke else args.latent_dim
     command = (
@@ -395,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
         + (" --malloc-tuned" if args.malloc_tuned else "")
         + given_out
     )
-    bench.inference_bench(
+    inference.inference_bench(
         models,
         out,
         threads=counts,
@@ -408,7 +401,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_construction(args: argparse.Namespace, bench: Any) -> int:
+def _run_defaults(args: argparse.Namespace) -> int:
+    from mapnet_experiments.bench import defaults
+
+    if args.report:
+        print(defaults.defaults_report(Path("results/bench"), Path("docs/results/defaults.md")))
+        return 0
+    out = args.out or Path(f"results/bench/defaults-{args.dataset}.jsonl")
+    variants = defaults.DEFAULT_VARIANTS
+    defaults.defaults_sweep(args.dataset, out, variants[:1] if args.smoke else variants)
+    return 0
+
+
+def _run_construction(args: argparse.Namespace) -> int:
+    from mapnet_experiments.bench.construction import construction_table
+
     cases = (
         [("cnn2", 64, "single")]
         if args.smoke
@@ -426,7 +433,7 @@ def _run_construction(args: argparse.Namespace, bench: Any) -> int:
     command += (f" --threads {args.threads}" if args.threads else "") + (
         f" --out {args.out}" if args.out else ""
     )
-    bench.construction_table(
+    construction_table(
         cases, args.out or Path("results/bench/construction.json"), command, args.threads
     )
     return 0

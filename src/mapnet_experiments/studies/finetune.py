@@ -46,7 +46,7 @@ from torch import nn
 import mapnet
 from mapnet import MappingConfig
 from mapnet.files import write_json
-from mapnet_experiments.bench.suite import machine, peak_rss_bytes
+from mapnet_experiments.bench.harness import machine, peak_rss_bytes
 from mapnet_experiments.models import pretrained
 from mapnet_experiments.models.peft_adapters import freeze_batchnorm_statistics
 from mapnet_experiments.recipe.loop import Loop
