@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from mapnet_experiments.studies import finetune, finetune_report
-from mapnet_experiments.studies.finetune import Data, FinetuneRow, Setup
+from mapnet_experiments.studies.finetune import report as finetune_report
+from mapnet_experiments.studies.finetune import runs as finetune
+from mapnet_experiments.studies.finetune.runs import Data, FinetuneRow, Setup
 
 
 class Tiny(nn.Module):
@@ -165,3 +166,13 @@ def test_step_times_are_measured_at_each_thread_count(tiny: Data, tmp_path: Path
     trained.write_text(json.dumps(finetune.run_row("transfer", ROWS[0], tmp_path, progress=False)))
     page = finetune_report.report(tmp_path, tmp_path / "finetune.md")
     assert " · " in page.split("mapnet ×(1+m)")[1]
+
+
+def test_a_row_runs_in_a_fresh_process_that_imports_this_module(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The child imports the module by its own name: a stage the module does not know reaches
+    run_row there (the import path was once left behind by a move)."""
+    with pytest.raises(RuntimeError, match=f"finetune row no-such-stage/{ROWS[0].id} failed"):
+        finetune.run_in_subprocess("no-such-stage", ROWS[0], tmp_path, progress=False)
+    assert "KeyError: 'no-such-stage'" in capfd.readouterr().err

@@ -1,5 +1,5 @@
 """docs/results/finetune.md, generated from results/finetune/ alone: the fine-tuning study's
-(studies.finetune) tables and figures."""
+tables and figures."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mapnet_experiments.studies.finetune import (
+from mapnet_experiments.studies.finetune.runs import (
     FULL_LR,
     HEAD_LR,
     METHODS,

@@ -50,7 +50,6 @@ from mapnet_experiments.bench.harness import machine, peak_rss_bytes
 from mapnet_experiments.models import pretrained
 from mapnet_experiments.models.peft_adapters import freeze_batchnorm_statistics
 from mapnet_experiments.recipe.loop import Loop
-from mapnet_experiments.studies.study import Options, Study
 
 RESULTS_DIR = Path("results/finetune")
 REPORT = Path("docs/results/finetune.md")
@@ -498,10 +497,10 @@ def _commit() -> str | None:
 
 def run_in_subprocess(stage: str, row: FinetuneRow, root: Path, progress: bool) -> dict[str, Any]:
     """`run_row` in a fresh process: the row's peak RSS and allocator state are its own."""
-    code = (
-        "import json, sys; from mapnet_experiments import finetune as f; "
+    code = (  # this module by its own name: a move cannot leave the string behind
+        f"import json, sys; from pathlib import Path; import {__name__} as f; "
         "row = f.FinetuneRow(**json.loads(sys.argv[2])); "
-        "print(json.dumps(f.run_row(sys.argv[1], row, f.Path(sys.argv[3]), "
+        "print(json.dumps(f.run_row(sys.argv[1], row, Path(sys.argv[3]), "
         "progress=sys.argv[4] == '1')))"
     )
     command = [sys.executable, "-c", code, stage, json.dumps(dataclasses.asdict(row)), str(root)]
@@ -537,33 +536,3 @@ def run_stage(
         write_json(out, runner(stage, row, root, progress))
         done.append(out)
     return done
-
-
-def _run(options: Options, stages: tuple[str, ...]) -> None:
-    root = options.root_or(RESULTS_DIR)
-    for stage in stages:
-        rows = STAGES[stage]
-        if options.rows is not None:
-            rows = [row for row in rows if row.id in options.rows]
-        run_stage(stage, rows, root, options.deadline, progress=options.progress)
-
-
-def _report(options: Options) -> str:
-    from mapnet_experiments.studies.finetune_report import report
-
-    return report(options.root_or(RESULTS_DIR), options.report_or(REPORT))
-
-
-STUDY = Study(
-    name="finetune",
-    summary="fine-tuning ImageNet ResNet-50 / MobileNetV2 through a latent (eq. 25) against "
-    "head-only, full, additive, peft LoRA and VeRA at matched budgets; stages select "
-    "(learning rates on validation), transfer (Fashion-MNIST 64×64), deepfake (real vs "
-    "face-swapped faces), steps (step time alone, 1 and 2 threads: run it on a quiet "
-    "machine); one process per row; writes docs/results/finetune.md",
-    stages=("select", "transfer", "deepfake", "steps"),
-    default=("select", "transfer", "deepfake"),
-    run=_run,
-    report=_report,
-    example="mapnet repro finetune --stages transfer --rows r50-mapnet-L250-2k",
-)
