@@ -297,7 +297,8 @@ def test_a_manifest_older_than_the_files_table_is_read_through_its_own_digests(
     (folder / "data.bin").write_bytes(b"abc")
     (folder / MANIFEST).write_text(json.dumps({"sha": hashlib.sha256(b"abc").hexdigest()}))
 
-    def legacy(manifest: dict) -> dict[str, str | None]:
+    def legacy(file: Path, manifest: dict) -> dict[str, str | None]:
+        assert file == folder / MANIFEST
         return {"data.bin": manifest.get("sha")}
 
     verified = files.read_verified(folder, MANIFEST, legacy=legacy)

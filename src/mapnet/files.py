@@ -421,8 +421,9 @@ class Verified:
 
 
 # A manifest without a files table (a format older than the files table) names what it checks
-# instead: {relative path: sha256, or None for a file that was written without one}.
-Legacy = Callable[[dict[str, Any]], Mapping[str, str | None]]
+# instead, given the manifest's path and content: {relative path: sha256, or None for a file
+# written without one}; or it raises CheckpointError.
+Legacy = Callable[[Path, dict[str, Any]], Mapping[str, str | None]]
 
 
 def current(target: str | os.PathLike[str]) -> Path:
@@ -515,7 +516,7 @@ def _read_once(
     table = manifest.get(FILES)
     if table is None and legacy is not None:
         expected = {
-            _relative(file, name): (None, digest) for name, digest in legacy(manifest).items()
+            _relative(file, name): (None, digest) for name, digest in legacy(file, manifest).items()
         }
         strict = False
     elif not isinstance(table, dict):
