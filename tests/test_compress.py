@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 import mapnet
-from mapnet.checkpoint.fingerprint import CheckpointError
 from mapnet.compress import (
     CompressedWeights,
     LowRankLinear,
@@ -22,6 +21,7 @@ from mapnet.compress import (
     quantize_int8,
     save_quantized,
 )
+from mapnet.errors import CheckpointError
 from mapnet_experiments.models import CNN2, CNN2LowRank
 
 

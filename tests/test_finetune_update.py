@@ -312,17 +312,17 @@ def test_fine_tune_checkpoint_round_trips_in_a_fresh_process(tmp_path: Path) -> 
 
 
 def test_identity_is_compressed_and_plain_json_from_mapnet_0_2_0_still_reads() -> None:
-    from mapnet.checkpoint import fingerprint
+    from mapnet.identity import decode
 
     mapped = wrap(pretrained(), MappingConfig(latent_dim=8, update="multiplicative"))
     encoded = mapped.state_dict()["_extra_state"]
     identity = mapped.fingerprint()
     assert len(encoded) < len(json.dumps(identity)) / 2
-    assert fingerprint.decode(encoded, "here") == identity
+    assert decode(encoded, "here") == identity
     plain = torch.frombuffer(bytearray(json.dumps(identity).encode()), dtype=torch.uint8)
-    assert fingerprint.decode(plain, "here") == identity
+    assert decode(plain, "here") == identity
     with pytest.raises(CheckpointError, match="identity is unreadable"):
-        fingerprint.decode(torch.tensor([1, 2, 3], dtype=torch.uint8), "here")
+        decode(torch.tensor([1, 2, 3], dtype=torch.uint8), "here")
 
 
 def test_switching_to_the_multiplicative_update_by_override_modulates_the_pretrained_weights() -> (
@@ -381,7 +381,7 @@ def test_a_wrongly_shaped_statistic_is_refused_before_anything_is_loaded() -> No
 
 def test_a_fine_tune_state_of_mapnet_0_2_0_still_loads() -> None:
     """0.2.0 wrote every frozen weight and buffer, and an identity without digests of them."""
-    from mapnet.checkpoint import fingerprint
+    from mapnet.identity import decode
 
     config = MappingConfig(latent_dim=8, base="model", target_modules=["body"])
     model = pretrained()
@@ -389,7 +389,7 @@ def test_a_fine_tune_state_of_mapnet_0_2_0_still_loads() -> None:
     with torch.no_grad():
         source.latent.normal_()
     state = source.state_dict()
-    identity = fingerprint.decode(state["_extra_state"], "here")
+    identity = decode(state["_extra_state"], "here")
     for key in ("frozen", "buffers"):
         del identity[key]
     for name in ("update", "group_size", "target_fraction"):

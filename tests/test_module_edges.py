@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 import mapnet
-from mapnet.checkpoint.fingerprint import CheckpointError
+from mapnet.errors import CheckpointError
 from mapnet.loss import MappingLoss
 
 

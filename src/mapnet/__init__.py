@@ -6,9 +6,10 @@ optimizer = torch.optim.Adam(mapped.parameters(), lr=0.1)   # the latent (and an
 mapnet.save(mapped, "run/ckpt"); mapnet.load("run/ckpt", lambda: MyNet())
 """
 
-from mapnet.checkpoint.fingerprint import CheckpointError
-from mapnet.checkpoint.io import load, load_into, save
+from mapnet._version import __version__ as __version__
+from mapnet.checkpoint import load, load_into, save
 from mapnet.config import MappingConfig
+from mapnet.errors import CheckpointError
 from mapnet.module import MappedModule, exclude_fixed_from_ddp, wrap
 from mapnet.space import ModelSpace
 
@@ -23,4 +24,3 @@ __all__ = [
     "save",
     "wrap",
 ]
-__version__ = "0.2.0"

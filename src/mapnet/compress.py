@@ -29,9 +29,9 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 from torch.func import functional_call
 
-from mapnet.checkpoint.fingerprint import CheckpointError
-from mapnet.checkpoint.io import atomic_write_bytes
+from mapnet import files
 from mapnet.checks import positive_int
+from mapnet.errors import CheckpointError
 from mapnet.module import MappedModule
 
 QUANTIZED_FORMAT = "mapnet-int8"
@@ -323,9 +323,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> int:
         manifest[key] = _store(key, value, tensors)
     folder = Path(path)
     data = save_safetensors(tensors)
-    atomic_write_bytes(folder / QUANTIZED_TENSORS, data)
+    files.atomic_write_bytes(folder / QUANTIZED_TENSORS, data)
     description = json.dumps({"format": QUANTIZED_FORMAT, "state": manifest}, indent=1).encode()
-    atomic_write_bytes(folder / QUANTIZED_JSON, description)
+    files.atomic_write_bytes(folder / QUANTIZED_JSON, description)
     return len(data) + len(description)
 
 

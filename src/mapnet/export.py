@@ -33,7 +33,9 @@ from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from mapnet.checkpoint.io import atomic_write_bytes, unshared_tensors
+from mapnet import files
+from mapnet._version import __version__
+from mapnet.checkpoint import unshared_tensors
 from mapnet.module import MappedModule
 
 EXPORT_FORMAT = "mapnet-export"
@@ -99,8 +101,6 @@ def _plain_model(source: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
     plain = materialize() if callable(materialize) else source
     if not isinstance(plain, nn.Module):
         raise TypeError(f"{type(source).__name__}.materialize() returned a {type(plain).__name__}")
-    from mapnet import __version__  # here: mapnet/__init__ may come to import this module
-
     # Wrappers (CompressedWeights, the ablation variants) hold the MappedModule inside.
     mapped = next((m for m in source.modules() if isinstance(m, MappedModule)), None)
     description = {
@@ -240,7 +240,7 @@ def export_safetensors(mapped_or_module: nn.Module, path: str | os.PathLike[str]
     tensors = unshared_tensors(state)  # load_state_dict copies the same values into both names
     # "format": "pt" is what Hugging Face tools read to recognise a torch safetensors file.
     metadata = {"format": "pt", METADATA_KEY: json.dumps(description)}
-    atomic_write_bytes(file, save_safetensors(tensors, metadata=metadata))
+    files.atomic_write_bytes(file, save_safetensors(tensors, metadata=metadata))
     return file
 
 
@@ -326,7 +326,7 @@ def export_onnx(
             blob = proto.SerializeToString()
             if check:  # checked in memory: a file that fails the check is never written
                 result = _check_onnx(blob, plain, inputs, dynamic_batch, atol, result)
-            atomic_write_bytes(file, blob)
+            files.atomic_write_bytes(file, blob)
         else:
             file.parent.mkdir(parents=True, exist_ok=True)
             onnx.save_model(
@@ -439,5 +439,5 @@ def export_program(
     if file is not None:
         buffer = io.BytesIO()
         torch.export.save(program, buffer)
-        atomic_write_bytes(file, buffer.getvalue())
+        files.atomic_write_bytes(file, buffer.getvalue())
     return program

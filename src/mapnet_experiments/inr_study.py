@@ -47,7 +47,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mapnet import MappingConfig, ModelSpace
-from mapnet.checkpoint.io import atomic_write_bytes
+from mapnet.files import atomic_write_bytes
 from mapnet_experiments.data import load_idx_dataset
 from mapnet_experiments.models import Siren
 from mapnet_experiments.train import (

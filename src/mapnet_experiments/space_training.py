@@ -33,8 +33,8 @@ from torch import nn
 from tqdm import tqdm
 
 from mapnet import MappingConfig, ModelSpace
-from mapnet.checkpoint.io import atomic_write_bytes
 from mapnet.checks import from_dict
+from mapnet.files import atomic_write_bytes
 from mapnet_experiments.models import model_factory
 from mapnet_experiments.train import (
     Split,

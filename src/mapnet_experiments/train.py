@@ -38,9 +38,11 @@ from torch import nn
 from tqdm import tqdm
 
 from mapnet import MappedModule, MappingConfig
-from mapnet.checkpoint.io import CheckpointError, atomic_write_bytes, load_into, save
+from mapnet.checkpoint import load_into, save
 from mapnet.checks import from_dict
 from mapnet.compress import PRUNE_SCOPES, CompressedWeights, check_sparsity
+from mapnet.errors import CheckpointError
+from mapnet.files import atomic_write_bytes
 from mapnet.loss import MappingLoss
 from mapnet_experiments.ablations import build_variant, check_variant
 from mapnet_experiments.data import DATASETS, load_idx_dataset, train_val_split

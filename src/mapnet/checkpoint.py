@@ -31,12 +31,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from mapnet import files
+from mapnet import files, identity
 from mapnet.bases import ModelSource
-from mapnet.checkpoint import fingerprint
-from mapnet.checkpoint.fingerprint import CheckpointError
 from mapnet.config import MappingConfig
-from mapnet.module import EXTRA_STATE, STORED_BASE, MappedModule
+from mapnet.errors import CheckpointError
+from mapnet.module import MappedModule
+from mapnet.state import EXTRA_STATE, STORED_BASE
 
 FORMAT = "mapnet-checkpoint"
 VERSION = 3
@@ -45,9 +45,6 @@ CONFIG_FILE = "mapnet.json"
 TENSOR_FILE = "tensors.safetensors"
 # Format 1 probes were rounded to 7 digits; this absorbs thread-count-dependent last bits only.
 V1_PROBE_TOLERANCE = 1e-4
-
-
-atomic_write_bytes = files.atomic_write_bytes  # its old home, until every importer moves
 
 
 def unshared_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -79,27 +76,13 @@ def save(
         "version": VERSION,
         "config": mapped.mapping_config.to_dict(),
         "target_class": mapped.target_class,
-        "identity": readable_identity(mapped.fingerprint()),
+        "identity": identity.summary(mapped.fingerprint()),
         "torch_version": torch.__version__,
         "metadata": metadata or {},
     }
     with files.commit(folder, CONFIG_FILE, description) as staging:
         (staging / TENSOR_FILE).write_bytes(blob)
     return folder
-
-
-def readable_identity(identity: dict[str, Any]) -> dict[str, Any]:
-    """What a reader of mapnet.json wants to see; the full identity (per-tensor digests and
-    sketches) is in the tensor file's `_extra_state`, and only that one is checked."""
-    summary = {k: identity[k] for k in ("format", "projection", "stored")}
-    summary["groups"] = [
-        {"name": g["name"], "latent_dim": g["latent_dim"], "parameters": len(g["parameters"])}
-        for g in identity["groups"]
-    ]
-    summary["digests"] = {
-        kind: len(identity.get(kind, {})) for kind in ("bases", "frozen", "buffers")
-    }
-    return summary
 
 
 WHAT = "a mapnet checkpoint"
@@ -162,16 +145,16 @@ def load(path: str | os.PathLike[str], model: ModelSource) -> MappedModule:
     folder = Path(path)
     description, tensors = _read(folder)
     config = _config(description, folder)
-    # Format 1 names them the same way (base.<name>).
-    stored = {k[len(STORED_BASE) :]: v for k, v in tensors.items() if k.startswith(STORED_BASE)}
     try:
-        # Stored bases go in at construction: they also set their tensors' gains.
-        mapped = MappedModule(model, config, stored_bases=stored)
+        mapped = MappedModule(model, config)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{folder} does not fit the model passed to load: {error}") from None
     if description["version"] == 1:
+        # Format 1 checks θ at a probe latent, so its stored bases (named base.<name>, as
+        # today) go in first; a module no one else holds yet may change before that check.
+        _take_v1_stored_bases(mapped, tensors, folder)
         tensors = _upgrade_v1(mapped, description, tensors, folder)
-    _load_state(mapped, tensors, folder)
+    _load_state(mapped, tensors, folder)  # stored bases are applied by the state's pre-hook
     return mapped
 
 
@@ -211,6 +194,24 @@ def _v1_fingerprint(mapped: MappedModule) -> dict[str, Any]:
     return {"architecture": architecture, "probe": probe}
 
 
+def _take_v1_stored_bases(
+    mapped: MappedModule, tensors: dict[str, torch.Tensor], folder: Path
+) -> None:
+    views = mapped._theta0_views()
+    stored = {k[len(STORED_BASE) :]: v for k, v in tensors.items() if k.startswith(STORED_BASE)}
+    unfit = sorted(
+        name
+        for name, value in stored.items()
+        if name not in views or tuple(value.shape) != tuple(views[name].shape)
+    )
+    if unfit:
+        raise CheckpointError(
+            f"{folder} (format 1) stores bases of parameters this model does not generate with "
+            f"those shapes: {unfit[:5]} (another architecture or selection)"
+        )
+    mapped._replace_bases(stored)
+
+
 def _upgrade_v1(
     mapped: MappedModule,
     description: dict[str, Any],
@@ -243,7 +244,7 @@ def _upgrade_v1(
             f"{folder} (format 1): the regenerated mapping does not match the one it was saved "
             "with (a different seed, projection, θ₀ or generation setting)"
         )
-    state: dict[str, torch.Tensor] = {EXTRA_STATE: fingerprint.encode(mapped.fingerprint())}
+    state: dict[str, torch.Tensor] = {EXTRA_STATE: identity.encode(mapped.fingerprint())}
     for index, group in enumerate(mapped.groups):
         key = f"latent.{group.name}"
         if key not in tensors:
