@@ -308,3 +308,15 @@ def test_a_save_while_another_process_holds_the_folder_names_it_and_keeps_the_ch
         assert not killed_at_call(second_writer, [], 1)
     assert report.read_text().startswith(f"{ckpt} is in use by pid {os.getpid()}: ")
     assert latent_in(ckpt) == 1.0
+
+
+def test_save_refuses_non_finite_latents_that_load_would_refuse_unless_allowed(
+    tmp_path: Path,
+) -> None:
+    diverged = linear_at(float("nan"))
+    with pytest.raises(ValueError, match=r"\['latents\.0'\] hold NaN/inf .* allow_nonfinite"):
+        mapnet.save(diverged, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    mapnet.save(diverged, tmp_path / "ckpt", allow_nonfinite=True)  # for a post-mortem
+    with pytest.raises(CheckpointError, match=r"non-finite values \(NaN/inf\) in \['latents\.0'\]"):
+        mapnet.load(tmp_path / "ckpt", nn.Linear(3, 2))

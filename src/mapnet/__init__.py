@@ -10,7 +10,7 @@ from mapnet._version import __version__ as __version__
 from mapnet.checkpoint import load, load_into, save
 from mapnet.config import MappingConfig
 from mapnet.errors import CheckpointError
-from mapnet.module import MappedModule, exclude_fixed_from_ddp, wrap
+from mapnet.module import MappedModule, exclude_fixed_from_ddp, load_state_dict, wrap
 from mapnet.space import ModelSpace
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "exclude_fixed_from_ddp",
     "load",
     "load_into",
+    "load_state_dict",
     "save",
     "wrap",
 ]

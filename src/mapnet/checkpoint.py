@@ -36,7 +36,7 @@ from mapnet.bases import ModelSource
 from mapnet.config import MappingConfig
 from mapnet.errors import CheckpointError
 from mapnet.module import MappedModule
-from mapnet.state import EXTRA_STATE, STORED_BASE
+from mapnet.state import EXTRA_STATE, STORED_BASE, nonfinite_keys
 
 FORMAT = "mapnet-checkpoint"
 VERSION = 3
@@ -61,16 +61,31 @@ def unshared_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save(
-    mapped: MappedModule, path: str | os.PathLike[str], metadata: dict[str, Any] | None = None
+    mapped: MappedModule,
+    path: str | os.PathLike[str],
+    metadata: dict[str, Any] | None = None,
+    *,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Write `mapped` to the folder `path` (created if needed, replaced whole if it holds a
-    checkpoint); returns the folder. One `mapnet.files.commit`: see the module docstring."""
+    checkpoint); returns the folder. One `mapnet.files.commit`: see the module docstring.
+
+    NaN or inf in a latent, a directly trained weight or a buffer (what `load` refuses) is a
+    ValueError naming it; `allow_nonfinite=True` writes them anyway, for inspecting a diverged
+    run with safetensors (`load` still refuses the folder)."""
     if not isinstance(mapped, MappedModule):
         raise TypeError(
             f"save() takes a MappedModule from mapnet.wrap(), got {type(mapped).__name__}"
         )
     folder = Path(path)
-    blob = save_safetensors(unshared_tensors(mapped.state_dict()))
+    state = mapped.state_dict()
+    nonfinite = nonfinite_keys(mapped, state)
+    if nonfinite and not allow_nonfinite:
+        raise ValueError(
+            f"{nonfinite[:5]} hold NaN/inf (training diverged?): mapnet.load would refuse the "
+            "checkpoint, so it is not written; allow_nonfinite=True writes it anyway"
+        )
+    blob = save_safetensors(unshared_tensors(state))
     description = {
         "format": FORMAT,
         "version": VERSION,

@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import inspect
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,11 +31,13 @@ from torch.nn.utils.stateless import _reparametrize_module
 from mapnet import identity
 from mapnet.bases import ModelSource, build_from_factory, fill_bases, group_views
 from mapnet.config import ACTIVATIONS, MappingConfig
+from mapnet.errors import CheckpointError
 from mapnet.generator import generate_group, modulate_group, pre_activation, scale_by_groups
 from mapnet.projections import ALGORITHMS, PiecewiseScale, make_projection
 from mapnet.projections.seeding import derive_seed
 from mapnet.state import (
     check_and_take_state,
+    check_state,
     finish_state,
     frozen_weights_are_not_missing,
 )
@@ -138,6 +140,16 @@ class MappedModule(nn.Module):
                 for name, value in model.state_dict(keep_vars=True).items()
                 if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
             }
+        # Floating buffers finite now must stay finite in any state loaded or saved (NaN
+        # statistics are damage); one holding inf by design (a mask) may keep it.
+        self._finite_buffers = [
+            name
+            for name, value in model.state_dict(keep_vars=True).items()
+            if isinstance(value, torch.Tensor)
+            and not isinstance(value, nn.Parameter)
+            and value.is_floating_point()
+            and bool(torch.isfinite(value).all())
+        ]
         self._identity = self._build_identity(bases, model)
         for index, base in enumerate(bases):
             empty = torch.zeros(0, dtype=dtype)  # base="zero": θ₀ was only the gains' reference
@@ -540,8 +552,14 @@ class MappedModule(nn.Module):
     # ---------------------------------------------------------------- state dict
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """As for any module; with strict=True every missing or unexpected key, wrong shape or
-        dtype and any identity mismatch is reported before anything is changed."""
+        """As for any module; every wrong shape or dtype, non-finite latent, directly trained
+        weight or buffer, identity mismatch and, with strict=True, missing or unexpected key is
+        reported (a CheckpointError) before anything of this module is changed.
+
+        Inside a parent module torch loads one module after another: when this one refuses,
+        `parent.load_state_dict(sd)` has already written the modules before it. Use
+        `mapnet.load_state_dict(parent, sd)`, which checks every MappedModule in the tree (and
+        the other modules' names and shapes) before anything is written."""
         self.__dict__["_strict_load"] = strict
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -622,6 +640,73 @@ def exclude_fixed_from_ddp(root: nn.Module) -> list[str]:
             names.update(f"{prefix}.{n}" if prefix else n for n in module.fixed_tensor_names())
     root._ddp_params_and_buffers_to_ignore = sorted(names)
     return root._ddp_params_and_buffers_to_ignore
+
+
+def load_state_dict(
+    root: nn.Module, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+) -> Any:
+    """`root.load_state_dict(state_dict, strict, assign)` with every check made before torch
+    writes anything: each MappedModule inside `root` checks its part in full (as its own
+    load_state_dict does), and the other modules their names and shapes. Without it, a
+    MappedModule deep in a tree that refuses its part leaves the modules loaded before it
+    changed. Raises CheckpointError naming every problem; returns torch's result."""
+    mapped: list[tuple[str, MappedModule]] = []
+    plain: dict[str, torch.Tensor | None] = {}
+    _collect_state(root, "", mapped, plain)
+    problems = []
+    for prefix, module in mapped:
+        try:
+            check_state(module, state_dict, prefix, strict)
+        except CheckpointError as error:
+            problems.append(str(error))
+    for key, own in plain.items():
+        if key not in state_dict:
+            problems += [f"missing {key!r}"] if strict else []
+            continue
+        value = state_dict[key]
+        tensors = isinstance(own, torch.Tensor) and isinstance(value, torch.Tensor)
+        if tensors and value.shape != own.shape:
+            problems.append(f"{key!r} has shape {tuple(value.shape)}, expected {tuple(own.shape)}")
+    if strict:
+        inside = tuple(prefix for prefix, _ in mapped)
+        unexpected = [k for k in state_dict if k not in plain and not k.startswith(inside)]
+        problems += [f"unexpected {key!r}" for key in sorted(unexpected)]
+    if problems:
+        raise CheckpointError(
+            f"state dict for {type(root).__name__} does not fit (nothing was loaded): "
+            + "; ".join(problems)
+        )
+    for _, module in mapped:  # the checks just made, again in each module's pre-hook
+        module.__dict__["_strict_load"] = strict
+    try:
+        return root.load_state_dict(state_dict, strict=strict, assign=assign)
+    finally:
+        for _, module in mapped:
+            module.__dict__["_strict_load"] = False
+
+
+def _collect_state(
+    module: nn.Module,
+    prefix: str,
+    mapped: list[tuple[str, MappedModule]],
+    plain: dict[str, torch.Tensor | None],
+) -> None:
+    """The MappedModules of a tree by state-dict prefix, and every other module's own state
+    entries (torch's names: parameters, persistent buffers, extra state as None)."""
+    if isinstance(module, MappedModule):
+        mapped.append((prefix, module))
+        return
+    for name, param in module._parameters.items():
+        if param is not None:
+            plain[prefix + name] = param
+    for name, buffer in module._buffers.items():
+        if buffer is not None and name not in module._non_persistent_buffers_set:
+            plain[prefix + name] = buffer
+    if type(module).get_extra_state is not nn.Module.get_extra_state:
+        plain[prefix + "_extra_state"] = None
+    for name, child in module._modules.items():
+        if child is not None:
+            _collect_state(child, f"{prefix}{name}.", mapped, plain)
 
 
 def wrap(model: ModelSource, config: MappingConfig | None = None, **overrides: Any) -> MappedModule:

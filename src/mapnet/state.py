@@ -4,8 +4,10 @@
                                      frozen pretrained weights and the buffers still pretrained
                                      (the identity's digests stand for them), a tied tensor
                                      appears once, stored bases `base.<name>` are added
-    check_and_take_state             load pre-hook: every name, shape and dtype and the identity
-                                     are checked before anything changes; stored bases are
+    check_state                      every name, shape, dtype, the identity and finiteness,
+                                     checked before anything changes (mapnet.load_state_dict
+                                     runs it for every MappedModule of a tree first)
+    check_and_take_state             load pre-hook: check_state, then the stored bases are
                                      taken (MappedModule._replace_bases)
     frozen_weights_are_not_missing   load post-hook: torch's missing keys, less the frozen
                                      weights a fine-tune state checks by digest
@@ -15,6 +17,8 @@ MappedModule registers these hooks on itself.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +31,8 @@ if TYPE_CHECKING:
 
 EXTRA_STATE = "_extra_state"
 STORED_BASE = "base."
+# In a fine-tune state's identity: the pretrained buffers it holds (those that moved in training).
+BUFFERS_HELD = "buffers_held"
 
 
 def frozen_aliases(module: MappedModule) -> list[str]:
@@ -66,7 +72,8 @@ def finish_state(
 ) -> None:
     """state_dict post-hook. A fine-tune state holds neither the frozen pretrained weights nor
     the buffers still at their pretrained values (the identity's digests stand for them);
-    stored bases are added. A tied parameter appears once, under its first name: safetensors
+    stored bases are added, and its identity lists the pretrained buffers it holds (BUFFERS_HELD).
+    A tied parameter appears once, under its first name: safetensors
     refuses tensors that share storage, and tools write `state_dict()` to it as it is (HF
     Trainer's save of a model that is not a PreTrainedModel); loading fills the other names."""
     for key in frozen_aliases(module):
@@ -84,29 +91,64 @@ def finish_state(
             and torch.equal(value.detach(), pretrained.to(value))  # any dtype the module has now
         ):
             del state[key]
+    if module._pretrained_buffers:  # so that loading tells a left-out buffer from a lost one
+        held = [n for n in module._pretrained_buffers if prefix + "target." + n in state]
+        state[prefix + EXTRA_STATE] = identity.encode(module._identity | {BUFFERS_HELD: held})
     views = module._theta0_views()
     for name in module.stored_base_names:
         state[prefix + STORED_BASE + name] = views[name].detach().clone()
 
 
-def check_and_take_state(
-    module: MappedModule,
-    state: dict[str, Any],
-    prefix: str,
-    local_metadata: Any,
-    strict: bool,
-    missing_keys: list[str],
-    unexpected_keys: list[str],
-    error_msgs: list[str],
-) -> None:
-    """Validate every name, shape and dtype and the identity before anything is changed, then
-    take the stored bases out of the state (the rest is loaded by torch as usual).
+@dataclass(frozen=True)
+class CheckedState:
+    """What loading a checked state adds to it (`fill`: the pretrained buffers a fine-tune
+    state left out, the second names of tied tensors) and the stored bases it takes, with the
+    saved digests of those that differ from the module's (`digests`)."""
 
-    torch hands every pre-hook strict=True and applies `strict` itself after loading, so the
-    real setting comes from MappedModule.load_state_dict; loaded as part of a parent module, only
-    the keys present are checked here and torch reports missing ones as for any module."""
-    strict = module.__dict__.get("_strict_load", False)
-    module.__dict__["_load_prefix"] = prefix
+    fill: dict[str, torch.Tensor] = field(default_factory=dict)
+    stored: dict[str, torch.Tensor] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
+
+
+def finite_keys(module: MappedModule) -> list[str]:
+    """State keys whose values must be finite: the latents, the parameters trained directly,
+    and the target's floating buffers that were finite when it was wrapped (a buffer holding
+    inf by design, such as an attention mask, may keep it)."""
+    keys = [f"latents.{i}" for i in range(len(module.latents))]
+    keys += [f"target.{alias}" for spec in module.selection.direct for alias in spec.names]
+    return keys + [f"target.{name}" for name in module._finite_buffers]
+
+
+def nonfinite_keys(module: MappedModule, state: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The keys of `state` among `finite_keys(module)` whose tensors hold NaN or inf."""
+    bad = []
+    for key in finite_keys(module):
+        value = state.get(prefix + key)
+        if (
+            isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and not torch.isfinite(value).all()
+        ):
+            bad.append(prefix + key)
+    return bad
+
+
+def _buffers_held(saved: dict[str, Any], where: str) -> set[str] | None:
+    """The buffers a fine-tune state was saved holding (None: saved before states said so)."""
+    held = saved.get(BUFFERS_HELD)
+    if held is None:
+        return None
+    if not isinstance(held, list) or not all(isinstance(name, str) for name in held):
+        raise CheckpointError(f"{where}: the identity's {BUFFERS_HELD!r} is not a list of names")
+    return set(held)
+
+
+def check_state(
+    module: MappedModule, state: Mapping[str, Any], prefix: str = "", strict: bool = True
+) -> CheckedState:
+    """Check `state` (keys under `prefix`) against `module` in full and change nothing: the
+    identity, every name, shape and dtype, finiteness (`finite_keys`), and, with `strict`,
+    every missing and unexpected key. Raises CheckpointError naming every problem."""
     where = f"state dict for MappedModule{f' at {prefix!r}' if prefix else ''}"
     key = prefix + EXTRA_STATE
     if key not in state:
@@ -116,14 +158,23 @@ def check_and_take_state(
         )
     saved = identity.decode(state[key], where)
     differing = identity.compare(saved, module._identity, where)
-    if "buffers" in saved:  # a fine-tune state omitted the buffers still pretrained: restore
+    fill: dict[str, torch.Tensor] = {}
+    held_but_absent = set()
+    if "buffers" in saved:  # a fine-tune state omits the buffers still pretrained: restore them
+        held = _buffers_held(saved, where)
         for name, pretrained in module._pretrained_buffers.items():
-            state.setdefault(prefix + "target." + name, pretrained)
+            if prefix + "target." + name in state:
+                continue
+            if held is not None and name in held:  # it had moved: the pretrained value is wrong
+                held_but_absent.add("target." + name)
+            else:
+                fill[prefix + "target." + name] = pretrained
     for alias, name in tied_aliases(module).items():  # a state holds a tied tensor once
-        if prefix + name in state:
-            state.setdefault(prefix + alias, state[prefix + name])
+        if prefix + name in state and prefix + alias not in state:
+            fill[prefix + alias] = state[prefix + name]
     expected = expected_state(module)
     given = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    given |= {k[len(prefix) :]: v for k, v in fill.items()}
     problems = []
     for name, own in expected.items():
         if name == EXTRA_STATE:
@@ -132,7 +183,8 @@ def check_and_take_state(
         if value is None:
             needed = name.startswith(STORED_BASE) and name[len(STORED_BASE) :] in differing
             if strict or needed:
-                problems.append(f"missing {prefix + name!r}")
+                why = " (the state was saved holding it)" if name in held_but_absent else ""
+                problems.append(f"missing {prefix + name!r}{why}")
             continue
         if not isinstance(value, torch.Tensor):
             problems.append(f"{prefix + name!r} is a {type(value).__name__}, not a tensor")
@@ -159,16 +211,41 @@ def check_and_take_state(
                 f"it replaces the base (θ₀) of {differing[:3]} but lacks {absent[:5]}: a partial "
                 "state for other base weights cannot be loaded consistently"
             )
+    nonfinite = nonfinite_keys(module, given)
+    if nonfinite:
+        problems.append(f"non-finite values (NaN/inf) in {[prefix + k for k in nonfinite[:5]]}")
     if problems:
         raise CheckpointError(f"{where} does not fit (nothing was loaded): " + "; ".join(problems))
     stored = {
         n: given[STORED_BASE + n] for n in module.stored_base_names if STORED_BASE + n in given
     }
-    latents = [given.get(f"latents.{i}") for i in range(len(module.latents))]
-    if any(z is not None and not torch.isfinite(z).all() for z in latents):
-        raise CheckpointError(f"{where} holds non-finite latent values (nothing was loaded)")
-    module._replace_bases(stored, {n: saved["bases"][n] for n in differing})
-    for name in stored:
+    return CheckedState(fill, stored, {n: saved["bases"][n] for n in differing})
+
+
+def check_and_take_state(
+    module: MappedModule,
+    state: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """load_state_dict pre-hook: `check_state`, then fill in what the state leaves out and take
+    the stored bases out of it (the rest is loaded by torch as usual).
+
+    torch hands every pre-hook strict=True and applies `strict` itself after loading, so the
+    real setting comes from MappedModule.load_state_dict (or mapnet.load_state_dict); loaded
+    as part of a parent module otherwise, only the keys present are checked here and torch
+    reports missing ones as for any module."""
+    strict = module.__dict__.get("_strict_load", False)
+    module.__dict__["_load_prefix"] = prefix
+    checked = check_state(module, state, prefix, strict)
+    for key, value in checked.fill.items():
+        state.setdefault(key, value)
+    module._replace_bases(checked.stored, checked.digests)
+    for name in checked.stored:
         state.pop(prefix + STORED_BASE + name)
 
 
