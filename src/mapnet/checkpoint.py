@@ -138,12 +138,16 @@ def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch
             f"{verified.folder / CONFIG_FILE} lists {sorted(verified.contents)}, a checkpoint "
             f"holds {TENSOR_FILE} alone"
         )
+    return description, read_safetensors(verified.contents[TENSOR_FILE], tensor_file)
+
+
+def read_safetensors(blob: bytes, file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file's bytes; a CheckpointError naming `file` if they are
+    not one."""
     try:
-        return description, load_safetensors(verified.contents[TENSOR_FILE])
+        return load_safetensors(blob)
     except SafetensorError as error:
-        raise CheckpointError(
-            f"{tensor_file} is not a readable safetensors file: {error}"
-        ) from None
+        raise CheckpointError(f"{file} is not a readable safetensors file: {error}") from None
 
 
 def _config(description: dict[str, Any], where: Path) -> MappingConfig:
