@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,10 @@ import mapnet
 from interrupts import killed_at_call
 from mapnet import files
 from mapnet.checkpoint import CONFIG_FILE, TENSOR_FILE
+from mapnet.compress import quantize_int8, save_quantized
 from mapnet.config import MappingConfig
 from mapnet.errors import CheckpointError
+from mapnet.export import export_safetensors
 
 # The model lives in an importable module so a fresh interpreter can rebuild it.
 MODEL_SOURCE = textwrap.dedent(
@@ -320,3 +323,42 @@ def test_save_refuses_non_finite_latents_that_load_would_refuse_unless_allowed(
     mapnet.save(diverged, tmp_path / "ckpt", allow_nonfinite=True)  # for a post-mortem
     with pytest.raises(CheckpointError, match=r"non-finite values \(NaN/inf\) in \['latents\.0'\]"):
         mapnet.load(tmp_path / "ckpt", nn.Linear(3, 2))
+
+
+def _space_save(path: Path) -> None:
+    config = MappingConfig(latent_dim=4, seed=1)
+    mapnet.ModelSpace(lambda: nn.Linear(3, 2), config, n=2).save(path)
+
+
+def _int8_save(path: Path) -> None:
+    model = nn.Sequential(nn.Linear(3, 2)).eval()
+    save_quantized(quantize_int8(model, [torch.randn(2, 3)]), path)
+
+
+WRITERS: dict[str, Callable[[Path], object]] = {
+    "mapnet.save": lambda path: mapnet.save(linear_at(2.0), path),
+    "ModelSpace.save": _space_save,
+    "save_quantized": _int8_save,
+    "export_safetensors": lambda path: export_safetensors(linear_at(2.0), path),
+}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_every_writer_waits_for_the_lock_of_its_target_then_names_the_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str
+) -> None:
+    target, report = tmp_path / "target", tmp_path / "report.txt"
+    monkeypatch.setattr(files, "COMMIT_LOCK_TIMEOUT", 0.2)  # the forked writer's wait
+
+    def second_writer() -> None:
+        try:
+            WRITERS[writer](target)
+        except files.InUseError as error:
+            report.write_text(str(error))
+
+    with files.lock(target):
+        assert not killed_at_call(second_writer, [], 1)
+    assert report.read_text().startswith(f"{target} is in use by pid {os.getpid()}: ")
+    assert not target.exists()
+    WRITERS[writer](target)  # free again
+    assert target.exists()

@@ -3,6 +3,7 @@ whole under a lock, with a manifest that lets a reader check every byte before i
 
     atomic_write_bytes(path, data)      replace one file in one rename (old or new, never a mix)
     write_json(path, data)              the same for json.dumps(data, indent=2)
+    commit_file(path, data)             atomic_write_bytes under the file's lock
     with lock(path): ...                an advisory lock beside `path` naming its holder's pid
     with commit(target, "m.json", fields) as staging: ...   write a folder, swap it in whole
     read_verified(target, "m.json")     the manifest and every file's bytes, each checked
@@ -111,6 +112,16 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """`json.dumps(data, indent=2)` written atomically (`atomic_write_bytes`)."""
     atomic_write_bytes(path, json.dumps(data, indent=2).encode())
+
+
+def commit_file(
+    path: str | os.PathLike[str], data: bytes, *, lock_timeout: float | None = None
+) -> None:
+    """`atomic_write_bytes` under `lock(path)`: a second writer of the same file waits up to
+    `lock_timeout` seconds (None: COMMIT_LOCK_TIMEOUT), then fails naming the first one."""
+    wait = COMMIT_LOCK_TIMEOUT if lock_timeout is None else lock_timeout
+    with lock(path, timeout=wait):
+        atomic_write_bytes(path, data)
 
 
 # ---------------------------------------------------------------- locks
@@ -397,7 +408,12 @@ def _fsync_folders(staging: Path) -> None:
 def _fsync_dir(folder: Path) -> None:
     if os.name != "posix":  # folders cannot be opened for fsync elsewhere
         return
-    fd = os.open(folder, os.O_RDONLY)
+    fsync(folder)
+
+
+def fsync(path: str | os.PathLike[str]) -> None:
+    """Flush a file's or folder's data and metadata to disk (os.fsync on a fresh handle)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
