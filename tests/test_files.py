@@ -83,6 +83,22 @@ def test_an_error_in_the_block_keeps_the_previous_version(tmp_path: Path) -> Non
     assert os.listdir(tmp_path) == ["t"]
 
 
+def test_a_commit_may_hold_a_committed_folder(tmp_path: Path) -> None:
+    """A run's state folder holding a checkpoint: the inner commit's lock and staging stay
+    inside the outer staging folder and leave nothing there but the inner folder."""
+    with files.commit(tmp_path / "state", "state.json", {"epoch": 3}) as staging:
+        commit_version(staging / "model", "inner")
+        (staging / "trainer.bin").write_bytes(b"t")
+    verified = files.read_verified(tmp_path / "state", "state.json")
+    assert sorted(verified.contents) == [
+        "model/data.bin",
+        "model/m.json",
+        "model/nested/more.bin",
+        "trainer.bin",
+    ]
+    assert version_of(tmp_path / "state" / "model") == "inner"
+
+
 def test_a_folder_with_files_no_version_lists_is_refused_not_replaced(tmp_path: Path) -> None:
     project = tmp_path / "project"
     project.mkdir()

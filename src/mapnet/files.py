@@ -43,6 +43,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import glob
 import hashlib
 import json
 import os
@@ -196,7 +197,8 @@ def _acquire(target: Path, lock_file: Path, timeout: float) -> int:
             same = False
         if same:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid()}\n".encode())
             return fd
         os.close(fd)
 
@@ -213,14 +215,16 @@ def _try_lock(fd: int) -> bool:
 
 def _pid_in(fd: int) -> int | None:
     try:
-        text = os.pread(fd, 32, 0).decode().strip()
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 32).decode().strip()
     except (OSError, UnicodeDecodeError):
         return None
     return int(text) if text.isdigit() else None
 
 
 def _release(fd: int, lock_file: Path) -> None:
-    # Removed while still held, so a waiter that then gets the old file notices and retries.
+    # Removed while still held, so a waiter that then gets the removed file notices and retries
+    # (without fcntl there is no waiter, and an open file cannot be removed on Windows).
     if fcntl is not None:
         lock_file.unlink(missing_ok=True)
     os.close(fd)
@@ -232,6 +236,7 @@ def _release(fd: int, lock_file: Path) -> None:
 
 
 def staging_prefix(target: Path) -> str:
+    """How the names of `target`'s staging folders begin."""
     return f".{target.name}.staging-"
 
 
@@ -262,8 +267,7 @@ def commit(
     if target.is_symlink():  # the folder it points to is the one replaced
         target = target.resolve()
     _check_relative(manifest_name)
-    extra = dict(fields or {})
-    if FILES in extra:
+    if FILES in (fields or {}):
         raise ValueError(f"the manifest's {FILES!r} table is written by commit(), not given")
     target.parent.mkdir(parents=True, exist_ok=True)
     wait = COMMIT_LOCK_TIMEOUT if lock_timeout is None else lock_timeout
@@ -301,12 +305,8 @@ def recover(target: str | os.PathLike[str]) -> None:
             os.rename(old, target)
             _fsync_dir(target.parent)
     prefix = staging_prefix(target)
-    for stale in target.parent.glob(_glob_escape(prefix) + "*"):
+    for stale in target.parent.glob(glob.escape(prefix) + "*"):
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def _glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 def _refuse_foreign_files(target: Path, manifest_name: str, new_files: set[str]) -> None:
