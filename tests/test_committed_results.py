@@ -27,7 +27,7 @@ CASES = ["cnn2-single-2048-structured-mnist", "cnn2-single-1024-fashion-mnist"]
 def test_committed_checkpoint_reproduces_its_test_accuracy(run: str) -> None:
     result = json.loads((RUNS / run / "results.json").read_text())
     config = TrainConfig.from_dict(result["config"])
-    assert mapnet.checkpoint.io.read_description(RUNS / run / "checkpoint")["version"] == 1
+    assert mapnet.checkpoint.read_description(RUNS / run / "checkpoint")["version"] == 1
     mapped = mapnet.load(RUNS / run / "checkpoint", MODELS[config.model])
     splits = load_splits(config)
     measured = evaluate(mapped.materialize(), splits["test"])

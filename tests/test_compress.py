@@ -3,15 +3,19 @@ and post-training int8 with its pickle-free save and load."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save
 from torch import nn
 
 import mapnet
-from mapnet.checkpoint.fingerprint import CheckpointError
+from damage import edit_manifest, edit_tensors, reseal
 from mapnet.compress import (
     CompressedWeights,
     LowRankLinear,
@@ -22,6 +26,7 @@ from mapnet.compress import (
     quantize_int8,
     save_quantized,
 )
+from mapnet.errors import CheckpointError
 from mapnet_experiments.models.networks import CNN2, CNN2LowRank
 
 
@@ -221,7 +226,7 @@ def test_int8_loading_names_a_wrong_file_or_architecture(tmp_path: Path) -> None
     save_quantized(int8, tmp_path / "q")
     with pytest.raises(CheckpointError, match="another architecture"):
         load_quantized(tmp_path / "q", CNN2LowRank(), torch.randn(1, 1, 28, 28))
-    with pytest.raises(CheckpointError, match="not a readable int8 model"):
+    with pytest.raises(CheckpointError, match="not an int8 model folder"):
         load_quantized(tmp_path / "missing", CNN2(), torch.randn(1, 1, 28, 28))
     from mapnet_experiments.models.networks import SmallCNN
 
@@ -254,3 +259,166 @@ def test_materialize_with_weights_checks_names_and_shapes() -> None:
         mapped.materialize(weights | {"features.0.bias": torch.zeros(3)})
     zeros = {k: torch.zeros_like(v) for k, v in weights.items()}
     assert all(p.abs().sum() == 0 for p in mapped.materialize(zeros).parameters())
+
+
+class Tiny(nn.Module):
+    """A convolution (int8 per channel) and a linear layer (packed parameters: a dtype and a
+    (weight, bias) tuple): every kind of entry an int8 state holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.fc = nn.Linear(3 * 4 * 4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 6, 6) -> (B, 4)
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+TINY_INPUT = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def saved_int8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("int8") / "q"
+    save_quantized(quantize_int8(Tiny().eval(), [TINY_INPUT]), folder)
+    return folder
+
+
+def _flip_bit(name: str, byte: int, bit: int) -> Callable[[Path], None]:
+    """Flip one bit of the tensor `name` inside the file, its checksum left as saved."""
+
+    def damage(folder: Path) -> None:
+        file = folder / "quantized.safetensors"
+        blob = bytearray(file.read_bytes())
+        header = 8 + int.from_bytes(blob[:8], "little")  # safetensors: size, JSON, data
+        start, _ = json.loads(blob[8:header])[name]["data_offsets"]
+        blob[header + start + byte] ^= 1 << bit
+        file.write_bytes(bytes(blob))
+
+    return damage
+
+
+def _unsealed(change: Callable[[dict[str, torch.Tensor]], object]) -> Callable[[Path], None]:
+    """Rewrite the tensor file, its checksum left as saved."""
+
+    def damage(folder: Path) -> None:
+        tensors = load_file(str(folder / "quantized.safetensors"))
+        change(tensors)
+        (folder / "quantized.safetensors").write_bytes(save(tensors))
+
+    return damage
+
+
+def _tensors(change: Callable[[dict[str, torch.Tensor]], object]) -> Callable[[Path], None]:
+    return lambda folder: edit_tensors(folder, "quantized.safetensors", "quantized.json", change)
+
+
+def _entry(key: str, change: Callable[[dict], object]) -> Callable[[Path], None]:
+    return lambda folder: edit_manifest(folder, "quantized.json", lambda d: change(d["state"][key]))
+
+
+def _state(change: Callable[[dict], object]) -> Callable[[Path], None]:
+    return lambda folder: edit_manifest(folder, "quantized.json", lambda d: change(d["state"]))
+
+
+def _from_another_model(folder: Path) -> None:
+    torch.manual_seed(7)
+    other = folder.parent / f"{folder.name}-other"
+    save_quantized(quantize_int8(Tiny().eval(), [TINY_INPUT]), other)
+    (folder / "quantized.safetensors").write_bytes((other / "quantized.safetensors").read_bytes())
+
+
+def _truncated_and_resealed(folder: Path) -> None:
+    (folder / "quantized.safetensors").write_bytes(b"\x08\x00\x00")
+    reseal(folder, "quantized.json")
+
+
+FC = "fc._packed_params._packed_params"
+INT8_DAMAGE = {
+    # Caught by the checksum alone: on 62d413d each of these loaded without a word.
+    "flipped int8 weight bit": (_flip_bit("conv.weight", 3, 6), "does not match the checksum"),
+    "flipped scale exponent": (
+        _flip_bit("conv.weight.scales", 7, 4),  # float64: byte 7 holds the exponent's top bits
+        "does not match the checksum",
+    ),
+    "doubled scales": (
+        _unsealed(lambda t: t["conv.weight.scales"].mul_(2)),
+        "does not match the checksum",
+    ),
+    "tensor file of another model": (_from_another_model, "does not match the checksum"),
+    # With the checksums recomputed, the reader's own checks.
+    "NaN bias": (
+        _tensors(lambda t: t["conv.bias"].fill_(float("nan"))),
+        "'conv.bias' holds NaN/inf values",
+    ),
+    "zero scales": (
+        _tensors(lambda t: t["conv.weight.scales"].zero_()),
+        "conv.weight.scales are not all positive",
+    ),
+    "not safetensors": (_truncated_and_resealed, "is not a readable safetensors file"),
+    "weights as float": (
+        _tensors(lambda t: t.update({"conv.weight": t["conv.weight"].float()})),
+        "'conv.weight' has dtype torch.float32, this model's torch.int8",
+    ),
+    "a tensor missing": (_tensors(lambda t: t.pop("conv.weight.zero_points")), "lacks the tensor"),
+    "a stray tensor": (
+        _tensors(lambda t: t.update(extra=torch.zeros(1))),
+        r"holds tensors no entry names: \['extra'\]",
+    ),
+    "entry is a list": (
+        _state(lambda state: state.update({"conv.bias": []})),
+        "'conv.bias' is described by a list, not an object",
+    ),
+    "state is a list": (
+        lambda f: edit_manifest(f, "quantized.json", lambda d: d.update(state=[])),
+        "holds no state description",
+    ),
+    "description is a list": (
+        lambda f: (f / "quantized.json").write_text("[]"),
+        "quantized.json is not a JSON object but a list",
+    ),
+    "quint8 for qint8": (
+        _entry("conv.weight", lambda e: e.update(dtype="quint8")),
+        "is torch.quint8",
+    ),
+    "dtype that is a function": (
+        _entry("fc._packed_params.dtype", lambda e: e.update(dtype="load")),
+        "names the dtype 'load', which is not one",
+    ),
+    "float16 packed dtype": (
+        _entry("fc._packed_params.dtype", lambda e: e.update(dtype="float16")),
+        "should be the dtype torch.qint8",
+    ),
+    "another axis": (
+        _entry("conv.weight", lambda e: e.update(axis=1)),
+        "per channel along axis 0",
+    ),
+    "tuple of one": (_entry(FC, lambda e: e["tuple"].pop()), "holds 1 items, this model's 2"),
+    "per-tensor scale": (
+        _entry(FC, lambda e: e["tuple"][0].update(per_tensor=e["tuple"][0].pop("per_channel"))),
+        "should be int8 per channel",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", INT8_DAMAGE)
+def test_a_damaged_int8_folder_is_a_checkpoint_error_naming_the_problem(
+    saved_int8: Path, tmp_path: Path, kind: str
+) -> None:
+    damage, message = INT8_DAMAGE[kind]
+    folder = tmp_path / "q"
+    shutil.copytree(saved_int8, folder)
+    damage(folder)
+    with pytest.raises(CheckpointError, match=message):
+        load_quantized(folder, Tiny(), TINY_INPUT)
+
+
+def test_quantize_int8_names_a_non_finite_weight_or_batch() -> None:
+    model = Tiny().eval()
+    with torch.no_grad():
+        model.fc.weight[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"'fc\.weight' holds NaN/inf values"):
+        quantize_int8(model, [TINY_INPUT])
+    with pytest.raises(ValueError, match="calibration batch 1 holds NaN/inf"):
+        quantize_int8(Tiny().eval(), [TINY_INPUT, torch.full_like(TINY_INPUT, float("inf"))])

@@ -953,3 +953,50 @@ def test_library_never_runs_system_tools() -> None:
         if name.split(".")[0] in ("subprocess", "mapnet_experiments")
     )
     assert not offenders
+
+
+def _mapnet_imports(package: Path) -> dict[str, set[str]]:
+    """For every module of the package `mapnet`, the mapnet modules it imports (at module level
+    or in a function; not under `if TYPE_CHECKING:`, which never runs). `from mapnet import x`
+    is the module mapnet.x where one exists, else the package itself."""
+    modules = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets: set[str] = set()
+        pending: list[ast.AST] = [ast.parse(path.read_text(), str(path))]
+        while pending:
+            node = pending.pop()
+            if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+                pending += node.orelse
+                continue
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    targets.add(full if full in modules else node.module)
+            elif isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            pending += ast.iter_child_nodes(node)
+        graph[name] = {t for t in targets if t in modules}
+    return graph
+
+
+def test_the_library_imports_run_one_way() -> None:
+    """Only mapnet/__init__ imports the package itself (no module reaches back up for a name),
+    and the imports between mapnet's modules form no cycle."""
+    graph = _mapnet_imports(Path(mapnet.__file__).parent)
+    assert {"mapnet.files", "mapnet.state", "mapnet.checkpoint", "mapnet.identity"} <= set(graph)
+    assert sorted(name for name, targets in graph.items() if "mapnet" in targets) == []
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import cycle: {' -> '.join((*path, name))}"
+        if name not in done:
+            for target in graph[name]:
+                visit(target, (*path, name))
+            done.add(name)
+
+    for name in graph:
+        visit(name, ())

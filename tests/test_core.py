@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 
 import pytest
@@ -351,6 +352,14 @@ def test_transformer_encoder_loss_falls_in_20_steps() -> None:
 def test_config_rejects_bad_values(kwargs: dict, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         MappingConfig(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["alpha", "latent_init_std", "target_fraction"])
+@pytest.mark.parametrize("text", ["1e999", "-1e999", "NaN"])
+def test_every_float_option_of_a_config_must_be_finite(name: str, text: str) -> None:
+    data = {"projection": "structured", name: json.loads(text)}  # 1e999 parses to inf
+    with pytest.raises(ValueError, match=f"^{name} must be finite, got"):
+        MappingConfig.from_dict(data)
 
 
 def test_config_round_trips_and_rejects_unknown_keys() -> None:

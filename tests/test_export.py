@@ -215,9 +215,13 @@ def test_static_batch_and_external_weights(tmp_path: Path, monkeypatch: pytest.M
     path = tmp_path / "out" / "m.onnx"
     result = export_onnx(mapped, torch.randn(2, 6), path, dynamic_batch=False)
     assert result.checked_batch_sizes == (2,) and result.max_abs_error <= 1e-4
-    assert (tmp_path / "out" / "m.onnx.data").is_file()  # the weights, beside the graph
+    (data,) = (tmp_path / "out").glob("m.onnx.*.data")  # the weights, beside the graph
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == [2, 6]
+    export_onnx(mapped, torch.randn(2, 6), path, dynamic_batch=False, check=False)
+    (again,) = (tmp_path / "out").glob("m.onnx.*.data")  # a new pair: the old data is gone
+    assert again != data
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.onnx", again.name]
 
 
 # ---------------------------------------------------------------- the `mapnet export` command

@@ -83,6 +83,22 @@ def test_an_error_in_the_block_keeps_the_previous_version(tmp_path: Path) -> Non
     assert os.listdir(tmp_path) == ["t"]
 
 
+def test_a_commit_may_hold_a_committed_folder(tmp_path: Path) -> None:
+    """A run's state folder holding a checkpoint: the inner commit's lock and staging stay
+    inside the outer staging folder and leave nothing there but the inner folder."""
+    with files.commit(tmp_path / "state", "state.json", {"epoch": 3}) as staging:
+        commit_version(staging / "model", "inner")
+        (staging / "trainer.bin").write_bytes(b"t")
+    verified = files.read_verified(tmp_path / "state", "state.json")
+    assert sorted(verified.contents) == [
+        "model/data.bin",
+        "model/m.json",
+        "model/nested/more.bin",
+        "trainer.bin",
+    ]
+    assert version_of(tmp_path / "state" / "model") == "inner"
+
+
 def test_a_folder_with_files_no_version_lists_is_refused_not_replaced(tmp_path: Path) -> None:
     project = tmp_path / "project"
     project.mkdir()
@@ -116,6 +132,8 @@ def test_a_kill_at_any_step_leaves_the_old_or_the_new_version(
 ) -> None:
     if swap == "two renames":  # as on a system without RENAME_EXCHANGE
         monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    # A kill, not a power cut: fsync need not reach the disk here, only count as a step.
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
     target = tmp_path / "t"
     seen, read_from = set(), set()
     for n, after in ((n, after) for n in itertools.count(1) for after in (False, True)):
@@ -297,7 +315,8 @@ def test_a_manifest_older_than_the_files_table_is_read_through_its_own_digests(
     (folder / "data.bin").write_bytes(b"abc")
     (folder / MANIFEST).write_text(json.dumps({"sha": hashlib.sha256(b"abc").hexdigest()}))
 
-    def legacy(manifest: dict) -> dict[str, str | None]:
+    def legacy(file: Path, manifest: dict) -> dict[str, str | None]:
+        assert file == folder / MANIFEST
         return {"data.bin": manifest.get("sha")}
 
     verified = files.read_verified(folder, MANIFEST, legacy=legacy)

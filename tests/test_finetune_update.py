@@ -251,6 +251,31 @@ def test_fine_tune_state_holds_the_latent_and_digests_not_the_pretrained_weights
     assert torch.equal(fresh.target.norm.running_mean, mapped.target.norm.running_mean)
 
 
+@pytest.mark.parametrize("base", ["model", "multiplicative"])
+def test_a_strict_load_of_a_fine_tune_state_that_lost_a_moved_statistic_is_refused(
+    base: str,
+) -> None:
+    """A fine-tune state leaves out the statistics still pretrained; one that training moved
+    and the state then lost must not come back as its pretrained value."""
+    settings = {"update": "multiplicative"} if base == "multiplicative" else {"base": "model"}
+    config = MappingConfig(latent_dim=8, target_modules=["body"], **settings)
+    trained = wrap(pretrained(), config).train()
+    trained(torch.randn(4, 2, 6, 6))  # the statistics move
+    state = trained.state_dict()
+    del state["target.norm.running_mean"]
+    receiver = wrap(pretrained(), config)
+    with pytest.raises(
+        CheckpointError, match=re.escape("missing 'target.norm.running_mean' (the state was saved")
+    ):
+        receiver.load_state_dict(state, strict=True)
+    assert torch.equal(receiver.target.norm.running_var, pretrained().norm.running_var)
+    receiver.train()(torch.randn(4, 2, 6, 6))
+    own = receiver.target.norm.running_mean.clone()
+    receiver.load_state_dict(state, strict=False)  # the rest; the lost one left as it is
+    assert torch.equal(receiver.target.norm.running_var, trained.target.norm.running_var)
+    assert torch.equal(receiver.target.norm.running_mean, own)
+
+
 def test_fine_tune_state_is_refused_when_the_pretrained_statistics_differ() -> None:
     config = MappingConfig(latent_dim=8, update="multiplicative", target_modules=["body"])
     state = wrap(pretrained(), config).state_dict()
@@ -312,17 +337,18 @@ def test_fine_tune_checkpoint_round_trips_in_a_fresh_process(tmp_path: Path) -> 
 
 
 def test_identity_is_compressed_and_plain_json_from_mapnet_0_2_0_still_reads() -> None:
-    from mapnet.checkpoint import fingerprint
+    from mapnet.identity import decode
 
     mapped = wrap(pretrained(), MappingConfig(latent_dim=8, update="multiplicative"))
     encoded = mapped.state_dict()["_extra_state"]
     identity = mapped.fingerprint()
     assert len(encoded) < len(json.dumps(identity)) / 2
-    assert fingerprint.decode(encoded, "here") == identity
+    # A fine-tune state's identity also lists the pretrained buffers it holds (none moved).
+    assert decode(encoded, "here") == identity | {"buffers_held": []}
     plain = torch.frombuffer(bytearray(json.dumps(identity).encode()), dtype=torch.uint8)
-    assert fingerprint.decode(plain, "here") == identity
+    assert decode(plain, "here") == identity
     with pytest.raises(CheckpointError, match="identity is unreadable"):
-        fingerprint.decode(torch.tensor([1, 2, 3], dtype=torch.uint8), "here")
+        decode(torch.tensor([1, 2, 3], dtype=torch.uint8), "here")
 
 
 def test_switching_to_the_multiplicative_update_by_override_modulates_the_pretrained_weights() -> (
@@ -381,7 +407,7 @@ def test_a_wrongly_shaped_statistic_is_refused_before_anything_is_loaded() -> No
 
 def test_a_fine_tune_state_of_mapnet_0_2_0_still_loads() -> None:
     """0.2.0 wrote every frozen weight and buffer, and an identity without digests of them."""
-    from mapnet.checkpoint import fingerprint
+    from mapnet.identity import decode
 
     config = MappingConfig(latent_dim=8, base="model", target_modules=["body"])
     model = pretrained()
@@ -389,7 +415,7 @@ def test_a_fine_tune_state_of_mapnet_0_2_0_still_loads() -> None:
     with torch.no_grad():
         source.latent.normal_()
     state = source.state_dict()
-    identity = fingerprint.decode(state["_extra_state"], "here")
+    identity = decode(state["_extra_state"], "here")
     for key in ("frozen", "buffers"):
         del identity[key]
     for name in ("update", "group_size", "target_fraction"):

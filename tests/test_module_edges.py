@@ -4,9 +4,11 @@ attribute fall-through and θ₀ regenerated in its last bits elsewhere."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,8 @@ from torch import nn
 from torch.func import functional_call
 
 import mapnet
-from mapnet.checkpoint.fingerprint import CheckpointError
+from mapnet.config import MappingConfig
+from mapnet.errors import CheckpointError
 from mapnet.loss import MappingLoss
 
 
@@ -281,3 +284,83 @@ def test_a_partial_state_for_other_base_weights_changes_nothing_even_through_a_p
     with pytest.raises(CheckpointError, match=r"partial state for other base weights"):
         target.load_state_dict(state)
     assert torch.equal(target.inner.base_0, before)
+
+
+class Masked(nn.Module):
+    """A linear layer, batch statistics, and a buffer that holds -inf by design."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.norm = nn.BatchNorm1d(3)
+        self.register_buffer("mask", torch.tensor([0.0, -math.inf, 0.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.fc(x)) + self.mask
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("target.norm.running_mean", math.nan), ("target.norm.running_var", math.inf),
+     ("target.fc.bias", -math.inf)],
+)  # fmt: skip
+def test_non_finite_statistics_and_directly_trained_weights_are_refused_before_loading(
+    key: str, value: float, tmp_path: Path
+) -> None:
+    config = MappingConfig(latent_dim=4, train_directly=("fc.bias",))
+    state = mapnet.wrap(Masked(), config).state_dict()
+    state[key] = state[key].clone()
+    state[key][1] = value
+    state["latents.0"] = torch.full((4,), 0.5)
+    receiver = mapnet.wrap(Masked(), config)
+    before = {k: v.clone() for k, v in receiver.state_dict().items()}
+    with pytest.raises(CheckpointError, match=rf"non-finite values \(NaN/inf\) in \['{key}'\]"):
+        receiver.load_state_dict(state)
+    after = receiver.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k != "_extra_state")
+    owner, _, name = key.rpartition(".")
+    with torch.no_grad():  # the same value reached by training is not saved either
+        getattr(receiver.get_submodule(owner), name)[1] = value
+    with pytest.raises(ValueError, match=rf"\['{key}'\] hold NaN/inf"):
+        mapnet.save(receiver, tmp_path / "ckpt")
+
+
+def test_a_buffer_holding_inf_by_design_still_loads_and_saves(tmp_path: Path) -> None:
+    config = MappingConfig(latent_dim=4, train_directly=("fc.bias",))
+    mapped = mapnet.wrap(Masked(), config)
+    again = mapnet.load(mapnet.save(mapped, tmp_path / "ckpt"), Masked())
+    assert torch.equal(again.target.mask, mapped.target.mask)
+
+
+def test_a_tree_is_checked_whole_before_torch_writes_any_of_it() -> None:
+    """torch loads a parent module by module; mapnet.load_state_dict refuses before any."""
+
+    def tree(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.ModuleDict(
+            {"head": nn.Linear(3, 3), "body": mapnet.wrap(nn.Linear(4, 3), latent_dim=5, seed=seed)}
+        )
+
+    state = tree(1).state_dict()  # a body mapped with seed 1: not this tree's mapping
+    receiver = tree(0)
+    head = receiver["head"].weight.detach().clone()
+    with pytest.raises(CheckpointError, match=r"MappedModule at 'body\.' was saved with another"):
+        mapnet.load_state_dict(receiver, state)
+    assert torch.equal(receiver["head"].weight, head)  # nothing was written
+    with pytest.raises(CheckpointError, match="another MappingConfig"):
+        receiver.load_state_dict(state)  # torch alone: the head was written before the refusal
+    assert not torch.equal(receiver["head"].weight, head)
+
+    same = tree(0)
+    source = tree(0)
+    with torch.no_grad():
+        source["body"].latent.fill_(0.25)
+        source["head"].bias.fill_(2.0)
+    missing = {k: v for k, v in source.state_dict().items() if k != "head.bias"}
+    with pytest.raises(CheckpointError, match=r"missing 'head\.bias'"):
+        mapnet.load_state_dict(same, missing)
+    assert torch.equal(same["body"].latent, torch.zeros(5))
+    result = mapnet.load_state_dict(same, source.state_dict())
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert torch.equal(same["body"].latent, source["body"].latent)
+    assert torch.equal(same["head"].bias, source["head"].bias)

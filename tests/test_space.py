@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from torch import nn
 
 import mapnet
+from damage import edit_manifest, edit_tensors, reseal
 from mapnet import CheckpointError, MappingConfig
 from mapnet.space import ModelSpace
 
@@ -97,9 +100,9 @@ def test_a_space_refuses_another_mapping_and_a_corrupt_file(tmp_path: Path) -> N
     data = bytearray(blob.read_bytes())
     data[-1] ^= 1
     blob.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match=r"space\.safetensors does not match the checksum"):
         ModelSpace.load(tmp_path / "space", Net)
-    with pytest.raises(CheckpointError, match="not a readable model space"):
+    with pytest.raises(CheckpointError, match="not a model space folder"):
         ModelSpace.load(tmp_path / "nothing", Net)
 
 
@@ -341,26 +344,25 @@ def test_fit_latents_and_step_sizes_refuse_bad_input(tmp_path: Path) -> None:
     for name, saved in (("missing", None), ("narrow", torch.zeros(3)),
                         ("nan", torch.full((12,), float("nan")))):  # fmt: skip
         folder = _with_step_sizes(space(1).save(tmp_path / name), saved)
-        match = "NaN/inf" if name == "nan" else "missing or not one per latent dimension"
+        match = {
+            "missing": "lacks the tensor 'log_step_sizes'",
+            "narrow": r"'log_step_sizes' has shape \(3,\), this mapping's is \(12,\)",
+            "nan": "'log_step_sizes' holds NaN/inf",
+        }[name]
         with pytest.raises(CheckpointError, match=match):
             ModelSpace.load(folder, Net)
 
 
 def _with_step_sizes(folder: Path, log_step_sizes: torch.Tensor | None) -> Path:
     """A saved space rewritten to claim learned step sizes, holding `log_step_sizes` (or
-    none), its checksum recomputed: only the step sizes are wrong."""
-    import hashlib
+    none), its checksums recomputed: only the step sizes are wrong."""
 
-    from safetensors.torch import load_file, save
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        if log_step_sizes is not None:
+            tensors["log_step_sizes"] = log_step_sizes
 
-    tensors = load_file(str(folder / "space.safetensors"))
-    if log_step_sizes is not None:
-        tensors["log_step_sizes"] = log_step_sizes
-    blob = save(tensors)
-    (folder / "space.safetensors").write_bytes(blob)
-    description = json.loads((folder / "space.json").read_text())
-    description |= {"learned_step_sizes": True, "tensors_sha256": hashlib.sha256(blob).hexdigest()}
-    (folder / "space.json").write_text(json.dumps(description))
+    edit_tensors(folder, "space.safetensors", "space.json", edit)
+    edit_manifest(folder, "space.json", lambda d: d.update(learned_step_sizes=True))
     return folder
 
 
@@ -370,3 +372,98 @@ def test_fit_latents_works_under_no_grad() -> None:
     with torch.no_grad():  # encoding at evaluation time
         fitted = s.fit_latents(_per_latent_mse(targets), x, steps=2, count=2, step_size=0.5)
     torch.testing.assert_close(fitted, expected, rtol=0, atol=0)
+
+
+def test_a_space_with_non_finite_latents_is_not_saved_unless_allowed(tmp_path: Path) -> None:
+    s = space(4)
+    with torch.no_grad():
+        s.latents[2, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"\['latents'\] hold NaN/inf \(latent rows \[2\]\)"):
+        s.save(tmp_path / "space")
+    assert not (tmp_path / "space").exists()
+    s.save(tmp_path / "space", allow_nonfinite=True)
+    with pytest.raises(CheckpointError, match="'latents' holds NaN/inf values"):
+        ModelSpace.load(tmp_path / "space", Net)
+
+
+def _tensor_edit(change: Callable[[dict[str, torch.Tensor]], object]) -> Callable[[Path], None]:
+    return lambda folder: edit_tensors(folder, "space.safetensors", "space.json", change)
+
+
+def _json_edit(change: Callable[[dict], object]) -> Callable[[Path], None]:
+    return lambda folder: edit_manifest(folder, "space.json", change)
+
+
+def _not_safetensors(folder: Path) -> None:
+    (folder / "space.safetensors").write_bytes(b"\x01\x00")
+    reseal(folder, "space.json")
+
+
+SPACE_DAMAGE = {
+    "description is a list": (
+        lambda folder: (folder / "space.json").write_text("[1]"),
+        "space.json is not a JSON object but a list",
+    ),
+    "no config": (_json_edit(lambda d: d.pop("config")), "'config' is missing, expected a dict"),
+    "records not a list": (
+        _json_edit(lambda d: d.update(member_records={"a": 1})),
+        "'member_records' is dict, expected a list",
+    ),
+    "records too few": (
+        _json_edit(lambda d: d["member_records"].pop()),
+        "3 members but member_records holds 2 entries",
+    ),
+    "members a string": (_json_edit(lambda d: d.update(members="3")), "'members' is str"),
+    "unknown format": (_json_edit(lambda d: d.update(format=7)), "space format 7, this mapnet"),
+    "no identity": (
+        _tensor_edit(lambda t: t.pop("identity")),
+        "lacks the mapping's identity",
+    ),
+    "not safetensors": (_not_safetensors, "is not a readable safetensors file"),
+    "NaN latents": (
+        _tensor_edit(lambda t: t["latents"].fill_(float("nan"))),
+        "'latents' holds NaN/inf values",
+    ),
+    "inf latents": (
+        _tensor_edit(lambda t: t["latents"][0].fill_(float("inf"))),
+        "'latents' holds NaN/inf values",
+    ),
+    "int32 latents": (
+        _tensor_edit(lambda t: t.update(latents=t["latents"].to(torch.int32))),
+        "'latents' has dtype torch.int32, not a floating type",
+    ),
+    "one member short": (
+        _tensor_edit(lambda t: t.update(latents=t["latents"][:2].clone())),
+        r"'latents' has shape \(2, 12\), this mapping's is \(3, 12\)",
+    ),
+    "a stray tensor": (
+        _tensor_edit(lambda t: t.update(extra=torch.zeros(1))),
+        r"holds tensors a space does not: \['extra'\]",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", SPACE_DAMAGE)
+def test_a_damaged_space_is_a_checkpoint_error_naming_the_problem(
+    tmp_path: Path, kind: str
+) -> None:
+    """Even with its checksums recomputed, a space whose description or tensors do not make
+    sense is refused before it is built."""
+    damage, message = SPACE_DAMAGE[kind]
+    folder = space(3).save(tmp_path / "space")
+    damage(folder)
+    with pytest.raises(CheckpointError, match=message):
+        ModelSpace.load(folder, Net)
+
+
+def test_a_format_1_space_still_loads(tmp_path: Path) -> None:
+    s = space(2)
+    folder = s.save(tmp_path / "space")
+    blob = (folder / "space.safetensors").read_bytes()
+
+    def as_format_1(description: dict) -> None:
+        del description["files"]
+        description |= {"format": 1, "tensors_sha256": hashlib.sha256(blob).hexdigest()}
+
+    edit_manifest(folder, "space.json", as_format_1)
+    assert torch.equal(ModelSpace.load(folder, Net).latents, s.latents)

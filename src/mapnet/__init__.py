@@ -6,10 +6,11 @@ optimizer = torch.optim.Adam(mapped.parameters(), lr=0.1)   # the latent (and an
 mapnet.save(mapped, "run/ckpt"); mapnet.load("run/ckpt", lambda: MyNet())
 """
 
-from mapnet.checkpoint.fingerprint import CheckpointError
-from mapnet.checkpoint.io import load, load_into, save
+from mapnet._version import __version__ as __version__
+from mapnet.checkpoint import load, load_into, save
 from mapnet.config import MappingConfig
-from mapnet.module import MappedModule, exclude_fixed_from_ddp, wrap
+from mapnet.errors import CheckpointError
+from mapnet.module import MappedModule, exclude_fixed_from_ddp, load_state_dict, wrap
 from mapnet.space import ModelSpace
 
 __all__ = [
@@ -20,7 +21,7 @@ __all__ = [
     "exclude_fixed_from_ddp",
     "load",
     "load_into",
+    "load_state_dict",
     "save",
     "wrap",
 ]
-__version__ = "0.2.0"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
+import itertools
 import math
 import os
 import warnings
@@ -24,17 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 from torch.func import functional_call
 
-from mapnet.checkpoint.fingerprint import CheckpointError
-from mapnet.checkpoint.io import atomic_write_bytes
+from mapnet import files
+from mapnet.checkpoint import read_safetensors
 from mapnet.checks import positive_int
+from mapnet.errors import CheckpointError
 from mapnet.module import MappedModule
 
 QUANTIZED_FORMAT = "mapnet-int8"
+QUANTIZED_VERSION = 2  # 2: quantized.json lists its files with their sha256 (before: no check)
 QUANTIZED_JSON = "quantized.json"
 QUANTIZED_TENSORS = "quantized.safetensors"
 # x86's per-channel symmetric int8 weight grid: scale = max|w| / 127.5, values in [-128, 127]
@@ -295,6 +296,11 @@ def quantize_int8(model: nn.Module, calibration: Iterable[torch.Tensor]) -> nn.M
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
+    # The observers' histograms fail deep inside torch on NaN/inf: name the tensor instead.
+    named = itertools.chain(model.named_parameters(), model.named_buffers())
+    for name, tensor in named:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{name!r} holds NaN/inf values: int8 quantisation needs finite ones")
     batches = iter(calibration)
     first = next(batches, None)
     if first is None:
@@ -308,43 +314,58 @@ def quantize_int8(model: nn.Module, calibration: Iterable[torch.Tensor]) -> nn.M
                 f"{type(model).__name__} cannot be traced by torch.fx for int8 quantisation: "
                 f"{error}"
             ) from None
-        prepared(first)
-        for batch in batches:
+        for index, batch in enumerate(itertools.chain([first], batches)):
+            if isinstance(batch, torch.Tensor) and not torch.isfinite(batch).all():
+                raise ValueError(f"calibration batch {index} holds NaN/inf values")
             prepared(batch)
         return convert_fx(prepared)
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> int:
     """Write a quantize_int8() result as <path>/quantized.safetensors + quantized.json (int8
-    weights with their per-channel scales; no pickle); returns the bytes written."""
+    weights with their per-channel scales; no pickle), committed whole under a lock
+    (`mapnet.files.commit`, the JSON listing the tensor file's size and sha256); returns the
+    bytes written. A NaN/inf float tensor (what load_quantized refuses) is a ValueError."""
     tensors: dict[str, torch.Tensor] = {}
     manifest: dict[str, Any] = {}
     for key, value in model.state_dict().items():
         manifest[key] = _store(key, value, tensors)
+    nonfinite = [k for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all()]
+    if nonfinite:
+        raise ValueError(f"{nonfinite[:5]} hold NaN/inf: load_quantized would refuse them")
     folder = Path(path)
     data = save_safetensors(tensors)
-    atomic_write_bytes(folder / QUANTIZED_TENSORS, data)
-    description = json.dumps({"format": QUANTIZED_FORMAT, "state": manifest}, indent=1).encode()
-    atomic_write_bytes(folder / QUANTIZED_JSON, description)
-    return len(data) + len(description)
+    description = {"format": QUANTIZED_FORMAT, "version": QUANTIZED_VERSION, "state": manifest}
+    with files.commit(folder, QUANTIZED_JSON, description) as staging:
+        (staging / QUANTIZED_TENSORS).write_bytes(data)
+    return len(data) + (files.current(folder) / QUANTIZED_JSON).stat().st_size
 
 
 def load_quantized(
     path: str | os.PathLike[str], float_model: nn.Module, example: torch.Tensor
 ) -> nn.Module:
     """The int8 module saved by save_quantized, rebuilt on `float_model`'s architecture (any
-    weights: they are replaced) traced with `example` (one input batch)."""
-    folder = Path(path)
-    try:
-        description = json.loads((folder / QUANTIZED_JSON).read_text())
-        tensors = load_safetensors((folder / QUANTIZED_TENSORS).read_bytes())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{folder}: not a readable int8 model ({error})") from None
+    weights: they are replaced) traced with `example` (one input batch).
+
+    Every file is checked against the manifest before anything is parsed (a folder written
+    before the manifest listed its files has no checksum to check); then every entry against
+    the int8 module `float_model` becomes: kind, dtype, shape, axis, finite and positive
+    scales, finite float tensors. Every failure is a CheckpointError naming the file and the
+    problem."""
+    verified = files.read_verified(
+        path, QUANTIZED_JSON, what="an int8 model", legacy=_unversioned_int8
+    )
+    folder = verified.folder
+    json_file, tensor_file = folder / QUANTIZED_JSON, folder / QUANTIZED_TENSORS
+    description = verified.manifest
     if description.get("format") != QUANTIZED_FORMAT:
-        raise CheckpointError(f"{folder}: {QUANTIZED_JSON} is not a {QUANTIZED_FORMAT} file")
-    manifest = description.get("state") if isinstance(description, dict) else None
+        raise CheckpointError(f"{json_file} is not a {QUANTIZED_FORMAT} file")
+    if set(verified.contents) != {QUANTIZED_TENSORS}:
+        raise CheckpointError(f"{json_file} lists {sorted(verified.contents)}, not the int8 file")
+    manifest = description.get("state")
     if not isinstance(manifest, dict):
-        raise CheckpointError(f"{folder}: {QUANTIZED_JSON} holds no state description")
+        raise CheckpointError(f"{json_file} holds no state description")
+    tensors = read_safetensors(verified.contents[QUANTIZED_TENSORS], tensor_file)
     template = quantize_int8(float_model, [example])
     expected = template.state_dict()
     missing, unexpected = (
@@ -356,9 +377,13 @@ def load_quantized(
             f"{folder} was saved from another architecture: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
-    state = OrderedDict((key, _restore(key, entry, tensors)) for key, entry in manifest.items())
-    for key, value in state.items():
-        _check_like(folder, key, value, expected[key])
+    reader = _Int8Reader(json_file, tensor_file, tensors)
+    state = OrderedDict(
+        (key, reader.restore(key, manifest[key], expected[key])) for key in expected
+    )
+    unused = sorted(set(tensors) - reader.used)
+    if unused:
+        raise CheckpointError(f"{tensor_file} holds tensors no entry names: {unused[:5]}")
     # The modules' state versions: quantized Linear reads a version-less state as its old layout.
     state._metadata = expected._metadata  # type: ignore[attr-defined]
     with _quiet_torch_ao():
@@ -366,27 +391,113 @@ def load_quantized(
     return template
 
 
-def _check_like(folder: Path, key: str, value: Any, expected: Any) -> None:
-    """A restored value must have the template's shape and dtype (another width is another
-    architecture, whatever the names say)."""
-    if isinstance(expected, tuple) and isinstance(value, tuple) and len(value) == len(expected):
-        for item, reference in zip(value, expected):
-            _check_like(folder, key, item, reference)
-        return
-    if isinstance(expected, torch.Tensor):
-        if not isinstance(value, torch.Tensor) or value.shape != expected.shape:
-            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise CheckpointError(
-                f"{folder} was saved from another architecture: {key!r} is {got}, this model's "
-                f"{tuple(expected.shape)}"
+def _unversioned_int8(file: Path, description: dict[str, Any]) -> dict[str, str | None]:
+    """quantized.json before it listed its files (no "version"): the tensor file, unchecked."""
+    if "version" in description:
+        raise CheckpointError(f"{file} has no {files.FILES!r} table of its folder's files")
+    return {QUANTIZED_TENSORS: None}
+
+
+class _Int8Reader:
+    """Rebuilds state-dict values from quantized.json's entries and the tensor file, each
+    checked against the value the template module holds under the same key."""
+
+    def __init__(self, json_file: Path, tensor_file: Path, tensors: dict[str, torch.Tensor]):
+        self.json_file, self.tensor_file, self.tensors = json_file, tensor_file, tensors
+        self.used: set[str] = set()
+
+    def fail(self, key: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"{self.json_file}: {key!r} {problem}")
+
+    def restore(self, key: str, entry: object, expected: Any) -> Any:
+        if not isinstance(entry, dict):
+            raise self.fail(key, f"is described by a {type(entry).__name__}, not an object")
+        if isinstance(expected, tuple):
+            items = entry.get("tuple")
+            if set(entry) != {"tuple"} or not isinstance(items, list):
+                raise self.fail(key, "should be a tuple of entries")
+            if len(items) != len(expected):
+                raise self.fail(key, f"holds {len(items)} items, this model's {len(expected)}")
+            return tuple(
+                self.restore(f"{key}.{i}", e, x) for i, (e, x) in enumerate(zip(items, expected))
             )
-        if value.dtype != expected.dtype:
+        if expected is None:
+            if entry != {"none": True}:
+                raise self.fail(key, "should be None")
+            return None
+        if isinstance(expected, torch.dtype):
+            if set(entry) != {"dtype"} or self.dtype(key, entry) != expected:
+                raise self.fail(key, f"should be the dtype {expected}, got {entry}")
+            return expected
+        if not isinstance(expected, torch.Tensor):
+            raise self.fail(key, f"is a {type(expected).__name__} this reader does not know")
+        if not expected.is_quantized:
+            if set(entry) != {"tensor"}:
+                raise self.fail(key, f"should be a plain tensor, got {sorted(entry)}")
+            return self.tensor(key, entry["tensor"], expected.dtype, tuple(expected.shape))
+        return self.quantized(key, entry, expected)
+
+    def dtype(self, key: str, entry: dict[str, Any]) -> torch.dtype:
+        name = entry.get("dtype")
+        value = getattr(torch, name, None) if isinstance(name, str) else None
+        if not isinstance(value, torch.dtype):
+            raise self.fail(key, f"names the dtype {name!r}, which is not one")
+        return value
+
+    def tensor(
+        self, key: str, name: object, dtype: torch.dtype, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        if not isinstance(name, str) or name not in self.tensors:
+            raise CheckpointError(f"{self.tensor_file} lacks the tensor {name!r} of {key!r}")
+        value = self.tensors[name]
+        self.used.add(name)
+        if tuple(value.shape) != shape:
             raise CheckpointError(
-                f"{folder}: {key!r} has dtype {value.dtype}, this model's {expected.dtype}"
+                f"{self.tensor_file} was saved from another architecture: {name!r} is "
+                f"{tuple(value.shape)}, this model's {shape}"
             )
-    elif type(value) is not type(expected):
-        raise CheckpointError(f"{folder}: {key!r} is a {type(value).__name__}, expected "
-                              f"{type(expected).__name__}")  # fmt: skip
+        if value.dtype != dtype:
+            raise CheckpointError(
+                f"{self.tensor_file}: {name!r} has dtype {value.dtype}, this model's {dtype}"
+            )
+        if value.is_floating_point() and not value.isfinite().all():
+            raise CheckpointError(f"{self.tensor_file}: {name!r} holds NaN/inf values")
+        return value
+
+    def quantized(self, key: str, entry: dict[str, Any], expected: torch.Tensor) -> torch.Tensor:
+        dtype = self.dtype(key, entry)
+        if dtype != expected.dtype:
+            raise self.fail(key, f"is {dtype}, this model's {expected.dtype}")
+        values_dtype, shape = expected.int_repr().dtype, tuple(expected.shape)
+        per_channel = expected.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+        if per_channel:
+            axis = expected.q_per_channel_axis()
+            if set(entry) != {"per_channel", "dtype", "axis"} or entry["axis"] != axis:
+                raise self.fail(key, f"should be int8 per channel along axis {axis}, got {entry}")
+            name = entry["per_channel"]
+            values = self.tensor(key, name, values_dtype, shape)
+            channels = (shape[axis],)
+            scales = self.tensor(
+                key, f"{name}.scales", expected.q_per_channel_scales().dtype, channels
+            )
+            zero_points = self.tensor(
+                key, f"{name}.zero_points", expected.q_per_channel_zero_points().dtype, channels
+            )
+            if not (scales > 0).all():
+                raise CheckpointError(f"{self.tensor_file}: {name}.scales are not all positive")
+            return torch._make_per_channel_quantized_tensor(values, scales, zero_points, axis)
+        scale, zero_point = entry.get("scale"), entry.get("zero_point")
+        if (
+            set(entry) != {"per_tensor", "dtype", "scale", "zero_point"}
+            or not isinstance(scale, float)
+            or not math.isfinite(scale)
+            or scale <= 0
+            or isinstance(zero_point, bool)
+            or not isinstance(zero_point, int)
+        ):
+            raise self.fail(key, f"should be int8 per tensor with a positive scale, got {entry}")
+        values = self.tensor(key, entry["per_tensor"], values_dtype, shape)
+        return torch._make_per_tensor_quantized_tensor(values, scale, zero_point)
 
 
 def _store(key: str, value: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -418,36 +529,3 @@ def _store(key: str, value: Any, tensors: dict[str, torch.Tensor]) -> Any:
         "dtype": str(value.dtype).removeprefix("torch."),
         "axis": value.q_per_channel_axis(),
     }
-
-
-def _restore(key: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
-    try:
-        if "dtype" in entry and len(entry) == 1:
-            return getattr(torch, entry["dtype"])
-        if "tuple" in entry:
-            return tuple(_restore(key, item, tensors) for item in entry["tuple"])
-        if "none" in entry:
-            return None
-        if "tensor" in entry:
-            return tensors[entry["tensor"]]
-        dtype = getattr(torch, entry["dtype"])
-        if "per_tensor" in entry:
-            values = tensors[entry["per_tensor"]]
-            quantized = torch._make_per_tensor_quantized_tensor(
-                values, entry["scale"], entry["zero_point"]
-            )
-        else:
-            name = entry["per_channel"]
-            quantized = torch._make_per_channel_quantized_tensor(
-                tensors[name],
-                tensors[name + ".scales"],
-                tensors[name + ".zero_points"],
-                entry["axis"],
-            )
-    except KeyError as error:
-        raise CheckpointError(f"int8 state is incomplete: {key!r} lacks {error}") from None
-    if quantized.dtype != dtype:
-        raise CheckpointError(
-            f"{key!r} was stored as {entry['dtype']}, read back {quantized.dtype}"
-        )
-    return quantized

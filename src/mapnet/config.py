@@ -24,6 +24,7 @@ BASES = ("init", "zero", "model")
 LAYER_SPLITS = ("per_layer", "equal", "proportional")
 PROJECTIONS = ("structured", "dense")
 UPDATES = ("additive", "multiplicative")
+FLOAT_OPTIONS = ("alpha", "latent_init_std", "target_fraction")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda t: t,
     "tanh": torch.tanh,
@@ -137,7 +138,7 @@ class MappingConfig:
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
-        for name in ("alpha", "latent_init_std"):
+        for name in FLOAT_OPTIONS:  # JSON's 1e999 reads as inf: every one must be finite
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -155,8 +156,6 @@ class MappingConfig:
                 "all-zero weights; use base='model' (θ_pre, the default) or base='init'"
             )
         fraction = self.target_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
-            raise TypeError(f"target_fraction must be a number, got {type(fraction).__name__}")
         if not 0 < fraction <= 1:
             raise ValueError(f"target_fraction must be in (0, 1], got {fraction}")
         if self.latent_init_std < 0:

@@ -17,11 +17,15 @@ ONNX needs `onnx`, `onnxscript` (torch's ONNX exporter) and, for the check, `onn
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib
 import inspect
 import io
 import json
 import os
+import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +37,9 @@ from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from mapnet.checkpoint.io import atomic_write_bytes, unshared_tensors
+from mapnet import files
+from mapnet._version import __version__
+from mapnet.checkpoint import unshared_tensors
 from mapnet.module import MappedModule
 
 EXPORT_FORMAT = "mapnet-export"
@@ -99,8 +105,6 @@ def _plain_model(source: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
     plain = materialize() if callable(materialize) else source
     if not isinstance(plain, nn.Module):
         raise TypeError(f"{type(source).__name__}.materialize() returned a {type(plain).__name__}")
-    from mapnet import __version__  # here: mapnet/__init__ may come to import this module
-
     # Wrappers (CompressedWeights, the ablation variants) hold the MappedModule inside.
     mapped = next((m for m in source.modules() if isinstance(m, MappedModule)), None)
     description = {
@@ -222,7 +226,8 @@ def _output_tensors(output: Any) -> list[torch.Tensor]:
 
 def export_safetensors(mapped_or_module: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Write the materialised model's `state_dict()` (generated weights and buffers such as
-    BatchNorm statistics) to the safetensors file `path` (atomically; its folder is created).
+    BatchNorm statistics) to the safetensors file `path` (atomically, under the file's lock:
+    `mapnet.files.commit_file`; its folder is created).
 
     The header's metadata holds {"format": "pt", "mapnet_export": a JSON description}, readable
     with `read_export_metadata`. A fresh instance of the target loads it with
@@ -240,7 +245,7 @@ def export_safetensors(mapped_or_module: nn.Module, path: str | os.PathLike[str]
     tensors = unshared_tensors(state)  # load_state_dict copies the same values into both names
     # "format": "pt" is what Hugging Face tools read to recognise a torch safetensors file.
     metadata = {"format": "pt", METADATA_KEY: json.dumps(description)}
-    atomic_write_bytes(file, save_safetensors(tensors, metadata=metadata))
+    files.commit_file(file, save_safetensors(tensors, metadata=metadata))
     return file
 
 
@@ -279,7 +284,8 @@ def export_onnx(
         shape, max |error| ≤ atol, and argmax over dim 1 for outputs with classes there, up to
         near-ties (top two within 2·atol, which rounding may swap). A failure raises
         ExportCheckError with the figures; the file is then not written (files of 2 GiB or
-        more are checked as written, with their weights in `<path>.data`).
+        more are checked as written, with their weights in `<path>.<random hex>.data`, a name
+        of each export's own so that the file and its data are replaced as a pair).
     opset: the ONNX opset (default: the exporter's recommended one).
 
     The description of `read_export_metadata` goes into the model's metadata_props. Returns
@@ -326,19 +332,43 @@ def export_onnx(
             blob = proto.SerializeToString()
             if check:  # checked in memory: a file that fails the check is never written
                 result = _check_onnx(blob, plain, inputs, dynamic_batch, atol, result)
-            atomic_write_bytes(file, blob)
+            files.commit_file(file, blob)
         else:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            onnx.save_model(
-                proto,
-                str(file),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=f"{file.name}.data",
-            )
+            _save_with_external_data(onnx, proto, file)
             if check:
                 result = _check_onnx(str(file), plain, inputs, dynamic_batch, atol, result)
     return result
+
+
+def _save_with_external_data(onnx: ModuleType, proto: Any, file: Path) -> None:
+    """Write an ONNX model whose weights lie in a data file beside it so that a writer killed
+    at any instant leaves the previous pair or the new one: the data file is named for this
+    export (`<file>.<random hex>.data`) and moved in first, then the ONNX file naming it
+    replaces the old one in one rename, and the old data file is removed last. Under the
+    file's lock, as every mapnet writer."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with files.lock(file, timeout=files.COMMIT_LOCK_TIMEOUT):
+        files.recover(file)  # staging folders of a killed export
+        data_name = f"{file.name}.{secrets.token_hex(4)}.data"
+        staging = Path(tempfile.mkdtemp(dir=file.parent, prefix=files.staging_prefix(file)))
+        try:
+            onnx.save_model(
+                proto,
+                str(staging / file.name),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+            )
+            files.fsync(staging / data_name)
+            files.fsync(staging / file.name)
+            os.rename(staging / data_name, file.parent / data_name)
+            os.replace(staging / file.name, file)
+            files.fsync(file.parent)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        for old in file.parent.glob(glob.escape(file.name) + "*.data"):
+            if old.name != data_name:
+                old.unlink()
 
 
 def _check_onnx(
@@ -439,5 +469,5 @@ def export_program(
     if file is not None:
         buffer = io.BytesIO()
         torch.export.save(program, buffer)
-        atomic_write_bytes(file, buffer.getvalue())
+        files.commit_file(file, buffer.getvalue())
     return program

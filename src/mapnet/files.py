@@ -3,6 +3,7 @@ whole under a lock, with a manifest that lets a reader check every byte before i
 
     atomic_write_bytes(path, data)      replace one file in one rename (old or new, never a mix)
     write_json(path, data)              the same for json.dumps(data, indent=2)
+    commit_file(path, data)             atomic_write_bytes under the file's lock
     with lock(path): ...                an advisory lock beside `path` naming its holder's pid
     with commit(target, "m.json", fields) as staging: ...   write a folder, swap it in whole
     read_verified(target, "m.json")     the manifest and every file's bytes, each checked
@@ -42,6 +43,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import glob
 import hashlib
 import json
 import os
@@ -111,6 +113,16 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """`json.dumps(data, indent=2)` written atomically (`atomic_write_bytes`)."""
     atomic_write_bytes(path, json.dumps(data, indent=2).encode())
+
+
+def commit_file(
+    path: str | os.PathLike[str], data: bytes, *, lock_timeout: float | None = None
+) -> None:
+    """`atomic_write_bytes` under `lock(path)`: a second writer of the same file waits up to
+    `lock_timeout` seconds (None: COMMIT_LOCK_TIMEOUT), then fails naming the first one."""
+    wait = COMMIT_LOCK_TIMEOUT if lock_timeout is None else lock_timeout
+    with lock(path, timeout=wait):
+        atomic_write_bytes(path, data)
 
 
 # ---------------------------------------------------------------- locks
@@ -185,7 +197,8 @@ def _acquire(target: Path, lock_file: Path, timeout: float) -> int:
             same = False
         if same:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid()}\n".encode())
             return fd
         os.close(fd)
 
@@ -202,14 +215,16 @@ def _try_lock(fd: int) -> bool:
 
 def _pid_in(fd: int) -> int | None:
     try:
-        text = os.pread(fd, 32, 0).decode().strip()
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 32).decode().strip()
     except (OSError, UnicodeDecodeError):
         return None
     return int(text) if text.isdigit() else None
 
 
 def _release(fd: int, lock_file: Path) -> None:
-    # Removed while still held, so a waiter that then gets the old file notices and retries.
+    # Removed while still held, so a waiter that then gets the removed file notices and retries
+    # (without fcntl there is no waiter, and an open file cannot be removed on Windows).
     if fcntl is not None:
         lock_file.unlink(missing_ok=True)
     os.close(fd)
@@ -221,6 +236,7 @@ def _release(fd: int, lock_file: Path) -> None:
 
 
 def staging_prefix(target: Path) -> str:
+    """How the names of `target`'s staging folders begin."""
     return f".{target.name}.staging-"
 
 
@@ -251,8 +267,7 @@ def commit(
     if target.is_symlink():  # the folder it points to is the one replaced
         target = target.resolve()
     _check_relative(manifest_name)
-    extra = dict(fields or {})
-    if FILES in extra:
+    if FILES in (fields or {}):
         raise ValueError(f"the manifest's {FILES!r} table is written by commit(), not given")
     target.parent.mkdir(parents=True, exist_ok=True)
     wait = COMMIT_LOCK_TIMEOUT if lock_timeout is None else lock_timeout
@@ -290,12 +305,8 @@ def recover(target: str | os.PathLike[str]) -> None:
             os.rename(old, target)
             _fsync_dir(target.parent)
     prefix = staging_prefix(target)
-    for stale in target.parent.glob(_glob_escape(prefix) + "*"):
+    for stale in target.parent.glob(glob.escape(prefix) + "*"):
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def _glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 def _refuse_foreign_files(target: Path, manifest_name: str, new_files: set[str]) -> None:
@@ -397,7 +408,12 @@ def _fsync_folders(staging: Path) -> None:
 def _fsync_dir(folder: Path) -> None:
     if os.name != "posix":  # folders cannot be opened for fsync elsewhere
         return
-    fd = os.open(folder, os.O_RDONLY)
+    fsync(folder)
+
+
+def fsync(path: str | os.PathLike[str]) -> None:
+    """Flush a file's or folder's data and metadata to disk (os.fsync on a fresh handle)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -421,8 +437,9 @@ class Verified:
 
 
 # A manifest without a files table (a format older than the files table) names what it checks
-# instead: {relative path: sha256, or None for a file that was written without one}.
-Legacy = Callable[[dict[str, Any]], Mapping[str, str | None]]
+# instead, given the manifest's path and content: {relative path: sha256, or None for a file
+# written without one}; or it raises CheckpointError.
+Legacy = Callable[[Path, dict[str, Any]], Mapping[str, str | None]]
 
 
 def current(target: str | os.PathLike[str]) -> Path:
@@ -515,7 +532,7 @@ def _read_once(
     table = manifest.get(FILES)
     if table is None and legacy is not None:
         expected = {
-            _relative(file, name): (None, digest) for name, digest in legacy(manifest).items()
+            _relative(file, name): (None, digest) for name, digest in legacy(file, manifest).items()
         }
         strict = False
     elif not isinstance(table, dict):

@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import inspect
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,20 +28,24 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.stateless import _reparametrize_module
 
+from mapnet import identity
 from mapnet.bases import ModelSource, build_from_factory, fill_bases, group_views
-from mapnet.checkpoint import fingerprint
-from mapnet.checkpoint.fingerprint import CheckpointError
 from mapnet.config import ACTIVATIONS, MappingConfig
+from mapnet.errors import CheckpointError
 from mapnet.generator import generate_group, modulate_group, pre_activation, scale_by_groups
 from mapnet.projections import ALGORITHMS, PiecewiseScale, make_projection
 from mapnet.projections.seeding import derive_seed
+from mapnet.state import (
+    check_and_take_state,
+    check_state,
+    finish_state,
+    frozen_weights_are_not_missing,
+)
 from mapnet.targets import LatentGroup, ParamSpec, latent_groups, select
 
 # (ours) Gain for tensors whose reference values are constant (norm scales and shifts, zero
 # biases): their spread gives no scale, so they move by a tenth of a unit per unit of u.
 CONSTANT_TENSOR_GAIN = 0.1
-EXTRA_STATE = "_extra_state"
-STORED_BASE = "base."
 
 
 def _resolve(module: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -85,9 +89,7 @@ class MappedModule(nn.Module):
         self,
         source: ModelSource,
         config: MappingConfig,
-        stored_bases: dict[str, torch.Tensor] | None = None,
     ):
-        """`stored_bases`: base tensors read from a checkpoint, used instead of regenerating."""
         super().__init__()
         if not isinstance(config, MappingConfig):
             raise TypeError(f"config must be a MappingConfig, got {type(config).__name__}")
@@ -124,7 +126,6 @@ class MappedModule(nn.Module):
             sorted(generated) if config.store_base and config.resolved_base != "zero" else uncovered
         )
         self.stored_base_names: list[str] = stored
-        self._apply_stored_bases(bases, stored_bases or {})
 
         self.gains: list[list[float]] = [self._gains(g, b) for g, b in zip(groups, bases)]
         # Fine-tuning checkpoints stay small: frozen pretrained weights are checked by digest,
@@ -139,6 +140,16 @@ class MappedModule(nn.Module):
                 for name, value in model.state_dict(keep_vars=True).items()
                 if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
             }
+        # Floating buffers finite now must stay finite in any state loaded or saved (NaN
+        # statistics are damage); one holding inf by design (a mask) may keep it.
+        self._finite_buffers = [
+            name
+            for name, value in model.state_dict(keep_vars=True).items()
+            if isinstance(value, torch.Tensor)
+            and not isinstance(value, nn.Parameter)
+            and value.is_floating_point()
+            and bool(torch.isfinite(value).all())
+        ]
         self._identity = self._build_identity(bases, model)
         for index, base in enumerate(bases):
             empty = torch.zeros(0, dtype=dtype)  # base="zero": θ₀ was only the gains' reference
@@ -190,34 +201,14 @@ class MappedModule(nn.Module):
             )
         # DDP: broadcast and all-reduce only what trains or tracks statistics.
         self._ddp_params_and_buffers_to_ignore = self.fixed_tensor_names()
-        self.register_state_dict_post_hook(_finish_state)
-        self.register_load_state_dict_pre_hook(_check_and_take_state)
-        self.register_load_state_dict_post_hook(_frozen_weights_are_not_missing)
+        # mapnet/state.py: what a state holds, and every check before one is loaded.
+        self.register_state_dict_post_hook(finish_state)
+        self.register_load_state_dict_pre_hook(check_and_take_state)
+        self.register_load_state_dict_post_hook(frozen_weights_are_not_missing)
         if device.type != "cpu":
             self.to(device)
 
     # ---------------------------------------------------------------- construction helpers
-
-    def _apply_stored_bases(
-        self, bases: list[torch.Tensor], given: dict[str, torch.Tensor]
-    ) -> None:
-        if not given:
-            return
-        views = {spec.name: view for spec, view in group_views(self.groups, bases)}
-        unknown = sorted(set(given) - set(views))
-        if unknown:
-            raise CheckpointError(
-                f"the state stores bases of parameters this model does not generate: {unknown} "
-                "(another architecture or selection)"
-            )
-        for name, value in given.items():
-            if tuple(value.shape) != tuple(views[name].shape):
-                raise CheckpointError(
-                    f"stored base of {name!r} has shape {tuple(value.shape)}, the model's "
-                    f"parameter {tuple(views[name].shape)}"
-                )
-            with torch.no_grad():
-                views[name].copy_(value)
 
     def _gains(self, group: LatentGroup, base: torch.Tensor) -> list[float]:
         """Per-tensor factor g making one unit of u worth one init-std of that tensor (a
@@ -238,17 +229,17 @@ class MappedModule(nn.Module):
         digests, sketches = {}, {}
         if self.mapping_config.resolved_base != "zero":
             for spec, view in group_views(self.groups, bases):
-                digests[spec.name] = fingerprint.tensor_digest(view)
-                sketches[spec.name] = fingerprint.tensor_sketch(spec.name, view)
+                digests[spec.name] = identity.tensor_digest(view)
+                sketches[spec.name] = identity.tensor_sketch(spec.name, view)
         frozen: dict[str, str] = {}
         buffers: dict[str, str] = {}
         if self.frozen_by_digest:
             for spec in sel.frozen:  # a digest only: frozen weights are read, never regenerated
-                frozen[spec.name] = fingerprint.tensor_digest(model.get_parameter(spec.name))
+                frozen[spec.name] = identity.tensor_digest(model.get_parameter(spec.name))
             for name, value in self._pretrained_buffers.items():
-                buffers[name] = fingerprint.tensor_digest(value)
+                buffers[name] = identity.tensor_digest(value)
         return {
-            "format": fingerprint.IDENTITY_FORMAT,
+            "format": identity.IDENTITY_FORMAT,
             "config": self.mapping_config.to_dict(),
             "layout": sorted(layout),
             "groups": [
@@ -505,7 +496,7 @@ class MappedModule(nn.Module):
         return sorted(names)
 
     def fingerprint(self) -> dict[str, Any]:
-        """This module's identity (checkpoint/fingerprint.py): what a state must match (a copy)."""
+        """This module's identity (mapnet/identity.py): what a state must match (a copy)."""
         return copy.deepcopy(self._identity)
 
     def materialize(self, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
@@ -561,8 +552,14 @@ class MappedModule(nn.Module):
     # ---------------------------------------------------------------- state dict
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """As for any module; with strict=True every missing or unexpected key, wrong shape or
-        dtype and any identity mismatch is reported before anything is changed."""
+        """As for any module; every wrong shape or dtype, non-finite latent, directly trained
+        weight or buffer, identity mismatch and, with strict=True, missing or unexpected key is
+        reported (a CheckpointError) before anything of this module is changed.
+
+        Inside a parent module torch loads one module after another: when this one refuses,
+        `parent.load_state_dict(sd)` has already written the modules before it. Use
+        `mapnet.load_state_dict(parent, sd)`, which checks every MappedModule in the tree (and
+        the other modules' names and shapes) before anything is written."""
         self.__dict__["_strict_load"] = strict
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -577,29 +574,18 @@ class MappedModule(nn.Module):
         )
 
     def get_extra_state(self) -> torch.Tensor:
-        return fingerprint.encode(self._identity)
+        return identity.encode(self._identity)
 
     def set_extra_state(self, state: Any) -> None:
-        pass  # checked and applied by _check_and_take_state before anything was loaded
+        pass  # checked and applied by state.check_and_take_state before anything is loaded
 
-    def _expected_state(self) -> dict[str, torch.Tensor]:
-        """What a state for this module may hold (names to tensors), every buffer included,
-        without copying anything."""
-        self.__dict__["_expected_only"] = True
-        try:
-            state = dict(self.state_dict(keep_vars=True))
-        finally:
-            self.__dict__["_expected_only"] = False
-        views = self._theta0_views()
-        for name in self.stored_base_names:
-            state[STORED_BASE + name] = views[name]
-        return state
-
-    def _take_stored_bases(
-        self, values: dict[str, torch.Tensor], saved_digests: dict[str, str]
+    def _replace_bases(
+        self, values: dict[str, torch.Tensor], saved_digests: dict[str, str] | None = None
     ) -> None:
-        """Set stored bases read from a state (into θ₀ itself, then the placeholders follow);
-        re-derives the gains of the groups whose θ₀ changed."""
+        """Set stored bases read from a state or checkpoint (into θ₀ itself, then the
+        placeholders follow) and re-derive the gains of the groups whose θ₀ changed: the one
+        path by which stored bases are applied. The identity takes `saved_digests` (the digests
+        the state was saved with), else the digests of the values as stored here."""
         if not values:
             return
         views = self._theta0_views()
@@ -620,10 +606,12 @@ class MappedModule(nn.Module):
                 self.gains[index] = gains
                 row_scale = _row_scale(group, gains, self.mapping_config)
                 self.projections[index].set_row_scale(row_scale)
-        self._identity["bases"].update(saved_digests)
         views = self._theta0_views()
+        if saved_digests is None:
+            saved_digests = {name: identity.tensor_digest(views[name]) for name in changed}
+        self._identity["bases"].update(saved_digests)
         for name in saved_digests:
-            self._identity["sketches"][name] = fingerprint.tensor_sketch(name, views[name])
+            self._identity["sketches"][name] = identity.tensor_sketch(name, views[name])
         for group_identity, gains in zip(self._identity["groups"], self.gains):
             group_identity["gains"] = gains
         self._cache = None
@@ -641,144 +629,6 @@ def _row_scale(group: LatentGroup, gains: list[float], config: MappingConfig) ->
     return PiecewiseScale(tuple(s.numel for s in group.specs), tuple(g * unit for g in gains))
 
 
-def _frozen_aliases(module: MappedModule) -> list[str]:
-    """State keys of the frozen parameters a fine-tune state checks by digest instead of holding."""
-    if not module.frozen_by_digest:
-        return []
-    return [f"target.{alias}" for s in module.selection.frozen for alias in s.names]
-
-
-def _tied_aliases(module: MappedModule) -> dict[str, str]:
-    """State keys of the second and later names of each tied parameter the target keeps (trained
-    directly or frozen), each to the key of its first name."""
-    sel = module.selection
-    return {
-        f"target.{alias}": f"target.{spec.name}"
-        for spec in sel.direct + sel.frozen
-        for alias in spec.names[1:]
-    }
-
-
-def _finish_state(
-    module: MappedModule, state: dict[str, Any], prefix: str, local_metadata: Any
-) -> None:
-    """state_dict post-hook. A fine-tune state holds neither the frozen pretrained weights nor
-    the buffers still at their pretrained values (the identity's digests stand for them);
-    stored bases are added. A tied parameter appears once, under its first name: safetensors
-    refuses tensors that share storage, and tools write `state_dict()` to it as it is (HF
-    Trainer's save of a model that is not a PreTrainedModel); loading fills the other names."""
-    for key in _frozen_aliases(module):
-        state.pop(prefix + key, None)
-    if module.__dict__.get("_expected_only"):  # validation: every buffer, no stored bases
-        return
-    for key in _tied_aliases(module):
-        state.pop(prefix + key, None)
-    for name, pretrained in module._pretrained_buffers.items():
-        key = prefix + "target." + name
-        value = state.get(key)
-        if (
-            isinstance(value, torch.Tensor)
-            and value.shape == pretrained.shape
-            and torch.equal(value.detach(), pretrained.to(value))  # any dtype the module has now
-        ):
-            del state[key]
-    views = module._theta0_views()
-    for name in module.stored_base_names:
-        state[prefix + STORED_BASE + name] = views[name].detach().clone()
-
-
-def _check_and_take_state(
-    module: MappedModule,
-    state: dict[str, Any],
-    prefix: str,
-    local_metadata: Any,
-    strict: bool,
-    missing_keys: list[str],
-    unexpected_keys: list[str],
-    error_msgs: list[str],
-) -> None:
-    """Validate every name, shape and dtype and the identity before anything is changed, then
-    take the stored bases out of the state (the rest is loaded by torch as usual).
-
-    torch hands every pre-hook strict=True and applies `strict` itself after loading, so the
-    real setting comes from MappedModule.load_state_dict; loaded as part of a parent module, only
-    the keys present are checked here and torch reports missing ones as for any module."""
-    strict = module.__dict__.get("_strict_load", False)
-    module.__dict__["_load_prefix"] = prefix
-    where = f"state dict for MappedModule{f' at {prefix!r}' if prefix else ''}"
-    key = prefix + EXTRA_STATE
-    if key not in state:
-        raise CheckpointError(
-            f"{where} lacks {key!r}, mapnet's identity: it was not saved from a MappedModule "
-            "(mapnet ≥ 0.2); format 1 checkpoint folders load through mapnet.load"
-        )
-    saved = fingerprint.decode(state[key], where)
-    differing = fingerprint.compare(saved, module._identity, where)
-    if "buffers" in saved:  # a fine-tune state omitted the buffers still pretrained: restore
-        for name, pretrained in module._pretrained_buffers.items():
-            state.setdefault(prefix + "target." + name, pretrained)
-    for alias, name in _tied_aliases(module).items():  # a state holds a tied tensor once
-        if prefix + name in state:
-            state.setdefault(prefix + alias, state[prefix + name])
-    expected = module._expected_state()
-    given = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    problems = []
-    for name, own in expected.items():
-        if name == EXTRA_STATE:
-            continue
-        value = given.get(name)
-        if value is None:
-            needed = name.startswith(STORED_BASE) and name[len(STORED_BASE) :] in differing
-            if strict or needed:
-                problems.append(f"missing {prefix + name!r}")
-            continue
-        if not isinstance(value, torch.Tensor):
-            problems.append(f"{prefix + name!r} is a {type(value).__name__}, not a tensor")
-        elif tuple(value.shape) != tuple(own.shape):
-            problems.append(
-                f"{prefix + name!r} has shape {tuple(value.shape)}, expected {tuple(own.shape)}"
-            )
-        elif value.dtype != own.dtype and not (
-            value.dtype.is_floating_point and own.dtype.is_floating_point
-        ):
-            problems.append(f"{prefix + name!r} has dtype {value.dtype}, expected {own.dtype}")
-    if strict:  # a fine-tune state of mapnet 0.2.0 still holds the frozen weights: allowed
-        optional = set(_frozen_aliases(module)) if "frozen" not in saved else set()
-        unexpected = sorted(set(given) - set(expected) - optional)
-        problems += [f"unexpected {prefix + n!r}" for n in unexpected]
-    if differing:  # θ₀ is about to be replaced: only together with everything else of ours
-        absent = [
-            prefix + n
-            for n in expected
-            if n != EXTRA_STATE and not n.startswith(STORED_BASE) and n not in given
-        ]
-        if absent:
-            problems.append(
-                f"it replaces the base (θ₀) of {differing[:3]} but lacks {absent[:5]}: a partial "
-                "state for other base weights cannot be loaded consistently"
-            )
-    if problems:
-        raise CheckpointError(f"{where} does not fit (nothing was loaded): " + "; ".join(problems))
-    stored = {
-        n: given[STORED_BASE + n] for n in module.stored_base_names if STORED_BASE + n in given
-    }
-    latents = [given.get(f"latents.{i}") for i in range(len(module.latents))]
-    if any(z is not None and not torch.isfinite(z).all() for z in latents):
-        raise CheckpointError(f"{where} holds non-finite latent values (nothing was loaded)")
-    module._take_stored_bases(stored, {n: saved["bases"][n] for n in differing})
-    for name in stored:
-        state.pop(prefix + STORED_BASE + name)
-
-
-def _frozen_weights_are_not_missing(module: MappedModule, incompatible: Any) -> None:
-    """torch reports every parameter absent from a state as missing; the frozen pretrained
-    weights of a fine-tune state were checked by digest in `_check_and_take_state`."""
-    prefix = module.__dict__.get("_load_prefix", "")
-    frozen = {prefix + key for key in _frozen_aliases(module)}
-    if frozen:
-        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in frozen]
-
-
 def exclude_fixed_from_ddp(root: nn.Module) -> list[str]:
     """Tell DistributedDataParallel(root) to skip every fixed tensor of the MappedModules inside
     `root` (DDP reads the list from the module it wraps only, so a MappedModule's own list
@@ -790,6 +640,73 @@ def exclude_fixed_from_ddp(root: nn.Module) -> list[str]:
             names.update(f"{prefix}.{n}" if prefix else n for n in module.fixed_tensor_names())
     root._ddp_params_and_buffers_to_ignore = sorted(names)
     return root._ddp_params_and_buffers_to_ignore
+
+
+def load_state_dict(
+    root: nn.Module, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+) -> Any:
+    """`root.load_state_dict(state_dict, strict, assign)` with every check made before torch
+    writes anything: each MappedModule inside `root` checks its part in full (as its own
+    load_state_dict does), and the other modules their names and shapes. Without it, a
+    MappedModule deep in a tree that refuses its part leaves the modules loaded before it
+    changed. Raises CheckpointError naming every problem; returns torch's result."""
+    mapped: list[tuple[str, MappedModule]] = []
+    plain: dict[str, torch.Tensor | None] = {}
+    _collect_state(root, "", mapped, plain)
+    problems = []
+    for prefix, module in mapped:
+        try:
+            check_state(module, state_dict, prefix, strict)
+        except CheckpointError as error:
+            problems.append(str(error))
+    for key, own in plain.items():
+        if key not in state_dict:
+            problems += [f"missing {key!r}"] if strict else []
+            continue
+        value = state_dict[key]
+        tensors = isinstance(own, torch.Tensor) and isinstance(value, torch.Tensor)
+        if tensors and value.shape != own.shape:
+            problems.append(f"{key!r} has shape {tuple(value.shape)}, expected {tuple(own.shape)}")
+    if strict:
+        inside = tuple(prefix for prefix, _ in mapped)
+        unexpected = [k for k in state_dict if k not in plain and not k.startswith(inside)]
+        problems += [f"unexpected {key!r}" for key in sorted(unexpected)]
+    if problems:
+        raise CheckpointError(
+            f"state dict for {type(root).__name__} does not fit (nothing was loaded): "
+            + "; ".join(problems)
+        )
+    for _, module in mapped:  # the checks just made, again in each module's pre-hook
+        module.__dict__["_strict_load"] = strict
+    try:
+        return root.load_state_dict(state_dict, strict=strict, assign=assign)
+    finally:
+        for _, module in mapped:
+            module.__dict__["_strict_load"] = False
+
+
+def _collect_state(
+    module: nn.Module,
+    prefix: str,
+    mapped: list[tuple[str, MappedModule]],
+    plain: dict[str, torch.Tensor | None],
+) -> None:
+    """The MappedModules of a tree by state-dict prefix, and every other module's own state
+    entries (torch's names: parameters, persistent buffers, extra state as None)."""
+    if isinstance(module, MappedModule):
+        mapped.append((prefix, module))
+        return
+    for name, param in module._parameters.items():
+        if param is not None:
+            plain[prefix + name] = param
+    for name, buffer in module._buffers.items():
+        if buffer is not None and name not in module._non_persistent_buffers_set:
+            plain[prefix + name] = buffer
+    if type(module).get_extra_state is not nn.Module.get_extra_state:
+        plain[prefix + "_extra_state"] = None
+    for name, child in module._modules.items():
+        if child is not None:
+            _collect_state(child, f"{prefix}{name}.", mapped, plain)
 
 
 def wrap(model: ModelSource, config: MappingConfig | None = None, **overrides: Any) -> MappedModule:

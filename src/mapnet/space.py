@@ -27,7 +27,6 @@ paper's fixed θ₀.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -36,19 +35,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 from torch.func import functional_call, vmap
 
+from mapnet import files, identity
 from mapnet.bases import ModelSource
-from mapnet.checkpoint import fingerprint
-from mapnet.checkpoint.fingerprint import CheckpointError
-from mapnet.checkpoint.io import atomic_write_bytes, readable_identity
+from mapnet.checkpoint import read_safetensors
 from mapnet.config import MappingConfig
+from mapnet.errors import CheckpointError
 from mapnet.module import MappedModule, wrap
 
-SPACE_FORMAT = 1
+SPACE_FORMAT = 2  # 2: space.json lists its files with their sha256 (1: tensors_sha256)
+READABLE_FORMATS = (1, 2)
 TENSOR_FILE = "space.safetensors"
 DESCRIPTION_FILE = "space.json"
 DEFAULT_CHUNK = 64  # members per vmap call: bounds the memory of generated weights
@@ -141,7 +140,7 @@ class ModelSpace(nn.Module):
         for index, other in enumerate(mapped[1:], start=1):
             if not isinstance(other, MappedModule):
                 raise TypeError(f"member {index} is a {type(other).__name__}, not a MappedModule")
-            fingerprint.compare(other.fingerprint(), own, f"member {index}")
+            identity.compare(other.fingerprint(), own, f"member {index}")
         latents = torch.stack([torch.cat([z.detach() for z in m.latents]) for m in mapped])
         return cls(copy.deepcopy(mapped[0]), latents=latents, members=members)
 
@@ -424,19 +423,31 @@ class ModelSpace(nn.Module):
 
     # ------------------------------------------------------------------ save / load
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """A folder: space.safetensors (latents (N, d) and the mapping's identity) and
-        space.json (config, member records, checksum). No pickle; each file atomic."""
+    def save(self, path: str | os.PathLike[str], *, allow_nonfinite: bool = False) -> Path:
+        """A folder: space.safetensors (latents (N, d), the mapping's identity, and any
+        learned base or step sizes) and space.json (config, member records, and the size and
+        sha256 of the tensor file), committed whole under a lock (`mapnet.files.commit`). No
+        pickle. NaN/inf in what it holds is a ValueError (`load` refuses them) unless
+        `allow_nonfinite`."""
         folder = Path(path)
         _json_ready(self.members)
         tensors = {
             "latents": self.latents.detach().cpu().contiguous(),
-            "identity": fingerprint.encode(self.mapping.fingerprint()),
+            "identity": identity.encode(self.mapping.fingerprint()),
         }
         for index, base in enumerate(self.bases or []):
             tensors[f"base.{index}"] = base.detach().cpu().contiguous()
         if self.log_step_sizes is not None:
             tensors["log_step_sizes"] = self.log_step_sizes.detach().cpu().contiguous()
+        nonfinite = [
+            name for name, value in tensors.items() if name != "identity" and not _finite(value)
+        ]
+        if nonfinite and not allow_nonfinite:
+            rows = (~torch.isfinite(tensors["latents"])).any(1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"{nonfinite} hold NaN/inf (latent rows {rows[:5]}): ModelSpace.load would "
+                "refuse the space, so it is not written; allow_nonfinite=True writes it anyway"
+            )
         blob = save_safetensors(tensors)
         description = {
             "format": SPACE_FORMAT,
@@ -445,44 +456,56 @@ class ModelSpace(nn.Module):
             "config": self.mapping.mapping_config.to_dict(),
             "target_class": self.mapping.target_class,
             # For readers; the full identity (per-tensor digests) in the tensor file is checked.
-            "identity": readable_identity(self.mapping.fingerprint()),
-            "tensors_sha256": hashlib.sha256(blob).hexdigest(),
+            "identity": identity.summary(self.mapping.fingerprint()),
             "torch_version": torch.__version__,
             "member_records": self.members,
             "learned_base": self.bases is not None,
             "learned_step_sizes": self.log_step_sizes is not None,
         }
-        atomic_write_bytes(folder / TENSOR_FILE, blob)
-        atomic_write_bytes(folder / DESCRIPTION_FILE, json.dumps(description, indent=1).encode())
+        with files.commit(folder, DESCRIPTION_FILE, description) as staging:
+            (staging / TENSOR_FILE).write_bytes(blob)
         return folder
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], model: ModelSource | MappedModule) -> ModelSpace:
         """The space saved in `path`, on `model` (a factory or instance, as for `wrap`, or a
-        MappedModule whose mapping must be the saved one). A mapping that differs (seed,
-        architecture, θ₀, projection) is a CheckpointError naming the difference."""
-        folder = Path(path)
-        try:
-            description = json.loads((folder / DESCRIPTION_FILE).read_text())
-            blob = (folder / TENSOR_FILE).read_bytes()
-        except (OSError, ValueError) as error:
-            raise CheckpointError(f"{folder}: not a readable model space ({error})") from None
-        if description.get("format") != SPACE_FORMAT:
-            raise CheckpointError(
-                f"{folder}: space format {description.get('format')!r}, this mapnet reads "
-                f"{SPACE_FORMAT}"
-            )
-        if hashlib.sha256(blob).hexdigest() != description.get("tensors_sha256"):
-            raise CheckpointError(f"{folder / TENSOR_FILE} is corrupt (checksum mismatch)")
-        tensors = load_safetensors(blob)
+        MappedModule whose mapping must be the saved one). Every file is checked against the
+        manifest before anything is parsed; then the description, the mapping's identity and
+        every tensor's dtype, shape and finiteness. Every failure is a CheckpointError naming
+        the file and what is wrong; a mapping that differs (seed, architecture, θ₀,
+        projection) names the difference."""
+        verified = files.read_verified(
+            path, DESCRIPTION_FILE, what="a model space", legacy=_legacy_files
+        )
+        folder, description = verified.folder, verified.manifest
+        json_file, tensor_file = folder / DESCRIPTION_FILE, folder / TENSOR_FILE
+        _check_description(description, json_file, set(verified.contents))
+        tensors = read_safetensors(verified.contents[TENSOR_FILE], tensor_file)
         if isinstance(model, MappedModule):
             mapping = model
         else:
-            mapping = wrap(model, MappingConfig.from_dict(description["config"]))
-        saved = fingerprint.decode(tensors["identity"], str(folder))
-        fingerprint.compare(saved, mapping.fingerprint(), str(folder))
-        learned = bool(description.get("learned_base"))
-        stepped = bool(description.get("learned_step_sizes"))
+            try:
+                config = MappingConfig.from_dict(description["config"])
+            except (TypeError, ValueError) as error:
+                raise CheckpointError(f"{json_file}: invalid MappingConfig: {error}") from None
+            mapping = wrap(model, config)
+        if "identity" not in tensors:
+            raise CheckpointError(f"{tensor_file} lacks the mapping's identity ('identity')")
+        saved = identity.decode(tensors["identity"], str(tensor_file))
+        identity.compare(saved, mapping.fingerprint(), str(folder))
+        learned, stepped = description["learned_base"], description["learned_step_sizes"]
+        size = sum(group.latent_dim for group in mapping.groups)
+        shapes = {"identity": None, "latents": (description["members"], size)}
+        shapes |= {f"base.{i}": tuple(mapping._base(i).shape) for i in range(len(mapping.groups))}
+        shapes |= {"log_step_sizes": (size,)} if stepped else {}
+        if not learned:
+            shapes = {k: v for k, v in shapes.items() if not k.startswith("base.")}
+        for name, shape in shapes.items():
+            if shape is not None:
+                _check_tensor(tensor_file, name, tensors.get(name), shape)
+        unexpected = sorted(set(tensors) - set(shapes))
+        if unexpected:
+            raise CheckpointError(f"{tensor_file} holds tensors a space does not: {unexpected[:5]}")
         space = cls(
             mapping,
             latents=tensors["latents"],
@@ -490,24 +513,75 @@ class ModelSpace(nn.Module):
             learn_base=learned,
             learn_step_sizes=1.0 if stepped else None,
         )
-        if stepped:
-            saved_steps = tensors.get("log_step_sizes")
-            if saved_steps is None or saved_steps.shape != (space.latent_dim,):
-                raise CheckpointError(
-                    f"{folder}: the learned step sizes are missing or not one per latent "
-                    f"dimension ({space.latent_dim},)"
-                )
-            if not torch.isfinite(saved_steps).all():
-                raise CheckpointError(f"{folder}: the learned step sizes hold NaN/inf values")
-            with torch.no_grad():
-                space.log_step_sizes.copy_(saved_steps)  # type: ignore[union-attr]
-        if learned:
-            with torch.no_grad():
-                for index, base in enumerate(space.bases):  # type: ignore[arg-type]
-                    if f"base.{index}" not in tensors:
-                        raise CheckpointError(f"{folder}: the learned base {index} is missing")
-                    base.copy_(tensors[f"base.{index}"])
+        with torch.no_grad():
+            if stepped:
+                space.log_step_sizes.copy_(tensors["log_step_sizes"])  # type: ignore[union-attr]
+            for index, base in enumerate(space.bases or []):
+                base.copy_(tensors[f"base.{index}"])
         return space
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+
+
+def _legacy_files(file: Path, description: dict[str, Any]) -> dict[str, str | None]:
+    """Format 1 holds the tensor file's sha256 instead of a files table."""
+    if description.get("format") != 1:
+        _check_format(description, file)
+        raise CheckpointError(f"{file} has no {files.FILES!r} table of its folder's files")
+    return {TENSOR_FILE: description.get("tensors_sha256")}
+
+
+def _check_format(description: dict[str, Any], file: Path) -> None:
+    version = description.get("format")
+    if isinstance(version, bool) or version not in READABLE_FORMATS:
+        raise CheckpointError(
+            f"{file}: space format {version!r}, this mapnet reads "
+            f"{', '.join(map(str, READABLE_FORMATS))}"
+        )
+
+
+def _check_description(description: dict[str, Any], file: Path, listed: set[str]) -> None:
+    """Every field `load` reads, with its type, before any is used."""
+    _check_format(description, file)
+    if listed != {TENSOR_FILE}:
+        raise CheckpointError(f"{file} lists {sorted(listed)}, a space holds {TENSOR_FILE} alone")
+    description.setdefault("learned_base", False)  # format 1 spaces may predate both
+    description.setdefault("learned_step_sizes", False)
+    kinds = {
+        "config": dict,
+        "members": int,
+        "member_records": list,
+        "learned_base": bool,
+        "learned_step_sizes": bool,
+    }
+    for name, kind in kinds.items():
+        value = description.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise CheckpointError(
+                f"{file}: {name!r} is {type(value).__name__ if name in description else 'missing'}"
+                f", expected a {kind.__name__}"
+            )
+    records, members = description["member_records"], description["members"]
+    if members < 1 or len(records) != members or not all(isinstance(r, dict) for r in records):
+        raise CheckpointError(
+            f"{file}: {members} members but member_records holds {len(records)} entries, "
+            "each a JSON object"
+        )
+
+
+def _check_tensor(file: Path, name: str, value: object, shape: tuple[int, ...]) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise CheckpointError(f"{file} lacks the tensor {name!r}")
+    if not value.is_floating_point():
+        raise CheckpointError(f"{file}: {name!r} has dtype {value.dtype}, not a floating type")
+    if tuple(value.shape) != shape:
+        raise CheckpointError(
+            f"{file}: {name!r} has shape {tuple(value.shape)}, this mapping's is {shape}"
+        )
+    if not _finite(value):
+        raise CheckpointError(f"{file}: {name!r} holds NaN/inf values")
 
 
 def _check_shareable(mapping: MappedModule) -> None:

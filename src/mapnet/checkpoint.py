@@ -1,14 +1,19 @@
 """Checkpoint folders: a JSON description plus a safetensors file of the state dict. No pickle.
 
     <dir>/mapnet.json          format version, config, target class, a summary of the identity,
-                               sha256 of the tensor file, free-form metadata
+                               free-form metadata, and (format 3) the size and sha256 of every
+                               other file: the manifest of a `mapnet.files.commit`
     <dir>/tensors.safetensors  `mapped.state_dict()`: latents, persistent target buffers (e.g.
                                BatchNorm statistics), directly trained and frozen parameters,
                                stored bases `base.<name>`, the identity `_extra_state`
 
-The projection is never stored: the seed regenerates it, and the identity makes loading against
-a different seed, architecture, base or projection fail, naming what differs. Format 1 folders
-(mapnet 0.1) load through an upgrade that checks their own fingerprint.
+A save is one `mapnet.files.commit`: the folder is written beside the old one and swapped in
+whole under a lock, so a writer killed at any instant leaves the previous or the new checkpoint,
+and a second writer waits, then fails naming the first one's pid. A load checks every file
+against the manifest before it parses any. The projection is never stored: the seed
+regenerates it, and the identity makes loading against a different seed, architecture, base or
+projection fail, naming what differs. Format 2 folders (the tensor file's sha256 in mapnet.json)
+still load; format 1 folders (mapnet 0.1) through an upgrade that checks their own fingerprint.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,34 +31,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from mapnet import files, identity
 from mapnet.bases import ModelSource
-from mapnet.checkpoint import fingerprint
-from mapnet.checkpoint.fingerprint import CheckpointError
 from mapnet.config import MappingConfig
-from mapnet.module import EXTRA_STATE, STORED_BASE, MappedModule
+from mapnet.errors import CheckpointError
+from mapnet.module import MappedModule
+from mapnet.state import EXTRA_STATE, STORED_BASE, nonfinite_keys
 
 FORMAT = "mapnet-checkpoint"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 CONFIG_FILE = "mapnet.json"
 TENSOR_FILE = "tensors.safetensors"
 # Format 1 probes were rounded to 7 digits; this absorbs thread-count-dependent last bits only.
 V1_PROBE_TOLERANCE = 1e-4
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def unshared_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -70,83 +61,93 @@ def unshared_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save(
-    mapped: MappedModule, path: str | os.PathLike[str], metadata: dict[str, Any] | None = None
+    mapped: MappedModule,
+    path: str | os.PathLike[str],
+    metadata: dict[str, Any] | None = None,
+    *,
+    allow_nonfinite: bool = False,
 ) -> Path:
-    """Write `mapped` to the folder `path` (created if needed); returns the folder.
+    """Write `mapped` to the folder `path` (created if needed, replaced whole if it holds a
+    checkpoint); returns the folder. One `mapnet.files.commit`: see the module docstring.
 
-    The tensor file is written first and the JSON, which holds its checksum, last, each
-    atomically: an interrupted save leaves the previous checkpoint readable or a clear error.
-    """
+    NaN or inf in a latent, a directly trained weight or a buffer (what `load` refuses) is a
+    ValueError naming it; `allow_nonfinite=True` writes them anyway, for inspecting a diverged
+    run with safetensors (`load` still refuses the folder)."""
     if not isinstance(mapped, MappedModule):
         raise TypeError(
             f"save() takes a MappedModule from mapnet.wrap(), got {type(mapped).__name__}"
         )
     folder = Path(path)
-    blob = save_safetensors(unshared_tensors(mapped.state_dict()))
+    state = mapped.state_dict()
+    nonfinite = nonfinite_keys(mapped, state)
+    if nonfinite and not allow_nonfinite:
+        raise ValueError(
+            f"{nonfinite[:5]} hold NaN/inf (training diverged?): mapnet.load would refuse the "
+            "checkpoint, so it is not written; allow_nonfinite=True writes it anyway"
+        )
+    blob = save_safetensors(unshared_tensors(state))
     description = {
         "format": FORMAT,
         "version": VERSION,
         "config": mapped.mapping_config.to_dict(),
         "target_class": mapped.target_class,
-        "identity": readable_identity(mapped.fingerprint()),
-        "tensors_sha256": hashlib.sha256(blob).hexdigest(),
+        "identity": identity.summary(mapped.fingerprint()),
         "torch_version": torch.__version__,
         "metadata": metadata or {},
     }
-    atomic_write_bytes(folder / TENSOR_FILE, blob)
-    atomic_write_bytes(folder / CONFIG_FILE, json.dumps(description, indent=2).encode())
+    with files.commit(folder, CONFIG_FILE, description) as staging:
+        (staging / TENSOR_FILE).write_bytes(blob)
     return folder
 
 
-def readable_identity(identity: dict[str, Any]) -> dict[str, Any]:
-    """What a reader of mapnet.json wants to see; the full identity (per-tensor digests and
-    sketches) is in the tensor file's `_extra_state`, and only that one is checked."""
-    summary = {k: identity[k] for k in ("format", "projection", "stored")}
-    summary["groups"] = [
-        {"name": g["name"], "latent_dim": g["latent_dim"], "parameters": len(g["parameters"])}
-        for g in identity["groups"]
-    ]
-    summary["digests"] = {
-        kind: len(identity.get(kind, {})) for kind in ("bases", "frozen", "buffers")
-    }
-    return summary
+WHAT = "a mapnet checkpoint"
 
 
 def read_description(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The JSON half of a checkpoint, checked for format and version."""
-    file = Path(path) / CONFIG_FILE
-    if not file.is_file():
-        raise CheckpointError(f"{file} not found: {path} is not a mapnet checkpoint folder")
-    try:
-        description = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{file} is not valid JSON (truncated or edited?): {error}") from None
-    if not isinstance(description, dict) or description.get("format") != FORMAT:
+    """The JSON half of a checkpoint, checked for format and version (not the tensor file)."""
+    folder = files.current(path)
+    return _checked(files.read_manifest(folder, CONFIG_FILE, WHAT), folder / CONFIG_FILE)
+
+
+def _checked(description: dict[str, Any], file: Path) -> dict[str, Any]:
+    if description.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not a {FORMAT} description")
-    if description.get("version") not in READABLE_VERSIONS:
+    version = description.get("version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{file} has format version {description.get('version')!r}; this mapnet reads "
+            f"{file} has format version {version!r}; this mapnet reads "
             f"versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
     return description
 
 
-def _read_tensors(folder: Path, description: dict[str, Any]) -> dict[str, torch.Tensor]:
-    tensor_file = folder / TENSOR_FILE
-    if not tensor_file.is_file():
-        raise CheckpointError(f"{tensor_file} not found: the checkpoint is incomplete")
-    blob = tensor_file.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != description.get("tensors_sha256"):
+def _legacy_files(file: Path, description: dict[str, Any]) -> Mapping[str, str | None]:
+    """Formats 1 and 2 hold the tensor file's sha256 instead of a files table."""
+    if _checked(description, file)["version"] >= 3:
+        raise CheckpointError(f"{file} has no {files.FILES!r} table of its folder's files")
+    return {TENSOR_FILE: description.get("tensors_sha256")}
+
+
+def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The description and the tensors of a checkpoint, every byte checked before parsing."""
+    verified = files.read_verified(path, CONFIG_FILE, what=WHAT, legacy=_legacy_files)
+    description = _checked(verified.manifest, verified.folder / CONFIG_FILE)
+    tensor_file = verified.folder / TENSOR_FILE
+    if set(verified.contents) != {TENSOR_FILE}:
         raise CheckpointError(
-            f"{tensor_file} does not match the checksum in {CONFIG_FILE}: it was truncated, "
-            "edited or belongs to another save"
+            f"{verified.folder / CONFIG_FILE} lists {sorted(verified.contents)}, a checkpoint "
+            f"holds {TENSOR_FILE} alone"
         )
+    return description, read_safetensors(verified.contents[TENSOR_FILE], tensor_file)
+
+
+def read_safetensors(blob: bytes, file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file's bytes; a CheckpointError naming `file` if they are
+    not one."""
     try:
         return load_safetensors(blob)
     except SafetensorError as error:
-        raise CheckpointError(
-            f"{tensor_file} is not a readable safetensors file: {error}"
-        ) from None
+        raise CheckpointError(f"{file} is not a readable safetensors file: {error}") from None
 
 
 def _config(description: dict[str, Any], where: Path) -> MappingConfig:
@@ -161,19 +162,18 @@ def load(path: str | os.PathLike[str], model: ModelSource) -> MappedModule:
     or a factory (the same kind of source it was wrapped from). `model` supplies the
     architecture and, for base="model", θ₀; an instance is left untouched."""
     folder = Path(path)
-    description = read_description(folder)
-    tensors = _read_tensors(folder, description)
+    description, tensors = _read(folder)
     config = _config(description, folder)
-    # Format 1 names them the same way (base.<name>).
-    stored = {k[len(STORED_BASE) :]: v for k, v in tensors.items() if k.startswith(STORED_BASE)}
     try:
-        # Stored bases go in at construction: they also set their tensors' gains.
-        mapped = MappedModule(model, config, stored_bases=stored)
+        mapped = MappedModule(model, config)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{folder} does not fit the model passed to load: {error}") from None
     if description["version"] == 1:
+        # Format 1 checks θ at a probe latent, so its stored bases (named base.<name>, as
+        # today) go in first; a module no one else holds yet may change before that check.
+        _take_v1_stored_bases(mapped, tensors, folder)
         tensors = _upgrade_v1(mapped, description, tensors, folder)
-    _load_state(mapped, tensors, folder)
+    _load_state(mapped, tensors, folder)  # stored bases are applied by the state's pre-hook
     return mapped
 
 
@@ -181,8 +181,7 @@ def load_into(path: str | os.PathLike[str], mapped: MappedModule) -> None:
     """Load the state saved at `path` into an existing, matching `mapped`, in place (no
     projection is rebuilt: resuming a run costs a file read). Nothing changes if it fails."""
     folder = Path(path)
-    description = read_description(folder)
-    tensors = _read_tensors(folder, description)
+    description, tensors = _read(folder)
     if description["version"] == 1:
         if _config(description, folder) != mapped.mapping_config:
             raise CheckpointError(f"{folder} was saved with a different MappingConfig")
@@ -212,6 +211,24 @@ def _v1_fingerprint(mapped: MappedModule) -> dict[str, Any]:
             positions = torch.linspace(0, flat.numel() - 1, min(32, flat.numel())).long()
             probe.append([round(v, 7) for v in flat[positions].double().cpu().tolist()])
     return {"architecture": architecture, "probe": probe}
+
+
+def _take_v1_stored_bases(
+    mapped: MappedModule, tensors: dict[str, torch.Tensor], folder: Path
+) -> None:
+    views = mapped._theta0_views()
+    stored = {k[len(STORED_BASE) :]: v for k, v in tensors.items() if k.startswith(STORED_BASE)}
+    unfit = sorted(
+        name
+        for name, value in stored.items()
+        if name not in views or tuple(value.shape) != tuple(views[name].shape)
+    )
+    if unfit:
+        raise CheckpointError(
+            f"{folder} (format 1) stores bases of parameters this model does not generate with "
+            f"those shapes: {unfit[:5]} (another architecture or selection)"
+        )
+    mapped._replace_bases(stored)
 
 
 def _upgrade_v1(
@@ -246,7 +263,7 @@ def _upgrade_v1(
             f"{folder} (format 1): the regenerated mapping does not match the one it was saved "
             "with (a different seed, projection, θ₀ or generation setting)"
         )
-    state: dict[str, torch.Tensor] = {EXTRA_STATE: fingerprint.encode(mapped.fingerprint())}
+    state: dict[str, torch.Tensor] = {EXTRA_STATE: identity.encode(mapped.fingerprint())}
     for index, group in enumerate(mapped.groups):
         key = f"latent.{group.name}"
         if key not in tensors:

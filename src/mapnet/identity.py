@@ -136,6 +136,20 @@ def decode(value: object, where: str) -> dict[str, Any]:
     return identity
 
 
+def summary(identity: dict[str, Any]) -> dict[str, Any]:
+    """What a reader of a checkpoint's JSON wants to see; the full identity (per-tensor digests
+    and sketches) travels in the tensor file, and only that one is checked."""
+    shown = {k: identity[k] for k in ("format", "projection", "stored")}
+    shown["groups"] = [
+        {"name": g["name"], "latent_dim": g["latent_dim"], "parameters": len(g["parameters"])}
+        for g in identity["groups"]
+    ]
+    shown["digests"] = {
+        kind: len(identity.get(kind, {})) for kind in ("bases", "frozen", "buffers")
+    }
+    return shown
+
+
 def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     """A saved config dict with the fields added since it was written at their defaults."""
     try:
