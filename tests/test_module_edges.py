@@ -5,8 +5,9 @@ attribute fall-through and θ₀ regenerated in its last bits elsewhere."""
 from __future__ import annotations
 
 import math
-import os
-import socket
+import subprocess
+import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -140,18 +141,42 @@ def test_nested_mapped_modules_are_excluded_from_ddp() -> None:
     names = mapnet.exclude_fixed_from_ddp(parent)
     assert "body.base_0" in names and "body.projections.0.sources" in names
     assert "body.target.fc1.weight" in names and "body.target.bn.running_mean" not in names
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    try:
+    # DDP itself runs in a fresh process: tearing a gloo group down inside the test process
+    # once hung (the reducer's last reference dropped while gloo's worker waited for the GIL).
+    code = textwrap.dedent(
+        """
+        import os, socket, sys, torch
+        from torch import nn
+        sys.path.insert(0, sys.argv[1])
+        import mapnet
+        from test_module_edges import Net, x_batch
+
+        class Parent(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = mapnet.wrap(Net, latent_dim=12)
+
+            def forward(self, x):
+                return self.body(x)
+
+        parent = Parent()
+        mapnet.exclude_fixed_from_ddp(parent)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
         # gloo cannot broadcast the int16 table: construction fails unless it is excluded.
         ddp = nn.parallel.DistributedDataParallel(parent)
         ddp(x_batch()).sum().backward()
         assert parent.body.latent.grad is not None
-    finally:
-        torch.distributed.destroy_process_group()
+        print("ok", flush=True)
+        os._exit(0)  # no teardown to wait on
+        """
+    )
+    tests = str(Path(__file__).parent)
+    done = subprocess.run([sys.executable, "-c", code, tests], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr[-2000:]
 
 
 def test_mapping_loss_follows_gains_changed_by_a_load() -> None:
