@@ -142,7 +142,12 @@ def figure(
     root: Path = ROOT, out: Path = FIGURE, data_dir: str | None = None, count: int = 4
 ) -> Path | None:
     """image | truth | prediction of seed 0's Ours* 8192 on the first test scenes."""
-    from mapnet_experiments.data.scenes import NUM_SCENE_CLASSES, mask_colours
+    from mapnet_experiments.data.scenes import (
+        NUM_SCENE_CLASSES,
+        class_names,
+        mask_colours,
+        mask_palette,
+    )
     from mapnet_experiments.recipe.config import TrainConfig
     from mapnet_experiments.recipe.splits import load_splits
     from mapnet_experiments.recipe.state import load_model
@@ -164,7 +169,8 @@ def figure(
     guess = mask_colours(predicted, NUM_SCENE_CLASSES)
     images = (test.inputs[:count, 0] * 255).to(torch.uint8)
     rows = [(images[i].numpy(), truth[i].numpy(), guess[i].numpy()) for i in range(count)]
-    return segmentation_examples(rows, out, "Ours* 8192 on test scenes (seed 0)")
+    key = list(zip(class_names("scenes"), mask_palette(NUM_SCENE_CLASSES).tolist()))
+    return segmentation_examples(rows, out, "Ours* 8192 on test scenes (seed 0)", key)
 
 
 def _run(options: Options, stages: tuple[str, ...]) -> None:

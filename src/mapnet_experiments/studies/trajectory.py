@@ -30,6 +30,7 @@ from mapnet_experiments.studies.study import Options, Study
 
 ROOT = Path("results/figures")
 FIGURE = Path("docs/results/trajectory.png")
+METHOD_NAMES = {"pca": "PCA", "tsne": "t-SNE"}
 LAYERS = {  # CNN2's layers: the parameters of each
     "conv1": ("features.0.weight", "features.0.bias"),
     "conv2": ("features.3.weight", "features.3.bias"),
@@ -157,19 +158,27 @@ def run(
 
 
 def figure(source: Path, out: Path = FIGURE, method: str = "pca") -> Path:
-    from mapnet_experiments.studies.plots import trajectories
+    """The trajectories figure from `source`'s coordinates: one panel per weight group, axes
+    named (for PCA, each principal axis with the share of variance it explains)."""
+    from mapnet_experiments.studies.plots import Panel, trajectories
+    from mapnet_experiments.studies.report import DATASET_NAMES
 
     data = json.loads(source.read_text())
-    panels = {}
+    panels = []
     for name, entry in data["panels"].items():
         if method not in entry:
             raise ValueError(f"{source} holds no {method} coordinates (run with --tsne)")
-        explained = entry["explained"]
-        label = f"{name} (PCA {100 * explained[0]:.0f} % + {100 * explained[1]:.0f} %)"
-        panels[label if method == "pca" else name] = entry[method]
+        if method == "pca":
+            first, second = (f"{100 * share:.0f} %" for share in entry["explained"])
+            axes = (f"PC 1 ({first} of variance)", f"PC 2 ({second})")
+        else:
+            axes = ("t-SNE 1", "t-SNE 2")
+        panels.append(Panel(name, *axes, entry[method]))
+    dataset = DATASET_NAMES.get(data["dataset"], data["dataset"])
     title = (
-        f"CNN2 weight trajectories on {data['dataset']}, {data['epochs']} epochs, a snapshot every "
-        f"{data['every']} steps; same θ₀ ({method.upper()} of both runs together)"
+        f"CNN2 weight trajectories on {dataset}, {data['epochs']} epochs, a snapshot every "
+        f"{data['every']} steps, both from the same θ₀ ({METHOD_NAMES[method]} of both runs "
+        "together)"
     )
     return trajectories(panels, out, title)
 

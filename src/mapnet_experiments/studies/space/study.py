@@ -580,18 +580,44 @@ def _inr_target(summary: dict[str, Any] | None) -> str:
 
 
 def figures(analysis: dict[str, Any], folder: Path) -> list[Path]:
-    from mapnet_experiments.studies.plots import interpolation_paths, latent_scatter
+    from mapnet_experiments.studies.plots import Panel, interpolation_paths, latent_scatter
 
     paths = {name: path["test"] for name, path in analysis["paths"].items()}
     made = [interpolation_paths(paths, folder / "space-paths.png",
                                 "Fashion-MNIST test accuracy along straight paths")]  # fmt: skip
     embedding = analysis["embedding"]
-    panels = {"PCA": embedding["pca"]} | (
-        {"t-SNE": embedding["tsne"]} if "tsne" in embedding else {}
+    first, second = (f"{100 * share:.0f} %" for share in embedding["pca_variance"])
+    panels = [Panel("PCA", f"PC 1 ({first} of variance)", f"PC 2 ({second})",
+                    {"latents": embedding["pca"]})]  # fmt: skip
+    if "tsne" in embedding:
+        panels.append(Panel("t-SNE", "t-SNE 1", "t-SNE 2", {"latents": embedding["tsne"]}))
+    epochs = embedding["epochs"]
+    last = max(epochs)
+    made.append(
+        latent_scatter(
+            panels,
+            [task_name(task) for task in embedding["tasks"]],
+            folder / "space-latents.png",
+            f"every member's latent after each of its {last} epochs, by task (paler: earlier)",
+            shade=[(e - 1) / max(last - 1, 1) for e in epochs],
+        )
     )
-    made.append(latent_scatter(panels, embedding["tasks"], folder / "space-latents.png",
-                               "members' latents after each epoch, by task"))  # fmt: skip
     return made
+
+
+def task_name(task: str) -> str:
+    """A member's task for a legend: "fashion-mnist:[0, 1, 2, 3, 4]" -> "Fashion-MNIST,
+    classes 0–4" (Member.task's form: the data set, then the classes when not all)."""
+    from mapnet_experiments.studies.report import DATASET_NAMES
+
+    dataset, _, classes = task.partition(":")
+    name = DATASET_NAMES.get(dataset, dataset)
+    if not classes:
+        return f"{name}, all classes"
+    chosen = json.loads(classes)
+    if chosen == list(range(chosen[0], chosen[-1] + 1)):
+        return f"{name}, classes {chosen[0]}–{chosen[-1]}"
+    return f"{name}, classes {', '.join(map(str, chosen))}"
 
 
 def _run(options: Options, stages: tuple[str, ...]) -> None:
