@@ -59,6 +59,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--tsne", action="store_true", help="trajectory, space: also t-SNE")
     p.add_argument(
+        "--no-figures", action="store_true", help="with --report: the pages' text only, no PNGs"
+    )
+    p.add_argument(
         "--seeds", default="0,1,2", help="ablations, compression: seeds (default: %(default)s)"
     )
     p.set_defaults(run=run)
@@ -83,6 +86,7 @@ def options_from(args: argparse.Namespace) -> Options:
         progress=not args.quiet,
         tsne=args.tsne,
         seeds=seeds,
+        figures=not args.no_figures,
         started=time.monotonic(),
     )
 

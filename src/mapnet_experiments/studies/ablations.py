@@ -488,7 +488,7 @@ def _table6(root: Path) -> list[str]:
     return lines
 
 
-def report(root: Path = ROOT, out: Path | None = None) -> str:
+def report(root: Path = ROOT, out: Path | None = None, figures: bool = True) -> str:
     """docs/results/ablations.md (Tables 6–7) from root's files."""
     return write_page(
         "ablations",
@@ -497,14 +497,21 @@ def report(root: Path = ROOT, out: Path | None = None) -> str:
         out,
         _table7(root) + _table6(root),
         TABLE7 + TABLE8[:1] + TABLE6,
+        figures,
     )
 
 
 def write_page(
-    table: str, title: str, root: Path, out: Path | None, sections: list[str], specs: list[Spec]
+    table: str,
+    title: str,
+    root: Path,
+    out: Path | None,
+    sections: list[str],
+    specs: list[Spec],
+    figures: bool = True,
 ) -> str:
     """A Tables 6–8 page: the title, how every run trained, `sections`, the choices, and the
-    seed-0 training curves of `specs`."""
+    seed-0 training curves of `specs` (drawn unless `figures` is False)."""
     out = out or Path(f"docs/results/{table}.md")
     lines = [
         title,
@@ -525,7 +532,8 @@ def write_page(
         for spec in specs
     }
     if any(panels.values()):
-        draw_curves(panels, figure, f"{table}: accuracy per epoch, seed 0")
+        if figures:
+            draw_curves(panels, figure, f"{table}: accuracy per epoch, seed 0")
         lines += [
             "",
             f"Training (dashed) and validation (solid) accuracy per epoch, seed 0: "
@@ -563,6 +571,7 @@ STUDY = Study(
     stages=("select", "train"),
     default=("select", "train"),
     run=lambda options, stages: run_stages("ablations", options, stages),
-    report=lambda options: report(options.root_or(ROOT), options.report_to),
+    report=lambda options: report(options.root_or(ROOT), options.report_to, options.figures),
     example="mapnet repro ablations --stages train --seeds 0 --threads 1",
+    page="ablations.md",
 )

@@ -133,8 +133,10 @@ def report(
     root: Path = ROOT,
     out: Path = REPORT,
     baseline: Path = Path("results/table1/cnn2-baseline-fashion-mnist.json"),
+    figures: bool = True,
 ) -> str:
-    """docs/results/budget.md and budget.png from root's files (and Table 1's CNN2 run)."""
+    """docs/results/budget.md and budget.png (unless `figures` is False) from root's files
+    (and Table 1's CNN2 run)."""
     from mapnet_experiments.studies.plots import Point, accuracy_vs_budget
 
     lr = chosen_lr(root)
@@ -200,13 +202,14 @@ def report(
     lines += _verdict(points)
     figure = out.with_name(FIGURE.name)
     if points:
-        accuracy_vs_budget(
-            points,
-            figure,
-            "CNN2 on Fashion-MNIST: test accuracy against trainable numbers (seed 0)",
-            baselines,
-            xlabel="trainable numbers (log scale)",
-        )
+        if figures:
+            accuracy_vs_budget(
+                points,
+                figure,
+                "CNN2 on Fashion-MNIST: test accuracy against trainable numbers (seed 0)",
+                baselines,
+                xlabel="trainable numbers (log scale)",
+            )
         lines += ["", f"![accuracy against trainable numbers]({figure.name})"]
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -250,6 +253,9 @@ STUDY = Study(
     stages=("train",),
     default=("train",),
     run=_run,
-    report=lambda options: report(options.root_or(ROOT), options.report_or(REPORT)),
+    report=lambda options: report(
+        options.root_or(ROOT), options.report_or(REPORT), figures=options.figures
+    ),
     example="mapnet repro budget --hours 2 --threads 1",
+    page="budget.md",
 )

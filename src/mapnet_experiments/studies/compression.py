@@ -188,7 +188,7 @@ def _int8_section(root: Path) -> list[str]:
     return lines
 
 
-def report(root: Path = ROOT, out: Path | None = None) -> str:
+def report(root: Path = ROOT, out: Path | None = None, figures: bool = True) -> str:
     """docs/results/compression.md (Table 8 and int8) from root's files."""
     return write_page(
         "compression",
@@ -197,6 +197,7 @@ def report(root: Path = ROOT, out: Path | None = None) -> str:
         out,
         _table8(root),
         TABLE7[:2] + TABLE8,
+        figures,
     )
 
 
@@ -215,6 +216,7 @@ STUDY = Study(
     stages=("train", "int8"),
     default=("train", "int8"),
     run=_run,
-    report=lambda options: report(options.root_or(ROOT), options.report_to),
+    report=lambda options: report(options.root_or(ROOT), options.report_to, options.figures),
     example="mapnet repro compression --stages int8 --seeds 0",
+    page="compression.md",
 )

@@ -186,6 +186,8 @@ def _run(options: Options, stages: tuple[str, ...]) -> None:
 def _report(options: Options) -> str:
     root, out = options.root_or(ROOT), options.report_or(REPORT)
     text = report(root, out, data_dir=options.data_dir)
+    if not options.figures:
+        return text
     drawn = figure(root, out.with_name(FIGURE.name), data_dir=options.data_dir)
     return text + "\n" + str(drawn or "(the example figure needs the seed-0 runs)")
 
@@ -202,4 +204,5 @@ STUDY = Study(
     run=_run,
     report=_report,
     example="mapnet repro segmentation --hours 3",
+    page="segmentation.md",
 )

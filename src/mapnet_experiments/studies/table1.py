@@ -154,8 +154,10 @@ def report(
     root: Path = TABLE1_DIR,
     out: Path = Path("docs/results/table1.md"),
     datasets: tuple[str, ...] = DATASETS,
+    figures: bool = True,
 ) -> str:
-    """Markdown table from results/table1/*.json: paper vs public reproduction vs ours."""
+    """Markdown table from results/table1/*.json: paper vs public reproduction vs ours (and
+    the training curves' figure unless `figures` is False)."""
     loaded = load_results(TABLE1, root, datasets)
     finished = len(loaded)
     lines = [
@@ -198,7 +200,8 @@ def report(
         for row in TABLE1
     }
     figure = out.with_name("curves-table1.png")
-    draw_curves(panels, figure, "Table 1 runs: accuracy per epoch (seed 0)")
+    if figures:
+        draw_curves(panels, figure, "Table 1 runs: accuracy per epoch (seed 0)")
     lines += [
         "",
         f"Training (dashed) and validation (solid) accuracy per epoch: [{figure.name}]"
@@ -275,6 +278,7 @@ def _report(options: Options) -> str:
         options.root_or(TABLE1_DIR),
         options.report_or(Path("docs/results/table1.md")),
         options.datasets,
+        options.figures,
     )
 
 
@@ -288,4 +292,5 @@ STUDY = Study(
     run=_run,
     report=_report,
     example="mapnet repro table1 --rows cnn2-single-2048 --datasets mnist --threads 1",
+    page="table1.md",
 )

@@ -194,6 +194,8 @@ def _run(options: Options, stages: tuple[str, ...]) -> None:
 
 
 def _report(options: Options) -> str:
+    if not options.figures:  # the study's page is its figure
+        return ""
     source = options.root_or(ROOT) / f"trajectory-{options.datasets[0]}.json"
     out = options.report_or(FIGURE)
     drawn = [figure(source, out)]

@@ -145,4 +145,5 @@ STUDY = Study(
     run=_run,
     report=_report,
     example="mapnet repro tuning --rows recipe,alpha-0 --datasets fashion-mnist",
+    page="tuning.md",
 )

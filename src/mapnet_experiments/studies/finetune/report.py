@@ -71,8 +71,9 @@ def _setup_line(result: dict[str, Any]) -> str:
     )
 
 
-def _figure(results: list[dict[str, Any]], title: str, out: Path) -> Path | None:
-    """Accuracy against trainable numbers per method; head-only and full as reference lines."""
+def _figure(results: list[dict[str, Any]], title: str, out: Path, draw: bool) -> Path | None:
+    """Accuracy against trainable numbers per method; head-only and full as reference lines
+    (None when no row has a test accuracy; drawn only if `draw`, the path returned either way)."""
     from mapnet_experiments.studies.plots import Point, accuracy_vs_budget
 
     points, baselines = [], {}
@@ -94,10 +95,12 @@ def _figure(results: list[dict[str, Any]], title: str, out: Path) -> Path | None
         points.append(Point(series, r["trainable_besides_head"], accuracy))
     if not points:
         return None
+    if not draw:
+        return out
     return accuracy_vs_budget(points, out, f"Fashion-MNIST 64×64 from ImageNet {title}", baselines)
 
 
-def report(root: Path = RESULTS_DIR, out: Path = REPORT) -> str:
+def report(root: Path = RESULTS_DIR, out: Path = REPORT, figures: bool = True) -> str:
     """docs/results/finetune.md from the committed results (every figure from a result file)."""
     lines = [
         "# Fine-tuning pretrained networks (paper §2.2.6, eq. 25; Tables 2, 5 and 10)",
@@ -165,7 +168,7 @@ def report(root: Path = RESULTS_DIR, out: Path = REPORT) -> str:
                 f"{r['row']['lr']:g} |"
             )
         lines.append("")
-        figure = _figure(results, title, out.parent / f"finetune-{model}.png")
+        figure = _figure(results, title, out.parent / f"finetune-{model}.png", figures)
         if figure is not None:
             lines += [f"![test accuracy against trainable numbers, {title}]({figure.name})", ""]
     deepfake = _load(root, "deepfake")

@@ -352,9 +352,11 @@ def speed(root: Path = ROOT, members: int = 256, repeats: int = 5) -> dict[str, 
 # ---------------------------------------------------------------------- report
 
 
-def report(root: Path = ROOT, out: Path = REPORT, data_dir: str | None = None) -> str:
-    """docs/results/space.md and its figures from root (the INR figure also reads the test
-    images, from data_dir)."""
+def report(
+    root: Path = ROOT, out: Path = REPORT, data_dir: str | None = None, draw: bool = True
+) -> str:
+    """docs/results/space.md and its figures (unless `draw` is False) from root (the INR
+    figure also reads the test images, from data_dir)."""
     if not (root / "analysis.json").exists():
         raise FileNotFoundError(
             f"{root / 'analysis.json'} is missing: run `mapnet repro space --stages analyse` "
@@ -528,11 +530,12 @@ def report(root: Path = ROOT, out: Path = REPORT, data_dir: str | None = None) -
         lines += report_section(inr)
     text = "\n".join(lines)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if inr is not None:  # first: it reads the test images, which may be missing
+    if draw and inr is not None:  # first: it reads the test images, which may be missing
         from mapnet_experiments.studies.space.inr import FIGURE, figure
 
         figure(root / "inr", out.parent / FIGURE, data_dir)
-    figures(analysis, out.parent)
+    if draw:
+        figures(analysis, out.parent)
     out.write_text(text)
     return text
 
@@ -646,7 +649,8 @@ STUDY = Study(
     default=("train", "analyse"),
     run=_run,
     report=lambda options: report(
-        options.root_or(ROOT), options.report_or(REPORT), options.data_dir
+        options.root_or(ROOT), options.report_or(REPORT), options.data_dir, options.figures
     ),
     example="mapnet repro space --stages inr --datasets fashion-mnist --threads 1",
+    page="space.md",
 )
