@@ -22,7 +22,12 @@ import torch
 
 from mapnet.files import write_json
 from mapnet_experiments.data.air_quality import find_series, forecasting_splits, read_single_site
-from mapnet_experiments.studies.report import mean_std, recipe_text, seed0_config
+from mapnet_experiments.studies.report import (
+    PUBLIC_REPRODUCTION,
+    mean_std,
+    recipe_text,
+    seed0_config,
+)
 from mapnet_experiments.studies.runner import EPOCHS, TableRow, run_name
 from mapnet_experiments.studies.study import Options, Study
 
@@ -113,6 +118,8 @@ def report(root: Path = ROOT, out: Path = REPORT, data_dir: str | None = None) -
         "mean ± std over seeds 0–2; "
         + recipe_text(seed0_config(root, "lstm", DATASET), seed0_config(root, "ours-2048", DATASET))
         + ".",
+        "",
+        PUBLIC_REPRODUCTION,
         "",
         "| row | trainable | paper MSE | public repro MSE | ours test MSE | ours RMSE µg/m³ |",
         "|---|---|---|---|---|---|",

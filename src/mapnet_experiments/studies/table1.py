@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mapnet_experiments.studies.report import (
+    PUBLIC_REPRODUCTION,
     Results,
     cell,
     draw_curves,
@@ -172,6 +173,8 @@ def report(
         "'ours (final)' is the test accuracy after the last epoch, 'ours (best val)' the test",
         "accuracy at the epoch with the best validation accuracy, 'gap' the running training",
         "accuracy over the last epoch minus the final test accuracy.",
+        "",
+        PUBLIC_REPRODUCTION,
         "",
         "| model | row | trainable | paper | public repro | ours (final) | ours (best val) "
         "| gap | epochs |",
