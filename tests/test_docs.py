@@ -1,12 +1,17 @@
 """The docs against the committed results: every page under docs/results/ regenerates from
-results/ byte for byte (the study pages here, bench.md and defaults.md in test_bench.py)."""
+results/ byte for byte (the study pages and the index here, bench.md and defaults.md in
+test_bench.py); README.md quotes no figure but its generated block, and its example runs."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from mapnet_experiments.studies import index
 from mapnet_experiments.studies.registry import STUDIES
 from mapnet_experiments.studies.study import Options
 
@@ -37,3 +42,93 @@ def test_study_page_regenerates_from_the_committed_results(
 def test_every_results_page_is_written_by_a_study_or_named_here() -> None:
     written = {study.page for study in STUDIES.values() if study.page}
     assert {p.name for p in PAGES.glob("*.md")} <= written | OTHER_PAGES
+
+
+# ---------------------------------------------------------------- README.md and the index
+
+README = ROOT / "README.md"
+# Every number README.md may hold outside its generated block, and why: none is a result. A
+# number glued to a name (CNN2, table1, int8) is part of the name and not counted.
+README_NUMBERS = {
+    "2026": "the paper's year (Sen & Mukherjee, 2026)",
+    "2.2": "the paper's section (§2.2)",
+    "2.2.5": "the paper's section (§2.2.5, compression)",
+    "2.2.6": "the paper's section (§2.2.6, fine-tuning)",
+    "20": "eq. 20, and the example's 20 steps",
+    "21": "eq. 21",
+    "25": "eq. 25",
+    "1": "Table 1, a name",
+    "3.10": "the oldest Python supported",
+    "2.13.0": "the torch the Makefile pins",
+    # The library example's own settings and shapes.
+    "28": "the example's image side",
+    "784": "the example's 28 × 28 inputs",
+    "64": "the example's hidden width",
+    "10": "the example's classes",
+    "256": "the example's latent size",
+    "0": "the example's seed and labels' lowest class",
+    "0.1": "the example's learning rate",
+    "512": "the example's batch",
+}
+NUMBER = re.compile(r"(?<![\w.,])\d+(?:[.,]\d+)*(?![\w])")
+
+
+def _readme_parts() -> tuple[str, str]:
+    """(the generated block, everything outside it)."""
+    text = README.read_text()
+    start, end = text.index(index.BEGIN), text.index(index.END) + len(index.END)
+    return text[start:end], text[:start] + text[end:]
+
+
+def test_readme_is_a_front_door() -> None:
+    assert len(README.read_text().splitlines()) <= 150
+
+
+def test_readme_holds_no_figure_outside_its_generated_block() -> None:
+    _, outside = _readme_parts()
+    found = {m.group() for m in NUMBER.finditer(outside)}
+    assert found <= set(README_NUMBERS), sorted(found - set(README_NUMBERS))
+
+
+@needs_results
+def test_readme_block_and_results_index_regenerate_from_the_committed_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every figure README.md and docs/results/README.md quote, recomputed from results/:
+    both files written again into tmp_path must equal the committed ones byte for byte."""
+    monkeypatch.chdir(ROOT)
+    readme = tmp_path / "README.md"
+    readme.write_text(README.read_text())
+    page = tmp_path / "index.md"
+    index.write(ROOT / "results", page, readme)
+    assert page.read_text() == (PAGES / "README.md").read_text()
+    assert readme.read_text() == README.read_text()
+
+
+def test_readme_example_runs_as_written(tmp_path: Path) -> None:
+    """The library example, cut from README.md as it is, in a fresh process."""
+    text = README.read_text()
+    example = re.search(r"## Use it from your own training loop\n\n```python\n(.*?)```", text, re.S)
+    assert example is not None
+    code = example.group(1)
+    assert len(code.splitlines()) <= 15
+    (tmp_path / "example.py").write_text(code)
+    done = subprocess.run(
+        [sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    trained, generated = re.fullmatch(r"(\d+) trained, (\d+)\n", done.stdout).groups()
+    assert int(trained) == 256 and int(generated) == 784 * 64 + 64 + 64 * 10 + 10
+    assert (tmp_path / "run" / "ckpt" / "mapnet.json").is_file()
+
+
+def test_index_leaves_out_what_has_no_results(tmp_path: Path) -> None:
+    """A study (or the bench) whose results are missing adds nothing, so a new study's facts
+    appear once its results are committed."""
+    assert index.collect(tmp_path) == []
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{index.BEGIN}\nold\n{index.END}\nafter\n")
+    index.write(tmp_path, tmp_path / "index.md", readme)
+    assert readme.read_text().startswith(f"intro\n{index.BEGIN}\n| measured |")
+    assert readme.read_text().endswith(f"{index.END}\nafter\n")
+    assert "## Sources" in (tmp_path / "index.md").read_text()

@@ -24,9 +24,15 @@ def _studies_text() -> str:
     lines = ["studies (stages in brackets; * = run when --stages is not given):", ""]
     for study in STUDIES.values():
         stages = ", ".join(s + ("*" if s in study.default else "") for s in study.stages)
-        lines.append(f"{study.name} [{stages}]")
-        lines += textwrap.wrap(study.summary, 92, initial_indent="    ", subsequent_indent="    ")
-        lines.append(f"    e.g. {study.example}")
+        lines.append(f"{study.name} [{stages or 'no stages: it only writes pages'}]")
+        lines += textwrap.wrap(
+            study.summary,
+            92,
+            initial_indent="    ",
+            subsequent_indent="    ",
+            break_on_hyphens=False,  # "head-only" stays whole
+        )
+        lines += [f"    e.g. {study.example}", ""]
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ from mapnet_experiments.studies import (
     compression,
     finetune,
     forecasting,
+    index,
     segmentation,
     table1,
     trajectory,
@@ -29,5 +30,6 @@ STUDIES: dict[str, Study] = {
         segmentation.STUDY,
         trajectory.STUDY,
         space.STUDY,
+        index.STUDY,  # last: it reads the others' facts
     )
 }

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mapnet_experiments.studies.facts import Facts
+
 
 @dataclass(frozen=True)
 class Options:
@@ -56,7 +58,9 @@ class Study:
     --stages is not given. run(options, stages) runs them; report(options) writes the page(s)
     from the results alone and returns the text to print. example: a command line for --help.
     page: the page `report` writes, under docs/results/ (None: the study draws figures only);
-    the tests regenerate it from the committed results and compare it byte for byte."""
+    the tests regenerate it from the committed results and compare it byte for byte.
+    facts(results): what the study adds to the results index and README.md's when-to-pick
+    table, from the results/ folder alone (studies.facts; None: nothing)."""
 
     name: str
     summary: str
@@ -66,6 +70,7 @@ class Study:
     report: Callable[[Options], str]
     example: str
     page: str | None = None
+    facts: Callable[[Path], Facts | None] | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.default) - set(self.stages))

@@ -25,6 +25,7 @@ from mapnet_experiments.models.networks import CNN2
 from mapnet_experiments.recipe.config import TrainConfig
 from mapnet_experiments.recipe.splits import load_splits
 from mapnet_experiments.recipe.trainer import Trainer, plain_view
+from mapnet_experiments.studies.facts import Facts, read
 from mapnet_experiments.studies.runner import MAPPED, PLAIN
 from mapnet_experiments.studies.study import Options, Study
 
@@ -183,6 +184,27 @@ def figure(source: Path, out: Path = FIGURE, method: str = "pca") -> Path:
     return trajectories(panels, out, title)
 
 
+def facts(results: Path) -> Facts | None:
+    """The index's paragraph for Figure 2: what the figure shows and how much of the weights'
+    variance its two axes hold."""
+    data = read(results / ROOT.name / "trajectory-mnist.json")
+    if data is None:
+        return None
+    explained = data["panels"]["all weights"]["explained"]
+    methods = " and ".join(
+        f"{name} ({count} snapshots)" for name, count in data["snapshots"].items()
+    )
+    paragraph = (
+        f"Paper Figure 2: CNN2 on MNIST for {data['epochs']} epochs, {methods}, both from the "
+        f"same θ₀ and batch order, a weight snapshot every {data['every']} steps, projected "
+        "together by PCA for the whole weight vector and for each layer; the first two axes of "
+        f"the whole vector hold {100 * explained[0]:.0f} % and {100 * explained[1]:.0f} % of "
+        "the variance ([PCA](trajectory.png), [t-SNE](trajectory-tsne.png))."
+    )
+    return Facts("Weight trajectories (Figure 2)", "trajectory.png", "mapnet repro trajectory "
+                 "--tsne", paragraph)  # fmt: skip
+
+
 def _run(options: Options, stages: tuple[str, ...]) -> None:
     run(
         options.datasets[0],
@@ -215,4 +237,5 @@ STUDY = Study(
     run=_run,
     report=_report,
     example="mapnet repro trajectory --datasets mnist --tsne",
+    facts=facts,
 )

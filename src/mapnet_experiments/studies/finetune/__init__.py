@@ -35,4 +35,5 @@ STUDY = Study(
     report=_report,
     example="mapnet repro finetune --stages transfer --rows r50-mapnet-L250-2k",
     page="finetune.md",
+    facts=page.facts,
 )

@@ -43,6 +43,7 @@ from mapnet_experiments.recipe.run import train
 from mapnet_experiments.recipe.splits import Split
 from mapnet_experiments.recipe.state import load_model
 from mapnet_experiments.recipe.trainer import build, evaluate
+from mapnet_experiments.studies.space import summary
 from mapnet_experiments.studies.space.training import (
     LATENTS_FILE,
     Member,
@@ -653,4 +654,5 @@ STUDY = Study(
     ),
     example="mapnet repro space --stages inr --datasets fashion-mnist --threads 1",
     page="space.md",
+    facts=summary.facts,
 )
