@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU build that lies on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv run test lint clean
+.PHONY: venv run test lint docs clean
 
 venv: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ test: venv  ## lint, then the test suite
 lint: venv
 	$(VENV)/bin/ruff check src tests docs/examples
 	$(VENV)/bin/ruff format --check src tests docs/examples
+
+docs: venv  ## the generated docs: docs/results/README.md and README.md's table, docs/api.md
+	$(VENV)/bin/mapnet repro index > /dev/null
+	$(PY) -m mapnet_experiments.apidocs
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

@@ -151,3 +151,61 @@ def test_trajectories_with_tsne(tmp_path: Path) -> None:
     panel = json.loads(source.read_text())["panels"]["fc1"]
     assert [len(points) for points in panel["tsne"].values()] == [6, 6]  # 5 steps + the start
     assert trajectory.figure(source, tmp_path / "t.png", "tsne").exists()
+
+
+def _captured(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The figures plots.py draws, kept open instead of saved."""
+    from mapnet_experiments.studies import plots
+
+    kept: list = []
+    monkeypatch.setattr(plots, "_save", lambda plt, fig, out: kept.append(fig) or out)
+    return kept
+
+
+def test_curves_keep_one_colour_per_data_set_across_panels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Fashion-MNIST-only panel (Table 6's rows) must not take MNIST's colour."""
+    from mapnet_experiments.studies.plots import Curve, training_curves
+
+    kept = _captured(monkeypatch)
+    both = [Curve("MNIST", [1, 2], [1, 2]), Curve("Fashion-MNIST", [3, 4], [3, 4])]
+    training_curves({"both": both, "one": [both[1]]}, tmp_path / "c.png", "t")
+    axes = kept[0].axes
+    assert axes[1].lines[0].get_color() == axes[0].lines[2].get_color()  # Fashion-MNIST val
+    assert axes[1].lines[0].get_color() != axes[0].lines[0].get_color()  # not MNIST's
+    legend = [text.get_text() for text in kept[0].legends[0].get_texts()]
+    assert legend == ["MNIST val", "MNIST train", "Fashion-MNIST val", "Fashion-MNIST train"]
+
+
+def test_space_latents_figure_names_tasks_and_axes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mapnet_experiments.studies.space.study import figures, task_name
+
+    assert task_name("fashion-mnist:[5, 6, 7, 8, 9]") == "Fashion-MNIST, classes 5–9"
+    assert task_name("mnist") == "MNIST, all classes"
+    kept = _captured(monkeypatch)
+    tasks = ["mnist", "mnist:[0, 1, 2, 3, 4]"]
+    analysis = {
+        "paths": {"pair": {"test": [90.0, 50.0, 89.0]}},
+        "embedding": {
+            "tasks": tasks * 2,
+            "epochs": [1, 1, 2, 2],
+            "pca": [[0, 0], [1, 1], [2, 2], [3, 3]],
+            "pca_variance": [0.5, 0.25],
+        },
+    }
+    figures(analysis, tmp_path)
+    latents = kept[1]
+    assert latents.axes[0].get_xlabel() == "PC 1 (50 % of variance)"
+    assert latents.axes[0].get_ylabel() == "PC 2 (25 %)"
+    legend = [text.get_text() for text in latents.legends[0].get_texts()]
+    assert legend == ["MNIST, all classes", "MNIST, classes 0–4"]
+
+
+def test_segmentation_key_has_a_distinct_colour_per_class() -> None:
+    from mapnet_experiments.data.scenes import NUM_SCENE_CLASSES, class_names, mask_palette
+
+    palette = [tuple(c) for c in mask_palette(NUM_SCENE_CLASSES).tolist()]
+    assert len(set(palette)) == NUM_SCENE_CLASSES == len(class_names("scenes"))

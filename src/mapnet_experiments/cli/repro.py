@@ -24,9 +24,15 @@ def _studies_text() -> str:
     lines = ["studies (stages in brackets; * = run when --stages is not given):", ""]
     for study in STUDIES.values():
         stages = ", ".join(s + ("*" if s in study.default else "") for s in study.stages)
-        lines.append(f"{study.name} [{stages}]")
-        lines += textwrap.wrap(study.summary, 92, initial_indent="    ", subsequent_indent="    ")
-        lines.append(f"    e.g. {study.example}")
+        lines.append(f"{study.name} [{stages or 'no stages: it only writes pages'}]")
+        lines += textwrap.wrap(
+            study.summary,
+            92,
+            initial_indent="    ",
+            subsequent_indent="    ",
+            break_on_hyphens=False,  # "head-only" stays whole
+        )
+        lines += [f"    e.g. {study.example}", ""]
     return "\n".join(lines)
 
 
@@ -59,6 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--tsne", action="store_true", help="trajectory, space: also t-SNE")
     p.add_argument(
+        "--no-figures", action="store_true", help="with --report: the pages' text only, no PNGs"
+    )
+    p.add_argument(
         "--seeds", default="0,1,2", help="ablations, compression: seeds (default: %(default)s)"
     )
     p.set_defaults(run=run)
@@ -83,6 +92,7 @@ def options_from(args: argparse.Namespace) -> Options:
         progress=not args.quiet,
         tsne=args.tsne,
         seeds=seeds,
+        figures=not args.no_figures,
         started=time.monotonic(),
     )
 

@@ -177,11 +177,31 @@ def read_cityscapes(
     return SegmentationSplit(image_tensor.float() / 255.0, mask_tensor)
 
 
+# Twenty distinct colours for figures: matplotlib's "tab20", ten hues each dark then light.
+TAB20 = [
+    (31, 119, 180), (174, 199, 232), (255, 127, 14), (255, 187, 120), (44, 160, 44),
+    (152, 223, 138), (214, 39, 40), (255, 152, 150), (148, 103, 189), (197, 176, 213),
+    (140, 86, 75), (196, 156, 148), (227, 119, 194), (247, 182, 210), (127, 127, 127),
+    (199, 199, 199), (188, 189, 34), (219, 219, 141), (23, 190, 207), (158, 218, 229),
+]  # fmt: skip
+BACKGROUND_COLOUR = (20, 20, 20)
+
+
+def mask_palette(num_classes: int) -> torch.Tensor:
+    """(num_classes, 3) uint8 colours: class 0 (background) near black; for the scenes' 21
+    classes the digits take the ten dark hues and the garments the same hues light, so a key
+    can name each colour."""
+    if num_classes == NUM_SCENE_CLASSES:
+        colours = [BACKGROUND_COLOUR, *TAB20[0::2], *TAB20[1::2]]
+    else:
+        colours = [BACKGROUND_COLOUR] + [TAB20[i % len(TAB20)] for i in range(num_classes - 1)]
+    return torch.tensor(colours, dtype=torch.uint8)
+
+
 def mask_colours(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(N, H, W) labels -> (N, H, W, 3) uint8 colours for figures; IGNORE is black."""
-    generator = torch.Generator().manual_seed(0)
-    palette = torch.randint(40, 256, (num_classes, 3), generator=generator, dtype=torch.uint8)
-    palette[0] = torch.tensor([20, 20, 20], dtype=torch.uint8)
+    """(N, H, W) labels -> (N, H, W, 3) uint8 colours for figures (`mask_palette`); IGNORE is
+    black."""
+    palette = mask_palette(num_classes)
     coloured = torch.zeros(*masks.shape, 3, dtype=torch.uint8)
     valid = masks != IGNORE
     coloured[valid] = palette[masks[valid]]

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 from mapnet_experiments.models.networks import small_cnn_widths
+from mapnet_experiments.studies.facts import Facts, Pick, listing, points
 from mapnet_experiments.studies.runner import TableRow, run_table
 from mapnet_experiments.studies.study import Options, Study
 
@@ -133,8 +134,10 @@ def report(
     root: Path = ROOT,
     out: Path = REPORT,
     baseline: Path = Path("results/table1/cnn2-baseline-fashion-mnist.json"),
+    figures: bool = True,
 ) -> str:
-    """docs/results/budget.md and budget.png from root's files (and Table 1's CNN2 run)."""
+    """docs/results/budget.md and budget.png (unless `figures` is False) from root's files
+    (and Table 1's CNN2 run)."""
     from mapnet_experiments.studies.plots import Point, accuracy_vs_budget
 
     lr = chosen_lr(root)
@@ -200,13 +203,14 @@ def report(
     lines += _verdict(points)
     figure = out.with_name(FIGURE.name)
     if points:
-        accuracy_vs_budget(
-            points,
-            figure,
-            "CNN2 on Fashion-MNIST: test accuracy against trainable numbers (seed 0)",
-            baselines,
-            xlabel="trainable numbers (log scale)",
-        )
+        if figures:
+            accuracy_vs_budget(
+                points,
+                figure,
+                "CNN2 on Fashion-MNIST: test accuracy against trainable numbers (seed 0)",
+                baselines,
+                xlabel="trainable numbers (log scale)",
+            )
         lines += ["", f"![accuracy against trainable numbers]({figure.name})"]
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -231,6 +235,53 @@ def _verdict(points: list) -> list[str]:
     return lines
 
 
+def facts(results: Path) -> Facts | None:
+    """The index's paragraph and when-to-pick row: the single mapping against the small CNN
+    of about its size at every budget, each gap against one seed std of Ours* 2048 on
+    Fashion-MNIST (Table 7's three seeds); intrinsic dimension against the mapping."""
+    from mapnet_experiments.studies.ablations import seed_stats
+
+    root = results / "budget"
+    chosen = chosen_small_cnns(root)
+    single = {b: _load(root, f"single-{b}") for b in BUDGETS}
+    intrinsic = {b: _load(root, f"intrinsic-{b}") for b in BUDGETS}
+    spread = seed_stats(results / "ablations", "ours-2048", DATASET)
+    if len(chosen) < len(BUDGETS) or spread is None:
+        return None
+    if any(r is None for r in [*single.values(), *intrinsic.values()]):
+        return None
+    gaps = {b: single[b]["test_acc"] - chosen[b]["test_acc"] for b in BUDGETS}  # type: ignore[index]
+    wins = [f"{b:,}" for b in BUDGETS if gaps[b] > 0]
+    losses = [f"{b:,}" for b in BUDGETS if gaps[b] < 0]
+    std = spread[1]
+    beyond = [f"{b:,}" for b in BUDGETS if abs(gaps[b]) > std]
+    within = [f"{b:,}" for b in BUDGETS if abs(gaps[b]) <= std]
+    ahead = {b: intrinsic[b]["test_acc"] - single[b]["test_acc"] for b in BUDGETS}  # type: ignore[index]
+    paragraph = (
+        f"Fashion-MNIST, seed 0, {BUDGETS[0]:,}–{BUDGETS[-1]:,} trainable numbers. The mapped "
+        "CNN2 (single latent) beats a small CNN trained directly of about the same size (its "
+        f"shape and learning rate chosen on validation) at {listing(wins)} numbers and loses at "
+        f"{listing(losses)} (gaps "
+        f"{', '.join(points(gaps[b]) for b in BUDGETS)} points, in budget order). The gaps at "
+        f"{listing(beyond)} exceed one seed std of Ours* 2048 ({std:.2f} points, Table 7's "
+        f"seeds); {'the gap at ' if len(within) == 1 else 'the gaps at '}{listing(within)} "
+        f"{'is' if len(within) == 1 else 'are'} within it. "
+        "Intrinsic-dimension training is above the single mapping at "
+        f"{listing([f'{b:,}' for b in BUDGETS if ahead[b] > 0])} and below at "
+        f"{listing([f'{b:,}' for b in BUDGETS if ahead[b] < 0])} "
+        f"({', '.join(points(ahead[b]) for b in BUDGETS)})."
+    )
+    pick = Pick(
+        f"Fashion-MNIST accuracy at equal budgets, {BUDGETS[0]:,}–{BUDGETS[-1]:,} numbers",
+        f"higher at {listing(wins)}",
+        f"a small CNN trained directly: higher at {listing(losses)}",
+        f"{'the alternative' if len(losses) > len(wins) else 'mapnet'}, at "
+        f"{max(len(losses), len(wins))} of {len(BUDGETS)} budgets",
+    )
+    return Facts("Accuracy against trainable numbers", "budget.md", "mapnet repro budget",
+                 paragraph, (pick,))  # fmt: skip
+
+
 def _run(options: Options, stages: tuple[str, ...]) -> None:
     root = options.root_or(ROOT)
     done: list[str] = []
@@ -250,6 +301,10 @@ STUDY = Study(
     stages=("train",),
     default=("train",),
     run=_run,
-    report=lambda options: report(options.root_or(ROOT), options.report_or(REPORT)),
+    report=lambda options: report(
+        options.root_or(ROOT), options.report_or(REPORT), figures=options.figures
+    ),
     example="mapnet repro budget --hours 2 --threads 1",
+    page="budget.md",
+    facts=facts,
 )

@@ -29,6 +29,7 @@ from mapnet_experiments.studies.ablations import (
     trainable_text,
     write_page,
 )
+from mapnet_experiments.studies.facts import Facts, Pick, better, points, times
 from mapnet_experiments.studies.report import mean_std
 from mapnet_experiments.studies.runner import run_name
 from mapnet_experiments.studies.study import Options, Study
@@ -160,11 +161,7 @@ def _int8_section(root: Path) -> list[str]:
     ]
     for name in INT8_OF:
         for dataset in DATASETS:
-            results = [
-                r
-                for seed in SEEDS
-                if (r := load_run(root / "int8", f"{name}-s{seed}-{dataset}")) is not None
-            ]
+            results = int8_runs(root, name, dataset)
             if not results:
                 continue
 
@@ -188,7 +185,7 @@ def _int8_section(root: Path) -> list[str]:
     return lines
 
 
-def report(root: Path = ROOT, out: Path | None = None) -> str:
+def report(root: Path = ROOT, out: Path | None = None, figures: bool = True) -> str:
     """docs/results/compression.md (Table 8 and int8) from root's files."""
     return write_page(
         "compression",
@@ -197,6 +194,117 @@ def report(root: Path = ROOT, out: Path | None = None) -> str:
         out,
         _table8(root),
         TABLE7[:2] + TABLE8,
+        figures,
+    )
+
+
+# The checkpoint the index measures: a trained Ours* 2048, as committed with its run.
+CHECKPOINT_RUN = "ours-2048-s0-mnist"
+
+
+def checkpoint_bytes(folder: Path) -> dict[str, int]:
+    """A committed mapnet checkpoint's size: its files' bytes (not `du -b`, which adds the
+    folder's own entry, a size that depends on the file system), the format it was written in,
+    and the bytes of the same model saved by this version of mapnet.save."""
+    import tempfile
+
+    import mapnet
+    from mapnet_experiments.models.networks import CNN2
+
+    def size(path: Path) -> int:
+        return sum(f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file())
+
+    with tempfile.TemporaryDirectory() as scratch:
+        resaved = Path(scratch) / "checkpoint"
+        mapnet.save(mapnet.load(folder, CNN2), resaved)
+        now = size(resaved)
+    version = json.loads((folder / "mapnet.json").read_text())["version"]
+    return {"committed": size(folder), "version": version, "saved_now": now}
+
+
+def int8_runs(root: Path, name: str, dataset: str) -> list[dict[str, Any]]:
+    """The int8 results of one model on one data set, one per finished seed."""
+    runs = (load_run(root / "int8", f"{name}-s{seed}-{dataset}") for seed in SEEDS)
+    return [run for run in runs if run is not None]
+
+
+def facts(results: Path) -> Facts | None:
+    """The index's Table 8 paragraph (pruning, low rank, int8, QAT on Fashion-MNIST, seeds
+    0–2) and the checkpoint row of the when-to-pick table."""
+    root = results / "ablations"
+    ids = (
+        *("ours-2048", "ours-lw-2688", "cnn2", "ours-lrd-1456", "ours-lw-lrd-2688"),
+        *("ours-2048-prune", "ours-lw-2688-prune", "cnn2-prune"),
+    )
+    value = {i: seed_values(root, i, "fashion-mnist", "test_acc") for i in ids}
+    int8 = {(n, d): int8_runs(root, n, d) for n in INT8_OF for d in DATASETS}
+    folder = root / "runs" / CHECKPOINT_RUN / "checkpoint"
+    if any(len(v) != len(SEEDS) for v in value.values()) or not all(int8.values()):
+        return None
+    if not folder.is_dir():
+        return None
+    fmnist = {i: statistics.mean(v) for i, v in value.items()}
+    nonzero = seed_values(root, "ours-2048-prune", "fashion-mnist", "nonzero_weights")[0]
+    lrd = seed_values(root, "cnn2-lrd", "fashion-mnist", "trainable_parameters")[0]
+
+    def moved(after: str, before: str) -> str:
+        change = points(fmnist[after] - fmnist[before])
+        return f"from {fmnist[before]:.2f} to {fmnist[after]:.2f} ({change})"
+
+    def change(run: dict[str, Any]) -> float:
+        return run["test_acc_int8"] - run["test_acc_float"]
+
+    seed_mean = max(abs(statistics.mean(map(change, runs))) for runs in int8.values())
+    single = max(abs(change(run)) for runs in int8.values() for run in runs)
+    one_thread = {  # the page's figure: the median over seeds of each model and data set
+        kind: [statistics.median(r["inference_ms"]["threads1"][kind] for r in runs)
+               for runs in int8.values()]
+        for kind in ("float", "int8")
+    }  # fmt: skip
+    first = next(iter(int8.values()))[0]
+    qat = []
+    for spec_id, base in (("ours-2048-qat", "ours-2048"), ("ours-lw-2688-qat", "ours-lw-2688")):
+        for dataset in DATASETS:
+            before = seed_values(root, base, dataset, "test_acc")
+            after = statistics.mean(seed_values(root, spec_id, dataset, "test_acc"))
+            qat.append((after - statistics.mean(before), statistics.stdev(before)))
+    beyond = sum(abs(d) > s for d, s in qat)
+    qat_verdict = (
+        "each within the seed std of the run it continues"
+        if not beyond
+        else f"{beyond} of {len(qat)} beyond the seed std of the run it continues"
+    )
+    size = checkpoint_bytes(folder)
+    weights = first["float_bytes"]
+    paragraph = (
+        f"Table 8 on CNN2, seeds {', '.join(map(str, SEEDS))}, mean Fashion-MNIST test accuracy "
+        f"%. 90 % magnitude pruning with fixed masks ({nonzero:,} nonzero weights) moves Ours* "
+        f"2048 {moved('ours-2048-prune', 'ours-2048')} and Ours† 2688 "
+        f"{moved('ours-lw-2688-prune', 'ours-lw-2688')}, CNN2 trained directly "
+        f"{moved('cnn2-prune', 'cnn2')}. With FC1 factorised (rank 32, {lrd:,} numbers) the "
+        f"mapping reaches {fmnist['ours-lrd-1456']:.2f} from 1,456 numbers and "
+        f"{fmnist['ours-lw-lrd-2688']:.2f} from 2,688 layer-wise ({fmnist['ours-lw-2688']:.2f} "
+        "without the factorisation). Post-training int8 moves each model's seed-mean accuracy "
+        f"by at most {seed_mean:.2f} points (single runs by up to {single:.2f}), stores "
+        f"{first['int8_bytes']:,} bytes instead of {weights:,} and runs a 256-image batch in "
+        f"{min(one_thread['int8']):.2f}–{max(one_thread['int8']):.2f} ms instead of "
+        f"{min(one_thread['float']):.2f}–{max(one_thread['float']):.2f} ms on one thread. "
+        "Quantisation-aware training through the mapping (3 more epochs) moves the mapped rows "
+        f"by {', '.join(points(d) for d, _ in qat)} points (Ours* 2048, then Ours† 2688; MNIST, "
+        f"then Fashion-MNIST), {qat_verdict}. The committed checkpoint of a trained Ours* 2048 "
+        f"(results/ablations/runs/{CHECKPOINT_RUN}/checkpoint, format {size['version']}) holds "
+        f"{size['committed']:,} bytes in its files (`du -b` adds the folder's own entry, whose "
+        "size depends on the file system); saved by this version of mapnet it is "
+        f"{size['saved_now']:,} bytes, against {weights:,} for CNN2's float32 weights."
+    )
+    pick = Pick(
+        "Checkpoint of a trained CNN2 (Ours* 2048)",
+        f"{size['saved_now']:,} B (`mapnet.save`)",
+        f"{weights:,} B (CNN2's float32 weights; int8: {first['int8_bytes']:,})",
+        f"{better(-size['saved_now'], -weights)}: {times(weights, size['saved_now'])} smaller",
+    )
+    return Facts(
+        "Compression (Table 8)", "compression.md", "mapnet repro compression", paragraph, (pick,)
     )
 
 
@@ -215,6 +323,8 @@ STUDY = Study(
     stages=("train", "int8"),
     default=("train", "int8"),
     run=_run,
-    report=lambda options: report(options.root_or(ROOT), options.report_to),
+    report=lambda options: report(options.root_or(ROOT), options.report_to, options.figures),
     example="mapnet repro compression --stages int8 --seeds 0",
+    page="compression.md",
+    facts=facts,
 )

@@ -25,7 +25,7 @@ def accuracy_vs_budget(
     """Test accuracy against trainable numbers (log scale), one line per series; `baselines`
     (name -> accuracy) are drawn as horizontal lines (e.g. full fine-tuning)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(9.5, 4.2), dpi=120)
     for series in dict.fromkeys(p.series for p in points):
         mine = sorted((p for p in points if p.series == series), key=lambda p: p.x)
         ax.plot([p.x for p in mine], [p.y for p in mine], marker="o", label=series)
@@ -41,7 +41,8 @@ def accuracy_vs_budget(
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    # Beside the axes, not on them: inside, it hid lines and points (the MobileNetV2 fine-tune).
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     fig.tight_layout()
     return _save(plt, fig, out)
 
@@ -86,20 +87,29 @@ def training_curves(panels: dict[str, Sequence[Curve]], out: Path, title: str) -
     fig, axes = plt.subplots(
         rows, columns, figsize=(3.2 * columns, 2.5 * rows), dpi=110, squeeze=False
     )
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # A colour per label (data set), the same in every panel: a panel holding only some of the
+    # labels (Fashion-MNIST-only rows) must not take the first label's colour.
+    labels = list(dict.fromkeys(c.label for curves in panels.values() for c in curves))
+    colour = {label: cycle[i % len(cycle)] for i, label in enumerate(labels)}
     for ax, (name, curves) in zip(axes.flat, panels.items()):
-        for index, curve in enumerate(curves):
-            colour = colours[index % len(colours)]
+        for curve in curves:
             epochs = range(1, len(curve.val) + 1)
-            ax.plot(epochs, curve.val, color=colour, label=f"{curve.label} val")
-            ax.plot(epochs, curve.train, color=colour, linestyle="--", label=f"{curve.label} train")
+            ax.plot(epochs, curve.val, color=colour[curve.label])
+            ax.plot(epochs, curve.train, color=colour[curve.label], linestyle="--")
         ax.set_title(name, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(True, alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7)
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], color=colour[label], linestyle=style, label=f"{label} {split}")
+        for label in labels
+        for style, split in (("-", "val"), ("--", "train"))
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7)
     fig.suptitle(title, fontsize=10)
     for ax in axes[-1]:
         ax.set_xlabel("epoch", fontsize=7)
@@ -108,25 +118,44 @@ def training_curves(panels: dict[str, Sequence[Curve]], out: Path, title: str) -
     return _save(plt, fig, out)
 
 
-def trajectories(
-    panels: dict[str, dict[str, Sequence[Sequence[float]]]], out: Path, title: str
-) -> Path:
-    """Weight-space trajectories in 2-D (paper Figure 2): one panel per name (the whole weight
-    vector, then each layer), one line per method, start marked with a circle, end with a cross."""
+@dataclass(frozen=True)
+class Panel:
+    """One 2-D panel: a title, its axis labels, and points per series."""
+
+    title: str
+    xlabel: str
+    ylabel: str
+    lines: dict[str, Sequence[Sequence[float]]]
+
+
+def trajectories(panels: Sequence[Panel], out: Path, title: str) -> Path:
+    """Weight-space trajectories in 2-D (paper Figure 2): one panel each (the whole weight
+    vector, then each layer), one line per method, start marked with a circle, end with a cross;
+    the legend, below the panels, names the methods and the two markers."""
     plt = _pyplot()
+    from matplotlib.lines import Line2D
+
     count = len(panels)
-    fig, axes = plt.subplots(1, count, figsize=(3.0 * count, 3.0), dpi=110, squeeze=False)
-    for ax, (name, lines) in zip(axes.flat, panels.items()):
-        for method, points in lines.items():
+    fig, axes = plt.subplots(1, count, figsize=(3.0 * count, 3.4), dpi=110, squeeze=False)
+    colours: dict[str, str] = {}
+    for ax, panel in zip(axes.flat, panels):
+        for method, points in panel.lines.items():
             xs, ys = [p[0] for p in points], [p[1] for p in points]
-            (line,) = ax.plot(xs, ys, marker=".", markersize=2, linewidth=0.8, label=method)
+            (line,) = ax.plot(xs, ys, marker=".", markersize=2, linewidth=0.8)
+            colours.setdefault(method, line.get_color())
             ax.plot(xs[0], ys[0], "o", color=line.get_color(), markersize=5)
             ax.plot(xs[-1], ys[-1], "x", color=line.get_color(), markersize=6)
-        ax.set_title(name, fontsize=8)
+        ax.set_title(panel.title, fontsize=8)
+        ax.set_xlabel(panel.xlabel, fontsize=7)
+        ax.set_ylabel(panel.ylabel, fontsize=7)
         ax.tick_params(labelsize=6)
-    axes.flat[0].legend(fontsize=7)
+    handles = [Line2D([], [], color=c, linewidth=0.8, label=m) for m, c in colours.items()] + [
+        Line2D([], [], color="grey", marker="o", linestyle="", label="start (θ₀)"),
+        Line2D([], [], color="grey", marker="x", linestyle="", label="end of training"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return _save(plt, fig, out)
 
 
@@ -147,18 +176,31 @@ def forecast_example(lines: dict[str, Sequence[float]], out: Path, title: str) -
 
 
 def segmentation_examples(
-    rows: Sequence[tuple[object, object, object]], out: Path, title: str
+    rows: Sequence[tuple[object, object, object]],
+    out: Path,
+    title: str,
+    key: Sequence[tuple[str, Sequence[int]]] = (),
 ) -> Path:
-    """One row per example: image | truth | prediction (uint8 (H, W, 3) or (H, W) arrays)."""
+    """One row per example: image | truth | prediction (uint8 (H, W, 3) or (H, W) arrays);
+    `key` (class name, RGB 0–255), when given, is drawn beside them as the colours' legend."""
     plt = _pyplot()
-    fig, axes = plt.subplots(len(rows), 3, figsize=(6, 2 * len(rows)), dpi=110, squeeze=False)
+    from matplotlib.patches import Patch
+
+    width = 6 + (1.7 if key else 0)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(width, 2 * len(rows)), dpi=110, squeeze=False)
     for row, images in zip(axes, rows):
         for ax, image, name in zip(row, images, ("image", "truth", "prediction")):
             ax.imshow(image, cmap="gray" if getattr(image, "ndim", 3) == 2 else None)
             ax.set_title(name, fontsize=7)
             ax.axis("off")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    if key:
+        patches = [Patch(color=[c / 255 for c in rgb], label=name) for name, rgb in key]
+        fig.legend(handles=patches, loc="center right", fontsize=7, frameon=False,
+                   title="class", title_fontsize=7)  # fmt: skip
+        fig.tight_layout(rect=(0, 0, 6 / width, 1))
+    else:
+        fig.tight_layout()
     return _save(plt, fig, out)
 
 
@@ -179,22 +221,40 @@ def interpolation_paths(paths: dict[str, Sequence[float]], out: Path, title: str
 
 
 def latent_scatter(
-    panels: dict[str, Sequence[Sequence[float]]], groups: Sequence[str], out: Path, title: str
+    panels: Sequence[Panel],
+    groups: Sequence[str],
+    out: Path,
+    title: str,
+    shade: Sequence[float] | None = None,
 ) -> Path:
-    """2-D embeddings of points (one panel per method), coloured by group."""
+    """2-D embeddings of points (one panel each: `Panel.lines` holds one series, all points),
+    coloured by group (the legend's names, beside the panels); `shade` in [0, 1] per point, if
+    given, sets its opacity (e.g. later epochs darker)."""
     plt = _pyplot()
+    from matplotlib.lines import Line2D
+
     count = len(panels)
-    fig, axes = plt.subplots(1, count, figsize=(4.5 * count, 4), dpi=110, squeeze=False)
-    names = list(dict.fromkeys(groups))
-    for ax, (method, points) in zip(axes.flat, panels.items()):
-        for group in names:
-            mine = [p for p, g in zip(points, groups) if g == group]
-            ax.scatter([p[0] for p in mine], [p[1] for p in mine], s=14, label=group)
-        ax.set_title(method, fontsize=9)
+    fig, axes = plt.subplots(1, count, figsize=(4.5 * count + 2.2, 4), dpi=110, squeeze=False)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {g: cycle[i % len(cycle)] for i, g in enumerate(dict.fromkeys(groups))}
+    alphas = [0.25 + 0.75 * s for s in shade] if shade is not None else [1.0] * len(groups)
+    for ax, panel in zip(axes.flat, panels):
+        (points,) = panel.lines.values()
+        for group in colour:
+            mine = [(p, a) for p, g, a in zip(points, groups, alphas) if g == group]
+            ax.scatter([p[0] for p, _ in mine], [p[1] for p, _ in mine], s=14,
+                       color=colour[group], alpha=[a for _, a in mine])  # fmt: skip
+        ax.set_title(panel.title, fontsize=9)
+        ax.set_xlabel(panel.xlabel, fontsize=8)
+        ax.set_ylabel(panel.ylabel, fontsize=8)
         ax.tick_params(labelsize=6)
-    axes.flat[0].legend(fontsize=6)
+    handles = [
+        Line2D([], [], color=c, marker="o", linestyle="", markersize=5, label=g)
+        for g, c in colour.items()
+    ]
+    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, (4.5 * count) / (4.5 * count + 2.2), 1))
     return _save(plt, fig, out)
 
 

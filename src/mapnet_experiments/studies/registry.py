@@ -9,6 +9,7 @@ from mapnet_experiments.studies import (
     finetune,
     finetune_text,
     forecasting,
+    index,
     segmentation,
     table1,
     trajectory,
@@ -31,5 +32,6 @@ STUDIES: dict[str, Study] = {
         segmentation.STUDY,
         trajectory.STUDY,
         space.STUDY,
+        index.STUDY,  # last: it reads the others' facts
     )
 }

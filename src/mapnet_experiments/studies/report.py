@@ -11,6 +11,17 @@ from typing import Any
 
 from mapnet_experiments.studies.runner import TableRow, run_id, run_name
 
+# Every page that quotes the public reproduction's figures says where they come from in these
+# words. The project's specification quotes an independent public reproduction of the paper
+# beside the paper's own figures but names neither its authors nor an address, and this
+# repository records neither, so it is named as precisely as that allows and not linked.
+PUBLIC_SOURCE = (
+    "an independent public reproduction of the paper (Sen & Mukherjee, 2026, *Mapping "
+    "Networks*): its figures as this project's specification quotes them, which names neither "
+    "the reproduction's authors nor an address, so it cannot be linked"
+)
+PUBLIC_REPRODUCTION = f"'public repro' = {PUBLIC_SOURCE} ([sources](README.md#sources))."
+
 
 def mean_std(values: list[float], digits: int = 2, seeds: int = 3) -> str:
     """ "mean ± std" over seeds (sample std), the count added when it is not `seeds`; '–' when

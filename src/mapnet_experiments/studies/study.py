@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mapnet_experiments.studies.facts import Facts
+
 
 @dataclass(frozen=True)
 class Options:
@@ -16,7 +18,9 @@ class Options:
 
     root: the results folder (None: the study's own). report_to: the page (None: its own).
     rows: row ids to run (None: all). epochs: per run (None: the study's own). hours: start no
-    new run after this many hours. seeds: for studies that repeat rows over seeds."""
+    new run after this many hours. seeds: for studies that repeat rows over seeds. figures:
+    False writes the pages' text only (the same text; the tests compare it with the committed
+    pages without the seconds of drawing)."""
 
     root: Path | None = None
     report_to: Path | None = None
@@ -29,6 +33,7 @@ class Options:
     progress: bool = True
     tsne: bool = False
     seeds: tuple[int, ...] = (0, 1, 2)
+    figures: bool = True
     started: float = 0.0  # time.monotonic() when the command started
 
     def root_or(self, default: Path) -> Path:
@@ -51,7 +56,11 @@ class Study:
 
     stages: every stage `--stages` accepts, in the order they run; default: those run when
     --stages is not given. run(options, stages) runs them; report(options) writes the page(s)
-    from the results alone and returns the text to print. example: a command line for --help."""
+    from the results alone and returns the text to print. example: a command line for --help.
+    page: the page `report` writes, under docs/results/ (None: the study draws figures only);
+    the tests regenerate it from the committed results and compare it byte for byte.
+    facts(results): what the study adds to the results index and README.md's when-to-pick
+    table, from the results/ folder alone (studies.facts; None: nothing)."""
 
     name: str
     summary: str
@@ -60,6 +69,8 @@ class Study:
     run: Callable[[Options, tuple[str, ...]], None]
     report: Callable[[Options], str]
     example: str
+    page: str | None = None
+    facts: Callable[[Path], Facts | None] | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.default) - set(self.stages))

@@ -6,7 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mapnet_experiments.studies.facts import Facts, Pick, better, listing, pair
 from mapnet_experiments.studies.report import (
+    DATASET_NAMES,
+    PUBLIC_REPRODUCTION,
     Results,
     cell,
     draw_curves,
@@ -154,8 +157,10 @@ def report(
     root: Path = TABLE1_DIR,
     out: Path = Path("docs/results/table1.md"),
     datasets: tuple[str, ...] = DATASETS,
+    figures: bool = True,
 ) -> str:
-    """Markdown table from results/table1/*.json: paper vs public reproduction vs ours."""
+    """Markdown table from results/table1/*.json: paper vs public reproduction vs ours (and
+    the training curves' figure unless `figures` is False)."""
     loaded = load_results(TABLE1, root, datasets)
     finished = len(loaded)
     lines = [
@@ -170,6 +175,8 @@ def report(
         "'ours (final)' is the test accuracy after the last epoch, 'ours (best val)' the test",
         "accuracy at the epoch with the best validation accuracy, 'gap' the running training",
         "accuracy over the last epoch minus the final test accuracy.",
+        "",
+        PUBLIC_REPRODUCTION,
         "",
         "| model | row | trainable | paper | public repro | ours (final) | ours (best val) "
         "| gap | epochs |",
@@ -198,7 +205,8 @@ def report(
         for row in TABLE1
     }
     figure = out.with_name("curves-table1.png")
-    draw_curves(panels, figure, "Table 1 runs: accuracy per epoch (seed 0)")
+    if figures:
+        draw_curves(panels, figure, "Table 1 runs: accuracy per epoch (seed 0)")
     lines += [
         "",
         f"Training (dashed) and validation (solid) accuracy per epoch: [{figure.name}]"
@@ -257,6 +265,68 @@ def _targets_section(loaded: Results, datasets: tuple[str, ...]) -> list[str]:
     return lines
 
 
+def facts(results: Path) -> Facts | None:
+    """The index's Table 1 paragraph and its when-to-pick row (CNN2 through a 2,048-number
+    latent against CNN2 trained directly)."""
+    root = results / "table1"
+    loaded = load_results(TABLE1, root, DATASETS)
+    rows = {row.id: row for row in TABLE1}
+    needed = ("cnn2-single-2048", "cnn2-baseline", "cnn2-intrinsic-2048")
+    if any((i, d) not in loaded for i in needed for d in DATASETS):
+        return None
+
+    def acc(row_id: str) -> list[float]:
+        return [loaded[(row_id, d)]["test_acc"] for d in DATASETS]
+
+    ours, plain, intrinsic = acc(needed[0]), acc(needed[1]), acc(needed[2])
+    headline = rows["cnn2-single-2048"]
+    generated = loaded[("cnn2-baseline", DATASETS[0])]["trainable_parameters"]
+    trained = loaded[("cnn2-single-2048", DATASETS[0])]["trainable_parameters"]
+
+    def reached(reference: str) -> str:
+        runs = [
+            (row, index, loaded[(row.id, dataset)]["test_acc"])
+            for row in TABLE1
+            if row.mode == "mapped"
+            for index, dataset in enumerate(DATASETS)
+            if getattr(row, reference)[index] is not None and (row.id, dataset) in loaded
+        ]
+        names: dict[bool, list[str]] = {True: [], False: []}  # reached it or not -> runs
+        for row, index, value in runs:
+            names[value >= getattr(row, reference)[index]].append(
+                f"{row.model.upper()} {row.label} on {DATASET_NAMES[DATASETS[index]]}"
+            )
+        met, missed = names[True], names[False]
+        if not met or not missed:
+            return f"{'all' if met else 'none'} of the {len(runs)} mapped runs it reports reach it"
+        named = f"all but {listing(missed)}" if len(missed) <= len(met) else listing(met)
+        return f"{len(met)} of the {len(runs)} mapped runs it reports reach it ({named})"
+
+    paragraph = (
+        f"{len(loaded)} of {len(TABLE1) * len(DATASETS)} runs, {EPOCHS} epochs, seed 0. CNN2 "
+        f"trained through a {trained:,}-number latent ({generated:,} weights generated) reaches "
+        f"{pair(ours)} % test accuracy on MNIST / Fashion-MNIST, against the paper's "
+        f"{pair(headline.paper)} and the public reproduction's {pair(headline.public)}; CNN2 "
+        f"trained directly reaches {pair(plain)}. Against the paper's figures, "
+        f"{reached('paper')}; against the public reproduction's, {reached('public')}. "
+        f"Intrinsic-dimension training (Li et al. 2018, θ₀ + Wz) at the same {trained:,} "
+        f"numbers reaches {pair(intrinsic)}."
+    )
+    gaps = [b - a for a, b in zip(ours, plain)]
+    verdict = (
+        f"{better(min(ours), max(plain))}: trained directly is {pair(gaps)} points higher"
+        if all(g > 0 for g in gaps)
+        else "mixed: " + pair(gaps)
+    )
+    pick = Pick(
+        "Test accuracy, CNN2 on MNIST / Fashion-MNIST, 10 epochs (Table 1)",
+        f"{pair(ours)} % ({trained:,} numbers trained)",
+        f"{pair(plain)} % (CNN2 trained directly, {generated:,})",
+        verdict,
+    )
+    return Facts("Table 1", "table1.md", "mapnet repro table1", paragraph, (pick,))
+
+
 def _run(options: Options, stages: tuple[str, ...]) -> None:
     run_table(
         chosen_rows(TABLE1, options.rows),
@@ -275,6 +345,7 @@ def _report(options: Options) -> str:
         options.root_or(TABLE1_DIR),
         options.report_or(Path("docs/results/table1.md")),
         options.datasets,
+        options.figures,
     )
 
 
@@ -288,4 +359,6 @@ STUDY = Study(
     run=_run,
     report=_report,
     example="mapnet repro table1 --rows cnn2-single-2048 --datasets mnist --threads 1",
+    page="table1.md",
+    facts=facts,
 )

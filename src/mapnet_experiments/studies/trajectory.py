@@ -25,11 +25,13 @@ from mapnet_experiments.models.networks import CNN2
 from mapnet_experiments.recipe.config import TrainConfig
 from mapnet_experiments.recipe.splits import load_splits
 from mapnet_experiments.recipe.trainer import Trainer, plain_view
+from mapnet_experiments.studies.facts import Facts, read
 from mapnet_experiments.studies.runner import MAPPED, PLAIN
 from mapnet_experiments.studies.study import Options, Study
 
 ROOT = Path("results/figures")
 FIGURE = Path("docs/results/trajectory.png")
+METHOD_NAMES = {"pca": "PCA", "tsne": "t-SNE"}
 LAYERS = {  # CNN2's layers: the parameters of each
     "conv1": ("features.0.weight", "features.0.bias"),
     "conv2": ("features.3.weight", "features.3.bias"),
@@ -157,21 +159,50 @@ def run(
 
 
 def figure(source: Path, out: Path = FIGURE, method: str = "pca") -> Path:
-    from mapnet_experiments.studies.plots import trajectories
+    """The trajectories figure from `source`'s coordinates: one panel per weight group, axes
+    named (for PCA, each principal axis with the share of variance it explains)."""
+    from mapnet_experiments.studies.plots import Panel, trajectories
+    from mapnet_experiments.studies.report import DATASET_NAMES
 
     data = json.loads(source.read_text())
-    panels = {}
+    panels = []
     for name, entry in data["panels"].items():
         if method not in entry:
             raise ValueError(f"{source} holds no {method} coordinates (run with --tsne)")
-        explained = entry["explained"]
-        label = f"{name} (PCA {100 * explained[0]:.0f} % + {100 * explained[1]:.0f} %)"
-        panels[label if method == "pca" else name] = entry[method]
+        if method == "pca":
+            first, second = (f"{100 * share:.0f} %" for share in entry["explained"])
+            axes = (f"PC 1 ({first} of variance)", f"PC 2 ({second})")
+        else:
+            axes = ("t-SNE 1", "t-SNE 2")
+        panels.append(Panel(name, *axes, entry[method]))
+    dataset = DATASET_NAMES.get(data["dataset"], data["dataset"])
     title = (
-        f"CNN2 weight trajectories on {data['dataset']}, {data['epochs']} epochs, a snapshot every "
-        f"{data['every']} steps; same θ₀ ({method.upper()} of both runs together)"
+        f"CNN2 weight trajectories on {dataset}, {data['epochs']} epochs, a snapshot every "
+        f"{data['every']} steps, both from the same θ₀ ({METHOD_NAMES[method]} of both runs "
+        "together)"
     )
     return trajectories(panels, out, title)
+
+
+def facts(results: Path) -> Facts | None:
+    """The index's paragraph for Figure 2: what the figure shows and how much of the weights'
+    variance its two axes hold."""
+    data = read(results / ROOT.name / "trajectory-mnist.json")
+    if data is None:
+        return None
+    explained = data["panels"]["all weights"]["explained"]
+    methods = " and ".join(
+        f"{name} ({count} snapshots)" for name, count in data["snapshots"].items()
+    )
+    paragraph = (
+        f"Paper Figure 2: CNN2 on MNIST for {data['epochs']} epochs, {methods}, both from the "
+        f"same θ₀ and batch order, a weight snapshot every {data['every']} steps, projected "
+        "together by PCA for the whole weight vector and for each layer; the first two axes of "
+        f"the whole vector hold {100 * explained[0]:.0f} % and {100 * explained[1]:.0f} % of "
+        "the variance ([PCA](trajectory.png), [t-SNE](trajectory-tsne.png))."
+    )
+    return Facts("Weight trajectories (Figure 2)", "trajectory.png", "mapnet repro trajectory "
+                 "--tsne", paragraph)  # fmt: skip
 
 
 def _run(options: Options, stages: tuple[str, ...]) -> None:
@@ -185,6 +216,8 @@ def _run(options: Options, stages: tuple[str, ...]) -> None:
 
 
 def _report(options: Options) -> str:
+    if not options.figures:  # the study's page is its figure
+        return ""
     source = options.root_or(ROOT) / f"trajectory-{options.datasets[0]}.json"
     out = options.report_or(FIGURE)
     drawn = [figure(source, out)]
@@ -204,4 +237,5 @@ STUDY = Study(
     run=_run,
     report=_report,
     example="mapnet repro trajectory --datasets mnist --tsne",
+    facts=facts,
 )

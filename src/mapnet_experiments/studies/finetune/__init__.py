@@ -19,7 +19,7 @@ def _run(options: Options, stages: tuple[str, ...]) -> None:
 
 
 def _report(options: Options) -> str:
-    return page.report(options.root_or(RESULTS_DIR), options.report_or(REPORT))
+    return page.report(options.root_or(RESULTS_DIR), options.report_or(REPORT), options.figures)
 
 
 STUDY = Study(
@@ -34,4 +34,6 @@ STUDY = Study(
     run=_run,
     report=_report,
     example="mapnet repro finetune --stages transfer --rows r50-mapnet-L250-2k",
+    page="finetune.md",
+    facts=page.facts,
 )

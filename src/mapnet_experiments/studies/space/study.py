@@ -43,6 +43,7 @@ from mapnet_experiments.recipe.run import train
 from mapnet_experiments.recipe.splits import Split
 from mapnet_experiments.recipe.state import load_model
 from mapnet_experiments.recipe.trainer import build, evaluate
+from mapnet_experiments.studies.space import summary
 from mapnet_experiments.studies.space.training import (
     LATENTS_FILE,
     Member,
@@ -352,9 +353,11 @@ def speed(root: Path = ROOT, members: int = 256, repeats: int = 5) -> dict[str, 
 # ---------------------------------------------------------------------- report
 
 
-def report(root: Path = ROOT, out: Path = REPORT, data_dir: str | None = None) -> str:
-    """docs/results/space.md and its figures from root (the INR figure also reads the test
-    images, from data_dir)."""
+def report(
+    root: Path = ROOT, out: Path = REPORT, data_dir: str | None = None, draw: bool = True
+) -> str:
+    """docs/results/space.md and its figures (unless `draw` is False) from root (the INR
+    figure also reads the test images, from data_dir)."""
     if not (root / "analysis.json").exists():
         raise FileNotFoundError(
             f"{root / 'analysis.json'} is missing: run `mapnet repro space --stages analyse` "
@@ -528,11 +531,12 @@ def report(root: Path = ROOT, out: Path = REPORT, data_dir: str | None = None) -
         lines += report_section(inr)
     text = "\n".join(lines)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if inr is not None:  # first: it reads the test images, which may be missing
+    if draw and inr is not None:  # first: it reads the test images, which may be missing
         from mapnet_experiments.studies.space.inr import FIGURE, figure
 
         figure(root / "inr", out.parent / FIGURE, data_dir)
-    figures(analysis, out.parent)
+    if draw:
+        figures(analysis, out.parent)
     out.write_text(text)
     return text
 
@@ -580,18 +584,44 @@ def _inr_target(summary: dict[str, Any] | None) -> str:
 
 
 def figures(analysis: dict[str, Any], folder: Path) -> list[Path]:
-    from mapnet_experiments.studies.plots import interpolation_paths, latent_scatter
+    from mapnet_experiments.studies.plots import Panel, interpolation_paths, latent_scatter
 
     paths = {name: path["test"] for name, path in analysis["paths"].items()}
     made = [interpolation_paths(paths, folder / "space-paths.png",
                                 "Fashion-MNIST test accuracy along straight paths")]  # fmt: skip
     embedding = analysis["embedding"]
-    panels = {"PCA": embedding["pca"]} | (
-        {"t-SNE": embedding["tsne"]} if "tsne" in embedding else {}
+    first, second = (f"{100 * share:.0f} %" for share in embedding["pca_variance"])
+    panels = [Panel("PCA", f"PC 1 ({first} of variance)", f"PC 2 ({second})",
+                    {"latents": embedding["pca"]})]  # fmt: skip
+    if "tsne" in embedding:
+        panels.append(Panel("t-SNE", "t-SNE 1", "t-SNE 2", {"latents": embedding["tsne"]}))
+    epochs = embedding["epochs"]
+    last = max(epochs)
+    made.append(
+        latent_scatter(
+            panels,
+            [task_name(task) for task in embedding["tasks"]],
+            folder / "space-latents.png",
+            f"every member's latent after each of its {last} epochs, by task (paler: earlier)",
+            shade=[(e - 1) / max(last - 1, 1) for e in epochs],
+        )
     )
-    made.append(latent_scatter(panels, embedding["tasks"], folder / "space-latents.png",
-                               "members' latents after each epoch, by task"))  # fmt: skip
     return made
+
+
+def task_name(task: str) -> str:
+    """A member's task for a legend: "fashion-mnist:[0, 1, 2, 3, 4]" -> "Fashion-MNIST,
+    classes 0–4" (Member.task's form: the data set, then the classes when not all)."""
+    from mapnet_experiments.studies.report import DATASET_NAMES
+
+    dataset, _, classes = task.partition(":")
+    name = DATASET_NAMES.get(dataset, dataset)
+    if not classes:
+        return f"{name}, all classes"
+    chosen = json.loads(classes)
+    if chosen == list(range(chosen[0], chosen[-1] + 1)):
+        return f"{name}, classes {chosen[0]}–{chosen[-1]}"
+    return f"{name}, classes {', '.join(map(str, chosen))}"
 
 
 def _run(options: Options, stages: tuple[str, ...]) -> None:
@@ -620,7 +650,9 @@ STUDY = Study(
     default=("train", "analyse"),
     run=_run,
     report=lambda options: report(
-        options.root_or(ROOT), options.report_or(REPORT), options.data_dir
+        options.root_or(ROOT), options.report_or(REPORT), options.data_dir, options.figures
     ),
     example="mapnet repro space --stages inr --datasets fashion-mnist --threads 1",
+    page="space.md",
+    facts=summary.facts,
 )
