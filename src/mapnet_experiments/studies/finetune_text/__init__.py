@@ -31,4 +31,5 @@ STUDY = Study(
     run=_run,
     report=lambda options: page.report(options.root_or(RESULTS_DIR), options.report_or(REPORT)),
     example="mapnet repro finetune-text --stages select --threads 1",
+    page=REPORT.name,
 )

@@ -77,8 +77,9 @@ def _kb(value: float) -> str:
     return f"{value / 1000:,.1f} KB" if value < 1e6 else f"{value / 1e6:,.1f} MB"
 
 
-def report(root: Path, out: Path) -> str:
-    """The page, from the files under `root`; returns its text."""
+def report(root: Path, out: Path, figures: bool = True) -> str:
+    """The page, from the files under `root` (and its figure unless `figures` is False);
+    returns its text."""
     select, levers, final = (_load(root, stage) for stage in ("select", "levers", "final"))
     bench = _bench(root)
     any_row = next(iter(final.values() or select.values()), None)
@@ -104,7 +105,7 @@ def report(root: Path, out: Path) -> str:
     lines += ["", *_main_table(final, bench), *_targets(final), *_choices(select),
               *_levers(levers)]  # fmt: skip
     figure = out.with_name("finetune-text.png")
-    if _figure(final, figure):
+    if final and (not figures or _figure(final, figure)):
         lines += ["", f"![test accuracy against trainable numbers]({figure.name})"]
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)

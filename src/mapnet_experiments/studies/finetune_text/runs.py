@@ -52,7 +52,7 @@ BUDGETS = (2048, 10240, 51200)
 SEEDS = (0, 1, 2)
 HEAD_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 LRS = {
-    "full": (1e-5, 3e-5, 1e-4),
+    "full": (1e-5, 3e-5, 1e-4, 3e-4),  # 1e-4 won the first three: the grid went one further
     "bitfit": (1e-4, 1e-3, 1e-2),
     "lora": (1e-3, 3e-3, 1e-2),
     "vera": (3e-3, 1e-2, 3e-2),
