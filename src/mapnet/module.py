@@ -399,7 +399,8 @@ class MappedModule(nn.Module):
         if self._layouts is None or not isinstance(self.mapping_config.group_size, str):
             return self.generate()
         config = self.mapping_config
-        theta0 = self._theta0_views()
+        weight_path = any(not unit.modules for layout in self._layouts for unit in layout)
+        theta0 = self._theta0_views() if weight_path else {}
         tensors: dict[str, torch.Tensor] = {}
         for index, group in enumerate(self.groups):
             z = self.latents[index]
