@@ -534,3 +534,51 @@ def test_config_validates_and_round_trips_the_new_settings() -> None:
 def test_model_space_refuses_a_layout() -> None:
     with pytest.raises(ValueError, match="row/column groups"):
         mapnet.ModelSpace(lambda: Attention(), config("row", train_directly=()), n=2)
+
+
+class TiedAndReused(nn.Module):
+    """A language-model shape: the head tied to the embedding, and a Linear used twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(9, 4)
+        self.mid = nn.Linear(4, 4)
+        self.again = self.mid
+        self.lm_head = nn.Linear(4, 9, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.tanh(self.again(torch.tanh(self.mid(self.wte(ids))))))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_tied_head_and_a_reused_module(mode: str) -> None:
+    torch.manual_seed(0)
+    mapped = wrapped(perturbed(TiedAndReused()).double(), config(mode, train_directly=()))
+    ids = ids_input() % 9
+    units = {unit.pieces[0].name: unit.modules for unit in mapped._layouts[0]}
+    assert units["wte.weight"] == ("wte", "lm_head") and units["mid.weight"] == ("mid",)
+    expected = mapped(ids)
+    with torch.no_grad():
+        # torch's default tie_weights=True names the reused module twice and leaves a
+        # swapped-in tensor in its slot: the next forward must not read it.
+        functional_call(mapped.target, mapped.generate(), (ids,))
+        assert torch.equal(mapped(ids), expected)
+        assert_relative(mapped.materialize()(ids), expected, 1e-12)
+    activation = values_and_gradients_of_latent(mapped, lambda: mapped(ids))
+    weight = values_and_gradients_of_latent(
+        mapped, lambda: functional_call(mapped.target, mapped.generate(), (ids,))
+    )
+    assert_relative(activation, weight)
+
+
+def values_and_gradients_of_latent(mapped, run) -> torch.Tensor:
+    mapped.zero_grad(set_to_none=True)
+    run().square().sum().backward()
+    return mapped.latent.grad.clone()
+
+
+def test_a_reused_modules_placeholder_holds_no_graph_after_a_forward() -> None:
+    mapped = mapnet.wrap(TiedAndReused(), MappingConfig(latent_dim=3, latent_init_std=0.5))
+    mapped(ids_input() % 9).sum().backward()
+    assert mapped.target.mid.weight.grad_fn is None

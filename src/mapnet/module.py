@@ -32,7 +32,7 @@ from mapnet import identity, rows
 from mapnet.bases import ModelSource, build_from_factory, fill_bases, group_views
 from mapnet.config import ACTIVATIONS, MappingConfig
 from mapnet.generator import generate_group, modulate_group, pre_activation, scale_by_groups
-from mapnet.plain import materialized
+from mapnet.plain import distinct_slots, materialized
 from mapnet.plain import resolve as _resolve
 from mapnet.projections import PiecewiseScale, make_projection
 from mapnet.projections.seeding import derive_seed
@@ -102,10 +102,18 @@ class MappedModule(nn.Module):
         groups = latent_groups(selection.generated, config, count)
         # Row/column groups and groups inside tensors: each group's units (mapnet/rows.py).
         self._layouts = [rows.build_layout(model, g, config) for g in groups] if laid_out else None
+        # The names generate() gives each tensor: one per distinct module attribute (a module
+        # reused under two names is one slot; functional_call would restore the second name's
+        # swapped-in tensor into it after the forward).
+        self._slots = {s.name: distinct_slots(model, s.names) for s in selection.generated}
         # Activation-path tensors whose θ₀ is the model's own weight stay in the target as they
-        # are (non-persistent buffers): no copy into θ₀, no placeholder.
+        # are (non-persistent buffers): no copy into θ₀, no placeholder. Not those of a reused
+        # module: torch's functional_call(tie_weights=True) leaves a swapped-in tensor in its slot.
         regenerated = config.resolved_base == "init" and not from_factory
         held = set() if regenerated or not self._layouts else rows.held_names(self._layouts)
+        held = {
+            s.name for s in selection.generated if s.name in held and s.names == self._slots[s.name]
+        }
         self._held = sorted(held)
         self._flat_groups = [
             dataclasses.replace(g, specs=[s for s in g.specs if s.name not in held]) for g in groups
@@ -399,15 +407,18 @@ class MappedModule(nn.Module):
         if self._layouts is None or not isinstance(self.mapping_config.group_size, str):
             return self.generate()
         config = self.mapping_config
-        weight_path = any(not unit.modules for layout in self._layouts for unit in layout)
-        theta0 = self._theta0_views() if weight_path else {}
+        # θ₀ kept flat: the weight path's, and activation-path weights not held by the target.
+        flat = any(group.specs for group in self._flat_groups)
+        theta0 = self._theta0_views(held=False) if flat else {}
         tensors: dict[str, torch.Tensor] = {}
         for index, group in enumerate(self.groups):
             z = self.latents[index]
             if config.check_finite:
                 self._check_finite(index, z)
             factors = rows.factors(z, self.projections[index], config.alpha, config.activation)
-            specs = {s.name: (s.names, t) for s, t in zip(group.specs, self._dtypes[index])}
+            specs = {
+                s.name: (self._slots[s.name], t) for s, t in zip(group.specs, self._dtypes[index])
+            }
             tensors |= rows.forward_tensors(self._layouts[index], factors, theta0, specs)
         return tensors
 
@@ -464,7 +475,7 @@ class MappedModule(nn.Module):
                     self._dtypes[index],
                 )
             for spec, tensor in zip(group.specs, tensors):
-                for alias in spec.names:
+                for alias in self._slots[spec.name]:
                     params[alias] = tensor
         return params
 

@@ -21,6 +21,19 @@ def resolve(module: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (module.get_submodule(owner) if owner else module), attr
 
 
+def distinct_slots(module: nn.Module, names: list[str]) -> list[str]:
+    """`names` less those naming an attribute of a module already named (a module reused
+    under two names)."""
+    seen: set[tuple[int, str]] = set()
+    kept = []
+    for name in names:
+        owner, attr = resolve(module, name)
+        if (id(owner), attr) not in seen:
+            seen.add((id(owner), attr))
+            kept.append(name)
+    return kept
+
+
 def materialized(mapped: MappedModule, weights: dict[str, torch.Tensor] | None) -> nn.Module:
     """See MappedModule.materialize."""
     with torch.no_grad():

@@ -150,7 +150,12 @@ def _activation_unit(
         if bias is not None and len(bias.names) == 1:
             pieces.append(Piece(bias.name, "rows"))
             bias_shared = True
-    return Unit(count, tuple(pieces), tuple(owner for owner, _, _ in owners), bias_shared)
+    # A module reused under two names is one module: one name, else functional_call would
+    # restore its factors buffer to the other name's swapped-in tensor.
+    distinct: dict[int, str] = {}
+    for owner, module, _ in owners:
+        distinct.setdefault(id(module), owner)
+    return Unit(count, tuple(pieces), tuple(distinct.values()), bias_shared)
 
 
 def _weight_path_unit(spec: ParamSpec, mode: str) -> Unit:
@@ -269,13 +274,19 @@ def forward_tensors(
     specs: Mapping[str, tuple[list[str], torch.dtype]],
 ) -> dict[str, torch.Tensor]:
     """What the target's forward takes (names for functional_call): the factors of every
-    activation-path module (in its weight's dtype) and the generated weight-path tensors."""
+    activation-path module (in its weight's dtype), θ_pre of those whose θ₀ is kept flat
+    (`theta0` holds them: their slot in the target is only a placeholder), and the generated
+    weight-path tensors."""
     out = {}
     for unit, part in _units(layout, factors):
         if unit.modules:
             dtype = specs[unit.pieces[0].name][1]
             for module in unit.modules:
                 out[f"{module}.{SCALE}" if module else SCALE] = part.to(dtype)
+            for piece in unit.pieces:
+                if piece.name in theta0:
+                    names, dtype = specs[piece.name]
+                    out.update(dict.fromkeys(names, theta0[piece.name].to(dtype)))
             continue
         for piece in unit.pieces:
             names, dtype = specs[piece.name]
