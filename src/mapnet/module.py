@@ -3,6 +3,8 @@
     u = z + α z⊙z                       modulation W_i(1+αz_i), without building the modulated W
     θ = σ(θ₀ + g ⊙ (W u))               W fixed, regenerated from the seed (paper §2.2, eq. 20–24)
     θ = θ₀ ⊙ (1 + σ(g W u)_⌈j/L⌉)       or, update="multiplicative": fine-tuning (eq. 25)
+    y = (1 + m) ⊙ (θ₀ x + b)            group_size="row": the same θ, applied to activations
+                                        (mapnet/rows.py; "column" scales the input)
     y = functional_call(target, θ, x)   the target itself is never rewritten
 
 It behaves like the module it wraps: attribute access reaches the target, `forward` has the

@@ -75,8 +75,12 @@ Layout = list[Unit]
 
 def has_layout(config: MappingConfig) -> bool:
     """Whether the config's groups follow a layout (row/column, or L inside each tensor)."""
-    multiplicative = config.update == "multiplicative"
-    return multiplicative and (isinstance(config.group_size, str) or config.groups_within_tensors)
+    if config.update != "multiplicative":
+        return False
+    # L = 1 groups one weight: inside its tensor already (the fused generator serves it).
+    return isinstance(config.group_size, str) or (
+        config.groups_within_tensors and config.group_size > 1
+    )
 
 
 def activation_family(module: nn.Module) -> str | None:
