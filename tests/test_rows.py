@@ -383,7 +383,6 @@ def test_no_copy_of_the_activation_path_weights() -> None:
         made.append(perturbed(Attention()))
         return made[-1]
 
-    pointers = {}
     mapped = wrapped(factory, config("row", train_directly=(), target_types=("Linear",)))
     pointers = {n: p.data_ptr() for n, p in made[0].named_buffers() if not n.endswith(SCALE)}
     generated = {spec.name for spec in mapped.specs}
