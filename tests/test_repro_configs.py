@@ -34,6 +34,9 @@ ADDED = {
     "update": "additive",
     "group_size": 1,
     "target_fraction": 1.0,
+    "target_types": None,
+    "parameter_names": None,
+    "groups_within_tensors": False,
 }
 
 # TrainConfig fields added since (the ablation and compression runs).

@@ -10,8 +10,9 @@ from mapnet._version import __version__ as __version__
 from mapnet.checkpoint import load, load_into, save
 from mapnet.config import MappingConfig
 from mapnet.errors import CheckpointError
-from mapnet.module import MappedModule, exclude_fixed_from_ddp, load_state_dict, wrap
+from mapnet.module import MappedModule, wrap
 from mapnet.space import ModelSpace
+from mapnet.trees import exclude_fixed_from_ddp, load_state_dict
 
 __all__ = [
     "CheckpointError",

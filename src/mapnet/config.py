@@ -24,7 +24,10 @@ BASES = ("init", "zero", "model")
 LAYER_SPLITS = ("per_layer", "equal", "proportional")
 PROJECTIONS = ("structured", "dense")
 UPDATES = ("additive", "multiplicative")
+# group_size values that align one modulation element with a whole row or column (mapnet/rows.py).
+ALIGNED_GROUPS = ("row", "column")
 FLOAT_OPTIONS = ("alpha", "latent_init_std", "target_fraction")
+SELECTORS = ("target_types", "parameter_names")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda t: t,
     "tanh": torch.tanh,
@@ -83,12 +86,31 @@ class MappingConfig:
         regenerated where the checkpoint is loaded). Parameters no seed regenerates are always
         stored.
     check_finite: check in every forward that the latents are finite (a host sync per step).
+    target_types: module class names (e.g. ["Linear"]): only parameters owned directly by a
+        module of one of these classes (or a subclass) are generated; None: any module. Combined
+        with `target_modules` (both must hold).
+    parameter_names: fnmatch patterns of a parameter's own name inside its module (the part
+        after the last dot): ["weight"] generates weights and leaves biases and every other
+        parameter frozen; None: every parameter.
     update: how the generated vector acts on the base. "additive": θ = σ(b + g ⊙ W u), the
         method of §2.2 (with base="model": intrinsic-dimension fine-tuning, θ_pre + W u).
         "multiplicative": θ = b ⊙ (1 + σ(g W u)), the fine-tuning of eq. 25; z = 0 gives θ = b.
-    group_size: L of eq. 25, multiplicative only: one modulation element m is shared by L
-        consecutive weights of a latent group (in generation order, across tensor boundaries);
-        the last element covers the P mod L remainder. 1 modulates every weight on its own.
+    group_size: L of eq. 25, multiplicative only. An int: one modulation element m is shared by
+        L consecutive weights of a latent group (in generation order, across tensor boundaries
+        unless `groups_within_tensors`); the last element covers the remainder. 1 modulates
+        every weight on its own. "row": one element per output row of every generated weight:
+        Linear, Conv1d/2d/3d: per output feature or channel, the module's bias sharing its
+        row's element, y = (1 + m) ⊙ (W x + b); Embedding: per embedding vector (token); any
+        other tensor: per slice along dim 0 (1-d: per entry). "column": one element per input
+        column: Linear, Conv: per input feature or channel, y = W (x ⊙ (1 + m)) + b, their
+        biases not modulated (they stay frozen); Embedding: per embedding dimension; any other
+        tensor: per slice along dim 1 (1-d: per entry). With "row" or "column", Linear, Conv
+        and Embedding modules run on the activation path (mapnet/rows.py): θ_pre stays as it
+        is and the layer's output (input) is scaled, the same function without forming θ;
+        other modules fall back to generating their weights, with a warning naming them.
+    groups_within_tensors: with an int group_size, groups restart at every tensor, so no
+        element spans two tensors (⌈P_t/L⌉ elements per tensor t). False keeps mapnet 0.2's
+        grouping, across tensor boundaries.
     target_fraction: f of eq. 25: generate only the last parameters (in named_parameters()
         order, the layers nearest the output) holding a fraction f of the selected numbers; the
         others stay frozen. 1.0: all selected parameters.
@@ -113,8 +135,11 @@ class MappingConfig:
     store_base: bool = False
     check_finite: bool = False
     update: str = "additive"
-    group_size: int = 1
+    group_size: int | str = 1
     target_fraction: float = 1.0
+    target_types: tuple[str, ...] | None = None
+    parameter_names: tuple[str, ...] | None = None
+    groups_within_tensors: bool = False
 
     def __post_init__(self) -> None:
         _choice("update", self.update, UPDATES)
@@ -144,11 +169,23 @@ class MappingConfig:
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value}")
-        positive_int("group_size", self.group_size)
-        if self.group_size > 1 and self.update != "multiplicative":
+        if isinstance(self.group_size, str):
+            _choice("group_size", self.group_size, ALIGNED_GROUPS)
+            if self.update != "multiplicative":
+                raise ValueError(
+                    f"group_size={self.group_size!r} needs update='multiplicative' (one "
+                    "modulation element scales a whole row or column of θ_pre)"
+                )
+        else:
+            positive_int("group_size", self.group_size)
+        if self.group_size != 1 and self.update != "multiplicative":
             raise ValueError(
                 f"group_size={self.group_size} needs update='multiplicative' (eq. 25 shares one "
                 "modulation element among L weights; an additive update generates every weight)"
+            )
+        if self.groups_within_tensors and self.update != "multiplicative":
+            raise ValueError(
+                "groups_within_tensors needs update='multiplicative' (eq. 25's groups)"
             )
         if self.update == "multiplicative" and self.resolved_base == "zero":
             raise ValueError(
@@ -178,7 +215,16 @@ class MappingConfig:
             self, "exclude_modules", _patterns("exclude_modules", self.exclude_modules)
         )
         object.__setattr__(self, "train_directly", _patterns("train_directly", self.train_directly))
-        for name in ("store_base", "check_finite"):
+        for name in ("target_types", "parameter_names"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _patterns(name, getattr(self, name)))
+        dotted = [p for p in self.parameter_names or () if "." in p]
+        if dotted:
+            raise ValueError(
+                f"parameter_names holds names inside one module ('weight', 'bias*'), not paths: "
+                f"{dotted}; select modules with target_modules"
+            )
+        for name in ("store_base", "check_finite", "groups_within_tensors"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
@@ -218,7 +264,7 @@ class MappingConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["base"] = self.resolved_base  # a written config always names its base
-        for name in ("target_modules", "exclude_modules", "train_directly"):
+        for name in ("target_modules", "exclude_modules", "train_directly", *SELECTORS):
             if data[name] is not None:
                 data[name] = list(data[name])
         return data
@@ -227,7 +273,8 @@ class MappingConfig:
     def from_dict(cls, data: dict[str, Any]) -> MappingConfig:
         """From `to_dict()`'s output. Fields added since a dict was written (target_modules,
         exclude_modules, train_directly, store_base, check_finite, update, group_size,
-        target_fraction) take their defaults. A dict
+        target_fraction, target_types, parameter_names, groups_within_tensors) take their
+        defaults, which reproduce what the dict was written for. A dict
         must name `projection`: its default changed (mapnet 0.1: "dense")."""
         if "projection" not in data:
             raise ValueError(

@@ -7,17 +7,23 @@
     projection     the projection algorithm's identifier (bumped whenever W for a seed changes)
     bases          sha256 of every base tensor (θ₀ or the pretrained weights) in a canonical byte
                    form: the tensor's dtype, shape and little-endian bytes
+    frozen         (fine-tuning) sha256 of every frozen pretrained weight
+    buffers        (fine-tuning) sha256 of every pretrained buffer
     sketches       per base tensor (float64): mean, rms, two fixed ±1-weighted sums over every
-                   entry, and 8 entries at hashed positions. When a digest differs only
-                   because another CPU or thread count regenerated θ₀ in its last bits
-                   (vectorised normal_, LAPACK), the sketch agrees within SKETCH_TOLERANCE of
-                   the rms per entry and the state loads with one warning; a real difference
-                   (another seed, a re-initialised head, one entry changed, rows moved) fails,
-                   naming the tensor
+                   entry, and 8 entries at hashed positions (not written: see below). When a
+                   digest differs only because another CPU or thread count regenerated θ₀ in
+                   its last bits (vectorised normal_, LAPACK), the sketch agrees within
+                   SKETCH_TOLERANCE of the rms per entry and the state loads with one warning; a
+                   real difference (another seed, a re-initialised head, one entry changed, rows
+                   moved) fails, naming the tensor
     stored         the bases that travel with the state (not regenerable where it is loaded)
 
 Identity travels inside `state_dict()` as the extra state `_extra_state` (a uint8 tensor of this
-JSON, so safetensors can hold it) and is compared in full before anything is loaded.
+JSON, so safetensors can hold it) and is compared in full before anything is loaded. What is
+written (format 3, `encode`) is compact: per tensor the first SHORT_DIGEST hex digits of its
+sha256, enough to name a tensor that differs, and one sha256 over all full digests of a kind
+(`<kind>_sha256`), which catches a difference hidden by a short digest; sketches without their
+hashed entries, rounded to 8 significant digits. Format 2 identities still read.
 """
 
 from __future__ import annotations
@@ -29,22 +35,34 @@ import math
 import sys
 import warnings
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from mapnet.config import MappingConfig
 from mapnet.errors import CheckpointError
+from mapnet.projections import ALGORITHMS
 from mapnet.projections.seeding import hash_signs, stream_key
 
-IDENTITY_FORMAT = 2
+if TYPE_CHECKING:
+    from mapnet.module import MappedModule
+
+IDENTITY_FORMAT = 3
+READABLE_FORMATS = (2, 3)
+DIGEST_KINDS = ("bases", "frozen", "buffers")
+SHORT_DIGEST = 12  # hex digits kept per tensor in a written identity (48 bits)
+SKETCH_DIGITS = 8  # significant digits of a written sketch: far below SKETCH_TOLERANCE
 SKETCH_POSITIONS = 8
 SKETCH_DOTS = 2
 SKETCH_PERIOD = 4099  # a prime: a tensor's rows rarely line up with it
 # Relative to the tensor's rms: last-bit differences are ~1e-7, a re-initialisation ~1.
 SKETCH_TOLERANCE = 1e-5
 _SKETCH_CHUNK = 1 << 18
+# A written sketch: mean, rms and the signed sums (they see every entry); the hashed entries
+# add little and are left out.
+WRITTEN_SKETCH = 2 + SKETCH_DOTS
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -102,6 +120,8 @@ def tensor_sketch(name: str, tensor: torch.Tensor) -> list[float]:
 def _sketches_agree(a: list[float], b: list[float], count: int) -> bool:
     """Within SKETCH_TOLERANCE of the rms per entry: the mean, rms and entries within
     tolerance·rms, the signed sums within tolerance·rms·√count."""
+    if len(a) != len(b):  # a written sketch is the first WRITTEN_SKETCH values
+        a, b = a[:WRITTEN_SKETCH], b[:WRITTEN_SKETCH]
     if len(a) != len(b) or len(a) < 2:
         return False
     scale = max(abs(a[1]), abs(b[1]), 1e-30)
@@ -112,10 +132,39 @@ def _sketches_agree(a: list[float], b: list[float], count: int) -> bool:
     return all(abs(x - y) <= t for x, y, t in zip(a, b, tolerances))
 
 
+def combined_digest(digests: dict[str, str]) -> str:
+    """One sha256 over a kind's (name, full digest) pairs."""
+    return hashlib.sha256(json.dumps(sorted(digests.items())).encode()).hexdigest()
+
+
+def compact(identity: dict[str, Any]) -> dict[str, Any]:
+    """The identity as written (format 3): short per-tensor digests plus one combined digest
+    per kind, rounded sketches. Already compact kinds (a `<kind>_sha256` present) stay."""
+    out = dict(identity, format=IDENTITY_FORMAT)
+    for kind in DIGEST_KINDS:
+        digests = identity.get(kind)
+        if digests is None or f"{kind}_sha256" in identity:
+            continue
+        out[kind] = {name: digest[:SHORT_DIGEST] for name, digest in digests.items()}
+        out[f"{kind}_sha256"] = combined_digest(digests)
+    out["sketches"] = {
+        name: [float(f"{value:.{SKETCH_DIGITS}g}") for value in sketch[:WRITTEN_SKETCH]]
+        for name, sketch in identity.get("sketches", {}).items()
+    }
+    return out
+
+
+def same_digest(saved: object, own: str) -> bool:
+    """A saved digest (full, or its first SHORT_DIGEST digits) names the same tensor as `own`."""
+    if not isinstance(saved, str):
+        return False
+    return saved == own or (len(saved) == SHORT_DIGEST and own.startswith(saved))
+
+
 def encode(identity: dict[str, Any]) -> torch.Tensor:
-    """The identity as a uint8 tensor (safetensors-friendly extra state): zlib-compressed JSON,
-    half the bytes of the plain JSON mapnet 0.2.0 wrote (a fine-tune checkpoint is mostly this)."""
-    data = zlib.compress(json.dumps(identity, separators=(",", ":")).encode(), 9)
+    """The identity as a uint8 tensor (safetensors-friendly extra state): the compact form as
+    zlib-compressed JSON (a fine-tune checkpoint is mostly this)."""
+    data = zlib.compress(json.dumps(compact(identity), separators=(",", ":")).encode(), 9)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
@@ -158,14 +207,21 @@ def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
         return config  # compared as is: the mismatch is then named field by field
 
 
+def _hidden_difference(saved: dict[str, Any], own: dict[str, Any], kind: str) -> bool:
+    """Every short digest of `kind` agreed, but the combined digest does not."""
+    combined = saved.get(f"{kind}_sha256")
+    return combined is not None and combined != combined_digest(own.get(kind, {}))
+
+
 def compare(saved: dict[str, Any], own: dict[str, Any], where: str) -> list[str]:
     """Check a saved identity against this module's; returns the bases the saved state carries
     (`stored`) that differ from this module's. Raises CheckpointError naming what differs."""
     version = saved.get("format")
-    if version != IDENTITY_FORMAT:
+    if version not in READABLE_FORMATS:
         raise CheckpointError(
-            f"{where} has identity format {version!r}; this mapnet reads format "
-            f"{IDENTITY_FORMAT} (format 1 checkpoints load through mapnet.load)"
+            f"{where} has identity format {version!r}; this mapnet reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))} (format 1 checkpoints load through "
+            "mapnet.load)"
         )
     saved_config, own_config = _with_defaults(saved.get("config", {})), own["config"]
     if saved_config != own_config:
@@ -204,7 +260,7 @@ def compare(saved: dict[str, Any], own: dict[str, Any], where: str) -> list[str]
     differing, nearly_equal = [], []
     # Identities of mapnet 0.2.0 have neither "buffers" nor "frozen": their states hold both.
     for name, digest in own.get("buffers", {}).items() if "buffers" in saved else ():
-        if saved["buffers"].get(name) != digest:
+        if not same_digest(saved["buffers"].get(name), digest):
             raise CheckpointError(
                 f"{where}: the pretrained buffer {name!r} differs from the one the state was "
                 "saved with: a fine-tune state loads only onto the pretrained model it was "
@@ -212,7 +268,7 @@ def compare(saved: dict[str, Any], own: dict[str, Any], where: str) -> list[str]
             )
     for name, digest in own.get("frozen", {}).items() if "frozen" in saved else ():
         theirs = saved["frozen"].get(name)
-        if theirs == digest:
+        if same_digest(theirs, digest):
             continue
         raise CheckpointError(
             f"{where}: the frozen pretrained weight {name!r} differs from the one the state was "
@@ -221,7 +277,7 @@ def compare(saved: dict[str, Any], own: dict[str, Any], where: str) -> list[str]
         )
     for name, digest in own["bases"].items():
         theirs = saved.get("bases", {}).get(name)
-        if theirs == digest:
+        if same_digest(theirs, digest):
             continue
         if name in stored:
             differing.append(name)
@@ -236,6 +292,15 @@ def compare(saved: dict[str, Any], own: dict[str, Any], where: str) -> list[str]
             f"(sha256 {str(theirs)[:12]}… there, {digest[:12]}… here). For base='model', load onto "
             "the same pretrained weights; for base='init', build the model the same way (the same "
             "factory or class, the same seed); or save with store_base=True"
+        )
+    # A base differing per tensor (stored, or nearly equal) changes the combined digest too.
+    checked = ("frozen", "buffers") if differing or nearly_equal else DIGEST_KINDS
+    hidden = [kind for kind in checked if kind in saved and _hidden_difference(saved, own, kind)]
+    if hidden:
+        raise CheckpointError(
+            f"{where}: a tensor among the {', '.join(hidden)} differs from the one the state was "
+            "saved with (every short digest agrees, the combined sha256 does not): a state loads "
+            "only onto the weights it was saved with"
         )
     # Gains derive from θ₀ (or, for base='zero', from an init used only as their reference):
     # they must agree too, except in groups whose stored bases are about to replace θ₀.
@@ -267,3 +332,47 @@ def compare(saved: dict[str, Any], own: dict[str, Any], where: str) -> list[str]
             stacklevel=2,
         )
     return differing
+
+
+def build(
+    module: MappedModule, theta0: dict[str, torch.Tensor], model: nn.Module
+) -> dict[str, Any]:
+    """A MappedModule's identity, from θ₀ by canonical name and the wrapped `model` (the frozen
+    weights and buffers of a fine-tune state are held by digest)."""
+    sel = module.selection
+    roles = [(s, "generated") for s in sel.generated] + [(s, "direct") for s in sel.direct]
+    roles += [(s, "frozen") for s in sel.frozen]
+    layout = [[s.name, s.names[1:], list(s.shape), str(s.dtype), role] for s, role in roles]
+    digests, sketches = {}, {}
+    base = module.mapping_config.resolved_base
+    for spec in module.specs if base != "zero" else ():
+        digests[spec.name] = tensor_digest(theta0[spec.name])
+        sketches[spec.name] = tensor_sketch(spec.name, theta0[spec.name])
+    frozen: dict[str, str] = {}
+    buffers: dict[str, str] = {}
+    if module.frozen_by_digest:
+        for spec in sel.frozen:  # a digest only: frozen weights are read, never regenerated
+            frozen[spec.name] = tensor_digest(model.get_parameter(spec.name))
+        for name, value in module._pretrained_buffers.items():
+            buffers[name] = tensor_digest(value)
+    return {
+        "format": IDENTITY_FORMAT,
+        "config": module.mapping_config.to_dict(),
+        "layout": sorted(layout),
+        "groups": [
+            {
+                "name": g.name,
+                "latent_dim": g.latent_dim,
+                "parameters": [s.name for s in g.specs],
+                "gains": gains,
+            }
+            | ({"elements": g.rows} if module._layouts else {})
+            for g, gains in zip(module.groups, module.gains)
+        ],
+        "projection": ALGORITHMS[module.mapping_config.projection],
+        "bases": digests,
+        "frozen": frozen,
+        "buffers": buffers,
+        "sketches": sketches,
+        "stored": module.stored_base_names,
+    }

@@ -3,6 +3,8 @@
     u = z + α z⊙z                       modulation W_i(1+αz_i), without building the modulated W
     θ = σ(θ₀ + g ⊙ (W u))               W fixed, regenerated from the seed (paper §2.2, eq. 20–24)
     θ = θ₀ ⊙ (1 + σ(g W u)_⌈j/L⌉)       or, update="multiplicative": fine-tuning (eq. 25)
+    y = (1 + m) ⊙ (θ₀ x + b)            group_size="row": the same θ, applied to activations
+                                        (mapnet/rows.py; "column" scales the input)
     y = functional_call(target, θ, x)   the target itself is never rewritten
 
 It behaves like the module it wraps: attribute access reaches the target, `forward` has the
@@ -20,7 +22,7 @@ import dataclasses
 import functools
 import inspect
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -28,29 +30,24 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.stateless import _reparametrize_module
 
-from mapnet import identity
+from mapnet import identity, rows
 from mapnet.bases import ModelSource, build_from_factory, fill_bases, group_views
 from mapnet.config import ACTIVATIONS, MappingConfig
-from mapnet.errors import CheckpointError
 from mapnet.generator import generate_group, modulate_group, pre_activation, scale_by_groups
-from mapnet.projections import ALGORITHMS, PiecewiseScale, make_projection
+from mapnet.plain import distinct_slots, materialized
+from mapnet.plain import resolve as _resolve
+from mapnet.projections import PiecewiseScale, make_projection
 from mapnet.projections.seeding import derive_seed
 from mapnet.state import (
     check_and_take_state,
-    check_state,
     finish_state,
     frozen_weights_are_not_missing,
 )
-from mapnet.targets import LatentGroup, ParamSpec, latent_groups, select
+from mapnet.targets import LatentGroup, ParamSpec, latent_groups
 
 # (ours) Gain for tensors whose reference values are constant (norm scales and shifts, zero
 # biases): their spread gives no scale, so they move by a tenth of a unit per unit of u.
 CONSTANT_TENSOR_GAIN = 0.1
-
-
-def _resolve(module: nn.Module, name: str) -> tuple[nn.Module, str]:
-    owner, _, attr = name.rpartition(".")
-    return (module.get_submodule(owner) if owner else module), attr
 
 
 def _base_dtype(specs: Sequence[ParamSpec]) -> torch.dtype:
@@ -101,8 +98,28 @@ class MappedModule(nn.Module):
             )
         model = build_from_factory(source, config.seed) if from_factory else source
         # From here `model` is the source of θ₀; it becomes (a copy of it becomes) the target.
-        selection = select(model, config)
-        groups = latent_groups(selection.generated, config)
+        selection = rows.selection(model, config)
+        laid_out = rows.has_layout(config)
+        count = functools.partial(rows.count_elements, model, config) if laid_out else None
+        groups = latent_groups(selection.generated, config, count)
+        # Row/column groups and groups inside tensors: each group's units (mapnet/rows.py).
+        self._layouts = [rows.build_layout(model, g, config) for g in groups] if laid_out else None
+        # The names generate() gives each tensor: one per distinct module attribute (a module
+        # reused under two names is one slot; functional_call would restore the second name's
+        # swapped-in tensor into it after the forward).
+        self._slots = {s.name: distinct_slots(model, s.names) for s in selection.generated}
+        # Activation-path tensors whose θ₀ is the model's own weight stay in the target as they
+        # are (non-persistent buffers): no copy into θ₀, no placeholder. Not those of a reused
+        # module: torch's functional_call(tie_weights=True) leaves a swapped-in tensor in its slot.
+        regenerated = config.resolved_base == "init" and not from_factory
+        held = set() if regenerated or not self._layouts else rows.held_names(self._layouts)
+        held = {
+            s.name for s in selection.generated if s.name in held and s.names == self._slots[s.name]
+        }
+        self._held = sorted(held)
+        self._flat_groups = [
+            dataclasses.replace(g, specs=[s for s in g.specs if s.name not in held]) for g in groups
+        ]
         device = next(iter(model.parameters())).device
         dtype = _base_dtype(selection.generated)
         # base="zero" still needs θ₀ as the reference for the per-tensor gains of "init_std".
@@ -112,7 +129,12 @@ class MappedModule(nn.Module):
             else config.resolved_base
         )
         bases, uncovered = fill_bases(
-            groups, model, base=reference, seed=config.seed, from_factory=from_factory, dtype=dtype
+            self._flat_groups,
+            model,
+            base=reference,
+            seed=config.seed,
+            from_factory=from_factory,
+            dtype=dtype,
         )
         if config.resolved_base == "zero":
             uncovered = []
@@ -150,7 +172,11 @@ class MappedModule(nn.Module):
             and value.is_floating_point()
             and bool(torch.isfinite(value).all())
         ]
-        self._identity = self._build_identity(bases, model)
+        theta0 = {name: model.get_parameter(name) for name in held}
+        if config.resolved_base != "zero":
+            theta0 |= {spec.name: view for spec, view in group_views(self._flat_groups, bases)}
+        self._identity = identity.build(self, theta0, model)
+        del theta0
         for index, base in enumerate(bases):
             empty = torch.zeros(0, dtype=dtype)  # base="zero": θ₀ was only the gains' reference
             self.register_buffer(
@@ -173,7 +199,10 @@ class MappedModule(nn.Module):
             params = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
             memo = {id(params[spec.name]): view for spec, view in placeholders}
             model = copy.deepcopy(model, memo)
-        for spec, view in placeholders:
+        held_specs = [
+            (s, model.get_parameter(s.name).detach()) for s in selection.generated if s.name in held
+        ]
+        for spec, view in placeholders + held_specs:
             for alias in spec.names:
                 owner, attr = _resolve(model, alias)
                 owner._parameters.pop(attr, None)
@@ -186,7 +215,9 @@ class MappedModule(nn.Module):
         for spec in selection.frozen:
             model.get_parameter(spec.name).requires_grad_(False)
         self.target = model
-        del model, placeholders
+        del model, placeholders, held_specs
+        if isinstance(config.group_size, str):
+            rows.attach(self)  # the activation path's hooks, and its warnings
 
         generator = torch.Generator().manual_seed(derive_seed(config.seed, "latent"))
         self.latents = nn.ParameterList()
@@ -221,61 +252,27 @@ class MappedModule(nn.Module):
             gains.append(spread if spread > 0 else CONSTANT_TENSOR_GAIN)
         return gains
 
-    def _build_identity(self, bases: list[torch.Tensor], model: nn.Module) -> dict[str, Any]:
-        sel = self.selection
-        roles = [(s, "generated") for s in sel.generated] + [(s, "direct") for s in sel.direct]
-        roles += [(s, "frozen") for s in sel.frozen]
-        layout = [[s.name, s.names[1:], list(s.shape), str(s.dtype), role] for s, role in roles]
-        digests, sketches = {}, {}
-        if self.mapping_config.resolved_base != "zero":
-            for spec, view in group_views(self.groups, bases):
-                digests[spec.name] = identity.tensor_digest(view)
-                sketches[spec.name] = identity.tensor_sketch(spec.name, view)
-        frozen: dict[str, str] = {}
-        buffers: dict[str, str] = {}
-        if self.frozen_by_digest:
-            for spec in sel.frozen:  # a digest only: frozen weights are read, never regenerated
-                frozen[spec.name] = identity.tensor_digest(model.get_parameter(spec.name))
-            for name, value in self._pretrained_buffers.items():
-                buffers[name] = identity.tensor_digest(value)
-        return {
-            "format": identity.IDENTITY_FORMAT,
-            "config": self.mapping_config.to_dict(),
-            "layout": sorted(layout),
-            "groups": [
-                {
-                    "name": g.name,
-                    "latent_dim": g.latent_dim,
-                    "parameters": [s.name for s in g.specs],
-                    "gains": gains,
-                }
-                for g, gains in zip(self.groups, self.gains)
-            ],
-            "projection": ALGORITHMS[self.mapping_config.projection],
-            "bases": digests,
-            "frozen": frozen,
-            "buffers": buffers,
-            "sketches": sketches,
-            "stored": self.stored_base_names,
-        }
-
     # ---------------------------------------------------------------- placeholders, .to()
 
-    def _theta0_views(self) -> dict[str, torch.Tensor]:
-        """θ₀ of each generated parameter (canonical name) as a view into its group's vector;
-        empty for base='zero'."""
+    def _theta0_views(self, held: bool = True) -> dict[str, torch.Tensor]:
+        """θ₀ of each generated parameter (canonical name) as a view into its group's vector, or
+        the target's own tensor where the activation path holds it (`held`); empty for
+        base='zero'."""
         if self.mapping_config.resolved_base == "zero":
             return {}
         bases = [self._base(i) for i in range(len(self.groups))]
-        return {spec.name: view for spec, view in group_views(self.groups, bases)}
+        views = {spec.name: view for spec, view in group_views(self._flat_groups, bases)}
+        return views | {name: self.target.get_buffer(name) for name in self._held if held}
 
     def _placeholders(self) -> list[tuple[ParamSpec, torch.Tensor]]:
         """Each generated parameter and the tensor its placeholder shows: its θ₀ view (a
         zero-stride zero for base='zero'), in the parameter's current dtype (a copy only when
         that differs from θ₀'s, e.g. a bfloat16 target's)."""
-        views, out = self._theta0_views(), []
+        views, out = self._theta0_views(held=False), []
         for index, group in enumerate(self.groups):
             for spec, dtype in zip(group.specs, self._dtypes[index]):
+                if spec.name in self._held:  # the target's own tensor, converted as a buffer
+                    continue
                 view = views.get(spec.name)
                 if view is None:
                     base = self._base(index)
@@ -380,8 +377,52 @@ class MappedModule(nn.Module):
         if config.update == "additive":
             return sigma(self.pre_activation(index, z))
         z = self.latents[index] if z is None else z
+        if self._layouts is not None:
+            tensors = self._layout_weights(index, z, self._base(index))
+            return torch.cat([tensors[s.name].reshape(-1) for s in self.groups[index].specs])
         m = sigma(pre_activation(z, self.projections[index], None, config.alpha))  # (M_g,)
         return scale_by_groups(self._base(index), 1 + m, config.group_size)  # (P_g,)
+
+    def _layout_weights(
+        self, index: int, z: torch.Tensor, base: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """θ = θ_pre ⊙ (1 + m) of a layout's group, every tensor on the weight path (by name,
+        in θ₀'s dtype): what the activation path computes, formed."""
+        config = self.mapping_config
+        factors = rows.factors(z, self.projections[index], config.alpha, config.activation)
+        theta0 = {s.name: v for s, v in group_views([self._flat_groups[index]], [base])}
+        theta0 |= {name: self.target.get_buffer(name) for name in self._held}
+        return rows.weights(self._layouts[index], factors, theta0)
+
+    def _check_finite(self, index: int, z: torch.Tensor) -> None:
+        if not torch.isfinite(z).all():
+            bad = (~torch.isfinite(z)).sum().item()
+            raise ValueError(
+                f"latent {self.groups[index].name!r} holds {bad} non-finite value(s) (NaN/inf): "
+                "training diverged or the latent was set by hand; lower the learning rate or "
+                "reload a checkpoint"
+            )
+
+    def _forward_tensors(self) -> dict[str, torch.Tensor]:
+        """What the target's forward runs with: generate(), or for row/column groups the
+        factors of the activation-path modules and the weight-path tensors (mapnet/rows.py)."""
+        if self._layouts is None or not isinstance(self.mapping_config.group_size, str):
+            return self.generate()
+        config = self.mapping_config
+        # θ₀ kept flat: the weight path's, and activation-path weights not held by the target.
+        flat = any(group.specs for group in self._flat_groups)
+        theta0 = self._theta0_views(held=False) if flat else {}
+        tensors: dict[str, torch.Tensor] = {}
+        for index, group in enumerate(self.groups):
+            z = self.latents[index]
+            if config.check_finite:
+                self._check_finite(index, z)
+            factors = rows.factors(z, self.projections[index], config.alpha, config.activation)
+            specs = {
+                s.name: (self._slots[s.name], t) for s, t in zip(group.specs, self._dtypes[index])
+            }
+            tensors |= rows.forward_tensors(self._layouts[index], factors, theta0, specs)
+        return tensors
 
     def generate(
         self,
@@ -406,15 +447,15 @@ class MappedModule(nn.Module):
         params: dict[str, torch.Tensor] = {}
         for index, group in enumerate(self.groups):
             z = self.latents[index] if latents is None else latents[index]
-            if check and not torch.isfinite(z).all():
-                bad = (~torch.isfinite(z)).sum().item()
-                raise ValueError(
-                    f"latent {group.name!r} holds {bad} non-finite value(s) (NaN/inf): training "
-                    "diverged or the latent was set by hand; lower the learning rate or reload a "
-                    "checkpoint"
-                )
+            if check:
+                self._check_finite(index, z)
             base = self._base(index) if bases is None else bases[index]
-            if config.update == "multiplicative":
+            if self._layouts is not None:
+                weights = self._layout_weights(index, z, base)
+                tensors = tuple(
+                    weights[s.name].to(dtype) for s, dtype in zip(group.specs, self._dtypes[index])
+                )
+            elif config.update == "multiplicative":
                 tensors = modulate_group(
                     z,
                     self.projections[index],
@@ -436,7 +477,7 @@ class MappedModule(nn.Module):
                     self._dtypes[index],
                 )
             for spec, tensor in zip(group.specs, tensors):
-                for alias in spec.names:
+                for alias in self._slots[spec.name]:
                     params[alias] = tensor
         return params
 
@@ -451,14 +492,14 @@ class MappedModule(nn.Module):
         """
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             self._cache = None
-            return self.generate()
+            return self._forward_tensors()
         if not all(isinstance(z, nn.Parameter) for z in self.latents):
-            return self.generate()
+            return self._forward_tensors()
         key = tuple((id(z), z._version, z.data_ptr()) for z in self.latents) + tuple(
             self._base(i)._version for i in range(len(self.groups))
         )
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.generate())
+            self._cache = (key, self._forward_tensors())
         return self._cache[1]
 
     def mapped_forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -493,49 +534,33 @@ class MappedModule(nn.Module):
         names |= {
             f"projections.{i}.{key}" for i, p in enumerate(self.projections) for key in p._buffers
         }
+        if isinstance(self.mapping_config.group_size, str):
+            names |= {f"target.{name}" for name in rows.scale_buffer_names(self._layouts)}
         return sorted(names)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The trainable parameters by kind, for optimizer groups with their own settings:
+        "latents" (z, one per latent group) and "direct" (the parameters trained directly,
+        e.g. a new head, by their names in `train_directly`). Together: `parameters()`.
+
+        >>> groups = mapped.parameter_groups()
+        >>> torch.optim.AdamW([{"params": groups["latents"], "lr": 1e-2},
+        ...                    {"params": groups["direct"], "lr": 1e-3}])
+        """
+        direct = [self.target.get_parameter(spec.name) for spec in self.selection.direct]
+        return {"latents": list(self.latents), "direct": direct}
 
     def fingerprint(self) -> dict[str, Any]:
         """This module's identity (mapnet/identity.py): what a state must match (a copy)."""
         return copy.deepcopy(self._identity)
 
     def materialize(self, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
-        """An ordinary module of the target's class holding the generated weights (a copy).
+        """An ordinary module of the target's class holding the generated weights (a copy): for
+        row/column groups the merged θ_pre ⊙ (1 + m) in its weights and biases, no hooks.
 
         `weights` (by parameter name, every generated one) replace them: weights derived from
         the generated ones, e.g. pruned or rounded (`mapnet.compress`)."""
-        with torch.no_grad():
-            generated = self.generate() if weights is None else weights
-        missing = sorted(spec.name for spec in self.specs if spec.name not in generated)
-        if missing:
-            raise ValueError(f"materialize(weights) lacks generated parameter(s) {missing[:5]}")
-        for spec in self.specs:
-            if tuple(generated[spec.name].shape) != spec.shape:
-                raise ValueError(
-                    f"materialize(weights): {spec.name!r} has shape "
-                    f"{tuple(generated[spec.name].shape)}, the parameter {spec.shape}"
-                )
-        memo: dict[int, Any] = {}
-        for spec in self.specs:
-            param = nn.Parameter(generated[spec.name].detach().clone())
-            owner, attr = _resolve(self.target, spec.name)
-            memo[id(owner._buffers[attr])] = param  # placeholders become the generated weights
-        plain = copy.deepcopy(self.target, memo)
-        for spec in self.specs:
-            for alias in spec.names:
-                owner, attr = _resolve(plain, alias)
-                if attr in owner._buffers:  # not yet moved (a module reused under two names)
-                    param = owner._buffers.pop(attr)
-                    owner._non_persistent_buffers_set.discard(attr)
-                    owner.register_parameter(attr, param)
-        for name, module in plain.named_modules():  # the target's own parameter order
-            order = self._parameter_order.get(name, [])
-            rank = {attr: i for i, attr in enumerate(order)}
-            items = sorted(module._parameters.items(), key=lambda kv: rank.get(kv[0], len(rank)))
-            module._parameters = dict(items)
-        for name in self._excluded:  # frozen by the mapping, not by the model
-            plain.get_parameter(name).requires_grad_(True)
-        return plain
+        return materialized(self, weights)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -609,8 +634,14 @@ class MappedModule(nn.Module):
         views = self._theta0_views()
         if saved_digests is None:
             saved_digests = {name: identity.tensor_digest(views[name]) for name in changed}
-        self._identity["bases"].update(saved_digests)
-        for name in saved_digests:
+        # A format 3 state writes short digests: the full one is that of the values written.
+        digests = {
+            name: digest if len(digest) > identity.SHORT_DIGEST else identity.tensor_digest(view)
+            for name, digest in saved_digests.items()
+            for view in (views[name],)
+        }
+        self._identity["bases"].update(digests)
+        for name in digests:
             self._identity["sketches"][name] = identity.tensor_sketch(name, views[name])
         for group_identity, gains in zip(self._identity["groups"], self.gains):
             group_identity["gains"] = gains
@@ -627,86 +658,6 @@ def _row_scale(group: LatentGroup, gains: list[float], config: MappingConfig) ->
     if config.update == "multiplicative":
         return PiecewiseScale((rows,), (unit,))
     return PiecewiseScale(tuple(s.numel for s in group.specs), tuple(g * unit for g in gains))
-
-
-def exclude_fixed_from_ddp(root: nn.Module) -> list[str]:
-    """Tell DistributedDataParallel(root) to skip every fixed tensor of the MappedModules inside
-    `root` (DDP reads the list from the module it wraps only, so a MappedModule's own list
-    covers only DDP(mapped) itself). Call before wrapping: `exclude_fixed_from_ddp(net);
-    DDP(net)`. Returns the names, relative to `root`."""
-    names = set(getattr(root, "_ddp_params_and_buffers_to_ignore", ()))
-    for prefix, module in root.named_modules():
-        if isinstance(module, MappedModule):
-            names.update(f"{prefix}.{n}" if prefix else n for n in module.fixed_tensor_names())
-    root._ddp_params_and_buffers_to_ignore = sorted(names)
-    return root._ddp_params_and_buffers_to_ignore
-
-
-def load_state_dict(
-    root: nn.Module, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-) -> Any:
-    """`root.load_state_dict(state_dict, strict, assign)` with every check made before torch
-    writes anything: each MappedModule inside `root` checks its part in full (as its own
-    load_state_dict does), and the other modules their names and shapes. Without it, a
-    MappedModule deep in a tree that refuses its part leaves the modules loaded before it
-    changed. Raises CheckpointError naming every problem; returns torch's result."""
-    mapped: list[tuple[str, MappedModule]] = []
-    plain: dict[str, torch.Tensor | None] = {}
-    _collect_state(root, "", mapped, plain)
-    problems = []
-    for prefix, module in mapped:
-        try:
-            check_state(module, state_dict, prefix, strict)
-        except CheckpointError as error:
-            problems.append(str(error))
-    for key, own in plain.items():
-        if key not in state_dict:
-            problems += [f"missing {key!r}"] if strict else []
-            continue
-        value = state_dict[key]
-        tensors = isinstance(own, torch.Tensor) and isinstance(value, torch.Tensor)
-        if tensors and value.shape != own.shape:
-            problems.append(f"{key!r} has shape {tuple(value.shape)}, expected {tuple(own.shape)}")
-    if strict:
-        inside = tuple(prefix for prefix, _ in mapped)
-        unexpected = [k for k in state_dict if k not in plain and not k.startswith(inside)]
-        problems += [f"unexpected {key!r}" for key in sorted(unexpected)]
-    if problems:
-        raise CheckpointError(
-            f"state dict for {type(root).__name__} does not fit (nothing was loaded): "
-            + "; ".join(problems)
-        )
-    for _, module in mapped:  # the checks just made, again in each module's pre-hook
-        module.__dict__["_strict_load"] = strict
-    try:
-        return root.load_state_dict(state_dict, strict=strict, assign=assign)
-    finally:
-        for _, module in mapped:
-            module.__dict__["_strict_load"] = False
-
-
-def _collect_state(
-    module: nn.Module,
-    prefix: str,
-    mapped: list[tuple[str, MappedModule]],
-    plain: dict[str, torch.Tensor | None],
-) -> None:
-    """The MappedModules of a tree by state-dict prefix, and every other module's own state
-    entries (torch's names: parameters, persistent buffers, extra state as None)."""
-    if isinstance(module, MappedModule):
-        mapped.append((prefix, module))
-        return
-    for name, param in module._parameters.items():
-        if param is not None:
-            plain[prefix + name] = param
-    for name, buffer in module._buffers.items():
-        if buffer is not None and name not in module._non_persistent_buffers_set:
-            plain[prefix + name] = buffer
-    if type(module).get_extra_state is not nn.Module.get_extra_state:
-        plain[prefix + "_extra_state"] = None
-    for name, child in module._modules.items():
-        if child is not None:
-            _collect_state(child, f"{prefix}{name}.", mapped, plain)
 
 
 def wrap(model: ModelSource, config: MappingConfig | None = None, **overrides: Any) -> MappedModule:

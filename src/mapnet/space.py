@@ -588,6 +588,11 @@ def _check_shareable(mapping: MappedModule) -> None:
     """A member must be its latent alone."""
     if not isinstance(mapping, MappedModule):
         raise TypeError(f"ModelSpace needs a MappedModule, got {type(mapping).__name__}")
+    if mapping._layouts is not None:
+        raise ValueError(
+            "a ModelSpace generates each member's weights under vmap: row/column groups and "
+            "groups_within_tensors are not supported (use an int group_size)"
+        )
     direct = [spec.name for spec in mapping.selection.direct]
     if direct:
         raise ValueError(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +47,7 @@ class LatentGroup:
     latent_dim: int
     specs: list[ParamSpec] = field(default_factory=list)
     group_size: int = 1  # weights per generated number (eq. 25's L; 1 for additive updates)
+    elements: int | None = None  # set by a mapnet.rows layout: its count of modulation elements
 
     @property
     def numel(self) -> int:
@@ -54,7 +55,10 @@ class LatentGroup:
 
     @property
     def rows(self) -> int:
-        """How many numbers the projection generates: one per weight, or per L weights."""
+        """How many numbers the projection generates: one per weight, per L weights, or what
+        a row/column layout counts."""
+        if self.elements is not None:
+            return self.elements
         return -(-self.numel // self.group_size)
 
 
@@ -89,10 +93,24 @@ def _matches(names: Iterable[str], pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(prefix, pattern) for n in names for prefix in _prefixes(n))
 
 
-def select(model: nn.Module, config: MappingConfig) -> Selection:
-    """Sort the model's parameters per the config's selection; a pattern matching none fails."""
-    specs = parameter_specs(model)
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+def _owner_classes(model: nn.Module, name: str) -> set[str]:
+    """The class names (its MRO's) of the module that owns parameter `name` directly."""
+    owner = model.get_submodule(name.rpartition(".")[0])
+    return {cls.__name__ for cls in type(owner).__mro__}
+
+
+def _kind_matches(names: Iterable[str], pattern: str) -> bool:
+    return any(fnmatch.fnmatchcase(n.rpartition(".")[2], pattern) for n in names)
+
+
+def _of_wanted_type(model: nn.Module, spec: ParamSpec, types: tuple[str, ...] | None) -> bool:
+    if types is None:
+        return True
+    return any(_owner_classes(model, name) & set(types) for name in spec.names)
+
+
+def _check_selectors(model: nn.Module, specs: list[ParamSpec], config: MappingConfig) -> None:
+    """Every pattern, class name and parameter name pattern must match something."""
     for option in ("target_modules", "exclude_modules", "train_directly"):
         for pattern in getattr(config, option) or ():
             if not any(_matches(s.names, pattern) for s in specs):
@@ -101,10 +119,40 @@ def select(model: nn.Module, config: MappingConfig) -> Selection:
                     f"{option} pattern {pattern!r} matches no parameter of "
                     f"{type(model).__name__} (module names look like {modules})"
                 )
+    classes = set().union(*(_owner_classes(model, n) for s in specs for n in s.names))
+    unknown = sorted(set(config.target_types or ()) - classes)
+    if unknown:
+        owners = sorted({type(model.get_submodule(s.layer)).__name__ for s in specs})
+        raise ValueError(
+            f"target_types {unknown} own no parameter of {type(model).__name__} (its parameters "
+            f"belong to {owners[:12]})"
+        )
+    for pattern in config.parameter_names or ():
+        if not any(_kind_matches(s.names, pattern) for s in specs):
+            kinds = sorted({n.rpartition(".")[2] for s in specs for n in s.names})
+            raise ValueError(
+                f"parameter_names pattern {pattern!r} matches no parameter of "
+                f"{type(model).__name__} (their names inside their modules: {kinds[:12]})"
+            )
+
+
+def select(model: nn.Module, config: MappingConfig) -> Selection:
+    """Sort the model's parameters per the config's selection; a pattern matching none fails."""
+    specs = parameter_specs(model)
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    _check_selectors(model, specs, config)
     generated, direct, frozen = [], [], []
     for spec in specs:
-        wanted = config.target_modules is None or any(
-            _matches(spec.names, p) for p in config.target_modules
+        wanted = (
+            (
+                config.target_modules is None
+                or any(_matches(spec.names, p) for p in config.target_modules)
+            )
+            and _of_wanted_type(model, spec, config.target_types)
+            and (
+                config.parameter_names is None
+                or any(_kind_matches(spec.names, p) for p in config.parameter_names)
+            )
         )
         excluded = any(_matches(spec.names, p) for p in config.exclude_modules)
         if not requires_grad[spec.name]:
@@ -158,17 +206,26 @@ def _split_budget(total: int, sizes: list[int], how: str) -> list[int]:
     return [1 + s for s in shares]
 
 
-def latent_groups(specs: list[ParamSpec], config: MappingConfig) -> list[LatentGroup]:
-    """The latent groups the config asks for, validated against the generated parameters."""
+def latent_groups(
+    specs: list[ParamSpec],
+    config: MappingConfig,
+    count_elements: Callable[[LatentGroup], int] | None = None,
+) -> list[LatentGroup]:
+    """The latent groups the config asks for, validated against the generated parameters.
+    `count_elements` gives a group's modulation elements where a layout decides them
+    (mapnet.rows: row/column groups, groups within tensors)."""
     total = sum(s.numel for s in specs)
-    if config.group_size > total:
+    if isinstance(config.group_size, int) and config.group_size > total:
         raise ValueError(
             f"group_size={config.group_size} is larger than the {total} selected parameters: "
             "one modulation element would scale them all (use a smaller group_size)"
         )
     groups = _groups(specs, config, total)
     for group in groups:
-        group.group_size = config.group_size
+        if isinstance(config.group_size, int):
+            group.group_size = config.group_size
+        if count_elements is not None:
+            group.elements = count_elements(group)
     wide = [
         f"{g.name or '<root>'} ({g.latent_dim} > {g.rows})" for g in groups if g.latent_dim > g.rows
     ]

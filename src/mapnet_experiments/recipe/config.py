@@ -180,6 +180,9 @@ ADDED_MAPPING_FIELDS = (
     "update",
     "group_size",
     "target_fraction",
+    "target_types",
+    "parameter_names",
+    "groups_within_tensors",
 )
 
 
