@@ -5,9 +5,10 @@ A training mode gives what is its own as functions: `step(i)` runs the forward a
 the epoch's i-th step and returns its figures for the bar; `end_epoch(epoch)` evaluates and
 returns the epoch's row; `state_tensors()` and `write_model(folder)` say what to save beside the
 optimiser and the history; `restore(saved)` takes them back. The loop zeroes the gradients,
-steps the optimiser, sets the learning rate by `lr_at(global step)`, shows progress, checks for
-divergence and saves. The modes: `recipe.trainer.Trainer` (classification, forecasting,
-segmentation; `mapnet train`), the fine-tuning rows (studies.finetune), a population of latents
+steps the optimiser, sets the learning rate by `lr_at(global step)` (one rate, or one per
+parameter group), shows progress, checks for divergence and saves. The modes:
+`recipe.trainer.Trainer` (classification, forecasting, segmentation; `mapnet train`), the
+fine-tuning rows (studies.finetune, studies.finetune_text), a population of latents
 (studies.space.training) and the INR meta-learning (studies.space.inr).
 
 Divergence is checked once per epoch, when its row is known (no host sync per step): a
@@ -49,7 +50,7 @@ class Loop:
     label: str = "epoch"
     show_progress: bool = True
     main: bool = True
-    lr_at: Callable[[int], float] | None = None
+    lr_at: Callable[[int], float | list[float]] | None = None
     loss_key: str = "train_loss"
 
     def __post_init__(self) -> None:
@@ -88,9 +89,11 @@ class Loop:
             )
             for i in shown:
                 if self.lr_at is not None:
-                    lr = self.lr_at(self.epoch * self.steps + i)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
+                    rates = self.lr_at(self.epoch * self.steps + i)
+                    if not isinstance(rates, list):  # one rate for every group
+                        rates = [rates] * len(self.optimizer.param_groups)
+                    for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
+                        group["lr"] = rate
                 self.optimizer.zero_grad(set_to_none=True)
                 figures = step(i)
                 self.optimizer.step()

@@ -50,6 +50,7 @@ class Method:
     budget: int | None = None
     group_size: int | str = 1
     selection: str = "linear-weights"  # mapnet: "linear-weights" or "encoder" (every tensor)
+    within_tensors: bool = False  # mapnet, numeric L: groups restart at every tensor
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
@@ -112,7 +113,7 @@ def mapping_config(method: Method, seed: int = 0) -> MappingConfig:
     """The MappingConfig of a mapnet or additive row."""
     if method.selection == "linear-weights":
         scope: dict[str, Any] = {"target_modules": ["encoder"], "target_types": ["Linear"],
-                                 "weights_only": True}  # fmt: skip
+                                 "parameter_names": ["weight"]}  # fmt: skip
     else:
         scope = {"target_modules": ["encoder"]}
     assert method.budget is not None
@@ -121,7 +122,7 @@ def mapping_config(method: Method, seed: int = 0) -> MappingConfig:
                              train_directly=[HEAD], seed=seed, **scope)  # fmt: skip
     return MappingConfig(latent_dim=method.budget, update="multiplicative",
                          group_size=method.group_size, train_directly=[HEAD], seed=seed,
-                         **scope)  # fmt: skip
+                         groups_within_tensors=method.within_tensors, **scope)  # fmt: skip
 
 
 def _mapnet(classifier: nn.Module, method: Method) -> Built:

@@ -15,6 +15,7 @@ from mapnet_experiments.studies.finetune_text.runs import (
     LRS,
     SEEDS,
     _label,
+    budget_text,
     lever_methods,
     main_methods,
 )
@@ -127,7 +128,7 @@ def _main_table(final: dict[str, dict[str, Any]], bench: dict[str, dict[str, Any
             continue
         count = runs[0]["trainable_besides_head"]
         budget = _budget_of(method, count)
-        where = "–" if budget is None else f"~{budget // 1024}k"
+        where = "–" if budget is None else budget_text(budget)
         timed = bench.get(_label(method))
         step = f"{1000 * timed['step_seconds']:.0f}" if timed else "–"
         rss = f"{timed['peak_rss_bytes'] / 2**20:,.0f} MiB" if timed else "–"
@@ -175,9 +176,9 @@ def _targets(final: dict[str, dict[str, Any]]) -> list[str]:
             else "within the seed spread"
         )
         lines.append(
-            f"- ~{budget // 1024}k: mapnet's best ({best_ours}, {statistics.mean(a):.2f}) against "
-            f"the best other row ({best_theirs}, {statistics.mean(b):.2f}): {gap:+.2f} points, "
-            f"{verdict} ({spread:.2f})."
+            f"- {budget_text(budget)}: mapnet's best ({best_ours}, {statistics.mean(a):.2f}) "
+            f"against the best other row ({best_theirs}, {statistics.mean(b):.2f}): "
+            f"{gap:+.2f} points, {verdict} ({spread:.2f})."
         )
     return lines
 
@@ -198,7 +199,7 @@ def _choices(select: dict[str, dict[str, Any]]) -> list[str]:
         )
         done = {lr: r["val_accuracy"] for lr, r in found.items() if r}
         chosen = max(done, key=lambda lr: (done[lr], -lr)) if len(done) == len(grid) else None
-        budget = f" ~{method.budget // 1024}k" if method.budget else ""
+        budget = f" {budget_text(method.budget)}" if method.budget else ""
         lines.append(f"| {method_name(method)}{budget} | {cells} | "
                      f"{'–' if chosen is None else f'{chosen:g}'} |")  # fmt: skip
     return lines

@@ -70,10 +70,17 @@ class TextRow:
     method: Method
     lr: float | None = None
     seed: int = 0
+    epochs: int = EPOCHS
+    schedule: str = "constant"  # or "cosine": the rate falls to 0 over the run
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TextRow:
         return cls(**(data | {"method": Method(**data["method"])}))
+
+
+def budget_text(budget: int) -> str:
+    """~2k, ~10k, ~50k (or the number itself below 1,024)."""
+    return f"~{budget // 1024}k" if budget >= 1024 else f"~{budget}"
 
 
 def _label(method: Method) -> str:
@@ -83,8 +90,10 @@ def _label(method: Method) -> str:
         name += f"-L{method.group_size}"
         if method.selection != "linear-weights":
             name += f"-{method.selection}"
+        if method.within_tensors:
+            name += "-within"
     if method.budget is not None:
-        name += f"-{method.budget // 1024}k"
+        name += f"-{method.budget // 1024}k" if method.budget >= 1024 else f"-{method.budget}"
     return name
 
 
@@ -101,16 +110,21 @@ def main_methods() -> list[Method]:
 
 def lever_methods() -> list[Method]:
     """mapnet at ~2k, one change from the main rows each: every tensor of the encoder (its
-    LayerNorms, biases and embeddings too) instead of the Linear weights, and other group
-    sizes."""
+    LayerNorms, biases and embeddings too) instead of the Linear weights, other group sizes,
+    groups that stay inside one tensor, and columns instead of rows."""
     budget = BUDGETS[0]
     return [
         Method("mapnet", budget, 1, "encoder"),
         Method("mapnet", budget, 250, "encoder"),
         Method("mapnet", budget, 16),
+        Method("mapnet", budget, 250, within_tensors=True),
         Method("mapnet", budget, 4096),
         Method("mapnet", budget, "column"),
     ]
+
+
+# Training levers for the row mode at ~2k: twice the steps, a cosine schedule.
+TRAINING_LEVERS = ({"epochs": 2 * EPOCHS}, {"schedule": "cosine"})
 
 
 def select_rows() -> list[TextRow]:
@@ -122,11 +136,19 @@ def select_rows() -> list[TextRow]:
 
 
 def lever_rows() -> list[TextRow]:
-    return [
+    rows = [
         TextRow(f"{_label(method)}-lr{lr:g}", method, lr)
         for method in lever_methods()
         for lr in LRS["mapnet"]
     ]
+    row_mode = Method("mapnet", BUDGETS[0], "row")
+    for change in TRAINING_LEVERS:
+        tag = "-".join(f"{k}{v}" for k, v in change.items())
+        rows += [
+            TextRow(f"{_label(row_mode)}-{tag}-lr{lr:g}", row_mode, lr, **change)
+            for lr in LRS["mapnet"]
+        ]
+    return rows
 
 
 def final_rows() -> list[TextRow]:
@@ -243,9 +265,16 @@ def run_row(stage: str, row: TextRow, root: Path, progress: bool = True) -> dict
     train = data["train"]
     steps = math.ceil(len(train) / BATCH)
     order = torch.Generator().manual_seed(row.seed)
-    loop = Loop(optimizer, epochs=EPOCHS, steps=steps, config={"row": dataclasses.asdict(row)},
-                label=f"{stage}/{row.id} epoch", show_progress=progress,
-                loss_key="loss")  # fmt: skip
+    total = steps * row.epochs
+    rates = [group["lr"] for group in optimizer.param_groups]
+
+    def cosine(step: int) -> list[float]:  # every group's rate falls by the same factor
+        factor = 0.5 * (1 + math.cos(math.pi * step / total))
+        return [rate * factor for rate in rates]
+
+    loop = Loop(optimizer, epochs=row.epochs, steps=steps, config={"row": dataclasses.asdict(row)},
+                label=f"{stage}/{row.id} epoch", show_progress=progress, loss_key="loss",
+                lr_at=cosine if row.schedule == "cosine" else None)  # fmt: skip
     step_seconds: list[float] = []
     state = {"permutation": torch.empty(0, dtype=torch.int64), "loss": math.nan, "tick": 0.0}
 
@@ -285,9 +314,10 @@ def run_row(stage: str, row: TextRow, root: Path, progress: bool = True) -> dict
         "build_seconds": build_seconds,
         "peak_rss_bytes": peak_rss_bytes(),
         "checkpoint_bytes": checkpoint_bytes(built),
-        "epochs": EPOCHS,
+        "epochs": row.epochs,
+        "schedule": row.schedule,
         "batch": BATCH,
-        "steps": steps * EPOCHS,
+        "steps": total,
         "threads": torch.get_num_threads(),
         "machine": machine(),
     }

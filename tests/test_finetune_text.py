@@ -1,0 +1,203 @@
+"""The text study (studies.finetune_text): each method trains what it says at the count it says,
+rates are chosen on validation only, the stages resume, the page is generated from the results;
+and a user's round trip: a fine-tune saved, loaded in a fresh process onto freshly loaded
+pretrained weights, predicts the same, and onto a perturbed tensor is refused naming it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from mapnet_experiments.models.text import SentenceClassifier
+from mapnet_experiments.studies.finetune_text import methods, runs
+from mapnet_experiments.studies.finetune_text import report as page
+from mapnet_experiments.studies.finetune_text.methods import Method, build
+from mapnet_experiments.studies.finetune_text.runs import Batches, TextRow
+from test_text_models import minilm  # noqa: F401  (the real weights, or a skip)
+
+
+def tiny_classifier() -> SentenceClassifier:
+    """A 2-layer, 32-wide BERT with MiniLM's module names, and a 3-class head."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=16)  # fmt: skip
+    return SentenceClassifier(BertModel(config, add_pooling_layer=False), 3)
+
+
+def trained_names(built: methods.Built) -> set[str]:
+    return {n for n, p in built.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    ("method", "besides_head"),
+    [
+        (Method("head"), 0),
+        (Method("bitfit"), 2 * (3 * 32 + 32 + 64 + 32 + 2 * 32) + 32),  # biases, LN shifts
+        (Method("full"), None),
+        (Method("ia3"), 2 * (32 + 32 + 32 + 64)),  # key, value, both output.dense (one: input)
+        (Method("lora", 128), 128),  # query and value of the last layer at rank 1
+        (Method("vera", 66), 66),  # λ_b (32) and λ_d (1) on the last query and value
+        (Method("mapnet", 48, "row"), 48),
+        (Method("mapnet", 48, 1), 48),
+        (Method("additive", 48), 48),
+    ],
+)
+def test_each_method_trains_its_numbers_and_the_head(method: Method, besides_head) -> None:
+    torch.manual_seed(0)
+    classifier = tiny_classifier()
+    everything = sum(p.numel() for n, p in classifier.named_parameters() if "head" not in n)
+    built = build(classifier, method)
+    rest, head = built.trainable_counts()
+    assert head == 32 * 3 + 3
+    assert rest == (everything if besides_head is None else besides_head)
+    ids = torch.randint(0, 50, (4, 8))
+    logits = built.model(ids, torch.ones_like(ids))
+    assert logits.shape == (4, 3)
+
+
+def test_peft_budgets_are_the_closest_rank_and_layers() -> None:
+    classifier = tiny_classifier()
+    assert methods.plan(classifier, "lora", 100) == (
+        ["encoder.encoder.layer.1.attention.self.query",
+         "encoder.encoder.layer.1.attention.self.value"], 1)  # fmt: skip
+    targets, rank = methods.plan(classifier, "lora", 1000)
+    assert len(targets) == 4 and rank == 4  # every query and value: 4 · 4 · 64 = 1,024
+    targets, rank = methods.plan(classifier, "vera", 600)
+    assert len(targets) == 4 and rank == 118  # every query and value: 4 · (32 + 118) = 600
+    targets, rank = methods.plan(classifier, "vera", 2000)
+    # beyond q, v's cap (4 · (32 + 128) = 640): every Linear, 448 + 12 r, at the cap (1,984)
+    assert len(targets) == 12 and rank == 128
+
+
+def test_mapnet_rows_modulate_the_linear_weights_only() -> None:
+    built = build(tiny_classifier(), Method("mapnet", 48, "row"))
+    config = built.details["mapping"]
+    assert config["target_types"] == ["Linear"] and config["parameter_names"] == ["weight"]
+    assert built.details["generated_rows"] == [2 * (3 * 32 + 32 + 64 + 32)]
+
+
+def fake_data(n: int = 64) -> dict[str, Batches]:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (n,), generator=generator)
+    ids = torch.randint(5, 50, (n, 8), generator=generator)
+    ids[:, 1] = labels  # the label is visible in the text: learnable in a few steps
+    return {split: Batches(ids, torch.ones_like(ids), labels)
+            for split in ("train", "validation", "test")}  # fmt: skip
+
+
+@pytest.fixture
+def small_study(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mapnet_experiments.models.text as text
+
+    monkeypatch.setattr(runs, "tweet_data", fake_data)
+    monkeypatch.setattr(text, "load_sentence_classifier", lambda *a, **k: tiny_classifier())
+    monkeypatch.setattr(runs, "HEAD_LRS", (1e-3, 1e-2))
+    monkeypatch.setattr(runs, "LRS", runs.LRS | {"lora": (1e-3, 3e-2)})
+    monkeypatch.setattr(page, "HEAD_LRS", runs.HEAD_LRS)
+    monkeypatch.setattr(page, "LRS", runs.LRS)
+    monkeypatch.setattr(runs, "BUDGETS", (64,))
+    monkeypatch.setattr(page, "BUDGETS", (64,))
+    monkeypatch.setattr(runs, "SEEDS", (0, 1))
+    monkeypatch.setattr(page, "SEEDS", (0, 1))
+    chosen = [Method("head"), Method("lora", 64)]
+    monkeypatch.setattr(runs, "main_methods", lambda: chosen)
+    monkeypatch.setattr(page, "main_methods", lambda: chosen)
+
+
+def in_process(stage: str, row: TextRow, root: Path, progress: bool) -> dict:
+    return runs.run_row(stage, row, root, progress)
+
+
+def test_rates_are_chosen_on_validation_and_final_seed_0_is_that_run(
+    small_study: None, tmp_path: Path
+) -> None:
+    select = runs.select_rows()
+    assert [r.id for r in select] == ["head-lr0.001", "head-lr0.01", "lora-64-lr0.001",
+                                      "lora-64-lr0.03"]  # fmt: skip
+    runs.run_stage("select", select, tmp_path, progress=False, runner=in_process)
+    results = {r.id: json.loads((tmp_path / "select" / f"{r.id}.json").read_text()) for r in select}
+    heads = ("head-lr0.001", "head-lr0.01")
+    best = max(heads, key=lambda k: (results[k]["val_accuracy"], -results[k]["row"]["lr"]))
+    assert runs.head_lr(tmp_path) == results[best]["row"]["lr"]
+    final = runs.final_rows()
+    runs.run_stage("final", final, tmp_path, progress=False, runner=in_process)
+    lora_lr = runs.chosen_lr(Method("lora", 64), tmp_path)
+    seed0 = json.loads((tmp_path / "final" / "lora-64-s0.json").read_text())
+    assert seed0["reused"].endswith(f"lora-64-lr{lora_lr:g}.json") and "test_accuracy" in seed0
+    seed1 = json.loads((tmp_path / "final" / "lora-64-s1.json").read_text())
+    assert seed1["row"]["seed"] == 1 and seed1["head_lr"] == runs.head_lr(tmp_path)
+    assert seed1["trainable_besides_head"] == 128 and seed1["checkpoint_bytes"] > 0
+    # Resumed: every row is there, nothing runs again.
+    again = runs.run_stage("final", final, tmp_path, progress=False, runner=None)  # type: ignore[arg-type]
+    assert len(again) == len(final)
+    text = page.report(tmp_path, tmp_path / "page.md", figures=False)
+    assert "| ~64 | peft LoRA | 128 |" in text and "± " in text
+
+
+def test_a_missing_choice_names_the_stage_to_run(small_study: None, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--stages select"):
+        runs.chosen_lr(Method("lora", 64), tmp_path)
+
+
+ROUND_TRIP = """
+import sys, torch
+import mapnet
+from mapnet_experiments.models.text import load_sentence_classifier
+ids, mask = torch.load(sys.argv[2], weights_only=True).values()
+classifier = load_sentence_classifier(3, progress=False)
+if sys.argv[3] == "perturb":
+    with torch.no_grad():
+        classifier.encoder.encoder.layer[2].attention.self.query.weight[0, 0] += 1e-3
+try:
+    mapped = mapnet.load(sys.argv[1], classifier)
+except mapnet.CheckpointError as error:
+    print("refused:", error)
+    sys.exit(0)
+mapped.eval()
+with torch.no_grad():
+    print(mapped(ids, mask).argmax(1).tolist(), mapped(ids, mask)[0].tolist())
+"""
+
+
+@pytest.mark.usefixtures("minilm")
+def test_a_saved_fine_tune_predicts_the_same_in_a_fresh_process_and_refuses_other_weights(
+    tmp_path: Path,
+) -> None:
+    from mapnet_experiments.models.text import load_sentence_classifier
+
+    torch.manual_seed(0)
+    built = build(load_sentence_classifier(3, progress=False), Method("mapnet", 64, "row"))
+    with torch.no_grad():
+        built.model.latents[0].normal_(0, 0.1)  # as if trained
+        built.model.target.head.weight.normal_()
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 20000, (4, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    built.model.eval()
+    with torch.no_grad():
+        logits = built.model(ids, mask)
+    methods.save(built, tmp_path / "fine-tune")
+    torch.save({"ids": ids, "mask": mask}, tmp_path / "batch.pt")
+
+    def fresh(mode: str) -> str:
+        command = [sys.executable, "-c", ROUND_TRIP, str(tmp_path / "fine-tune"),
+                   str(tmp_path / "batch.pt"), mode]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip().splitlines()[-1]
+
+    predicted, first = fresh("same").split("] ", 1)
+    assert predicted + "]" == str(logits.argmax(1).tolist())
+    assert json.loads(first) == logits[0].tolist()  # bit for bit
+    refused = fresh("perturb")
+    assert refused.startswith("refused:") and "layer.2.attention.self.query.weight" in refused
