@@ -100,7 +100,7 @@ def test_readme_block_and_results_index_regenerate_from_the_committed_results(
     readme = tmp_path / "README.md"
     readme.write_text(README.read_text())
     page = tmp_path / "index.md"
-    index.write(ROOT / "results", page, readme)
+    index.write(STUDIES.values(), ROOT / "results", page, readme)
     assert page.read_text() == (PAGES / "README.md").read_text()
     assert readme.read_text() == README.read_text()
 
@@ -125,10 +125,10 @@ def test_readme_example_runs_as_written(tmp_path: Path) -> None:
 def test_index_leaves_out_what_has_no_results(tmp_path: Path) -> None:
     """A study (or the bench) whose results are missing adds nothing, so a new study's facts
     appear once its results are committed."""
-    assert index.collect(tmp_path) == []
+    assert index.collect(tmp_path, STUDIES.values()) == []
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{index.BEGIN}\nold\n{index.END}\nafter\n")
-    index.write(tmp_path, tmp_path / "index.md", readme)
+    index.write(STUDIES.values(), tmp_path, tmp_path / "index.md", readme)
     assert readme.read_text().startswith(f"intro\n{index.BEGIN}\n| measured |")
     assert readme.read_text().endswith(f"{index.END}\nafter\n")
     assert "## Sources" in (tmp_path / "index.md").read_text()

@@ -35,7 +35,7 @@ import math
 import sys
 import warnings
 import zlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,9 +45,6 @@ from mapnet.config import MappingConfig
 from mapnet.errors import CheckpointError
 from mapnet.projections import ALGORITHMS
 from mapnet.projections.seeding import hash_signs, stream_key
-
-if TYPE_CHECKING:
-    from mapnet.module import MappedModule
 
 IDENTITY_FORMAT = 3
 READABLE_FORMATS = (2, 3)
@@ -334,9 +331,7 @@ def compare(saved: dict[str, Any], own: dict[str, Any], where: str) -> list[str]
     return differing
 
 
-def build(
-    module: MappedModule, theta0: dict[str, torch.Tensor], model: nn.Module
-) -> dict[str, Any]:
+def build(module: nn.Module, theta0: dict[str, torch.Tensor], model: nn.Module) -> dict[str, Any]:
     """A MappedModule's identity, from θ₀ by canonical name and the wrapped `model` (the frozen
     weights and buffers of a fine-tune state are held by digest)."""
     sel = module.selection

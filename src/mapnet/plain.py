@@ -4,15 +4,12 @@ weights, with nothing of the mapping left (no placeholders, hooks or factor buff
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from mapnet import rows
-
-if TYPE_CHECKING:
-    from mapnet.module import MappedModule
 
 
 def resolve(module: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -34,7 +31,7 @@ def distinct_slots(module: nn.Module, names: list[str]) -> list[str]:
     return kept
 
 
-def materialized(mapped: MappedModule, weights: dict[str, torch.Tensor] | None) -> nn.Module:
+def materialized(mapped: nn.Module, weights: dict[str, torch.Tensor] | None) -> nn.Module:
     """See MappedModule.materialize."""
     with torch.no_grad():
         generated = mapped.generate() if weights is None else weights

@@ -27,7 +27,7 @@ import functools
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,9 +38,6 @@ from mapnet.config import ACTIVATIONS, MappingConfig
 from mapnet.generator import pre_activation, scale_by_groups
 from mapnet.projections import Projection
 from mapnet.targets import LatentGroup, ParamSpec, Selection, select
-
-if TYPE_CHECKING:
-    from mapnet.module import MappedModule
 
 # The buffer each activation-path module reads its factors 1 + m from (ones when no forward has
 # filled it: the module then computes with whatever weight it is given, e.g. generate()'s).
@@ -449,7 +446,7 @@ def warn_normalised_rows(model: nn.Module, layouts: Sequence[Layout]) -> None:
 # ------------------------------------------------------------------------------ first forward
 
 
-def attach(mapped: MappedModule) -> None:
+def attach(mapped: nn.Module) -> None:
     """Set up a row/column mapping's target: factor buffers and hooks, the fallback and
     BatchNorm warnings, and the first forward's check."""
     layouts, mode = mapped._layouts, mapped.mapping_config.group_size
@@ -476,14 +473,14 @@ class FirstForwardCheck:
             mapped.register_forward_pre_hook(self.before)
             mapped.register_forward_hook(self.after)
 
-    def before(self, mapped: MappedModule, args: tuple) -> None:
+    def before(self, mapped: nn.Module, args: tuple) -> None:
         if torch.compiler.is_compiling():
             return
         for name in self.modules:
             recorder = functools.partial(_record, self.ran, name)
             mapped.target.get_submodule(name).register_forward_pre_hook(recorder)
 
-    def after(self, mapped: MappedModule, args: tuple, output: Any) -> None:
+    def after(self, mapped: nn.Module, args: tuple, output: Any) -> None:
         if torch.compiler.is_compiling():
             return
         _remove_hooks(mapped.target, lambda hook: _func(hook) is _record)

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 
 from mapnet import identity
 from mapnet.errors import CheckpointError
-
-if TYPE_CHECKING:
-    from mapnet.module import MappedModule
 
 EXTRA_STATE = "_extra_state"
 STORED_BASE = "base."
@@ -35,14 +33,14 @@ STORED_BASE = "base."
 BUFFERS_HELD = "buffers_held"
 
 
-def frozen_aliases(module: MappedModule) -> list[str]:
+def frozen_aliases(module: nn.Module) -> list[str]:
     """State keys of the frozen parameters a fine-tune state checks by digest instead of holding."""
     if not module.frozen_by_digest:
         return []
     return [f"target.{alias}" for s in module.selection.frozen for alias in s.names]
 
 
-def tied_aliases(module: MappedModule) -> dict[str, str]:
+def tied_aliases(module: nn.Module) -> dict[str, str]:
     """State keys of the second and later names of each tied parameter the target keeps (trained
     directly or frozen), each to the key of its first name."""
     sel = module.selection
@@ -53,7 +51,7 @@ def tied_aliases(module: MappedModule) -> dict[str, str]:
     }
 
 
-def expected_state(module: MappedModule) -> dict[str, torch.Tensor]:
+def expected_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """What a state for `module` may hold (names to tensors), every buffer included, without
     copying anything."""
     module.__dict__["_expected_only"] = True
@@ -68,7 +66,7 @@ def expected_state(module: MappedModule) -> dict[str, torch.Tensor]:
 
 
 def finish_state(
-    module: MappedModule, state: dict[str, Any], prefix: str, local_metadata: Any
+    module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any
 ) -> None:
     """state_dict post-hook. A fine-tune state holds neither the frozen pretrained weights nor
     the buffers still at their pretrained values (the identity's digests stand for them);
@@ -110,7 +108,7 @@ class CheckedState:
     digests: dict[str, str] = field(default_factory=dict)
 
 
-def finite_keys(module: MappedModule) -> list[str]:
+def finite_keys(module: nn.Module) -> list[str]:
     """State keys whose values must be finite: the latents, the parameters trained directly,
     and the target's floating buffers that were finite when it was wrapped (a buffer holding
     inf by design, such as an attention mask, may keep it)."""
@@ -119,7 +117,7 @@ def finite_keys(module: MappedModule) -> list[str]:
     return keys + [f"target.{name}" for name in module._finite_buffers]
 
 
-def nonfinite_keys(module: MappedModule, state: Mapping[str, Any], prefix: str = "") -> list[str]:
+def nonfinite_keys(module: nn.Module, state: Mapping[str, Any], prefix: str = "") -> list[str]:
     """The keys of `state` among `finite_keys(module)` whose tensors hold NaN or inf."""
     bad = []
     for key in finite_keys(module):
@@ -144,7 +142,7 @@ def _buffers_held(saved: dict[str, Any], where: str) -> set[str] | None:
 
 
 def check_state(
-    module: MappedModule, state: Mapping[str, Any], prefix: str = "", strict: bool = True
+    module: nn.Module, state: Mapping[str, Any], prefix: str = "", strict: bool = True
 ) -> CheckedState:
     """Check `state` (keys under `prefix`) against `module` in full and change nothing: the
     identity, every name, shape and dtype, finiteness (`finite_keys`), and, with `strict`,
@@ -223,7 +221,7 @@ def check_state(
 
 
 def check_and_take_state(
-    module: MappedModule,
+    module: nn.Module,
     state: dict[str, Any],
     prefix: str,
     local_metadata: Any,
@@ -249,7 +247,7 @@ def check_and_take_state(
         state.pop(prefix + STORED_BASE + name)
 
 
-def frozen_weights_are_not_missing(module: MappedModule, incompatible: Any) -> None:
+def frozen_weights_are_not_missing(module: nn.Module, incompatible: Any) -> None:
     """torch reports every parameter absent from a state as missing; the frozen pretrained
     weights of a fine-tune state were checked by digest in `check_and_take_state`."""
     prefix = module.__dict__.get("_load_prefix", "")

@@ -13,6 +13,7 @@ test checks that README.md holds no other figure from the results (tests/test_do
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from mapnet_experiments.studies.facts import Facts, Pick, better, read, times
@@ -90,12 +91,10 @@ def bench_facts(results: Path) -> Facts | None:
                  picks)  # fmt: skip
 
 
-def collect(results: Path = RESULTS) -> list[Facts]:
-    """Every registered study's facts (registry order), then the bench's; those whose results
-    are missing are left out."""
-    from mapnet_experiments.studies.registry import STUDIES
-
-    sources = [s.facts for s in STUDIES.values() if s.facts is not None] + [bench_facts]
+def collect(results: Path, studies: Iterable[Study]) -> list[Facts]:
+    """The facts of `studies` (in their order), then the bench's; those whose results are
+    missing are left out."""
+    sources = [s.facts for s in studies if s.facts is not None] + [bench_facts]
     return [facts for source in sources if (facts := source(results)) is not None]
 
 
@@ -167,9 +166,12 @@ def fill(readme: str, generated: str) -> str:
     return readme[:start] + generated + readme[end + len(END) :]
 
 
-def write(results: Path = RESULTS, out: Path = PAGE, readme: Path = README) -> str:
-    """docs/results/README.md and README.md's block from `results`; returns the page."""
-    facts = collect(results)
+def write(
+    studies: Iterable[Study], results: Path = RESULTS, out: Path = PAGE, readme: Path = README
+) -> str:
+    """docs/results/README.md and README.md's block from `results` and the facts of
+    `studies`; returns the page."""
+    facts = collect(results, studies)
     text = page(facts)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
@@ -177,14 +179,17 @@ def write(results: Path = RESULTS, out: Path = PAGE, readme: Path = README) -> s
     return text
 
 
-STUDY = Study(
-    name="index",
-    summary="the results index: docs/results/README.md (a paragraph per study) and README.md's "
-    "when-to-pick table, from results/ alone (it runs nothing; --root: the results folder, "
-    "--report-to: the page)",
-    stages=(),
-    default=(),
-    run=lambda options, stages: None,
-    report=lambda options: write(options.root_or(RESULTS), options.report_or(PAGE)),
-    example="mapnet repro index",
-)
+def study(studies: Callable[[], Iterable[Study]]) -> Study:
+    """`mapnet repro index` over the studies `studies()` names (the registry's, which makes
+    this one: the index needs no import of the registry)."""
+    return Study(
+        name="index",
+        summary="the results index: docs/results/README.md (a paragraph per study) and README.md's "
+        "when-to-pick table, from results/ alone (it runs nothing; --root: the results folder, "
+        "--report-to: the page)",
+        stages=(),
+        default=(),
+        run=lambda options, stages: None,
+        report=lambda options: write(studies(), options.root_or(RESULTS), options.report_or(PAGE)),
+        example="mapnet repro index",
+    )
