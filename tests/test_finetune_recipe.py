@@ -13,6 +13,7 @@ from torch import nn
 from mapnet_experiments.studies.finetune import report as finetune_report
 from mapnet_experiments.studies.finetune import runs as finetune
 from mapnet_experiments.studies.finetune.runs import Data, FinetuneRow, Setup
+from mapnet_experiments.studies.fresh import in_fresh_process
 
 
 class Tiny(nn.Module):
@@ -173,6 +174,6 @@ def test_a_row_runs_in_a_fresh_process_that_imports_this_module(
 ) -> None:
     """The child imports the module by its own name: a stage the module does not know reaches
     run_row there (the import path was once left behind by a move)."""
-    with pytest.raises(RuntimeError, match=f"finetune row no-such-stage/{ROWS[0].id} failed"):
-        finetune.run_in_subprocess("no-such-stage", ROWS[0], tmp_path, progress=False)
+    with pytest.raises(RuntimeError, match=f"row no-such-stage/{ROWS[0].id} failed"):
+        in_fresh_process(finetune.run_row, "no-such-stage", ROWS[0], tmp_path, progress=False)
     assert "KeyError: 'no-such-stage'" in capfd.readouterr().err

@@ -25,12 +25,11 @@ state is then the trainable tensors alone, and no method adapts them for free).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
-import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -45,11 +44,11 @@ from torch import nn
 
 import mapnet
 from mapnet import MappingConfig
-from mapnet.files import write_json
 from mapnet_experiments.bench.harness import machine, peak_rss_bytes
 from mapnet_experiments.models import pretrained
 from mapnet_experiments.models.peft_adapters import freeze_batchnorm_statistics
 from mapnet_experiments.recipe.loop import Loop
+from mapnet_experiments.studies.fresh import Runner, in_fresh_process, run_rows
 
 RESULTS_DIR = Path("results/finetune")
 REPORT = Path("docs/results/finetune.md")
@@ -91,6 +90,10 @@ class FinetuneRow:
     group_size: int = 1
     targets: str = "all"  # "all" | "layer4" (the paper's "layer4 + fc")
     lr: float | None = None  # None: the select stage's choice (or the method's fixed rate)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneRow:
+        return cls(**data)
 
 
 def _transfer_rows(model: str) -> list[FinetuneRow]:
@@ -495,44 +498,16 @@ def _commit() -> str | None:
     return head + ("+dirty" if dirty.strip() else "")
 
 
-def run_in_subprocess(stage: str, row: FinetuneRow, root: Path, progress: bool) -> dict[str, Any]:
-    """`run_row` in a fresh process: the row's peak RSS and allocator state are its own."""
-    code = (  # this module by its own name: a move cannot leave the string behind
-        f"import json, sys; from pathlib import Path; import {__name__} as f; "
-        "row = f.FinetuneRow(**json.loads(sys.argv[2])); "
-        "print(json.dumps(f.run_row(sys.argv[1], row, Path(sys.argv[3]), "
-        "progress=sys.argv[4] == '1')))"
-    )
-    command = [sys.executable, "-c", code, stage, json.dumps(dataclasses.asdict(row)), str(root)]
-    command.append("1" if progress else "0")
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    finished = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
-    if finished.returncode != 0:
-        raise RuntimeError(f"finetune row {stage}/{row.id} failed (exit {finished.returncode})")
-    return json.loads(finished.stdout.strip().splitlines()[-1])
-
-
 def run_stage(
     stage: str,
     rows: list[FinetuneRow],
     root: Path = RESULTS_DIR,
     deadline: float | None = None,
     progress: bool = True,
-    runner: Callable[[str, FinetuneRow, Path, bool], dict[str, Any]] = run_in_subprocess,
+    runner: Runner | None = None,
 ) -> list[Path]:
-    """Run every row not yet finished; returns the result files. A row is finished when its
-    result file exists (written atomically), so an interrupted stage resumes at the row it was
-    in (rows take minutes; a row itself restarts)."""
-    done = []
-    for row in rows:
-        out = root / stage / f"{row.id}.json"
-        if out.exists():
-            done.append(out)
-            continue
-        if deadline is not None and time.monotonic() > deadline:
-            print(f"finetune: --hours reached; {row.id} and later not started", file=sys.stderr)
-            break
-        print(f"finetune: {stage}/{row.id}", file=sys.stderr)
-        write_json(out, runner(stage, row, root, progress))
-        done.append(out)
-    return done
+    """Run every row not yet finished, each in a fresh process (studies.fresh); returns the
+    result files. A row is finished when its result file exists, so an interrupted stage
+    resumes at the row it was in (rows take minutes; a row itself restarts)."""
+    runner = runner or functools.partial(in_fresh_process, run_row)
+    return run_rows("finetune", stage, rows, root, runner, deadline, progress)

@@ -22,12 +22,10 @@ in a fresh process, locked, so two processes started with the same command share
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
-import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,11 +36,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from mapnet import files
 from mapnet_experiments.bench.harness import machine, peak_rss_bytes
 from mapnet_experiments.recipe.loop import Loop
 from mapnet_experiments.studies.finetune_text.methods import Method, build, checkpoint_bytes
+from mapnet_experiments.studies.fresh import Runner, in_fresh_process, run_rows
 
+STUDY_NAME = "finetune-text"
 RESULTS_DIR = Path("results/finetune_text")
 REPORT = Path("docs/results/finetune-text.md")
 EPOCHS = 1
@@ -326,74 +325,26 @@ def run_row(stage: str, row: TextRow, root: Path, progress: bool = True) -> dict
     return result
 
 
-def run_in_subprocess(stage: str, row: TextRow, root: Path, progress: bool) -> dict[str, Any]:
-    """`run_row` in a fresh process: the row's peak RSS and allocator state are its own."""
-    code = (  # this module by its own name: a move cannot leave the string behind
-        f"import json, sys; from pathlib import Path; import {__name__} as f; "
-        "row = f.TextRow.from_dict(json.loads(sys.argv[2])); "
-        "print(json.dumps(f.run_row(sys.argv[1], row, Path(sys.argv[3]), "
-        "progress=sys.argv[4] == '1')))"
-    )
-    command = [sys.executable, "-c", code, stage, json.dumps(dataclasses.asdict(row)), str(root)]
-    command.append("1" if progress else "0")
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    finished = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
-    if finished.returncode != 0:
-        raise RuntimeError(f"text row {stage}/{row.id} failed (exit {finished.returncode})")
-    return json.loads(finished.stdout.strip().splitlines()[-1])
-
-
 def run_stage(
     stage: str,
     rows: list[TextRow],
     root: Path = RESULTS_DIR,
     deadline: float | None = None,
     progress: bool = True,
-    runner: Callable[[str, TextRow, Path, bool], dict[str, Any]] = run_in_subprocess,
+    runner: Runner | None = None,
     poll: float = 30.0,
 ) -> list[Path]:
     """Run every row not yet finished; returns the result files. The head's rows go first and
     the others wait until every head row has finished (they need its rate), polling every
     `poll` seconds while another process trains one. A row is locked while it runs, so
     processes started with the same command share a stage."""
+    runner = runner or functools.partial(in_fresh_process, run_row)
     heads = [row for row in rows if row.method.name == "head"]
     others = [row for row in rows if row.method.name != "head"]
-    done = _run_rows(stage, heads, root, deadline, progress, runner)
+    done = run_rows(STUDY_NAME, stage, heads, root, runner, deadline, progress)
     while len(done) < len(heads):
         if deadline is not None and time.monotonic() > deadline:
             return done
         time.sleep(poll)  # another process is training a head row
-        done = _run_rows(stage, heads, root, deadline, progress, runner)
-    return done + _run_rows(stage, others, root, deadline, progress, runner)
-
-
-def _run_rows(
-    stage: str,
-    rows: list[TextRow],
-    root: Path,
-    deadline: float | None,
-    progress: bool,
-    runner: Callable[[str, TextRow, Path, bool], dict[str, Any]],
-) -> list[Path]:
-    done = []
-    for row in rows:
-        out = root / stage / f"{row.id}.json"
-        if out.exists():
-            done.append(out)
-            continue
-        if deadline is not None and time.monotonic() > deadline:
-            print(
-                f"finetune-text: --hours reached; {row.id} and later not started", file=sys.stderr
-            )
-            break
-        try:
-            with files.lock(out):
-                if out.exists():  # finished by another process meanwhile
-                    done.append(out)
-                    continue
-                print(f"finetune-text: {stage}/{row.id}", file=sys.stderr, flush=True)
-                files.write_json(out, runner(stage, row, root, progress))
-                done.append(out)
-        except files.InUseError:
-            continue  # another process runs it
-    return done
+        done = run_rows(STUDY_NAME, stage, heads, root, runner, deadline, progress)
+    return done + run_rows(STUDY_NAME, stage, others, root, runner, deadline, progress)
