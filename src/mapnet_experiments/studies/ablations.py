@@ -27,7 +27,13 @@ from typing import Any
 
 from mapnet.compress import PRUNE_SCOPES
 from mapnet_experiments.studies.facts import Facts, mean, pair, points
-from mapnet_experiments.studies.report import PUBLIC_REPRODUCTION, cell, draw_curves, mean_std
+from mapnet_experiments.studies.report import (
+    PUBLIC_REPRODUCTION,
+    cell,
+    draw_curves,
+    mean_std,
+    write_page,
+)
 from mapnet_experiments.studies.runner import TableRow, run_name, run_table
 from mapnet_experiments.studies.study import Options, Study
 
@@ -492,7 +498,7 @@ def _table6(root: Path) -> list[str]:
 
 def report(root: Path = ROOT, out: Path | None = None, figures: bool = True) -> str:
     """docs/results/ablations.md (Tables 6–7) from root's files."""
-    return write_page(
+    return tables_page(
         "ablations",
         "# The paper's ablations (Tables 6–7), reproduced",
         root,
@@ -503,7 +509,7 @@ def report(root: Path = ROOT, out: Path | None = None, figures: bool = True) -> 
     )
 
 
-def write_page(
+def tables_page(
     table: str,
     title: str,
     root: Path,
@@ -543,10 +549,7 @@ def write_page(
             f"Training (dashed) and validation (solid) accuracy per epoch, seed 0: "
             f"[{figure.name}]({figure.name}).",
         ]
-    text = "\n".join(lines) + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return text
+    return write_page(lines, out)
 
 
 def seed_stats(root: Path, spec_id: str, dataset: str) -> tuple[float, float] | None:

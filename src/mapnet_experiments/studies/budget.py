@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mapnet_experiments.models.networks import small_cnn_widths
 from mapnet_experiments.studies.facts import Facts, Pick, listing, points
+from mapnet_experiments.studies.report import write_page
 from mapnet_experiments.studies.runner import TableRow, run_table
 from mapnet_experiments.studies.study import Options, Study
 
@@ -212,10 +213,7 @@ def report(
                 xlabel="trainable numbers (log scale)",
             )
         lines += ["", f"![accuracy against trainable numbers]({figure.name})"]
-    text = "\n".join(lines) + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return text
+    return write_page(lines, out)
 
 
 def _verdict(points: list) -> list[str]:

@@ -26,8 +26,8 @@ from mapnet_experiments.studies.ablations import (
     load_run,
     pair_text,
     seed_values,
+    tables_page,
     trainable_text,
-    write_page,
 )
 from mapnet_experiments.studies.facts import Facts, Pick, better, points, times
 from mapnet_experiments.studies.report import mean_std
@@ -187,7 +187,7 @@ def _int8_section(root: Path) -> list[str]:
 
 def report(root: Path = ROOT, out: Path | None = None, figures: bool = True) -> str:
     """docs/results/compression.md (Table 8 and int8) from root's files."""
-    return write_page(
+    return tables_page(
         "compression",
         "# Compression add-ons (Table 8), reproduced",
         root,

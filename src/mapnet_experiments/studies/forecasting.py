@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,9 @@ from mapnet_experiments.studies.report import (
     mean_std,
     recipe_text,
     seed0_config,
+    write_page,
 )
-from mapnet_experiments.studies.runner import EPOCHS, TableRow, run_name
-from mapnet_experiments.studies.study import Options, Study
+from mapnet_experiments.studies.runner import TableRow, run_name, run_one_dataset, task_study
 
 ROOT = Path("results/forecasting")
 REPORT = Path("docs/results/forecasting.md")
@@ -141,10 +142,7 @@ def report(root: Path = ROOT, out: Path = REPORT, data_dir: str | None = None) -
         f"{math.sqrt(naive['test']) * span:.2f} |"
     )
     lines += ["", f"![forecast]({FIGURE.name})"]
-    text = "\n".join(lines) + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return text
+    return write_page(lines, out)
 
 
 def example_forecast(
@@ -163,14 +161,8 @@ FIGURE = Path("docs/results/forecasting-example.png")
 def run(
     root: Path = ROOT, data_dir: str | None = None, progress: bool = True, **kwargs: Any
 ) -> list[Path]:
-    """Every row and seed not finished yet (resumable, shareable between processes)."""
-    from mapnet_experiments.studies.runner import run_table
-
-    written = run_table(
-        rows(), root=root, datasets=(DATASET,), progress=progress, data_dir=data_dir, **kwargs
-    )
-    persistence_result(root, data_dir)
-    return written
+    """Every row and seed not finished yet, then the persistence figures."""
+    return run_one_dataset(rows(), DATASET, persistence_result, root, data_dir, progress, **kwargs)
 
 
 def figure(
@@ -245,37 +237,11 @@ def facts(results: Path) -> Facts | None:
     return Facts("Forecasting (Table 4)", "forecasting.md", "mapnet repro forecasting", paragraph)
 
 
-def _run(options: Options, stages: tuple[str, ...]) -> None:
-    run(
-        options.root_or(ROOT),
-        data_dir=options.data_dir,
-        progress=options.progress,
-        deadline=options.deadline,
-        epochs=options.epochs or EPOCHS,
-    )
-
-
-def _report(options: Options) -> str:
-    root, out = options.root_or(ROOT), options.report_or(REPORT)
-    text = report(root, out, data_dir=options.data_dir)
-    if not options.figures:
-        return text
-    drawn = figure(root, out.with_name(FIGURE.name), data_dir=options.data_dir)
-    return text + "\n" + str(drawn or "(the example figure needs the seed-0 runs)")
-
-
-STUDY = Study(
+STUDY = task_study(
+    sys.modules[__name__],
     name="forecasting",
-    summary=(
-        "paper Table 4: the LSTM air-quality forecaster (Beijing PM2.5) trained directly,"
-        " through a latent (64, 2048) and by intrinsic dimension, against persistence; wr"
-        "ites docs/results/forecasting.md and an example forecast"
-    ),
-    stages=("train",),
-    default=("train",),
-    run=_run,
-    report=_report,
+    summary="paper Table 4: the LSTM air-quality forecaster (Beijing PM2.5) trained directly, "
+    "through a latent (64, 2048) and by intrinsic dimension, against persistence; writes "
+    "docs/results/forecasting.md and an example forecast",
     example="mapnet repro forecasting --threads 1",
-    page="forecasting.md",
-    facts=facts,
 )

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from mapnet import MappingConfig, files
 from mapnet_experiments.recipe.config import TrainConfig
 from mapnet_experiments.recipe.run import train
+from mapnet_experiments.studies.study import Options, Study
 
 # Choices for every row, made on the validation split (docs/method.md), never on test.
 EPOCHS = 10
@@ -195,3 +197,64 @@ def chosen_rows(rows: list[TableRow], wanted: tuple[str, ...] | None) -> list[Ta
     if unknown:
         raise ValueError(f"unknown row(s) {unknown}; rows: {', '.join(known)}")
     return [row for row in rows if row.id in wanted]
+
+
+def run_one_dataset(
+    rows: list[TableRow],
+    dataset: str,
+    reference: Callable[[Path, str | None], Any],
+    root: Path,
+    data_dir: str | None = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> list[Path]:
+    """Every row on `dataset` not finished yet (resumable, shareable between processes), then
+    the table's reference without training, `reference(root, data_dir)` (persistence, all
+    background)."""
+    written = run_table(
+        rows, root=root, datasets=(dataset,), progress=progress, data_dir=data_dir, **kwargs
+    )
+    reference(root, data_dir)
+    return written
+
+
+def run_chosen(
+    rows: list[TableRow], root: Path, options: Options, *, evaluate_test: bool = True
+) -> None:
+    """`run_table` over the rows `--rows` names, with the command's options."""
+    run_table(
+        chosen_rows(rows, options.rows),
+        root=root,
+        datasets=options.datasets,
+        epochs=options.epochs or EPOCHS,
+        deadline=options.deadline,
+        progress=options.progress,
+        data_dir=options.data_dir,
+        val_size=options.val_size,
+        evaluate_test=evaluate_test,
+    )
+
+
+def task_study(table: ModuleType, *, name: str, summary: str, example: str) -> Study:
+    """The Study of a one-data-set table of the recipe with an example figure (forecasting,
+    segmentation), from the module `table`, which defines ROOT (its results), REPORT (its
+    page), FIGURE (its example), `run(root, data_dir, progress, deadline, epochs)`,
+    `report(root, out, data_dir)`, `figure(root, out, data_dir)` and `facts(results)`."""
+    root, page, figure_name = table.ROOT, table.REPORT, table.FIGURE.name
+    run, report, figure = table.run, table.report, table.figure
+
+    def run_stages(options: Options, stages: tuple[str, ...]) -> None:
+        run(options.root_or(root), data_dir=options.data_dir, progress=options.progress,
+            deadline=options.deadline, epochs=options.epochs or EPOCHS)  # fmt: skip
+
+    def write(options: Options) -> str:
+        folder, out = options.root_or(root), options.report_or(page)
+        text = report(folder, out, data_dir=options.data_dir)
+        if not options.figures:
+            return text
+        drawn = figure(folder, out.with_name(figure_name), data_dir=options.data_dir)
+        return text + "\n" + str(drawn or "(the example figure needs the seed-0 runs)")
+
+    return Study(name=name, summary=summary, stages=("train",), default=("train",),
+                 run=run_stages, report=write, example=example, page=page.name,
+                 facts=table.facts)  # fmt: skip

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mapnet_experiments.studies.facts import Facts, read
-from mapnet_experiments.studies.report import mean_std, recipe_text, seed0_config
-from mapnet_experiments.studies.runner import EPOCHS, TableRow, run_name
-from mapnet_experiments.studies.study import Options, Study
+from mapnet_experiments.studies.report import mean_std, recipe_text, seed0_config, write_page
+from mapnet_experiments.studies.runner import TableRow, run_name, run_one_dataset, task_study
 
 ROOT = Path("results/segmentation")
 REPORT = Path("docs/results/segmentation.md")
@@ -68,13 +68,8 @@ def rows() -> list[TableRow]:
 def run(
     root: Path = ROOT, data_dir: str | None = None, progress: bool = True, **kwargs: Any
 ) -> list[Path]:
-    from mapnet_experiments.studies.runner import run_table
-
-    written = run_table(
-        rows(), root=root, datasets=(DATASET,), progress=progress, data_dir=data_dir, **kwargs
-    )
-    background_result(root, data_dir)
-    return written
+    """Every row and seed not finished yet, then the background figures."""
+    return run_one_dataset(rows(), DATASET, background_result, root, data_dir, progress, **kwargs)
 
 
 def background_result(root: Path = ROOT, data_dir: str | None = None) -> dict[str, Any]:
@@ -134,10 +129,7 @@ def report(root: Path = ROOT, out: Path = REPORT, data_dir: str | None = None) -
         f"{mean_std([b['test_miou'] for b in background], 4, len(SEEDS))} |"
     )
     lines += ["", f"![examples]({FIGURE.name})"]
-    text = "\n".join(lines) + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return text
+    return write_page(lines, out)
 
 
 def figure(
@@ -226,37 +218,11 @@ def facts(results: Path) -> Facts | None:
                  paragraph)  # fmt: skip
 
 
-def _run(options: Options, stages: tuple[str, ...]) -> None:
-    run(
-        options.root_or(ROOT),
-        data_dir=options.data_dir,
-        progress=options.progress,
-        deadline=options.deadline,
-        epochs=options.epochs or EPOCHS,
-    )
-
-
-def _report(options: Options) -> str:
-    root, out = options.root_or(ROOT), options.report_or(REPORT)
-    text = report(root, out, data_dir=options.data_dir)
-    if not options.figures:
-        return text
-    drawn = figure(root, out.with_name(FIGURE.name), data_dir=options.data_dir)
-    return text + "\n" + str(drawn or "(the example figure needs the seed-0 runs)")
-
-
-STUDY = Study(
+STUDY = task_study(
+    sys.modules[__name__],
     name="segmentation",
-    summary=(
-        "paper Table 3: the U-Net on scenes composed from MNIST and Fashion-MNIST (Citysc"
-        "apes is not reachable here; read_cityscapes reads it); writes docs/results/segme"
-        "ntation.md and example predictions"
-    ),
-    stages=("train",),
-    default=("train",),
-    run=_run,
-    report=_report,
+    summary="paper Table 3: the U-Net on scenes composed from MNIST and Fashion-MNIST (Cityscapes "
+    "is not reachable here; read_cityscapes reads it); writes docs/results/segmentation.md and "
+    "example predictions",
     example="mapnet repro segmentation --hours 3",
-    page="segmentation.md",
-    facts=facts,
 )

@@ -17,15 +17,7 @@ from mapnet_experiments.studies.report import (
     per_dataset,
     write_page,
 )
-from mapnet_experiments.studies.runner import (
-    DATASETS,
-    EPOCHS,
-    MAPPED,
-    PLAIN,
-    TableRow,
-    chosen_rows,
-    run_table,
-)
+from mapnet_experiments.studies.runner import DATASETS, EPOCHS, MAPPED, PLAIN, TableRow, run_chosen
 from mapnet_experiments.studies.study import Options, Study
 
 TABLE1_DIR = Path("results/table1")
@@ -328,16 +320,7 @@ def facts(results: Path) -> Facts | None:
 
 
 def _run(options: Options, stages: tuple[str, ...]) -> None:
-    run_table(
-        chosen_rows(TABLE1, options.rows),
-        root=options.root_or(TABLE1_DIR),
-        datasets=options.datasets,
-        epochs=options.epochs or EPOCHS,
-        deadline=options.deadline,
-        progress=options.progress,
-        data_dir=options.data_dir,
-        val_size=options.val_size,
-    )
+    run_chosen(TABLE1, options.root_or(TABLE1_DIR), options)
 
 
 def _report(options: Options) -> str:

@@ -15,7 +15,7 @@ from mapnet_experiments.studies.report import (
     per_dataset,
     write_page,
 )
-from mapnet_experiments.studies.runner import DATASETS, EPOCHS, TableRow, chosen_rows, run_table
+from mapnet_experiments.studies.runner import DATASETS, EPOCHS, TableRow, run_chosen
 from mapnet_experiments.studies.study import Options, Study
 
 # `mapnet repro tuning`: what the Table 1 recipe was checked against, on the validation split
@@ -162,17 +162,9 @@ def facts(results: Path) -> Facts | None:
 
 
 def _run(options: Options, stages: tuple[str, ...]) -> None:
-    run_table(
-        chosen_rows(TUNING, options.rows),
-        root=options.root_or(TUNING_DIR),
-        datasets=options.datasets,
-        epochs=options.epochs or EPOCHS,
-        deadline=options.deadline,
-        progress=options.progress,
-        data_dir=options.data_dir,
-        val_size=options.val_size,
-        evaluate_test=False,  # these runs make choices: they never see the test split
-    )
+    run_chosen(
+        TUNING, options.root_or(TUNING_DIR), options, evaluate_test=False
+    )  # these runs make choices: never the test split
 
 
 def _report(options: Options) -> str:

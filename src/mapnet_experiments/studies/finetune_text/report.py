@@ -19,7 +19,7 @@ from mapnet_experiments.studies.finetune_text.runs import (
     lever_methods,
     main_methods,
 )
-from mapnet_experiments.studies.report import mean_std
+from mapnet_experiments.studies.report import mean_std, write_page
 
 NAMES = {
     "head": "head only",
@@ -108,10 +108,7 @@ def report(root: Path, out: Path, figures: bool = True) -> str:
     figure = out.with_name("finetune-text.png")
     if final and (not figures or _figure(final, figure)):
         lines += ["", f"![test accuracy against trainable numbers]({figure.name})"]
-    text = "\n".join(lines) + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return text
+    return write_page(lines, out)
 
 
 def _main_table(final: dict[str, dict[str, Any]], bench: dict[str, dict[str, Any]]) -> list[str]:
