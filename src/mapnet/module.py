@@ -35,6 +35,7 @@ from mapnet.errors import CheckpointError
 from mapnet.generator import generate_group, modulate_group, pre_activation, scale_by_groups
 from mapnet.projections import ALGORITHMS, PiecewiseScale, make_projection
 from mapnet.projections.seeding import derive_seed
+from mapnet.recompute import recomputed_when_saved
 from mapnet.state import (
     check_and_take_state,
     check_state,
@@ -462,10 +463,11 @@ class MappedModule(nn.Module):
         return self._cache[1]
 
     def mapped_forward(self, *args: Any, **kwargs: Any) -> Any:
-        # generate() names every tied alias itself, so functional_call need not search for ties.
-        return functional_call(
-            self.target, self._generated_for_forward(), args, kwargs, tie_weights=False
-        )
+        # generate() names every tied alias itself, so functional_call need not search for ties;
+        # tensors cheap to make again are not kept for backward, their recipes are (recompute).
+        params = self._generated_for_forward()
+        with recomputed_when_saved(params.values()):
+            return functional_call(self.target, params, args, kwargs, tie_weights=False)
 
     # ---------------------------------------------------------------- inspection
 

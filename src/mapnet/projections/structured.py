@@ -493,12 +493,17 @@ class StructuredProjection(nn.Module):
         return self._rmatvec_pieces([flat], [self._out]).view(*lead, self._in)
 
     def _rmatvec_pieces(
-        self, pieces: Sequence[torch.Tensor | None], sizes: Sequence[int]
+        self,
+        pieces: Sequence[torch.Tensor | None],
+        sizes: Sequence[int],
+        weights: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Wᵀ g for g given as consecutive pieces (N, k) of its P entries (None: zeros): (N, d).
 
         Each piece is multiplied by its rows' gain straight into the pass's buffer, so the
-        pieces (one per generated tensor) are never concatenated first.
+        pieces (one per generated tensor) are never concatenated first. `weights` (one (k,) per
+        piece) multiply the pieces first, in the same buffer: g ⊙ w, then the gain (a
+        multiplicative update's θ_pre, whose product with g is never a tensor of its own).
         """
         present = next(p for p in pieces if p is not None)
         count, blocks, n, d = present.shape[0], self.blocks, self.n, self._in
@@ -511,15 +516,18 @@ class StructuredProjection(nn.Module):
         start = 0
         for index, (piece, size) in enumerate(zip(pieces, sizes)):
             target = padded[:, start : start + size]
+            start += size
             if piece is None:
                 target.zero_()
-            elif gain is not None:
-                torch.mul(piece, gain[start : start + size], out=target)
+                continue
+            if weights is not None:  # g ⊙ w into the buffer; the gain then multiplies in place
+                piece = torch.mul(piece, weights[index], out=target)
+            if gain is not None:
+                torch.mul(piece, gain[start - size : start], out=target)
             elif aligned:
                 torch.mul(piece, segments[index][2], out=target)  # type: ignore[index]
-            else:
+            elif weights is None:
                 target.copy_(piece)
-            start += size
         padded[:, start:].zero_()
         if segments is not None:
             if not aligned:
