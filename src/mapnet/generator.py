@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mapnet.config import ACTIVATIONS
-from mapnet.projections import Projection, concat_pieces
+from mapnet.projections import Projection, concat_pieces, fused
 from mapnet.recompute import attach_recipe, plain_autograd
 
 
@@ -158,7 +158,7 @@ class _ModulatedTensors(torch.autograd.Function):
         shapes: tuple[tuple[int, ...], ...],
     ) -> tuple[torch.Tensor, ...]:
         u = z + alpha * z * z  # (d,)
-        m = projection._matvec(u)  # (M,)
+        m = fused.matvec(projection, u)  # (M,)
         sizes = [math.prod(shape) for shape in shapes]
         if group_size == 1:
             tensors = tuple(
@@ -205,7 +205,7 @@ class _ModulatedTensors(torch.autograd.Function):
             flat = concat_pieces(pieces, sizes)[0] * base  # (P,)
             v = ctx.projection.adjoint(flat if group_size == 1 else group_sums(flat, group_size))
         elif group_size == 1:
-            v = ctx.projection._rmatvec_pieces(pieces, sizes, bases)[0]  # Wᵀ (g ⊙ θ_pre)
+            v = fused.rmatvec_pieces(ctx.projection, pieces, sizes, bases)[0]  # Wᵀ(g ⊙ θ_pre)
         else:
             product = base.new_empty(base.shape)  # g ⊙ θ_pre, one buffer for the group sums
             for piece, b, part in zip(pieces, bases, product.split(sizes)):
@@ -215,7 +215,7 @@ class _ModulatedTensors(torch.autograd.Function):
                     torch.mul(piece[0], b, out=part)
             sums = group_sums(product, group_size)  # (M,)
             del product
-            v = ctx.projection._rmatvec_pieces([sums[None]], [sums.numel()])[0]
+            v = fused.rmatvec_pieces(ctx.projection, [sums[None]], [sums.numel()])[0]
         return (v * (1 + 2 * ctx.alpha * z), *none)
 
 
@@ -323,7 +323,7 @@ class _GeneratedTensorsCore(torch.autograd.Function):
         shapes: tuple[tuple[int, ...], ...],
     ) -> tuple[torch.Tensor, ...]:
         u = z + alpha * z * z  # (d,)
-        return _split_detached(projection._matvec(u, offset), shapes)  # θ₀ + W u, split
+        return _split_detached(fused.matvec(projection, u, offset), shapes)  # θ₀ + W u, split
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -345,7 +345,7 @@ class _GeneratedTensorsCore(torch.autograd.Function):
             v = ctx.projection.adjoint(flat)  # (d,)
         else:
             flat = None
-            v = ctx.projection._rmatvec_pieces(pieces, ctx.sizes)[0]  # (d,) = Wᵀ g
+            v = fused.rmatvec_pieces(ctx.projection, pieces, ctx.sizes)[0]  # (d,) = Wᵀ g
         grad_z = v * (1 + 2 * ctx.alpha * z) if ctx.needs_input_grad[0] else None
         grad_offset = None
         if ctx.needs_input_grad[2]:
