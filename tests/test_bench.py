@@ -506,7 +506,12 @@ def test_finetune_smoke_writes_every_figure(tmp_path: Path) -> None:
         assert _positive(row["ratio_to_lora"]) and _positive(row["ratio_to_full"]), method
         assert _positive(row["rss_ratio_to_lora"]) and _positive(row["rss_ratio_to_full"]), method
         assert row["count"], method
+        mapnet_method = method.startswith("mapnet")
+        assert (row["generation_and_adjoint_ms"] is not None) == mapnet_method, method
+        if mapnet_method:  # the generator alone, with and without its adjoint
+            assert row["generation_and_adjoint_ms"] > row["generation_ms"] > 0, method
     assert rows[("tiny-cnn", "mapnet-l1")]["trainable"] == 64 + 170  # latent + the head
+    assert rows[("tiny-cnn", "mapnet-l1-eager")]["runs"][0]["fusion"] == "eager"
     assert rows[("tiny-cnn", "full")]["ratio_to_full"] == 1.0
     # Every target is judged from the rows (or says why it is not measured).
     targets = finetune_targets(data)
@@ -520,3 +525,4 @@ def test_finetune_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert "| mapnet L = 1 step ≤ 0.9× full fine-tuning's: tiny CNN (smoke) | 1 |" in text
     assert "### tiny BERT (smoke), batch 4, 1 thread" in text
     assert "| peft IA3 |" in text and "| BitFit (biases + head) |" in text
+    assert "share of the step" in text

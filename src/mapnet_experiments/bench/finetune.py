@@ -136,6 +136,7 @@ class FinetuneMethod:
     name: str
     label: str
     group_size: int | str | None = None  # mapnet's L (None: not mapnet)
+    fusion: str | None = None  # mapnet.projections.fused's mode (None: the default, "auto")
 
 
 FINETUNE_METHODS: tuple[FinetuneMethod, ...] = (
@@ -147,6 +148,8 @@ FINETUNE_METHODS: tuple[FinetuneMethod, ...] = (
     FinetuneMethod("ia3", "peft IA3"),
     FinetuneMethod("mapnet-l1", "mapnet θ_pre ⊙ (1 + m), L = 1", 1),
     FinetuneMethod("mapnet-l250", "mapnet θ_pre ⊙ (1 + m), L = 250", 250),
+    FinetuneMethod("mapnet-l1-eager", "mapnet L = 1, eager passes", 1, "eager"),
+    FinetuneMethod("mapnet-l250-eager", "mapnet L = 250, eager passes", 250, "eager"),
     FinetuneMethod("mapnet-row", 'mapnet, group_size="row" (activation path)', "row"),
 )
 METHODS_BY_NAME = {m.name: m for m in FINETUNE_METHODS}
@@ -259,6 +262,7 @@ def measure_finetune(
 
     from mapnet.projections import fused
 
+    fused.set_fusion(METHODS_BY_NAME[method].fusion)
     spec = FINETUNE_MODELS[model]
     inputs, labels = fixed_inputs(model)
     started = time.perf_counter()
@@ -279,6 +283,7 @@ def measure_finetune(
         optimizer.step()
         seconds.append(time.perf_counter() - started)
         losses.append(loss.item())
+    generation = _generation_alone(module) if METHODS_BY_NAME[method].group_size else {}
     # The head's trainable numbers, under whatever prefix the method wraps it in.
     head_numbers = sum(p.numel() for n, p in trainable.items() if f".{spec.head}." in f".{n}")
     return {
@@ -297,7 +302,33 @@ def measure_finetune(
         "peak_rss_bytes": max(build_peak, peak_rss_bytes()),
         "malloc_env": malloc_env(),
         "fusion": fused.fusion_mode(),
-        "compiled": bool(fused._compiled),
+        "compiled_kernels": len(fused._compiled),
+        **generation,
+    }
+
+
+def _generation_alone(mapped: Any, repeats: int = 3) -> dict[str, Any]:
+    """The generator alone, on the trained latent: `generate()` without grad, and generate()
+    then the backward from fixed cotangents to the latent (the adjoint pass), median ms."""
+    params = mapped.generate()
+    generator = torch.Generator().manual_seed(0)
+    unique = list({id(t): t for t in params.values()}.values())
+    cotangents = [torch.randn(t.shape, generator=generator, dtype=t.dtype) for t in unique]
+    alone, with_adjoint = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        with torch.no_grad():
+            mapped.generate()
+        alone.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        made = list({id(t): t for t in mapped.generate().values()}.values())
+        torch.autograd.backward(made, cotangents, inputs=list(mapped.latents))
+        with_adjoint.append(time.perf_counter() - started)
+        del made
+    mapped.zero_grad(set_to_none=True)
+    return {
+        "generation_ms": median(alone) * 1e3,
+        "generation_and_adjoint_ms": median(with_adjoint) * 1e3,
     }
 
 
@@ -400,6 +431,8 @@ def _summarise(
             "step_ms_process_medians": [median(r["step_seconds"]) * 1e3 for r in done],
             "peak_rss_bytes": median([r["peak_rss_bytes"] for r in done]),
             "training_peak_rss_bytes": _median_or_none(done, "training_peak_rss_bytes"),
+            "generation_ms": _median_or_none(done, "generation_ms"),
+            "generation_and_adjoint_ms": _median_or_none(done, "generation_and_adjoint_ms"),
             "runs": done,
         }
         for reference in ("lora", "full"):
@@ -550,24 +583,30 @@ def _model_table(data: dict[str, Any], model: str, spec: dict[str, Any], threads
     lines = [
         f"### {spec['label']}, batch {spec['batch']}, {threads_text(threads)}",
         "",
-        "| method | trainable | count | step (ms) | × LoRA | × full | peak RSS (MiB) "
-        "| × LoRA | × full |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | trainable | count | step (ms) | × LoRA | × full | generation + adjoint "
+        "(ms, share of the step) | peak RSS (MiB) | × LoRA | × full |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in (r for r in data["rows"] if r["model"] == model and r["threads"] == threads):
         if row["skipped"]:
-            lines.append(
-                f"| {row['label']} | – | skipped: {row['reason']} | – | – | – | – | – | – |"
-            )
+            skipped = f"| {row['label']} | – | skipped: {row['reason']} |"
+            lines.append(skipped + " – |" * 7)
             continue
         besides = row["trainable"] - row["head_numbers"]
         ratios = [
             _ratio(row.get(key))
             for key in ("ratio_to_lora", "ratio_to_full", "rss_ratio_to_lora", "rss_ratio_to_full")
         ]
+        generation = row.get("generation_and_adjoint_ms")
+        alone = (
+            "–"
+            if generation is None
+            else f"{ms(generation)} ({generation / row['step_ms_median']:.0%}; generation alone "
+            f"{ms(row['generation_ms'])})"
+        )
         lines.append(
             f"| {row['label']} | {besides:,} + {row['head_numbers']:,} | {row['count']} "
-            f"| {ms(row['step_ms_median'])} | {ratios[0]} | {ratios[1]} "
+            f"| {ms(row['step_ms_median'])} | {ratios[0]} | {ratios[1]} | {alone} "
             f"| {mib(row['peak_rss_bytes'])} | {ratios[2]} | {ratios[3]} |"
         )
     return [*lines, ""]

@@ -91,7 +91,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="""\
 One training step (zero_grad, forward, cross-entropy, backward, Adam) on a fixed synthetic batch,
 for each variant: plain (all P weights), mapped with dense or structured W (single latent of d
-numbers), and intrinsic-dimension training θ₀ + W z (dense / structured). Every (variant, thread
+numbers; structured W with its passes as mapnet chooses them, compiled where a C++ compiler is
+found, and with the eager passes: mapped-eager), and intrinsic-dimension training θ₀ + W z
+(dense / structured). Every (variant, thread
 count) runs in its own fresh process, 5 rounds for CNN2 and CNN1 (warm-up steps, then 20 / 10
 measured), in alternating order; the ratio is the median mapped step / the median plain step at
 the same thread count, with the per-process ratios beside it. With several --threads the thread
@@ -113,7 +115,14 @@ examples:
     q.add_argument(
         "--variants",
         nargs="+",
-        choices=["plain", "mapped-dense", "mapped-structured", "id-dense", "id-structured"],
+        choices=[
+            "plain",
+            "mapped-dense",
+            "mapped-structured",
+            "mapped-eager",
+            "id-dense",
+            "id-structured",
+        ],
         default=None,
         help="variants to measure (default: all; plain is always measured: ratios are to it)",
     )
