@@ -137,6 +137,7 @@ class FinetuneMethod:
     label: str
     group_size: int | str | None = None  # mapnet's L (None: not mapnet)
     fusion: str | None = None  # mapnet.projections.fused's mode (None: the default, "auto")
+    default: bool = True  # measured unless --methods names others
 
 
 FINETUNE_METHODS: tuple[FinetuneMethod, ...] = (
@@ -148,8 +149,8 @@ FINETUNE_METHODS: tuple[FinetuneMethod, ...] = (
     FinetuneMethod("ia3", "peft IA3"),
     FinetuneMethod("mapnet-l1", "mapnet θ_pre ⊙ (1 + m), L = 1", 1),
     FinetuneMethod("mapnet-l250", "mapnet θ_pre ⊙ (1 + m), L = 250", 250),
-    FinetuneMethod("mapnet-l1-eager", "mapnet L = 1, eager passes", 1, "eager"),
-    FinetuneMethod("mapnet-l250-eager", "mapnet L = 250, eager passes", 250, "eager"),
+    FinetuneMethod("mapnet-l1-eager", "mapnet L = 1, eager passes", 1, "eager", False),
+    FinetuneMethod("mapnet-l250-eager", "mapnet L = 250, eager passes", 250, "eager", False),
     FinetuneMethod("mapnet-row", 'mapnet, group_size="row" (activation path)', "row"),
 )
 METHODS_BY_NAME = {m.name: m for m in FINETUNE_METHODS}
@@ -349,7 +350,7 @@ def finetune_bench(
     """Every (thread count, method) of each model in a fresh process, `rounds` times in
     alternating order; write `out`."""
     counts = thread_counts(list(threads))
-    chosen = [m for m in FINETUNE_METHODS if methods is None or m.name in methods]
+    chosen = [m for m in FINETUNE_METHODS if (m.default if methods is None else m.name in methods)]
     run = runner(smoke, MALLOC_TUNED_ENV if malloc_tuned else None)
     skipped = {m.name: reason for m in chosen if (reason := refusal(m, budget))}
     data: dict[str, Any] = {

@@ -2,7 +2,7 @@
 
 The page opens with the v0.2 targets and the earlier ones; then each run has the section its own
 bench writes: the step runs (each with its breakdown), memory, inference, the newest
-communication run, the newest fine-tuning run, construction.
+communication run, the fine-tuning runs (newest first), construction.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def write_report(results: Path, out: Path) -> Path:
         *(line for run in found["memory"] for line in memory.report_section(run)),
         *(line for run in found["inference"] for line in inference.report_section(run)),
         *(line for run in found["communication"][:1] for line in comm.report_section(run)),
-        *(line for run in found["finetune"][:1] for line in finetune.report_section(run)),
+        *(line for run in found["finetune"] for line in finetune.report_section(run)),
         *(line for run in found["construction"] for line in construction.report_section(run)),
     ]
     out.parent.mkdir(parents=True, exist_ok=True)

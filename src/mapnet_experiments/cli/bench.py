@@ -262,8 +262,9 @@ examples:
         nargs="+",
         default=None,
         metavar="METHOD",
-        help="methods to measure (default: all: head bitfit full lora vera ia3 mapnet-l1 "
-        "mapnet-l250 mapnet-row)",
+        help="methods to measure (default: head bitfit full lora vera ia3 mapnet-l1 "
+        "mapnet-l250 mapnet-row; also mapnet-l1-eager mapnet-l250-eager: mapnet with "
+        "MAPNET_FUSION=eager)",
     )
     q.add_argument(
         "--threads",
