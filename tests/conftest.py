@@ -15,6 +15,10 @@ from mapnet_experiments.data import registries
 # (the kill-and-resume test: 75 s with two threads under load, 7 s with one).
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
+# The eager generation passes everywhere (and the subprocesses tests start): compiling a kernel
+# for each model size would add seconds per test and run a C++ compiler. tests/test_fused.py
+# compares the compiled passes to these, bit for bit, choosing its mode itself.
+os.environ["MAPNET_FUSION"] = "eager"
 
 
 @pytest.fixture

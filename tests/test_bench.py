@@ -473,6 +473,7 @@ def test_every_bench_measurement_explains_itself(capsys: pytest.CaptureFixture[s
         ("step", ["--threads", "side by side", "mapped.generate()"]),
         ("memory", ["clear_refs", "torch.profiler", "one θ₀", "224"]),
         ("inference", ["torch.no_grad()", "first call", "(d)"]),
+        ("finetune", ["fresh process", "peft LoRA", 'group_size="row"', "VmHWM"]),
         ("report", ["met / not met"]),
     ):
         with pytest.raises(SystemExit) as done:
@@ -481,3 +482,55 @@ def test_every_bench_measurement_explains_itself(capsys: pytest.CaptureFixture[s
         help_text = " ".join(capsys.readouterr().out.split())
         for word in words:
             assert word in help_text, (what, word)
+
+
+def test_finetune_smoke_writes_every_figure(tmp_path: Path) -> None:
+    from mapnet_experiments.bench.finetune import FINETUNE_METHODS, finetune_targets, refusal
+
+    out = tmp_path / "results" / "finetune-smoke.json"
+    assert main(["bench", "finetune", "--smoke", "--threads", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["what"] == "finetune" and data["smoke"] is True
+    assert data["command"].startswith("mapnet bench finetune --smoke")
+    assert "load average" in data["load"]["start"]["uptime"]
+    rows = {(r["model"], r["method"]): r for r in data["rows"]}
+    assert set(rows) == {
+        (m, f.name) for m in ("tiny-cnn", "tiny-bert") for f in FINETUNE_METHODS if f.default
+    }
+    for (model, method), row in rows.items():
+        reason = refusal(next(f for f in FINETUNE_METHODS if f.name == method), 64)
+        if reason is not None:  # the row mode before it exists: skipped, saying why
+            assert row["skipped"] and "group_size" in row["reason"], (model, method)
+            continue
+        assert row["skipped"] is False and row["threads"] == 1, (model, method)
+        assert _positive(row["step_ms_median"]) and _positive(row["peak_rss_bytes"]), method
+        assert row["trainable"] > row["head_numbers"] >= 0 or method == "head", method
+        assert _positive(row["ratio_to_lora"]) and _positive(row["ratio_to_full"]), method
+        assert _positive(row["rss_ratio_to_lora"]) and _positive(row["rss_ratio_to_full"]), method
+        assert row["count"], method
+        mapnet_method = method.startswith("mapnet")
+        assert (row["generation_and_adjoint_ms"] is not None) == mapnet_method, method
+        if mapnet_method:  # the generator alone, with and without its adjoint
+            assert row["generation_and_adjoint_ms"] > row["generation_ms"] > 0, method
+    assert rows[("tiny-cnn", "mapnet-l1")]["trainable"] == 64 + 170  # latent + the head
+    eager = tmp_path / "results" / "finetune-eager-smoke.json"
+    args = ["bench", "finetune", "--smoke", "--threads", "1", "--methods", "lora", "full"]
+    assert main([*args, "mapnet-l1-eager", "--out", str(eager)]) == 0
+    done = [r for r in json.loads(eager.read_text())["rows"] if r["method"].endswith("eager")]
+    assert len(done) == 2  # one per model
+    assert all(r["runs"][0]["fusion"] == "eager" for r in done)
+    assert all(r["runs"][0]["compiled_kernels"] == 0 for r in done)
+    assert rows[("tiny-cnn", "full")]["ratio_to_full"] == 1.0
+    # Every target is judged from the rows (or says why it is not measured).
+    targets = finetune_targets(data)
+    assert len(targets) == 6 and all(t["met"] is not None or t["detail"] for t in targets)
+
+    report = tmp_path / "bench.md"
+    args = ["bench", "finetune", "--report", "--out", str(out), "--report-out", str(report)]
+    assert main(args) == 0
+    text = report.read_text()
+    assert "## Fine-tuning step: `mapnet bench finetune --smoke" in text
+    assert "| mapnet L = 1 step ≤ 0.9× full fine-tuning's: tiny CNN (smoke) | 1 |" in text
+    assert "### tiny BERT (smoke), batch 4, 1 thread" in text
+    assert "| peft IA3 |" in text and "| BitFit (biases + head) |" in text
+    assert "share of the step" in text

@@ -10,6 +10,8 @@ ordinary differentiable operations, for the mapping loss and for tests.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 from typing import Any
 
@@ -17,7 +19,8 @@ import torch
 from torch import nn
 
 from mapnet.config import ACTIVATIONS
-from mapnet.projections import Projection, concat_pieces
+from mapnet.projections import Projection, concat_pieces, fused
+from mapnet.recompute import attach_recipe, plain_autograd
 
 
 def compute_dtype(z: torch.Tensor) -> torch.dtype:
@@ -74,7 +77,40 @@ def modulate_group(
     dtypes: tuple[torch.dtype, ...],
 ) -> tuple[torch.Tensor, ...]:
     """Fine-tuning (eq. 25): θ = θ_pre ⊙ (1 + m_⌈j/L⌉), m = σ(W(z + α z⊙z)) (⌈P/L⌉,); the
-    group's tensors in `shapes` and `dtypes` order."""
+    group's tensors in `shapes` and `dtypes` order.
+
+    With σ the identity (the default) in ordinary autograd, one node (`_ModulatedTensors`)
+    computes every tensor in storage of its own, so a tensor nothing saves for backward (an
+    embedding table's) is freed after the forward; with L > 1 each tensor also carries the
+    recipe that regenerates it from the few factors (`mapnet.recompute`), so the target's
+    layers need not keep it for backward. Otherwise the composed path (`_modulate_composed`).
+    """
+    if activation == "identity" and plain_autograd(z, base):
+        *tensors, factors = _ModulatedTensors.apply(
+            z.to(compute_dtype(z)), projection, base, alpha, group_size, shapes
+        )
+        out = tuple(t.to(dtype) for t, dtype in zip(tensors, dtypes))
+        if group_size > 1 and torch.is_grad_enabled():
+            starts = itertools.accumulate((math.prod(s) for s in shapes), initial=0)
+            for tensor, begin in zip(out, starts):
+                recipe = _GroupRecipe(z, projection, base, alpha, factors, group_size, begin)
+                attach_recipe(tensor, recipe.of(tensor))
+        return out
+    return _modulate_composed(z, projection, base, alpha, activation, group_size, shapes, dtypes)
+
+
+def _modulate_composed(
+    z: torch.Tensor,
+    projection: Projection,
+    base: torch.Tensor,
+    alpha: float,
+    activation: str,
+    group_size: int,
+    shapes: tuple[tuple[int, ...], ...],
+    dtypes: tuple[torch.dtype, ...],
+) -> tuple[torch.Tensor, ...]:
+    """modulate_group through the projection's node and ordinary operations: any σ, a base that
+    trains, forward-mode AD, torch.func transforms and torch.compile."""
     function = _GeneratedTensorsCore if torch.compiler.is_compiling() else _GeneratedTensors
     shape = (projection.out_features,)
     (m,) = function.apply(z.to(compute_dtype(z)), projection, None, alpha, (shape,))  # (M,)
@@ -88,6 +124,179 @@ def modulate_group(
         piece.view(shape).to(dtype)
         for piece, shape, dtype in zip(theta.split(sizes), shapes, dtypes)
     )
+
+
+def group_sums(flat: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(P,) -> (⌈P/L⌉,): the sum of each group of L consecutive entries (the last holds the
+    P mod L remainder); the adjoint of `scale_by_groups` in its factors, in the same order of
+    additions as autograd's derivative of it."""
+    full = flat.numel() // group_size
+    head = flat[: full * group_size].view(full, group_size).sum(1)
+    if full * group_size == flat.numel():
+        return head
+    return torch.cat([head, flat[full * group_size :].sum().view(1)])
+
+
+class _ModulatedTensors(torch.autograd.Function):
+    """(z (d,), projection, θ_pre (P,), α, L, shapes) -> each tensor θ_pre ⊙ (1 + m_⌈j/L⌉) in
+    its own storage, then the factors 1 + m (⌈P/L⌉,; empty for L = 1; not differentiable).
+
+    The composed path keeps a P-sized θ whose tensors are views of it (so it lives as long as
+    any of them), and its backward concatenates the tensors' gradients, multiplies them by
+    θ_pre and only then projects: three P-sized tensors at once. Here the backward writes
+    g ⊙ θ_pre straight into the projection's buffer (L = 1) or into one buffer it sums by
+    groups (L > 1). Values and gradients are those of the composed path, bit for bit.
+    """
+
+    @staticmethod
+    def forward(
+        z: torch.Tensor,
+        projection: nn.Module,
+        base: torch.Tensor,
+        alpha: float,
+        group_size: int,
+        shapes: tuple[tuple[int, ...], ...],
+    ) -> tuple[torch.Tensor, ...]:
+        u = z + alpha * z * z  # (d,)
+        m = fused.matvec(projection, u)  # (M,)
+        sizes = [math.prod(shape) for shape in shapes]
+        if group_size == 1:
+            tensors = tuple(
+                torch.addcmul(b.view(shape), b.view(shape), piece.view(shape))
+                for b, piece, shape in zip(base.split(sizes), m.split(sizes), shapes)
+            )
+            return (*tensors, m.new_empty(0))
+        factors = 1 + m  # (M,)
+        starts = itertools.accumulate(sizes, initial=0)
+        tensors = tuple(
+            scaled_range(base, factors, group_size, begin, shape)
+            for begin, shape in zip(starts, shapes)
+        )
+        return (*tensors, factors)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        z, projection, base, alpha, group_size, shapes = inputs
+        ctx.save_for_backward(z)
+        # θ_pre is a buffer: kept as an attribute, so saved-tensor hooks (offloading) never
+        # copy it; its version is checked in backward as autograd checks a saved tensor's.
+        ctx.base, ctx.base_version = base, base._version
+        ctx.projection, ctx.alpha, ctx.group_size = projection, alpha, group_size
+        ctx.sizes = [math.prod(shape) for shape in shapes]
+        ctx.mark_non_differentiable(output[-1])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple:
+        (z,) = ctx.saved_tensors
+        grads = grads[:-1]  # the factors' (never differentiable)
+        none = (None,) * 5
+        if all(g is None for g in grads) or not ctx.needs_input_grad[0]:
+            return (None, *none)
+        base, sizes, group_size = ctx.base, ctx.sizes, ctx.group_size
+        if base._version != ctx.base_version:
+            raise RuntimeError(
+                "θ_pre (a base buffer of the mapped module) was modified in place between "
+                "the forward and this backward: the gradient would use other weights"
+            )
+        pieces = [None if g is None else g.reshape(1, -1) for g in grads]  # (1, k) each
+        bases = base.split(sizes)
+        if torch.is_grad_enabled():  # create_graph=True: differentiable, for double backward
+            flat = concat_pieces(pieces, sizes)[0] * base  # (P,)
+            v = ctx.projection.adjoint(flat if group_size == 1 else group_sums(flat, group_size))
+        elif group_size == 1:
+            v = fused.rmatvec_pieces(ctx.projection, pieces, sizes, bases)[0]  # Wᵀ(g ⊙ θ_pre)
+        else:
+            product = base.new_empty(base.shape)  # g ⊙ θ_pre, one buffer for the group sums
+            for piece, b, part in zip(pieces, bases, product.split(sizes)):
+                if piece is None:
+                    part.zero_()
+                else:
+                    torch.mul(piece[0], b, out=part)
+            sums = group_sums(product, group_size)  # (M,)
+            del product
+            v = fused.rmatvec_pieces(ctx.projection, [sums[None]], [sums.numel()])[0]
+        return (v * (1 + 2 * ctx.alpha * z), *none)
+
+
+class _GroupRecipe:
+    """How `modulate_group` made one tensor of a group with L > 1 (`mapnet.recompute`): from the
+    factors it computed, bit for bit; under a backward that builds a graph, from the latent
+    through ordinary operations, so second derivatives reach z."""
+
+    def __init__(
+        self,
+        z: torch.Tensor,
+        projection: Projection,
+        base: torch.Tensor,
+        alpha: float,
+        factors: torch.Tensor,
+        group_size: int,
+        begin: int,
+    ):
+        self.z, self.z_version = z, z._version
+        self.base, self.base_version = base, base._version
+        self.projection, self.alpha, self.factors = projection, alpha, factors
+        self.group_size, self.begin = group_size, begin
+        self.shape: tuple[int, ...] = ()
+        self.dtype = base.dtype
+
+    def of(self, tensor: torch.Tensor) -> _GroupRecipe:
+        """This recipe for one tensor: where it begins, its shape and dtype."""
+        recipe = copy.copy(self)
+        recipe.shape, recipe.dtype = tuple(tensor.shape), tensor.dtype
+        return recipe
+
+    def regenerate(self) -> torch.Tensor:
+        if self.base._version != self.base_version:
+            raise RuntimeError(
+                "θ_pre (a base buffer of the mapped module) was modified in place between the "
+                "forward and the backward that needs a weight generated from it"
+            )
+        if not torch.is_grad_enabled():
+            made = scaled_range(self.base, self.factors, self.group_size, self.begin, self.shape)
+            return made.to(self.dtype)
+        if self.z._version != self.z_version:
+            raise RuntimeError(
+                "the latent was modified in place between the forward and a backward that "
+                "builds a graph (create_graph=True) through the weights generated from it"
+            )
+        z = self.z.to(compute_dtype(self.z))
+        factors = 1 + self.projection(z + self.alpha * z * z)  # (M,), differentiable in z
+        size = math.prod(self.shape)
+        theta = scale_by_groups(self.base, factors, self.group_size)  # (P,)
+        return theta[self.begin : self.begin + size].view(self.shape).to(self.dtype)
+
+
+def scaled_range(
+    base: torch.Tensor,
+    factors: torch.Tensor,
+    group_size: int,
+    begin: int,
+    shape: tuple[int, ...],
+) -> torch.Tensor:
+    """θ_j = base_j · factors_⌈j/L⌉ for the entries begin ≤ j < begin + numel of one tensor, in
+    a tensor of `shape` of its own: `scale_by_groups` restricted to a range (the same single
+    multiplication per entry, so the same bits), without a P-sized product."""
+    size = math.prod(shape)
+    out = base.new_empty(shape)
+    flat, source = out.view(-1), base[begin : begin + size]
+    group = begin // group_size
+    head = min(size, (-begin) % group_size)  # the entries before the first group boundary
+    if head:
+        torch.mul(source[:head], factors[group], out=flat[:head])
+        group += 1
+    full = (size - head) // group_size
+    stop = head + full * group_size
+    if full:
+        torch.mul(
+            source[head:stop].view(full, group_size),
+            factors[group : group + full, None],
+            out=flat[head:stop].view(full, group_size),
+        )
+    if stop < size:
+        torch.mul(source[stop:], factors[group + full], out=flat[stop:])
+    return out
 
 
 class _GeneratedTensorsCore(torch.autograd.Function):
@@ -114,7 +323,7 @@ class _GeneratedTensorsCore(torch.autograd.Function):
         shapes: tuple[tuple[int, ...], ...],
     ) -> tuple[torch.Tensor, ...]:
         u = z + alpha * z * z  # (d,)
-        return _split_detached(projection._matvec(u, offset), shapes)  # θ₀ + W u, split
+        return _split_detached(fused.matvec(projection, u, offset), shapes)  # θ₀ + W u, split
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -136,7 +345,7 @@ class _GeneratedTensorsCore(torch.autograd.Function):
             v = ctx.projection.adjoint(flat)  # (d,)
         else:
             flat = None
-            v = ctx.projection._rmatvec_pieces(pieces, ctx.sizes)[0]  # (d,) = Wᵀ g
+            v = fused.rmatvec_pieces(ctx.projection, pieces, ctx.sizes)[0]  # (d,) = Wᵀ g
         grad_z = v * (1 + 2 * ctx.alpha * z) if ctx.needs_input_grad[0] else None
         grad_offset = None
         if ctx.needs_input_grad[2]:

@@ -38,6 +38,7 @@ from mapnet.plain import distinct_slots, materialized
 from mapnet.plain import resolve as _resolve
 from mapnet.projections import PiecewiseScale, make_projection
 from mapnet.projections.seeding import derive_seed
+from mapnet.recompute import recomputed_when_saved
 from mapnet.state import (
     check_and_take_state,
     finish_state,
@@ -503,10 +504,11 @@ class MappedModule(nn.Module):
         return self._cache[1]
 
     def mapped_forward(self, *args: Any, **kwargs: Any) -> Any:
-        # generate() names every tied alias itself, so functional_call need not search for ties.
-        return functional_call(
-            self.target, self._generated_for_forward(), args, kwargs, tie_weights=False
-        )
+        # generate() names every tied alias itself, so functional_call need not search for ties;
+        # tensors cheap to make again are not kept for backward, their recipes are (recompute).
+        params = self._generated_for_forward()
+        with recomputed_when_saved(params.values()):
+            return functional_call(self.target, params, args, kwargs, tie_weights=False)
 
     # ---------------------------------------------------------------- inspection
 

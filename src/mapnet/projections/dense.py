@@ -107,9 +107,15 @@ class DenseProjection(nn.Module):
         return self.forward(u, offset)
 
     def _rmatvec_pieces(
-        self, pieces: Sequence[torch.Tensor | None], sizes: Sequence[int]
+        self,
+        pieces: Sequence[torch.Tensor | None],
+        sizes: Sequence[int],
+        weights: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Wᵀ g for g given as consecutive pieces (N, k) of its P entries (None: zeros): (N, d)."""
+        """Wᵀ (g ⊙ w) for g given as consecutive pieces (N, k) of its P entries (None: zeros)
+        and `weights` w one (k,) per piece (None: ones): (N, d)."""
+        if weights is not None:
+            pieces = [None if p is None else p * w for p, w in zip(pieces, weights)]
         flat = concat_pieces(pieces, sizes)
         return flat @ self._weight_as(flat)
 

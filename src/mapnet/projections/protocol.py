@@ -64,7 +64,10 @@ class Projection(Protocol):
     def _matvec(self, u: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def _rmatvec_pieces(
-        self, pieces: Sequence[torch.Tensor | None], sizes: Sequence[int]
+        self,
+        pieces: Sequence[torch.Tensor | None],
+        sizes: Sequence[int],
+        weights: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor: ...
 
     def weighted_row_sq_norms(self, c: torch.Tensor) -> torch.Tensor: ...

@@ -493,15 +493,33 @@ class StructuredProjection(nn.Module):
         return self._rmatvec_pieces([flat], [self._out]).view(*lead, self._in)
 
     def _rmatvec_pieces(
-        self, pieces: Sequence[torch.Tensor | None], sizes: Sequence[int]
+        self,
+        pieces: Sequence[torch.Tensor | None],
+        sizes: Sequence[int],
+        weights: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Wᵀ g for g given as consecutive pieces (N, k) of its P entries (None: zeros): (N, d).
 
         Each piece is multiplied by its rows' gain straight into the pass's buffer, so the
-        pieces (one per generated tensor) are never concatenated first.
+        pieces (one per generated tensor) are never concatenated first. `weights` (one (k,) per
+        piece) multiply the pieces first, in the same buffer: g ⊙ w, then the gain (a
+        multiplicative update's θ_pre, whose product with g is never a tensor of its own).
         """
+        padded = self._adjoint_input(pieces, sizes, weights)  # (N, Bn)
+        count = padded.shape[0]
+        y = fwht(padded.view(count, self.n, self.blocks), dim=1)  # Hᵀ = H
+        return self._adjoint_output(y.view(count, -1))
+
+    def _adjoint_input(
+        self,
+        pieces: Sequence[torch.Tensor | None],
+        sizes: Sequence[int],
+        weights: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The transposed pass's buffer (N, Bn) before its transform: (g ⊙ w) times each row's
+        gain, in output order, zero past P (see `_rmatvec_pieces`)."""
         present = next(p for p in pieces if p is not None)
-        count, blocks, n, d = present.shape[0], self.blocks, self.n, self._in
+        count, blocks, n = present.shape[0], self.blocks, self.n
         # Apply the gain (zero for the dropped rows ≥ P); output order is the (n, B) layout.
         # With segments: (g·c)·t rounds exactly like g·(c·t), the gain the forward applies.
         padded = present.new_empty(count, n * blocks)  # (N, Bn)
@@ -511,15 +529,18 @@ class StructuredProjection(nn.Module):
         start = 0
         for index, (piece, size) in enumerate(zip(pieces, sizes)):
             target = padded[:, start : start + size]
+            start += size
             if piece is None:
                 target.zero_()
-            elif gain is not None:
-                torch.mul(piece, gain[start : start + size], out=target)
+                continue
+            if weights is not None:  # g ⊙ w into the buffer; the gain then multiplies in place
+                piece = torch.mul(piece, weights[index], out=target)
+            if gain is not None:
+                torch.mul(piece, gain[start - size : start], out=target)
             elif aligned:
                 torch.mul(piece, segments[index][2], out=target)  # type: ignore[index]
-            else:
+            elif weights is None:
                 target.copy_(piece)
-            start += size
         padded[:, start:].zero_()
         if segments is not None:
             if not aligned:
@@ -529,13 +550,18 @@ class StructuredProjection(nn.Module):
             assert signs is not None
             for lo in range(0, signs.numel(), _INDEX_CHUNK):  # int8 operand: chunked temporary
                 padded[:, lo : lo + _INDEX_CHUNK] *= signs[lo : lo + _INDEX_CHUNK]
-        y = fwht(padded.view(count, n, blocks), dim=1).view(count, n * blocks)  # Hᵀ = H
-        # Each slot's value goes back to the signed input it came from: sums over blocks by
-        # scatter_add in index order (a serial loop per row on CPU, so the order of additions is
-        # fixed), then (Wᵀg)_i = Σ(+u_i slots) − Σ(−u_i slots). The zero's slot is dropped.
+        return padded
+
+    def _adjoint_output(self, y: torch.Tensor) -> torch.Tensor:  # (N, Bn) -> (N, d)
+        """The transposed pass after its transform: each slot's value goes back to the signed
+        input it came from."""
+        count, d, size = y.shape[0], self._in, self.n * self.blocks
+        # Sums over blocks by scatter_add in index order (a serial loop per row on CPU, so the
+        # order of additions is fixed), then (Wᵀg)_i = Σ(+u_i slots) − Σ(−u_i slots). The
+        # zero's slot is dropped.
         total = y.new_zeros(count, 2 * d + 1)  # (N, 2d + 1)
-        for lo in range(0, n * blocks, _INDEX_CHUNK):
-            hi = min(n * blocks, lo + _INDEX_CHUNK)
+        for lo in range(0, size, _INDEX_CHUNK):
+            hi = min(size, lo + _INDEX_CHUNK)
             index = self.sources[lo:hi].long().expand(count, -1)  # (N, c)
             total.scatter_add_(1, index, y[:, lo:hi])
         return total[:, :d] - total[:, d : 2 * d]

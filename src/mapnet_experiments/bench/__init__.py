@@ -16,6 +16,9 @@ rounds of alternating order. One module a bench, each with its section of the re
                    reusing its generated weights
     comm           bytes all-reduced per step and step time over 2 gloo processes, plain vs
                    mapped CNN2
+    finetune       one fine-tuning step of every method (head, BitFit, full, peft LoRA, VeRA,
+                   IA3, mapnet L = 1, L = 250, row) on ResNet-50 and a MiniLM-shaped BERT:
+                   time and peak RSS, with the fine-tuning targets
     defaults       the runs behind the defaults in docs/method.md, and their page
     targets        the v0.2 targets, judged from the measurements
     report         docs/results/bench.md from results/bench/*.json

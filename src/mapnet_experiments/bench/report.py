@@ -2,7 +2,7 @@
 
 The page opens with the v0.2 targets and the earlier ones; then each run has the section its own
 bench writes: the step runs (each with its breakdown), memory, inference, the newest
-communication run, construction.
+communication run, the fine-tuning runs (newest first), construction.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from mapnet_experiments.bench import (
     breakdown,
     comm,
     construction,
+    finetune,
     inference,
     memory,
     step,
@@ -22,7 +23,7 @@ from mapnet_experiments.bench import (
 )
 from mapnet_experiments.bench.text import machine_line, run_name
 
-REPORT_KINDS = ("step", "construction", "memory", "inference", "communication")
+REPORT_KINDS = ("step", "construction", "memory", "inference", "communication", "finetune")
 
 
 def _load_results(results: Path) -> dict[str, list[dict[str, Any]]]:
@@ -42,7 +43,7 @@ def _load_results(results: Path) -> dict[str, list[dict[str, Any]]]:
         found[kind] = real or runs
     found["step"].sort(key=lambda d: (Path(d["file"]).name != "step.json", d["date"]))
     found["construction"].sort(key=lambda d: d.get("date", ""))
-    for kind in ("memory", "inference", "communication"):
+    for kind in ("memory", "inference", "communication", "finetune"):
         found[kind].sort(key=lambda d: d.get("date", ""), reverse=True)
     return found
 
@@ -52,12 +53,13 @@ def write_report(results: Path, out: Path) -> Path:
     no other)."""
     found = _load_results(results)
     runs = [d for kind in REPORT_KINDS for d in found[kind]]
-    if not any(found[k] for k in ("step", "memory", "inference")):
+    measured = ("step", "memory", "inference", "finetune")
+    if not any(found[k] for k in measured):
         raise FileNotFoundError(
             f"no step, memory or inference results in {results}: run `mapnet bench step`, "
-            "`mapnet bench memory` or `mapnet bench inference` first"
+            "`mapnet bench memory`, `mapnet bench inference` or `mapnet bench finetune` first"
         )
-    first = next(d for k in ("step", "memory", "inference") for d in found[k])
+    first = next(d for k in measured for d in found[k])
     sources = ", ".join(f"`{d['file']}`" for d in runs)
     smoke = any(d.get("smoke") for d in runs)
     # No date of its own: each section says when its run was measured, and the same results
@@ -90,6 +92,7 @@ def write_report(results: Path, out: Path) -> Path:
         *(line for run in found["memory"] for line in memory.report_section(run)),
         *(line for run in found["inference"] for line in inference.report_section(run)),
         *(line for run in found["communication"][:1] for line in comm.report_section(run)),
+        *(line for run in found["finetune"] for line in finetune.report_section(run)),
         *(line for run in found["construction"] for line in construction.report_section(run)),
     ]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -61,8 +61,11 @@ def measure_step(
     threads: int | None,
 ) -> dict[str, Any]:
     """Build one variant and time `warmup + steps` training steps on a fixed batch (subprocess)."""
+    from mapnet.projections import fused
+
     conditions = start_measurement(threads)
     spec, kind = STEP_MODELS[model], VARIANTS_BY_NAME[variant]
+    fused.set_fusion(kind.fusion)
     torch.manual_seed(0)
     target = spec.factory()
     x, y = fixed_batch(spec, batch)
@@ -112,6 +115,8 @@ def measure_step(
         "step_seconds": seconds[warmup:],
         "minor_faults_per_step": median(faults[warmup:]),
         "malloc_env": malloc_env(),
+        "fusion": fused.fusion_mode(),
+        "compiled_kernels": len(fused._compiled),
         "losses": losses,
         "loss_after": loss_after,
         "rss_before_bytes": rss_before,

@@ -70,12 +70,20 @@ class StepVariant:
     label: str
     kind: str  # "plain" | "mapped" | "intrinsic"
     projection: str | None
+    fusion: str | None = None  # mapnet.projections.fused's mode (None: the default, "auto")
 
 
 STEP_VARIANTS: tuple[StepVariant, ...] = (
     StepVariant("plain", "plain training (all P weights)", "plain", None),
     StepVariant("mapped-dense", "mapped, single d, dense W", "mapped", "dense"),
     StepVariant("mapped-structured", "mapped, single d, structured W", "mapped", "structured"),
+    StepVariant(
+        "mapped-eager",
+        "mapped, single d, structured W, eager passes (MAPNET_FUSION=eager)",
+        "mapped",
+        "structured",
+        "eager",
+    ),
     StepVariant("id-dense", "intrinsic dim. θ₀ + W z, dense", "intrinsic", "dense"),
     StepVariant(
         "id-structured",

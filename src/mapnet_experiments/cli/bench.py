@@ -32,6 +32,8 @@ the v0.2 targets and the runs that measure them (times on a quiet 2-core EPYC):
   (d) eval forward mapped / plain ≤ 1.02, CNN1 and CNN2 at batch 128, ResNet-50 224×224 at
       batch 8, at 1 and 2 threads (~5 min)
         mapnet bench inference
+the fine-tuning targets (step and peak RSS against LoRA and full fine-tuning, ~1 hour)
+        mapnet bench finetune --malloc-tuned
   then
         mapnet bench report
 """
@@ -89,7 +91,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="""\
 One training step (zero_grad, forward, cross-entropy, backward, Adam) on a fixed synthetic batch,
 for each variant: plain (all P weights), mapped with dense or structured W (single latent of d
-numbers), and intrinsic-dimension training θ₀ + W z (dense / structured). Every (variant, thread
+numbers; structured W with its passes as mapnet chooses them, compiled where a C++ compiler is
+found, and with the eager passes: mapped-eager), and intrinsic-dimension training θ₀ + W z
+(dense / structured). Every (variant, thread
 count) runs in its own fresh process, 5 rounds for CNN2 and CNN1 (warm-up steps, then 20 / 10
 measured), in alternating order; the ratio is the median mapped step / the median plain step at
 the same thread count, with the per-process ratios beside it. With several --threads the thread
@@ -111,7 +115,14 @@ examples:
     q.add_argument(
         "--variants",
         nargs="+",
-        choices=["plain", "mapped-dense", "mapped-structured", "id-dense", "id-structured"],
+        choices=[
+            "plain",
+            "mapped-dense",
+            "mapped-structured",
+            "mapped-eager",
+            "id-dense",
+            "id-structured",
+        ],
         default=None,
         help="variants to measure (default: all; plain is always measured: ratios are to it)",
     )
@@ -216,6 +227,56 @@ examples:
     )
 
     q = whats.add_parser(
+        "finetune",
+        help="fine-tuning step time and peak RSS of every method (LoRA, VeRA, IA3, mapnet, ...)",
+        formatter_class=raw,
+        description="""\
+One fine-tuning step (zero_grad, forward, cross-entropy, backward, Adam on what trains) on a
+fixed synthetic batch, for every method: head only, BitFit (biases + head), full fine-tuning,
+peft LoRA, peft VeRA, peft IA3, mapnet θ_pre ⊙ (1 + m) with L = 1 and L = 250 (the weight
+path), and mapnet group_size="row" (the activation path; skipped, with the reason, where this
+mapnet refuses that config). Trainable numbers besides the head are 2,048 where a method can be
+set to it, else its natural count (the report says which). Models: ResNet-50 (Keras layout,
+random weights, a 10-class head) at batch 32 of 3×64×64, and a BERT of all-MiniLM-L6-v2's
+shape (random weights, mean pooling, a 384 -> 3 head) at batch 32 × 48 tokens. Every (model,
+method, thread count) runs in its own fresh process, 5 rounds in alternating order, 2 warm-up
++ 5 measured steps each; step = the median of all measured steps, with its ratio to LoRA's
+and to full fine-tuning's; peak RSS = each process's VmHWM (median over the processes). The
+fine-tuning targets are judged from these figures.""",
+        epilog="""\
+examples:
+  mapnet bench finetune --smoke                 # seconds: a tiny CNN and a tiny BERT
+  mapnet bench finetune --malloc-tuned          # both models, 1 and 2 threads, ~1 hour
+  mapnet bench report""",
+    )
+    _add_report_options(q, "results/bench/finetune.json")
+    q.add_argument(
+        "--models",
+        nargs="+",
+        choices=["resnet50", "minilm"],
+        default=["resnet50", "minilm"],
+        help="models to fine-tune (default: both)",
+    )
+    q.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="METHOD",
+        help="methods to measure (default: head bitfit full lora vera ia3 mapnet-l1 "
+        "mapnet-l250 mapnet-row; also mapnet-l1-eager mapnet-l250-eager: mapnet with "
+        "MAPNET_FUSION=eager)",
+    )
+    q.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        metavar="N",
+        help="torch thread counts, side by side (default: 1 2)",
+    )
+    _add_malloc_option(q)
+
+    q = whats.add_parser(
         "comm",
         help="bytes all-reduced per step over 2 processes, plain vs mapped CNN2",
         formatter_class=raw,
@@ -313,6 +374,8 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         write_report(out.parent, args.report_out)
         return 0
+    if what == "finetune":
+        return _run_finetune(args, out)
     if what == "comm":
         command = (
             "mapnet bench comm"
@@ -394,6 +457,38 @@ def run(args: argparse.Namespace) -> int:
         threads=counts,
         latent_dim=latent_dim,
         batch=args.batch_size,
+        command=command,
+        smoke=args.smoke,
+        malloc_tuned=args.malloc_tuned,
+    )
+    return 0
+
+
+def _run_finetune(args: argparse.Namespace, out: Path) -> int:
+    from mapnet_experiments.bench import finetune
+
+    known = [m.name for m in finetune.FINETUNE_METHODS]
+    unknown = sorted(set(args.methods or ()) - set(known))
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; known: {', '.join(known)}")
+    for count in args.threads:
+        _positive(threads=count)
+    models = ["tiny-cnn", "tiny-bert"] if args.smoke else args.models
+    budget = finetune.SMOKE_BUDGET if args.smoke else finetune.BUDGET
+    command = (
+        "mapnet bench finetune"
+        + (" --smoke" if args.smoke else f" --models {' '.join(models)}")
+        + (f" --methods {' '.join(args.methods)}" if args.methods else "")
+        + f" --threads {' '.join(map(str, args.threads))}"
+        + (" --malloc-tuned" if args.malloc_tuned else "")
+        + (f" --out {args.out}" if args.out else "")
+    )
+    finetune.finetune_bench(
+        models,
+        out,
+        methods=args.methods,
+        threads=args.threads,
+        budget=budget,
         command=command,
         smoke=args.smoke,
         malloc_tuned=args.malloc_tuned,

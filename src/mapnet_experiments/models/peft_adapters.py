@@ -1,4 +1,5 @@
-"""peft's LoRA and VeRA as fine-tuning baselines for CNNs, at a chosen number of trainable numbers.
+"""peft's LoRA and VeRA as fine-tuning baselines for CNNs, at a chosen number of trainable numbers;
+LoRA, VeRA and IA3 on a BERT's named layers, and BitFit (the biases), for the fine-tuning bench.
 
 The comparison with mapnet needs three things peft does not give directly: the adapter size
 *before* building anything (to pick a rank for a budget), a target rule for budgets that even
@@ -433,7 +434,7 @@ def apply_lora(
     `seed` fixes lora_A's Kaiming draws (lora_B starts at zero) without touching the caller's
     random state.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     names = resolve_targets(model, "lora", target_modules, head)
     _check_rank(rank, _cost_line(model, "lora", names)[2])
@@ -448,7 +449,7 @@ def apply_lora(
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return get_peft_model(model, config)
+        return _peft_model(model, config)
 
 
 def apply_vera(
@@ -470,7 +471,7 @@ def apply_vera(
     its seed, which makes the checkpoint-bytes column like for like. `seed` is for completeness
     (VeRA's own init draws nothing from the global generator once λ_d is reset to d_initial).
     """
-    from peft import VeraConfig, get_peft_model
+    from peft import VeraConfig
 
     names = resolve_targets(model, "vera", target_modules, head)
     _check_rank(rank, 1)
@@ -489,6 +490,68 @@ def apply_vera(
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        return _peft_model(model, config)
+
+
+def apply_ia3(
+    model: nn.Module,
+    target_modules: Sequence[str],
+    feedforward_modules: Sequence[str],
+    head: str,
+) -> PeftModel:
+    """Wrap `model` (modified in place) with peft's IA3: a learned vector scales each target's
+    output, or its input for the `feedforward_modules` among them; only those vectors and the
+    head train. Names follow peft's rules (exact or dotted suffix); `IA3_BERT` holds peft's
+    own defaults for BERT."""
+    from peft import IA3Config
+
+    names = [n for n, _ in model.named_modules() if n and _matches(n, list(target_modules))]
+    if not names:
+        raise ValueError(f"IA3 target_modules {list(target_modules)} match no module")
+    _check_head(model, head)
+    config = IA3Config(
+        target_modules=list(target_modules),
+        feedforward_modules=list(feedforward_modules),
+        modules_to_save=[head],
+    )
+    return _peft_model(model, config)
+
+
+def ia3_bert_defaults() -> tuple[list[str], list[str]]:
+    """peft's IA3 targets and feed-forward modules for a BERT model (its own mapping, read
+    from the installed peft): every key, value and output.dense (the attention's output and
+    the feed-forward's second layer), the output.dense ones scaled on their input."""
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
+        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+    )
+
+    return (
+        list(TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING["bert"]),
+        list(TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING["bert"]),
+    )
+
+
+def train_biases(model: nn.Module, head: str) -> int:
+    """BitFit (Ben Zaken et al. 2022): only the biases and the head train (in place); returns
+    the number of trainable numbers besides the head."""
+    count = 0
+    for name, param in model.named_parameters():
+        in_head = _inside(name.rpartition(".")[0], head)
+        param.requires_grad_(in_head or name.endswith("bias"))
+        count += param.numel() if name.endswith("bias") and not in_head else 0
+    return count
+
+
+def _peft_model(model: nn.Module, config: object) -> PeftModel:
+    """get_peft_model, with the one warning it gives about gradient checkpointing (not used
+    here) filtered, and nothing else."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*gradient.checkpointing", category=FutureWarning
+        )
         return get_peft_model(model, config)
 
 
@@ -527,14 +590,17 @@ __all__ = [
     "PointwiseLinear",
     "adapter_parameter_count",
     "adapter_state_bytes",
+    "apply_ia3",
     "apply_lora",
     "apply_vera",
     "eligible_modules",
     "freeze_batchnorm_statistics",
+    "ia3_bert_defaults",
     "merge_for_eval",
     "plan_for_budget",
     "pointwise_convs_as_linear",
     "rank_for_budget",
     "resolve_targets",
     "targets_for_budget",
+    "train_biases",
 ]
