@@ -105,11 +105,11 @@ def small_study(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runs, "LRS", runs.LRS | {"lora": (1e-3, 3e-2)})
     monkeypatch.setattr(page, "HEAD_LRS", runs.HEAD_LRS)
     monkeypatch.setattr(page, "LRS", runs.LRS)
-    monkeypatch.setattr(runs, "BUDGETS", (64,))
-    monkeypatch.setattr(page, "BUDGETS", (64,))
+    monkeypatch.setattr(runs, "BUDGETS", (64, 256))
+    monkeypatch.setattr(page, "BUDGETS", (64, 256))
     monkeypatch.setattr(runs, "SEEDS", (0, 1))
     monkeypatch.setattr(page, "SEEDS", (0, 1))
-    chosen = [Method("head"), Method("lora", 64)]
+    chosen = [Method("head"), Method("lora", 64), Method("lora", 256)]
     monkeypatch.setattr(runs, "main_methods", lambda: chosen)
     monkeypatch.setattr(page, "main_methods", lambda: chosen)
 
@@ -130,6 +130,8 @@ def test_rates_are_chosen_on_validation_and_final_seed_0_is_that_run(
     best = max(heads, key=lambda k: (results[k]["val_accuracy"], -results[k]["row"]["lr"]))
     assert runs.head_lr(tmp_path) == results[best]["row"]["lr"]
     final = runs.final_rows()
+    assert [r.id for r in final] == ["head-s0", "lora-64-s0", "head-s1", "lora-64-s1",
+                                     "lora-256-s0", "lora-256-s1"]  # ~2k first  # fmt: skip
     runs.run_stage("final", final, tmp_path, progress=False, runner=in_process)
     lora_lr = runs.chosen_lr(Method("lora", 64), tmp_path)
     seed0 = json.loads((tmp_path / "final" / "lora-64-s0.json").read_text())
@@ -137,11 +139,29 @@ def test_rates_are_chosen_on_validation_and_final_seed_0_is_that_run(
     seed1 = json.loads((tmp_path / "final" / "lora-64-s1.json").read_text())
     assert seed1["row"]["seed"] == 1 and seed1["head_lr"] == runs.head_lr(tmp_path)
     assert seed1["trainable_besides_head"] == 128 and seed1["checkpoint_bytes"] > 0
+    larger = json.loads((tmp_path / "final" / "lora-256-s0.json").read_text())
+    assert "reused" not in larger and larger["row"]["lr"] == lora_lr  # the ~2k rate, carried
     # Resumed: every row is there, nothing runs again.
     again = runs.run_stage("final", final, tmp_path, progress=False, runner=None)  # type: ignore[arg-type]
     assert len(again) == len(final)
     text = page.report(tmp_path, tmp_path / "page.md", figures=False)
     assert "| ~64 | peft LoRA | 128 |" in text and "± " in text
+
+
+def test_levers_train_at_the_rate_of_the_main_row_they_change() -> None:
+    row_mode = Method("mapnet", 2048, "row")
+    assert runs.rate_source(Method("mapnet", 2048, 4096)) == row_mode
+    assert runs.rate_source(Method("mapnet", 2048, "column")) == row_mode
+    assert runs.rate_source(Method("mapnet", 51200, "row")) == row_mode
+    every_tensor = Method("mapnet", 2048, 250, "encoder")
+    assert runs.rate_source(every_tensor) == Method("mapnet", 2048, 250)
+    assert runs.rate_source(Method("mapnet", 2048, 250, within_tensors=True)) == Method(
+        "mapnet", 2048, 250
+    )
+    assert runs.rate_source(Method("vera", 10240)) == Method("vera", 2048)
+    ids = [row.id for row in runs.lever_rows()]
+    assert len(ids) == len(set(ids)) == len(runs.lever_methods()) + len(runs.TRAINING_LEVERS)
+    assert all(row.lr is None for row in runs.lever_rows())
 
 
 def test_a_missing_choice_names_the_stage_to_run(small_study: None, tmp_path: Path) -> None:

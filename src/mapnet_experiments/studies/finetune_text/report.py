@@ -14,10 +14,13 @@ from mapnet_experiments.studies.finetune_text.runs import (
     HEAD_LRS,
     LRS,
     SEEDS,
+    TRAINING_LEVERS,
+    _headline,
     _label,
     budget_text,
     lever_methods,
     main_methods,
+    rate_source,
 )
 from mapnet_experiments.studies.report import mean_std, write_page
 
@@ -41,10 +44,10 @@ def _load(root: Path, stage: str) -> dict[str, dict[str, Any]]:
 def method_name(method: Method) -> str:
     name = NAMES[method.name]
     if method.name == "mapnet":
-        group = (
-            "row (activation path)" if method.group_size == "row" else f"L = {method.group_size}"
-        )
-        name += f", {group}" + ("" if method.selection == "linear-weights" else ", every tensor")
+        group = method.group_size
+        name += ", " + (f"{group} (activation path)" if isinstance(group, str) else f"L = {group}")
+        name += "" if method.selection == "linear-weights" else ", every tensor"
+        name += ", groups inside tensors" if method.within_tensors else ""
     return name
 
 
@@ -104,7 +107,7 @@ def report(root: Path, out: Path, figures: bool = True) -> str:
             f"{any_row['head_parameters']:,}, as the PEFT papers count.",
         ]
     lines += ["", *_main_table(final, bench), *_targets(final), *_choices(select),
-              *_levers(levers)]  # fmt: skip
+              *_levers(levers, select)]  # fmt: skip
     figure = out.with_name("finetune-text.png")
     if final and (not figures or _figure(final, figure)):
         lines += ["", f"![test accuracy against trainable numbers]({figure.name})"]
@@ -185,7 +188,7 @@ def _choices(select: dict[str, dict[str, Any]]) -> list[str]:
         return []
     lines = ["", "## Learning rates, chosen on validation (seed 0)", "",
              "| row | validation accuracy by rate | chosen |", "|---|---|---|"]  # fmt: skip
-    methods = [Method("head"), *[m for m in main_methods() if m.name != "head"]]
+    methods = [Method("head"), *[m for m in main_methods() if m.name != "head" and _headline(m)]]
     for method in methods:
         grid = HEAD_LRS if method.name == "head" else LRS[method.name]
         found = {lr: select.get(f"{_label(method)}-lr{lr:g}") for lr in grid}
@@ -199,21 +202,36 @@ def _choices(select: dict[str, dict[str, Any]]) -> list[str]:
         budget = f" {budget_text(method.budget)}" if method.budget else ""
         lines.append(f"| {method_name(method)}{budget} | {cells} | "
                      f"{'–' if chosen is None else f'{chosen:g}'} |")  # fmt: skip
+    lines += ["", "At ~10k and ~50k every method trains at the rate chosen for it at ~2k."]
     return lines
 
 
-def _levers(levers: dict[str, dict[str, Any]]) -> list[str]:
+def _levers(levers: dict[str, dict[str, Any]], select: dict[str, dict[str, Any]]) -> list[str]:
+    """Each lever's validation accuracy beside the main row it changes, at the same rate."""
     if not levers:
         return []
     lines = ["", "## Levers tried for mapnet at ~2k (validation accuracy %, seed 0)", "",
-             "| variant | by rate | best |", "|---|---|---|"]  # fmt: skip
-    for method in lever_methods():
-        found = {lr: levers.get(f"{_label(method)}-lr{lr:g}") for lr in LRS["mapnet"]}
-        done = {lr: r["val_accuracy"] for lr, r in found.items() if r}
-        if not done:
+             "Each lever changes one thing in a main row and trains at the rate chosen for it.",
+             "", "| variant | rate | validation accuracy | the main row it changes | Δ |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    row_mode = Method("mapnet", BUDGETS[0], "row")
+    variants = [(_label(m), m, method_name(m)) for m in lever_methods()]
+    for change in TRAINING_LEVERS:
+        tag = "-".join(f"{k}{v}" for k, v in change.items())
+        words = ", ".join(f"{k} {v}" for k, v in change.items())
+        variants.append(
+            (f"{_label(row_mode)}-{tag}", row_mode, f"{method_name(row_mode)}, {words}")
+        )
+    for key, method, name in variants:
+        result = levers.get(key)
+        if result is None:
             continue
-        cells = ", ".join(f"{lr:g}: {v:.2f}" for lr, v in done.items())
-        lines.append(f"| {method_name(method)} | {cells} | {max(done.values()):.2f} |")
+        lr = result["row"]["lr"]
+        source = rate_source(method)
+        main = select.get(f"{_label(source)}-lr{lr:g}")
+        base = "–" if main is None else f"{method_name(source)}: {main['val_accuracy']:.2f}"
+        delta = "–" if main is None else f"{result['val_accuracy'] - main['val_accuracy']:+.2f}"
+        lines.append(f"| {name} | {lr:g} | {result['val_accuracy']:.2f} | {base} | {delta} |")
     return lines
 
 

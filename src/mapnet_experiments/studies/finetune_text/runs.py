@@ -10,13 +10,18 @@ mapnet's W), so seeds 0, 1, 2 differ in all of these.
 Stages, each resumable (a finished row is <root>/<stage>/<id>.json and is skipped; a row runs
 in a fresh process, locked, so two processes started with the same command share a stage):
 
-    select  seed 0: the head's rate over HEAD_LRS, then every method and budget over its grid
-            (LRS); the best final validation accuracy wins, ties the smaller rate. The test
-            split is evaluated too and never read by a choice: the chosen run is the final
-            stage's seed 0 (a rerun would repeat it exactly)
-    levers  mapnet variants at ~2k, validation only: what is modulated, the group size, the
-            rate (each row's lever is in its id)
-    final   every row at its chosen rate, seeds 0 (the select run), 1 and 2
+    select  seed 0: the head's rate over HEAD_LRS, then every method at ~2k (and the methods
+            with a natural count) over its grid (LRS); the best final validation accuracy
+            wins, ties the smaller rate. A method at ~10k or ~50k trains at the rate chosen for
+            it at ~2k: a grid there would cost 33 more runs. The test split is evaluated too
+            and never read by a choice: the chosen run is the final stage's seed 0 (a rerun
+            would repeat it exactly)
+    levers  mapnet variants at ~2k, validation only, each at the rate select chose for the
+            main row it changes (`rate_source`): what is modulated, the group size, groups
+            inside tensors, columns, twice the steps, a cosine schedule
+    final   every row at its chosen rate, seeds 0 (the select run where there is one), 1, 2;
+            the rows at ~2k and with a natural count first, so a stage cut short by --hours
+            has the headline comparison whole
 """
 
 from __future__ import annotations
@@ -126,34 +131,33 @@ def lever_methods() -> list[Method]:
 TRAINING_LEVERS = ({"epochs": 2 * EPOCHS}, {"schedule": "cosine"})
 
 
+def _headline(method: Method) -> bool:
+    """A row of the headline comparison: at ~2k, or at a method's natural count."""
+    return method.budget is None or method.budget == BUDGETS[0]
+
+
 def select_rows() -> list[TextRow]:
     rows = [TextRow(f"head-lr{lr:g}", Method("head"), lr) for lr in HEAD_LRS]
     for method in main_methods():
-        if method.name != "head":
+        if method.name != "head" and _headline(method):
             rows += [TextRow(f"{_label(method)}-lr{lr:g}", method, lr) for lr in LRS[method.name]]
     return rows
 
 
 def lever_rows() -> list[TextRow]:
-    rows = [
-        TextRow(f"{_label(method)}-lr{lr:g}", method, lr)
-        for method in lever_methods()
-        for lr in LRS["mapnet"]
-    ]
+    rows = [TextRow(_label(method), method) for method in lever_methods()]
     row_mode = Method("mapnet", BUDGETS[0], "row")
     for change in TRAINING_LEVERS:
         tag = "-".join(f"{k}{v}" for k, v in change.items())
-        rows += [
-            TextRow(f"{_label(row_mode)}-{tag}-lr{lr:g}", row_mode, lr, **change)
-            for lr in LRS["mapnet"]
-        ]
+        rows.append(TextRow(f"{_label(row_mode)}-{tag}", row_mode, **change))
     return rows
 
 
 def final_rows() -> list[TextRow]:
-    return [
+    rows = [
         TextRow(f"{_label(m)}-s{seed}", m, None, seed) for seed in SEEDS for m in main_methods()
     ]
+    return sorted(rows, key=lambda row: not _headline(row.method))  # stable: seeds stay in order
 
 
 STAGES: dict[str, Callable[[], list[TextRow]]] = {
@@ -170,8 +174,22 @@ def _score(result: dict[str, Any]) -> float:
     return result["val_accuracy"]
 
 
+def rate_source(method: Method) -> Method:
+    """The main row at ~2k whose chosen rate `method` trains at: itself for a row select
+    searched; the same method at ~2k for ~10k and ~50k; for a mapnet lever, the main row with
+    its group size (the row mode for group sizes select did not search)."""
+    if method.budget is not None and method.budget != BUDGETS[0]:
+        method = dataclasses.replace(method, budget=BUDGETS[0])
+    if method.name == "mapnet":
+        group = method.group_size if method.group_size in (1, 250, "row") else "row"
+        method = Method("mapnet", method.budget, group)
+    return method
+
+
 def chosen_lr(method: Method, root: Path, stage: str = "select") -> float:
-    """The rate `stage` chose for `method` (best final validation accuracy; ties: smaller)."""
+    """The rate `stage` chose for `method` (best final validation accuracy; ties: smaller),
+    through `rate_source`."""
+    method = rate_source(method)
     grid = HEAD_LRS if method.name == "head" else LRS[method.name]
     scores = {}
     for lr in grid:
@@ -249,8 +267,8 @@ def run_row(stage: str, row: TextRow, root: Path, progress: bool = True) -> dict
     from mapnet_experiments.models.text import load_sentence_classifier
 
     lr = row.lr if row.lr is not None else chosen_lr(row.method, root)
-    if stage == "final" and row.seed == 0:  # the select stage's run at the chosen rate
-        chosen = root / "select" / f"{_label(row.method)}-lr{lr:g}.json"
+    chosen = root / "select" / f"{_label(row.method)}-lr{lr:g}.json"
+    if stage == "final" and row.seed == 0 and chosen.exists():  # select's run at this rate
         return json.loads(chosen.read_text()) | {"stage": stage, "reused": str(chosen)}
     data = tweet_data()
     head_rate = lr if row.method.name == "head" else head_lr(root)
