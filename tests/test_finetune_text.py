@@ -16,10 +16,11 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from mapnet_experiments.models import text_methods as methods
 from mapnet_experiments.models.text import SentenceClassifier
-from mapnet_experiments.studies.finetune_text import methods, runs
+from mapnet_experiments.models.text_methods import Method, build
 from mapnet_experiments.studies.finetune_text import report as page
-from mapnet_experiments.studies.finetune_text.methods import Method, build
+from mapnet_experiments.studies.finetune_text import runs
 from mapnet_experiments.studies.finetune_text.runs import Batches, TextRow
 from test_text_models import minilm  # noqa: F401  (the real weights, or a skip)
 

@@ -205,15 +205,25 @@ def prepare(model: str, method: str, budget: int) -> tuple[nn.Module, dict[str, 
     torch.manual_seed(0)
     net = spec.build()
     head = spec.head
+    if spec.kind == "text":
+        return _text_method(net, chosen, budget)
     if chosen.group_size is not None:
         import mapnet
 
         config = mapnet_config(chosen, head, budget)
         with warnings.catch_warnings():  # a tiny model's groups may be fewer than the latent
             warnings.filterwarnings("ignore", "latent larger than")
-            # A factory hands the network over: its weights become θ_pre, not copied twice.
-            mapped = mapnet.wrap(lambda: net, config)
-        return mapped, {"count": f"latent d = {budget}, head trained directly"}
+            # Rows of a conv that a BatchNorm follows get ~0 gradient (wrap warns): timed
+            # anyway, since what it costs is the question here; the note says so.
+            warned = warnings.catch_warnings(record=True)
+            with warned as caught:
+                warnings.simplefilter("always")
+                # A factory hands the network over: its weights become θ_pre, not copied twice.
+                mapped = mapnet.wrap(lambda: net, config)
+        note = f"latent d = {budget}, head trained directly"
+        if any("normalises away" in str(w.message) for w in caught):
+            note += "; most rows feed a BatchNorm, which normalises their scale away"
+        return mapped, {"count": note}
     if method in ("head", "full", "bitfit"):
         if method == "bitfit":
             pa.train_biases(net, head)
@@ -221,19 +231,10 @@ def prepare(model: str, method: str, budget: int) -> tuple[nn.Module, dict[str, 
         for name, param in net.named_parameters():
             param.requires_grad_(method == "full" or name.startswith(head + "."))
         return net, {"count": "all weights" if method == "full" else "the head alone"}
-    if spec.kind == "text":  # BERT: the adapters' usual places, at their smallest
-        if method == "ia3":
-            targets, feedforward = pa.ia3_bert_defaults()
-            note = f"peft's BERT defaults ({', '.join(targets)}; {', '.join(feedforward)} on input)"
-            return pa.apply_ia3(net, targets, feedforward, head), {"count": note}
-        apply = pa.apply_lora if method == "lora" else pa.apply_vera
-        note = "rank 1 on query and value (the smallest; its natural count)"
-        return apply(net, 1, ["query", "value"], head), {"count": note}
     if method == "ia3":
         targets = _last_convs(net, budget, head)
-        feedforward: list[str] = []
         note = f"output channels of the last conv(s) nearest {budget}: {', '.join(targets)}"
-        return pa.apply_ia3(net, targets, feedforward, head), {"count": note}
+        return pa.apply_ia3(net, targets, [], head), {"count": note}
     if method == "vera":  # peft's VeRA adapts nn.Linear only: 1×1 convs become Linear
         pa.pointwise_convs_as_linear(net, exclude=head)
     plan = pa.plan_for_budget(net, budget, method, head=head)  # type: ignore[arg-type]
@@ -242,6 +243,32 @@ def prepare(model: str, method: str, budget: int) -> tuple[nn.Module, dict[str, 
         f"rank {plan.rank} on the {len(plan.targets)} layer(s) nearest {budget} (plan_for_budget)"
     )
     return apply(net, plan.rank, plan.targets, head), {"count": note}
+
+
+def _text_method(
+    net: nn.Module, chosen: FinetuneMethod, budget: int
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A BERT classifier built exactly as the text study builds its rows (models.text_methods),
+    so the study's table can quote these times."""
+    from mapnet_experiments.models.text_methods import Method, build
+
+    if chosen.group_size is not None:
+        built = build(net, Method("mapnet", budget, chosen.group_size))
+        return built.model, {"count": f"latent d = {budget} over the encoder's Linear weights"}
+    natural = chosen.name in ("head", "full", "bitfit", "ia3")
+    built = build(net, Method(chosen.name, None if natural else budget))
+    if "targets" in built.details:
+        layers = len(built.details["targets"])
+        note = (
+            f"rank {built.details['rank']} on the {layers} query / value layer(s) nearest {budget}"
+        )
+    elif chosen.name == "ia3":
+        note = "peft's BERT defaults: key, value, output.dense (its natural count)"
+    else:
+        note = {"head": "the head alone", "full": "all weights"}.get(
+            chosen.name, "every bias and LayerNorm shift (its natural count)"
+        )
+    return built.model, {"count": note}
 
 
 # ------------------------------------------------------------------------------ one process

@@ -517,21 +517,6 @@ def apply_ia3(
     return _peft_model(model, config)
 
 
-def ia3_bert_defaults() -> tuple[list[str], list[str]]:
-    """peft's IA3 targets and feed-forward modules for a BERT model (its own mapping, read
-    from the installed peft): every key, value and output.dense (the attention's output and
-    the feed-forward's second layer), the output.dense ones scaled on their input."""
-    from peft.utils.constants import (
-        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
-        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
-    )
-
-    return (
-        list(TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING["bert"]),
-        list(TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING["bert"]),
-    )
-
-
 def train_biases(model: nn.Module, head: str) -> int:
     """BitFit (Ben Zaken et al. 2022): only the biases and the head train (in place); returns
     the number of trainable numbers besides the head."""
@@ -595,7 +580,6 @@ __all__ = [
     "apply_vera",
     "eligible_modules",
     "freeze_batchnorm_statistics",
-    "ia3_bert_defaults",
     "merge_for_eval",
     "plan_for_budget",
     "pointwise_convs_as_linear",

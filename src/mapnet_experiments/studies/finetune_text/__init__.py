@@ -1,7 +1,7 @@
 """`mapnet repro finetune-text`: a real pretrained transformer (all-MiniLM-L6-v2) fine-tuned on
 real tweets through a latent, against what a user would pick instead (peft's LoRA, VeRA, IA3,
-BitFit, full fine-tuning, the head alone) at equal budgets. The methods: `methods`; the rows and
-how they train: `runs`; the page: `report`."""
+BitFit, full fine-tuning, the head alone) at equal budgets. The methods: models.text_methods;
+the rows and how they train: `runs`; the page: `report`."""
 
 from __future__ import annotations
 

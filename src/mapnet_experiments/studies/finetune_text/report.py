@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mapnet_experiments.studies.finetune_text.methods import Method
+from mapnet_experiments.models.text_methods import Method
 from mapnet_experiments.studies.finetune_text.runs import (
     BUDGETS,
     HEAD_LRS,
@@ -64,16 +64,28 @@ def _budget_of(method: Method, count: int | None) -> int | None:
     return min(BUDGETS, key=lambda b: abs((count / b) - 1) if count < b else abs((b / count) - 1))
 
 
+def _bench_name(method: Method) -> str | None:
+    """The `mapnet bench finetune` method that times `method` (its rows are at ~2k only)."""
+    if method.budget not in (None, BUDGETS[0]) or method.name == "additive":
+        return None
+    if method.name == "mapnet":
+        if method.selection != "linear-weights" or method.within_tensors:
+            return None
+        return f"mapnet-l{method.group_size}" if method.group_size != "row" else "mapnet-row"
+    return method.name
+
+
 def _bench(root: Path) -> dict[str, dict[str, Any]]:
-    """Step ms and peak RSS per method label from `mapnet bench finetune` (1 thread), if run."""
+    """`mapnet bench finetune`'s rows for the MiniLM-shaped encoder at 1 thread, by method, if
+    it has run (results/bench/finetune.json)."""
     file = root.parent / "bench" / "finetune.json"
     if not file.exists():
         return {}
     data = json.loads(file.read_text())
     return {
-        row["label"]: row
-        for row in data.get("summary", [])
-        if row.get("model") == "minilm" and row.get("threads") == 1 and "label" in row
+        row["method"]: row
+        for row in data.get("rows", [])
+        if row.get("model") == "minilm" and row.get("threads") == 1 and not row.get("skipped")
     }
 
 
@@ -129,8 +141,8 @@ def _main_table(final: dict[str, dict[str, Any]], bench: dict[str, dict[str, Any
         count = runs[0]["trainable_besides_head"]
         budget = _budget_of(method, count)
         where = "–" if budget is None else budget_text(budget)
-        timed = bench.get(_label(method))
-        step = f"{1000 * timed['step_seconds']:.0f}" if timed else "–"
+        timed = bench.get(_bench_name(method) or "")
+        step = f"{timed['step_ms_median']:.0f}" if timed else "–"
         rss = f"{timed['peak_rss_bytes'] / 2**20:,.0f} MiB" if timed else "–"
         lines.append(
             f"| {where} | {method_name(method)} | {count:,} | "

@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 from mapnet_experiments.bench.harness import machine, peak_rss_bytes
+from mapnet_experiments.models.text_methods import Method, build, checkpoint_bytes
 from mapnet_experiments.recipe.loop import Loop
-from mapnet_experiments.studies.finetune_text.methods import Method, build, checkpoint_bytes
 from mapnet_experiments.studies.fresh import Runner, in_fresh_process, run_rows
 
 STUDY_NAME = "finetune-text"

@@ -1,5 +1,6 @@
-"""Every way the text study fine-tunes all-MiniLM-L6-v2 + a new head, at a budget of trainable
-numbers besides the head: what a user would pick instead of mapnet, and mapnet itself.
+"""Every way to fine-tune a SentenceClassifier (all-MiniLM-L6-v2 + a new head) at a budget of
+trainable numbers besides the head: what a user would pick instead of mapnet, and mapnet
+itself. The text study trains them; `mapnet bench finetune` times the same builds.
 
     head      the encoder frozen; only the head trains (0 besides the head)
     bitfit    the encoder's biases and LayerNorm shifts (BitFit, Ben Zaken et al. 2022; its
