@@ -32,4 +32,5 @@ STUDY = Study(
     report=lambda options: page.report(options.root_or(RESULTS_DIR), options.report_or(REPORT)),
     example="mapnet repro finetune-text --stages select --threads 1",
     page=REPORT.name,
+    facts=page.facts,
 )

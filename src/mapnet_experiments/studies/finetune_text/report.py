@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mapnet_experiments.models.text_methods import Method
+from mapnet_experiments.studies.facts import Facts, Pick, better, points
 from mapnet_experiments.studies.finetune_text.runs import (
     BUDGETS,
     HEAD_LRS,
@@ -157,42 +159,127 @@ def _main_table(final: dict[str, dict[str, Any]], bench: dict[str, dict[str, Any
     return lines
 
 
-def _spread(values: list[float]) -> float:
+@dataclass(frozen=True)
+class Comparison:
+    """At one budget: mapnet's best row and the best other row, by mean test accuracy over the
+    seeds run, and the verdict the larger of their seed spreads allows."""
+
+    budget: int
+    ours: str
+    ours_runs: list[dict[str, Any]]
+    theirs: str
+    theirs_runs: list[dict[str, Any]]
+
+    @property
+    def gap(self) -> float:
+        return _mean_accuracy(self.ours_runs) - _mean_accuracy(self.theirs_runs)
+
+    @property
+    def spread(self) -> float:
+        return max(_spread(self.ours_runs), _spread(self.theirs_runs))
+
+    @property
+    def verdict(self) -> str:
+        if self.gap > self.spread:
+            return "ahead by more than the seed spread"
+        if -self.gap > self.spread:
+            return "behind by more than the seed spread"
+        return "within the seed spread"
+
+
+def _mean_accuracy(runs: list[dict[str, Any]]) -> float:
+    return statistics.mean(r["test_accuracy"] for r in runs)
+
+
+def _spread(runs: list[dict[str, Any]]) -> float:
+    values = [r["test_accuracy"] for r in runs]
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _targets(final: dict[str, dict[str, Any]]) -> list[str]:
-    """Where mapnet's best row stands against the best peft row at each budget, in words
-    computed from the seeds' means and spreads."""
-    lines = ["", "## Where mapnet wins and loses", ""]
+def comparisons(final: dict[str, dict[str, Any]]) -> list[Comparison]:
+    """Per budget where both sides ran: mapnet's best row against the best other row (the head
+    alone and full fine-tuning aside: they sit at no budget)."""
+    out = []
     for budget in BUDGETS:
-        rows: dict[str, list[float]] = {}
+        rows: dict[str, list[dict[str, Any]]] = {}
         for method in main_methods():
             runs = _finals(final, method)
             if runs and _budget_of(method, runs[0]["trainable_besides_head"]) == budget:
-                rows[method_name(method)] = [r["test_accuracy"] for r in runs]
+                rows[method_name(method)] = runs
         ours = {k: v for k, v in rows.items() if k.startswith("mapnet")}
         theirs = {k: v for k, v in rows.items() if not k.startswith("mapnet")}
-        if not ours or not theirs:
-            continue
-        best_ours = max(ours, key=lambda k: statistics.mean(ours[k]))
-        best_theirs = max(theirs, key=lambda k: statistics.mean(theirs[k]))
-        a, b = ours[best_ours], theirs[best_theirs]
-        gap = statistics.mean(a) - statistics.mean(b)
-        spread = max(_spread(a), _spread(b))
-        verdict = (
-            "ahead by more than the seed spread"
-            if gap > spread
-            else "behind by more than the seed spread"
-            if -gap > spread
-            else "within the seed spread"
-        )
+        if ours and theirs:
+            best_ours = max(ours, key=lambda k: _mean_accuracy(ours[k]))
+            best_theirs = max(theirs, key=lambda k: _mean_accuracy(theirs[k]))
+            out.append(Comparison(budget, best_ours, ours[best_ours], best_theirs,
+                                  theirs[best_theirs]))  # fmt: skip
+    return out
+
+
+def _targets(final: dict[str, dict[str, Any]]) -> list[str]:
+    """Where mapnet's best row stands against the best other row at each budget, in words
+    computed from the seeds' means and spreads."""
+    lines = ["", "## Where mapnet wins and loses", ""]
+    for c in comparisons(final):
+        seeds = min(len(c.ours_runs), len(c.theirs_runs))
         lines.append(
-            f"- {budget_text(budget)}: mapnet's best ({best_ours}, {statistics.mean(a):.2f}) "
-            f"against the best other row ({best_theirs}, {statistics.mean(b):.2f}): "
-            f"{gap:+.2f} points, {verdict} ({spread:.2f})."
+            f"- {budget_text(c.budget)}: mapnet's best ({c.ours}, "
+            f"{_mean_accuracy(c.ours_runs):.2f}) against the best other row ({c.theirs}, "
+            f"{_mean_accuracy(c.theirs_runs):.2f}): {c.gap:+.2f} points, {c.verdict} "
+            f"({c.spread:.2f}" + (", one seed: no spread yet)." if seeds < 2 else ").")
         )
     return lines
+
+
+def facts(results: Path) -> Facts | None:
+    """The index's paragraph on the text study and its when-to-pick rows: accuracy at ~2k and
+    above against the best other row, and (once `mapnet bench finetune` has run) the step of
+    the row-aligned path against LoRA's."""
+    root = results / "finetune_text"
+    final = _load(root, "final")
+    compared = comparisons(final)
+    if not compared:
+        return None
+    sentences = [
+        f"At {budget_text(c.budget)} numbers besides the head, mapnet's best row ({c.ours}, "
+        f"{_mean_accuracy(c.ours_runs):.2f} %) is {c.verdict} of the best other row "
+        f"({c.theirs}, {_mean_accuracy(c.theirs_runs):.2f} %): {points(c.gap)} points."
+        for c in compared
+    ]
+    picks = [
+        Pick(
+            f"Fine-tuning accuracy, all-MiniLM-L6-v2 on tweets, {budget_text(c.budget)} numbers",
+            f"{_mean_accuracy(c.ours_runs):.2f} % ({c.ours})",
+            f"{_mean_accuracy(c.theirs_runs):.2f} % ({c.theirs})",
+            f"{better(c.gap, 0.0)}: {abs(c.gap):.2f} points, more than the seed spread"
+            if abs(c.gap) > c.spread
+            else f"either: {abs(c.gap):.2f} points, within the seed spread",
+        )
+        for c in compared
+    ]
+    bench = _bench(root)
+    if "mapnet-row" in bench and "lora" in bench:
+        row, lora = bench["mapnet-row"], bench["lora"]
+        ratio = row["step_ms_median"] / lora["step_ms_median"]
+        sentences.append(
+            f"A row-aligned step takes {row['step_ms_median']:.0f} ms against LoRA's "
+            f"{lora['step_ms_median']:.0f} ms ({ratio:.2f}×, MiniLM-shaped BERT, 1 thread)."
+        )
+        picks.append(
+            Pick(
+                "Fine-tuning step, MiniLM-shaped BERT, batch 32 × 48 tokens, 1 thread",
+                f'{row["step_ms_median"]:.0f} ms (group_size="row")',
+                f"{lora['step_ms_median']:.0f} ms (LoRA)",
+                better(row["step_ms_median"], lora["step_ms_median"], higher_is_better=False),
+            )
+        )
+    return Facts(
+        heading="Fine-tuning a pretrained transformer (all-MiniLM-L6-v2, tweets)",
+        page="finetune-text.md",
+        command="mapnet repro finetune-text",
+        paragraph=" ".join(sentences),
+        picks=tuple(picks),
+    )
 
 
 def _choices(select: dict[str, dict[str, Any]]) -> list[str]:
