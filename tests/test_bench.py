@@ -474,6 +474,7 @@ def test_every_bench_measurement_explains_itself(capsys: pytest.CaptureFixture[s
         ("memory", ["clear_refs", "torch.profiler", "one θ₀", "224"]),
         ("inference", ["torch.no_grad()", "first call", "(d)"]),
         ("finetune", ["fresh process", "peft LoRA", 'group_size="row"', "VmHWM"]),
+        ("gpt2", ["fresh process", "Conv1D", "VmHWM", "--loss-curve", "examples"]),
         ("report", ["met / not met"]),
     ):
         with pytest.raises(SystemExit) as done:
@@ -534,3 +535,51 @@ def test_finetune_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert "### tiny BERT (smoke), batch 4, 1 thread" in text
     assert "| peft IA3 |" in text and "| BitFit (biases + head) |" in text
     assert "share of the step" in text
+
+
+def test_gpt2_smoke_writes_every_figure(tmp_path: Path) -> None:
+    from mapnet_experiments.bench.gpt2 import BUDGET, VARIANTS
+
+    out = tmp_path / "results" / "gpt2-smoke.json"
+    assert main(["bench", "gpt2", "--smoke", "--threads", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["what"] == "gpt2" and data["smoke"] is True
+    assert data["command"].startswith("mapnet bench gpt2 --smoke")
+    rows = {row["variant"]: row for row in data["rows"]}
+    assert list(rows) == list(VARIANTS)
+    generated = rows["full"]["generated_parameters"]
+    for name, row in rows.items():
+        assert row["failed"] is None, (name, row["failed"])
+        assert _positive(row["step_seconds_median"]) and _positive(row["peak_rss_bytes"]), name
+        assert row["build_seconds_median"] >= 0 and row["generated_parameters"] == generated
+        assert _positive(row["checkpoint_bytes"]), name
+        assert row["bytes_per_generated_parameter"] == row["checkpoint_bytes"] / generated
+        assert len(row["runs"][0]["losses"]) == 3 and all(
+            math.isfinite(x) for x in row["runs"][0]["losses"]
+        )
+    assert rows["full"]["trainable"] == generated
+    assert rows["mapnet-l1"]["trainable"] == rows["mapnet-row"]["trainable"] == BUDGET
+    assert abs(rows["lora"]["trainable"] - BUDGET) <= 0.1 * BUDGET
+    path = rows["mapnet-row"]["row_path"]  # the tied embedding takes the activation path
+    assert "transformer.wte (Embedding)" in path["activation_path"]
+    assert path["conv1d_on_activation_path"] is False and path["weight_path_by_class"]["Conv1D"]
+    assert rows["mapnet-row"]["bytes_per_generated_parameter"] < 1  # the latent, not θ
+
+    # Loss curves: 2 steps, then 3 going on from the saved state.
+    curve = tmp_path / "results" / "gpt2-loss-smoke.json"
+    args = ["bench", "gpt2", "--smoke", "--loss-curve", "--threads", "1", "--out", str(curve)]
+    assert main([*args, "--loss-steps", "2"]) == 0
+    assert main([*args, "--loss-steps", "3"]) == 0
+    curves = json.loads(curve.read_text())
+    assert curves["what"] == "gpt2-loss" and set(curves["curves"]) == {"mapnet-row", "lora"}
+    for name, run in curves["curves"].items():
+        assert run["resumed_from"] == 2 and len(run["losses"]) == 3, name
+        assert all(math.isfinite(x) for x in run["losses"]), name
+
+    report = tmp_path / "bench.md"
+    assert main(["bench", "gpt2", "--report", "--out", str(out), "--report-out", str(report)]) == 0
+    text = report.read_text()
+    assert "## GPT-2 small fine-tuning step: `mapnet bench gpt2 --smoke" in text
+    assert "| peft LoRA | 4,096 |" in text and "on the weight path" in text
+    assert "## GPT-2 small loss curves" in text
+    assert (tmp_path / "bench-gpt2-loss.png").stat().st_size > 0

@@ -19,6 +19,9 @@ rounds of alternating order. One module a bench, each with its section of the re
     finetune       one fine-tuning step of every method (head, BitFit, full, peft LoRA, VeRA,
                    IA3, mapnet L = 1, L = 250, row) on ResNet-50 and a MiniLM-shaped BERT:
                    time and peak RSS, with the fine-tuning targets
+    gpt2           GPT-2 small (124M): build time, step time, peak RSS and checkpoint bytes of
+                   full fine-tuning, peft LoRA and mapnet L = 1 / row at ~4,096 trainable
+                   numbers; --loss-curve: the loss per step of mapnet row and LoRA
     defaults       the runs behind the defaults in docs/method.md, and their page
     targets        the v0.2 targets, judged from the measurements
     report         docs/results/bench.md from results/bench/*.json

@@ -2,7 +2,8 @@
 
 The page opens with the v0.2 targets and the earlier ones; then each run has the section its own
 bench writes: the step runs (each with its breakdown), memory, inference, the newest
-communication run, the fine-tuning runs (newest first), construction.
+communication run, the fine-tuning runs (newest first), the newest GPT-2 run and loss curves
+(bench/gpt2.py; nothing when there are none), construction.
 """
 
 from __future__ import annotations
@@ -16,14 +17,26 @@ from mapnet_experiments.bench import (
     comm,
     construction,
     finetune,
+    gpt2,
     inference,
     memory,
     step,
     targets,
 )
-from mapnet_experiments.bench.text import machine_line, run_name
+from mapnet_experiments.bench.harness import median
+from mapnet_experiments.bench.text import machine_line, mib, run_header, run_name
 
-REPORT_KINDS = ("step", "construction", "memory", "inference", "communication", "finetune")
+REPORT_KINDS = (
+    "step",
+    "construction",
+    "memory",
+    "inference",
+    "communication",
+    "finetune",
+    "gpt2",
+    "gpt2-loss",
+)
+GPT2_LOSS_FIGURE = "bench-gpt2-loss.png"  # beside the report
 
 
 def _load_results(results: Path) -> dict[str, list[dict[str, Any]]]:
@@ -43,7 +56,7 @@ def _load_results(results: Path) -> dict[str, list[dict[str, Any]]]:
         found[kind] = real or runs
     found["step"].sort(key=lambda d: (Path(d["file"]).name != "step.json", d["date"]))
     found["construction"].sort(key=lambda d: d.get("date", ""))
-    for kind in ("memory", "inference", "communication", "finetune"):
+    for kind in ("memory", "inference", "communication", "finetune", "gpt2", "gpt2-loss"):
         found[kind].sort(key=lambda d: d.get("date", ""), reverse=True)
     return found
 
@@ -53,7 +66,7 @@ def write_report(results: Path, out: Path) -> Path:
     no other)."""
     found = _load_results(results)
     runs = [d for kind in REPORT_KINDS for d in found[kind]]
-    measured = ("step", "memory", "inference", "finetune")
+    measured = ("step", "memory", "inference", "finetune", "gpt2")
     if not any(found[k] for k in measured):
         raise FileNotFoundError(
             f"no step, memory or inference results in {results}: run `mapnet bench step`, "
@@ -93,9 +106,105 @@ def write_report(results: Path, out: Path) -> Path:
         *(line for run in found["inference"] for line in inference.report_section(run)),
         *(line for run in found["communication"][:1] for line in comm.report_section(run)),
         *(line for run in found["finetune"] for line in finetune.report_section(run)),
+        *(line for run in found["gpt2"][:1] for line in gpt2_section(run)),
+        *(line for run in found["gpt2-loss"][:1] for line in gpt2_loss_section(run, out.parent)),
         *(line for run in found["construction"] for line in construction.report_section(run)),
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {out}")
     return out
+
+
+# ------------------------------------------------------------------------------ GPT-2
+
+
+def gpt2_section(data: dict[str, Any]) -> list[str]:
+    """The newest `mapnet bench gpt2` run: one row per variant (or why it failed)."""
+    shape = data["settings"]["shape"]
+    lines = [
+        *run_header(data, "GPT-2 small fine-tuning step"),
+        f"{data['settings']['model']}, batch {shape['batch']} × {shape['seq_len']} tokens "
+        f"({data['settings']['data']}); one step = zero_grad + forward with labels (causal-LM "
+        f"loss) + backward + Adam (lr 1e-3) on what trains; {shape['warmup']} warm-up + "
+        f"{shape['steps']} measured steps per process, {shape['rounds']} round(s) of fresh "
+        "processes in alternating order. Step = the median of all measured steps; build = "
+        "wrap() or get_peft_model() alone; peak RSS = the median of each process's VmHWM "
+        "(imports, building, training, saving). Bytes / generated parameter = the bytes on disk "
+        "of what the method's library saves to reload the fine-tune onto the same pretrained "
+        "model (mapnet.save, peft save_pretrained, the trained tensors for full fine-tuning), "
+        "over the parameters that checkpoint reproduces.",
+        "",
+        "| variant | trainable | count | build (s) | step (s) | × full | peak RSS (MiB) "
+        "| checkpoint (bytes) | bytes / generated parameter |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = data["rows"]
+    full = next((r for r in rows if r["variant"] == "full" and not r["failed"]), None)
+    notes = []
+    for row in rows:
+        if row["failed"]:
+            peak = row.get("peak_rss_bytes")
+            reached = f"; peak RSS {mib(peak)} MiB" if peak else ""
+            lines.append(f"| {row['label']} | – | **failed**: {row['failed'][:200]}{reached} |"
+                         + " – |" * 6)  # fmt: skip
+            continue
+        ratio = (
+            "–"
+            if full is None
+            else f"{row['step_seconds_median'] / full['step_seconds_median']:.2f}"
+        )
+        lines.append(
+            f"| {row['label']} | {row['trainable']:,} | {row['count']} "
+            f"| {row['build_seconds_median']:.2f} | {row['step_seconds_median']:.2f} | {ratio} "
+            f"| {mib(row['peak_rss_bytes'])} | {row['checkpoint_bytes']:,} "
+            f"| {row['bytes_per_generated_parameter']:.3g} |"
+        )
+        if "row_path" in row:
+            path = row["row_path"]
+            classes = ", ".join(f"{n} {k}" for k, n in path["weight_path_by_class"].items())
+            notes.append(
+                f"{row['label']}: on the activation path {', '.join(path['activation_path'])}; "
+                f"on the weight path (generated every step) {classes}."
+            )
+    return [*lines, "", *(f"- {n}" for n in notes), *([""] if notes else [])]
+
+
+def gpt2_loss_section(data: dict[str, Any], figures: Path) -> list[str]:
+    """The newest `mapnet bench gpt2 --loss-curve` run: its figure (written beside the report)
+    and the first and last losses."""
+    from mapnet_experiments.studies.plots import _pyplot, _save
+
+    settings, curves = data["settings"], data["curves"]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.4), dpi=110)
+    for variant, curve in curves.items():
+        label = f"{gpt2.LABELS.get(variant, variant)} ({curve['trainable']:,} trainable)"
+        ax.plot(range(1, len(curve["losses"]) + 1), curve["losses"], linewidth=0.9, label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("causal-LM loss (cross-entropy, nats)")
+    ax.set_title(f"GPT-2 small on the tweets, batch {settings['batch']} × {settings['seq_len']}",
+                 fontsize=9)  # fmt: skip
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(plt, fig, figures / GPT2_LOSS_FIGURE)
+    lines = [
+        *run_header(data, "GPT-2 small loss curves"),
+        f"{settings['steps']} steps of {settings['optimizer']}, batch {settings['batch']} × "
+        f"{settings['seq_len']} tokens of the tweets in order (cycling), random initial weights.",
+        "",
+        f"![GPT-2 loss curves]({GPT2_LOSS_FIGURE})",
+        "",
+        "| variant | trainable | steps | loss, first step | mean of the last 10 "
+        "| median step (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant, curve in curves.items():
+        losses = curve["losses"]
+        lines.append(
+            f"| {gpt2.LABELS.get(variant, variant)} | {curve['trainable']:,} | {len(losses)} "
+            f"| {losses[0]:.3f} | {sum(losses[-10:]) / len(losses[-10:]):.3f} "
+            f"| {median(curve['step_seconds']):.2f} |"
+        )
+    return [*lines, ""]

@@ -34,6 +34,9 @@ the v0.2 targets and the runs that measure them (times on a quiet 2-core EPYC):
         mapnet bench inference
 the fine-tuning targets (step and peak RSS against LoRA and full fine-tuning, ~1 hour)
         mapnet bench finetune --malloc-tuned
+GPT-2 small: full, LoRA, mapnet L = 1 and row (~10 min); loss curves (~75 min, splittable)
+        mapnet bench gpt2
+        mapnet bench gpt2 --loss-curve
   then
         mapnet bench report
 """
@@ -277,6 +280,51 @@ examples:
     _add_malloc_option(q)
 
     q = whats.add_parser(
+        "gpt2",
+        help="GPT-2 small fine-tuning: full, LoRA, mapnet L = 1 and row at ~4,096 numbers",
+        formatter_class=raw,
+        description="""\
+GPT-2 small (124,439,808 parameters, random init, transformers' GPT2LMHeadModel) fine-tuned on
+causal-LM batches of the tweets (batch 4 × 128 tokens): full fine-tuning, peft LoRA (the rank
+and Conv1D projections nearest the budget: rank 1 on the last mlp.c_fc, 3,840 numbers), mapnet
+θ_pre ⊙ (1 + m) with d = 4,096 at L = 1 (the weight path) and with group_size="row" (the
+activation path; GPT-2's Conv1D projections fall back to the weight path, the results say
+which modules took which). Every variant runs in its own fresh process, --rounds rounds in
+alternating order: build time (wrap / get_peft_model), the median step (zero_grad, forward with
+labels, backward, Adam) over --steps steps after --warmup, peak RSS (VmHWM), trainable count,
+checkpoint bytes per generated parameter. A variant that runs out of memory is recorded as
+failed, with the peak it reached.
+
+--loss-curve instead trains mapnet row and LoRA for --loss-steps steps each (one fresh process
+each) and records the loss of every step in results/bench/gpt2-loss.json; the state is committed
+every 10 steps beside it, so a cut run goes on where it stopped, and --variants splits it.""",
+        epilog="""\
+examples:
+  mapnet bench gpt2 --smoke                     # seconds: a tiny GPT2Config, in this process
+  mapnet bench gpt2                             # 4 variants × 2 rounds, 2 threads, ~10 min
+  mapnet bench gpt2 --loss-curve --variants lora          # 200 steps, ~25 min
+  mapnet bench gpt2 --loss-curve --variants mapnet-row    # 200 steps, ~50 min
+  mapnet bench report""",
+    )
+    _add_report_options(q, "results/bench/gpt2.json; --loss-curve: results/bench/gpt2-loss.json")
+    q.add_argument(
+        "--variants",
+        nargs="+",
+        choices=["full", "lora", "mapnet-l1", "mapnet-row"],
+        default=None,
+        help="(default: all four; --loss-curve: mapnet-row lora)",
+    )
+    q.add_argument("--threads", type=int, default=2, metavar="N", help="(default: %(default)s)")
+    q.add_argument("--rounds", type=int, default=2, help="(default: %(default)s)")
+    q.add_argument("--warmup", type=int, default=1, help="(default: %(default)s)")
+    q.add_argument("--steps", type=int, default=3, help="measured steps (default: %(default)s)")
+    q.add_argument("--batch-size", type=int, default=4, help="(default: %(default)s)")
+    q.add_argument("--seq-len", type=int, default=128, help="tokens (default: %(default)s)")
+    q.add_argument("--loss-curve", action="store_true", help="record loss curves instead")
+    q.add_argument("--loss-steps", type=int, default=None, help="(default: 200; --smoke: 4)")
+    q.add_argument("--lr", type=float, default=1e-3, help="loss curve's Adam lr (default: 1e-3)")
+
+    q = whats.add_parser(
         "comm",
         help="bytes all-reduced per step over 2 processes, plain vs mapped CNN2",
         formatter_class=raw,
@@ -371,9 +419,13 @@ def run(args: argparse.Namespace) -> int:
         return _run_construction(args)
     suffix = "-smoke" if args.smoke else ""
     out = args.out or Path(f"results/bench/{what}{suffix}.json")
+    if what == "gpt2" and args.loss_curve:
+        out = args.out or Path(f"results/bench/gpt2-loss{suffix}.json")
     if args.report:
         write_report(out.parent, args.report_out)
         return 0
+    if what == "gpt2":
+        return _run_gpt2(args, out)
     if what == "finetune":
         return _run_finetune(args, out)
     if what == "comm":
@@ -493,6 +545,47 @@ def _run_finetune(args: argparse.Namespace, out: Path) -> int:
         smoke=args.smoke,
         malloc_tuned=args.malloc_tuned,
     )
+    return 0
+
+
+def _run_gpt2(args: argparse.Namespace, out: Path) -> int:
+    from mapnet_experiments.bench import gpt2
+
+    sizes = {"batch_size": args.batch_size, "seq_len": args.seq_len, "loss_steps": args.loss_steps}
+    _positive(threads=args.threads, rounds=args.rounds, steps=args.steps, **sizes)
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be ≥ 0, got {args.warmup}")
+    shape = (
+        gpt2.SMOKE
+        if args.smoke
+        else gpt2.Shape(args.batch_size, args.seq_len, args.warmup, args.steps, args.rounds)
+    )
+    loss = args.loss_curve
+    variants = args.variants or list(gpt2.LOSS_VARIANTS if loss else gpt2.VARIANTS)
+    steps = args.loss_steps or (4 if args.smoke else 200)
+    command = (
+        "mapnet bench gpt2"
+        + (" --smoke" if args.smoke else "")
+        + (f" --loss-curve --loss-steps {steps} --lr {args.lr:g}" if loss else "")
+        + f" --variants {' '.join(variants)} --threads {args.threads}"
+        + (
+            ""
+            if args.smoke
+            else f" --batch-size {shape.batch} --seq-len {shape.seq_len}"
+            + (
+                ""
+                if loss
+                else f" --warmup {shape.warmup} --steps {shape.steps} --rounds {shape.rounds}"
+            )
+        )
+        + (f" --out {args.out}" if args.out else "")
+    )
+    if loss:
+        gpt2.gpt2_loss_bench(out, variants=variants, steps=steps, lr=args.lr, threads=args.threads,
+                             shape=shape, command=command, smoke=args.smoke)  # fmt: skip
+    else:
+        gpt2.gpt2_bench(out, variants=variants, threads=args.threads, shape=shape,
+                        command=command, smoke=args.smoke)  # fmt: skip
     return 0
 
 
