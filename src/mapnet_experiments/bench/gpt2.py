@@ -563,7 +563,9 @@ def gpt2_loss_bench(
     counts = thread_counts([threads])
     settings = {"budget": budget, "threads": resolved_threads(counts), "batch": shape.batch,
                 "seq_len": shape.seq_len, "lr": lr, "steps": steps,
-                "optimizer": f"Adam, lr {lr:g}, on what trains"}  # fmt: skip
+                "optimizer": f"Adam, lr {lr:g}, on what trains",
+                "data": "random ids (smoke)" if smoke else "the tweets (train split), in order, "
+                "cycling"}  # fmt: skip
     data: dict[str, Any] = {
         **results_header("gpt2-loss", command, smoke, counts),
         "settings": settings,
@@ -586,6 +588,7 @@ def gpt2_loss_bench(
             seq_len=shape.seq_len, lr=lr, budget=budget, state=str(state),
             threads=counts[0],
         )  # fmt: skip
+        data["curves"][variant]["command"] = command  # a split run: each curve's own command
         files.write_json(out, data | {"wall_seconds": time.perf_counter() - started})
     return finish(data, out, started)
 

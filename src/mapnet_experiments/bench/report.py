@@ -146,7 +146,8 @@ def gpt2_section(data: dict[str, Any]) -> list[str]:
         if row["failed"]:
             peak = row.get("peak_rss_bytes")
             reached = f"; peak RSS {mib(peak)} MiB" if peak else ""
-            lines.append(f"| {row['label']} | – | **failed**: {row['failed'][:200]}{reached} |"
+            why = " ".join(row["failed"].replace("|", "/").split())[-200:]
+            lines.append(f"| {row['label']} | – | **failed**: {why}{reached} |"
                          + " – |" * 6)  # fmt: skip
             continue
         ratio = (
@@ -183,7 +184,7 @@ def gpt2_loss_section(data: dict[str, Any], figures: Path) -> list[str]:
         ax.plot(range(1, len(curve["losses"]) + 1), curve["losses"], linewidth=0.9, label=label)
     ax.set_xlabel("training step")
     ax.set_ylabel("causal-LM loss (cross-entropy, nats)")
-    ax.set_title(f"GPT-2 small on the tweets, batch {settings['batch']} × {settings['seq_len']}",
+    ax.set_title(f"GPT-2 small, causal LM, batch {settings['batch']} × {settings['seq_len']}",
                  fontsize=9)  # fmt: skip
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
@@ -192,7 +193,7 @@ def gpt2_loss_section(data: dict[str, Any], figures: Path) -> list[str]:
     lines = [
         *run_header(data, "GPT-2 small loss curves"),
         f"{settings['steps']} steps of {settings['optimizer']}, batch {settings['batch']} × "
-        f"{settings['seq_len']} tokens of the tweets in order (cycling), random initial weights.",
+        f"{settings['seq_len']} tokens ({settings['data']}), random initial weights.",
         "",
         f"![GPT-2 loss curves]({GPT2_LOSS_FIGURE})",
         "",
