@@ -3,10 +3,13 @@
     torchrun --nproc_per_node=2 tests/ddp_worker.py --out DIR     # the 2-process gloo run
     python tests/ddp_worker.py --single --out DIR                 # one process, same global batch
 
+--projection takes one or more projections (default: structured); each is run in turn in the
+same processes (one process group), its files written under DIR/<projection>/.
+
 The distributed run reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT from the environment
 (torchrun sets them; the test sets them itself). Every process trains the same seeded mapped CNN
 for STEPS Adam steps on one fixed global batch of GLOBAL_BATCH samples, rank r taking the r-th
-contiguous slice, and writes to DIR:
+contiguous slice, and writes to DIR/<projection>:
 
     rank{r}.safetensors / single.safetensors   the final latents ("latents.0", ...)
     rank{r}.json / single.json                  what was communicated (see `Traffic.report`)
@@ -130,7 +133,7 @@ class Traffic:
 
     def install(self) -> None:
         """Wrap the torch.distributed functions DDP broadcasts and all-reduces through."""
-        broadcast_coalesced, broadcast, all_reduce = (
+        broadcast_coalesced, broadcast, all_reduce = self.originals = (
             dist._broadcast_coalesced,
             dist.broadcast,
             dist.all_reduce,
@@ -164,6 +167,10 @@ class Traffic:
         dist._broadcast_coalesced = counting_broadcast_coalesced
         dist.broadcast = counting_broadcast
         dist.all_reduce = counting_all_reduce
+
+    def uninstall(self) -> None:
+        """Put the wrapped functions back (the next projection's run counts afresh)."""
+        dist._broadcast_coalesced, dist.broadcast, dist.all_reduce = self.originals
 
     def per_step(self, table: dict[Any, int], steps: int) -> list[int]:
         return [table.get(step, 0) for step in range(steps)]
@@ -218,7 +225,7 @@ def run_single(out: Path, projection: str) -> None:
     (out / "single.json").write_text(json.dumps(report, indent=1))
 
 
-def run_distributed(out: Path, projection: str) -> None:
+def run_distributed(out: Path, projections: list[str]) -> None:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group(
         "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60)
@@ -226,56 +233,72 @@ def run_distributed(out: Path, projection: str) -> None:
     try:
         if GLOBAL_BATCH % world_size:
             raise ValueError(f"global batch {GLOBAL_BATCH} does not split over {world_size}")
-        model, mapped = build(projection)
-        traffic = Traffic(mapped)  # names relative to DDP's module, as in the ignore list
-        traffic.install()
-        ddp = torch.nn.parallel.DistributedDataParallel(mapped)  # CPU: no device_ids
-        ddp.register_comm_hook(traffic, counting_allreduce_hook)
-        x, y = global_batch()
-        local = GLOBAL_BATCH // world_size
-        x, y = x[rank * local : (rank + 1) * local], y[rank * local : (rank + 1) * local]
-        optimizer = torch.optim.Adam(ddp.parameters(), lr=LR)
-        losses = []
-        for step in range(STEPS):
-            traffic.phase = step
-            optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(ddp(x), y)  # mean over this rank's slice
-            loss.backward()  # DDP averages: = the gradient of the mean over the global batch
-            optimizer.step()
-            losses.append(loss.item())
-        traffic.phase = "end"
-        _save_latents(mapped, out / f"rank{rank}.safetensors")
-        report = _summary(model, mapped, projection) | {
-            "rank": rank,
-            "world_size": world_size,
-            "losses": losses,
-            "allreduce_bytes_per_step": traffic.per_step(traffic.hook_allreduce, STEPS),
-            "python_allreduce_bytes_per_step": traffic.per_step(traffic.python_allreduce, STEPS),
-            "broadcast_bytes_init": traffic.broadcast.get("init", 0),
-            "broadcast_bytes_per_step": traffic.per_step(traffic.broadcast, STEPS),
-            "broadcast_names_init": traffic.broadcast_names.get("init", []),
-            "broadcast_names_per_step": [
-                traffic.broadcast_names.get(step, []) for step in range(STEPS)
-            ],
-            "other_phases": {
-                str(k): v for k, v in traffic.broadcast.items() if k not in ("init", *range(STEPS))
-            },
-        }
-        (out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+        for projection in projections:
+            (out / projection).mkdir(parents=True, exist_ok=True)
+            run_ranks(out / projection, projection, rank, world_size)
     finally:
         dist.destroy_process_group()
+
+
+def run_ranks(out: Path, projection: str, rank: int, world_size: int) -> None:
+    """One projection's DDP run on this rank (the process group already up)."""
+    model, mapped = build(projection)
+    traffic = Traffic(mapped)  # names relative to DDP's module, as in the ignore list
+    traffic.install()
+    ddp = torch.nn.parallel.DistributedDataParallel(mapped)  # CPU: no device_ids
+    ddp.register_comm_hook(traffic, counting_allreduce_hook)
+    x, y = global_batch()
+    local = GLOBAL_BATCH // world_size
+    x, y = x[rank * local : (rank + 1) * local], y[rank * local : (rank + 1) * local]
+    optimizer = torch.optim.Adam(ddp.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        traffic.phase = step
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(ddp(x), y)  # mean over this rank's slice
+        loss.backward()  # DDP averages: = the gradient of the mean over the global batch
+        optimizer.step()
+        losses.append(loss.item())
+    traffic.phase = "end"
+    traffic.uninstall()  # the next projection's run counts afresh
+    _save_latents(mapped, out / f"rank{rank}.safetensors")
+    report = _summary(model, mapped, projection) | {
+        "rank": rank,
+        "world_size": world_size,
+        "losses": losses,
+        "allreduce_bytes_per_step": traffic.per_step(traffic.hook_allreduce, STEPS),
+        "python_allreduce_bytes_per_step": traffic.per_step(traffic.python_allreduce, STEPS),
+        "broadcast_bytes_init": traffic.broadcast.get("init", 0),
+        "broadcast_bytes_per_step": traffic.per_step(traffic.broadcast, STEPS),
+        "broadcast_names_init": traffic.broadcast_names.get("init", []),
+        "broadcast_names_per_step": [
+            traffic.broadcast_names.get(step, []) for step in range(STEPS)
+        ],
+        "other_phases": {
+            str(k): v for k, v in traffic.broadcast.items() if k not in ("init", *range(STEPS))
+        },
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for the results")
     parser.add_argument("--single", action="store_true", help="the one-process reference")
-    parser.add_argument("--projection", default="structured", choices=("structured", "dense"))
+    parser.add_argument(
+        "--projection",
+        nargs="+",
+        default=["structured"],
+        choices=("structured", "dense"),
+        help="one or more projections, run in turn (files under OUT/<projection>/)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.single:
-        run_single(args.out, args.projection)
+        for projection in args.projection:
+            (args.out / projection).mkdir(parents=True, exist_ok=True)
+            run_single(args.out / projection, projection)
     else:
         run_distributed(args.out, args.projection)
 

@@ -66,12 +66,22 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("data"))  # 800 train: 8 steps of 100
 
 
+@pytest.fixture(scope="module")
+def two_processes(
+    data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, subprocess.CompletedProcess]:
+    """`mapnet train --nproc 2` at batch 47 with SGD, run once: the one-process comparison and
+    the torchrun comparison both check it (each launch costs three interpreter startups)."""
+    two = tmp_path_factory.mktemp("nproc") / "two"
+    return two, mapnet(*run_args(data, two, batch=47), *SGD, "--nproc", "2")
+
+
 def test_two_processes_reach_the_one_process_latent_and_send_only_the_latent(
-    data: Path, tmp_path: Path
+    data: Path, two_processes: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
 ) -> None:
-    one, two = tmp_path / "one", tmp_path / "two"
+    one = tmp_path / "one"
+    two, done = two_processes
     assert main([*run_args(data, one, batch=47), *SGD]) == 0  # 800 = 17 × 47 + 1
-    done = mapnet(*run_args(data, two, batch=47), *SGD, "--nproc", "2")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 processes" in done.stdout and "all-reducing 256 bytes per step" in done.stdout
     deviation = (latent(one) - latent(two)).abs().max().item()
@@ -87,12 +97,14 @@ def test_two_processes_reach_the_one_process_latent_and_send_only_the_latent(
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
 
 
-def test_torchrun_runs_the_same_job_as_nproc(data: Path, tmp_path: Path) -> None:
-    nproc, torchrun = tmp_path / "nproc", tmp_path / "torchrun"
-    assert mapnet(*run_args(data, nproc), "--nproc", "2").returncode == 0
+def test_torchrun_runs_the_same_job_as_nproc(
+    data: Path, two_processes: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
+) -> None:
+    (nproc, done), torchrun = two_processes, tmp_path / "torchrun"
+    assert done.returncode == 0, done.stderr[-2000:]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "mapnet_experiments.cli", *run_args(data, torchrun),
+        "-m", "mapnet_experiments.cli", *run_args(data, torchrun, batch=47), *SGD,
     ]  # fmt: skip
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -149,8 +161,8 @@ def test_killing_a_rank_stops_the_job_clearly_and_resume_finishes_it(
     load_model(Trainer(config).module, saved.model)
     assert saved.epoch == epoch and len(saved.history) == epoch
 
-    resumed = mapnet(*base, "--nproc", str(resume_with), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # Resumed from this process (its own launcher for two ranks): one interpreter startup less.
+    assert main([*base, "--nproc", str(resume_with), "--resume"]) == 0
     result = json.loads((out / "results.json").read_text())
     assert [row["epoch"] for row in result["history"]] == [1, 2, 3]
     assert result["history"][:epoch] == saved.history
