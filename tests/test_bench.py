@@ -562,7 +562,8 @@ def test_gpt2_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert abs(rows["lora"]["trainable"] - BUDGET) <= 0.1 * BUDGET
     path = rows["mapnet-row"]["row_path"]  # the tied embedding takes the activation path
     assert "transformer.wte (Embedding)" in path["activation_path"]
-    assert path["conv1d_on_activation_path"] is False and path["weight_path_by_class"]["Conv1D"]
+    assert path["conv1d_on_activation_path"] is True
+    assert "Conv1D" not in path["weight_path_by_class"]
     assert rows["mapnet-row"]["bytes_per_generated_parameter"] < 1  # the latent, not θ
 
     # Loss curves: 2 steps, then 3 going on from the saved state.

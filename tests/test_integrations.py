@@ -368,12 +368,14 @@ def test_peft_applied_to_a_mapped_model_freezes_the_latent() -> None:
         ("lightning_example.py", "reloaded outputs identical: True"),
         ("hf_trainer_example.py", "reloaded outputs identical: True"),
         ("peft_with_mapnet.py", "reloaded outputs identical: True"),
+        ("finetune_transformer.py", "reloaded outputs identical: True"),
     ],
 )
 def test_example_runs_and_reports(
-    example: str, claim: str, capsys: pytest.CaptureFixture[str]
+    example: str, claim: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = EXAMPLES / example
-    assert len(path.read_text().splitlines()) <= 30
+    assert len(path.read_text().splitlines()) <= 40
+    monkeypatch.setattr(sys, "argv", [str(path)])  # no arguments: the examples' own models
     runpy.run_path(str(path), run_name="__main__")
     assert claim in capsys.readouterr().out

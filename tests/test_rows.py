@@ -122,6 +122,31 @@ def bert_block() -> nn.Module:
     return Bert().eval()  # no dropout: both paths see the same function
 
 
+def gpt2_block() -> nn.Module:
+    """GPT-2's embeddings and one block: its projections are transformers' Conv1D (θ stored
+    (in, out)), whose rows are θ's columns."""
+    from transformers import GPT2Config
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    config = GPT2Config(vocab_size=17, n_positions=12, n_embd=8, n_layer=1, n_head=2,
+                        attn_implementation="eager")  # fmt: skip
+
+    class GPT2(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(17, 8), nn.Embedding(12, 8)
+            self.block = GPT2Block(config)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            hidden = self.wte(ids) + self.wpe(torch.arange(ids.shape[1]))
+            hidden = self.block(hidden)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # by transformers release
+            return self.head(hidden.mean(1))
+
+    return GPT2().eval()
+
+
 def ids_input() -> torch.Tensor:
     ids = torch.randint(1, 13, (3, 7), generator=torch.Generator().manual_seed(1))
     ids[0, 5:] = 0  # padding: the padding row's factor must get no gradient
@@ -131,6 +156,7 @@ def ids_input() -> torch.Tensor:
 CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]] = {
     "attention": (Attention, ids_input),
     "bert": (bert_block, ids_input),
+    "gpt2": (gpt2_block, ids_input),
     "conv": (ConvNet, lambda: torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(2))),
     "gru": (Recurrent, lambda: torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(3))),
 }
@@ -187,6 +213,23 @@ def test_activation_path_equals_the_weight_path_with_the_same_grouping(case: str
     for got, expected in zip(activation, weight):
         assert_relative(got, expected)
     assert activation[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gpt2s_conv1d_runs_on_the_activation_path_one_element_per_output_feature(mode: str):
+    model, _ = make("gpt2")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mapped = mapnet.wrap(model, config(mode, target_types=["Conv1D"]))
+    assert not [w for w in caught if "fall back" in str(w.message)]
+    conv1d = [m for m in model.modules() if type(m).__name__ == "Conv1D"]
+    axis = 1 if mode == "row" else 0  # θ (in, out): a row is an output feature, a column an input
+    assert mapped.num_generated_parameters() == sum(m.weight.numel() for m in conv1d) + (
+        sum(m.bias.numel() for m in conv1d) if mode == "row" else 0
+    )
+    assert mapped.projections[0].out_features == sum(m.weight.shape[axis] for m in conv1d)
+    attention = mapped.target.block.attn.c_attn
+    assert getattr(attention, SCALE).shape == (attention.weight.shape[axis],)
 
 
 @pytest.mark.parametrize("mode", MODES)

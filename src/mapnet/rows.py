@@ -11,7 +11,8 @@ forward hook scales the output, so ∂L/∂m = Σ_batch dy ⊙ (θ_pre x + b). N
 dθ = Σ dyᵀx: a step costs the frozen network's forward and backward plus one elementwise
 product per layer. Columns scale the input instead, y = θ_pre (x ⊙ (1 + m)) + b. An Embedding's
 row is one token's vector, scaled through the input ids; its columns are the embedding
-dimensions.
+dimensions. transformers' Conv1D (GPT-2's projections, y = x θ + b with θ stored (in, out)) is a
+Linear stored transposed: its rows are θ's columns, and its columns θ's rows.
 
 A layout lists, per latent group and in generation order, units: a run of elements and the
 tensors they scale (`Piece`), either on the activation path (`Unit.modules`, the modules whose
@@ -24,6 +25,7 @@ piece's axis and handed to the module). Numeric L groups kept inside each tensor
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -80,12 +82,23 @@ def has_layout(config: MappingConfig) -> bool:
     )
 
 
+def _transposed_linear_class() -> type | None:
+    """transformers' Conv1D, if transformers is imported (a model holding one has imported it;
+    mapnet never imports transformers itself)."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return getattr(utils, "Conv1D", None)
+
+
 def activation_family(module: nn.Module) -> str | None:
-    """ "linear", "conv" or "embedding" when `module` computes exactly what that torch class
-    does, so that scaling its output or input is exact; None otherwise (the weight path)."""
+    """ "linear", "conv", "embedding" or "transposed-linear" (transformers' Conv1D) when
+    `module` computes exactly what that class does, so that scaling its output or input is
+    exact; None otherwise (the weight path)."""
     kind = type(module)
     if isinstance(module, nn.Linear) and kind.forward is nn.Linear.forward:
         return "linear"
+    transposed = _transposed_linear_class()
+    if transposed is not None and kind is transposed:
+        return "transposed-linear"
     for base in CONVS:
         if (
             isinstance(module, base)
@@ -105,6 +118,8 @@ def activation_family(module: nn.Module) -> str | None:
 def _elements(module: nn.Module, family: str, mode: str) -> int:
     if family == "linear":
         return module.out_features if mode == "row" else module.in_features
+    if family == "transposed-linear":  # θ (in, out)
+        return module.weight.shape[1] if mode == "row" else module.weight.shape[0]
     if family == "conv":
         return module.out_channels if mode == "row" else module.in_channels
     return module.num_embeddings if mode == "row" else module.embedding_dim
@@ -140,10 +155,14 @@ def _activation_unit(
     if len(counts) != 1 or (mode == "column" and len(owners) > 1 and groups != {1}):
         return None
     (count,) = counts
+    transposed = {family == "transposed-linear" for _, _, family in owners}
+    if len(transposed) != 1:  # tied to a module stored the other way round
+        return None
     if mode == "column":
-        pieces = [Piece(spec.name, "columns", groups.pop() if len(owners) == 1 else 1)]
+        axis = "rows" if transposed == {True} else "columns"
+        pieces = [Piece(spec.name, axis, groups.pop() if len(owners) == 1 else 1)]
     else:
-        pieces = [Piece(spec.name, "rows")]
+        pieces = [Piece(spec.name, "columns" if transposed == {True} else "rows")]
     bias_shared = False
     if mode == "row" and len(owners) == 1:
         owner = owners[0][0]
@@ -202,7 +221,7 @@ def column_biases(model: nn.Module, generated: Sequence[ParamSpec]) -> list[Para
         owner, attr = _split(spec.name)
         if attr == "bias" and len(spec.names) == 1:
             module = model.get_submodule(owner)
-            if activation_family(module) in ("linear", "conv"):
+            if activation_family(module) in ("linear", "conv", "transposed-linear"):
                 out.append(spec)
     return out
 

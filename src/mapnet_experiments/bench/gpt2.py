@@ -19,13 +19,11 @@ The variants:
                 multiple of 768 = 3 · 256, and 4,096 is not)
     mapnet-l1   mapnet θ = θ_pre ⊙ (1 + m), base="model", d = budget, L = 1, every parameter
                 generated (the weight path)
-    mapnet-row  the same with group_size="row". mapnet's activation path takes nn.Linear, convs
-                and nn.Embedding only: transformers' Conv1D (GPT-2's attention and MLP
-                projections) is none of them, so those fall back to the weight path (mapnet
-                warns), and on it "row" is a slice along dim 0, which for Conv1D's (in, out)
-                weight is an input feature. The token embedding (tied to lm_head) and the
-                position embedding do take the activation path. The result records which
-                modules took which path (`row_path`).
+    mapnet-row  the same with group_size="row": GPT-2's projections (transformers' Conv1D,
+                one element per output feature), the token embedding (tied to lm_head) and
+                the position embedding take the activation path; the LayerNorms fall back to
+                the weight path (mapnet warns). The result records which modules took which
+                path (`row_path`).
 
 Bytes per generated parameter = the bytes on disk of what the method's library saves to reload
 the fine-tune onto the same pretrained model (mapnet.save, peft's save_pretrained, the trained
