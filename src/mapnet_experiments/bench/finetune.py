@@ -21,22 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mapnet_experiments.bench.harness import (
-    MALLOC_TUNED_ENV,
-    compared_to_plain,
-    finish,
-    in_round_order,
-    malloc_env,
-    measure,
-    median,
-    peak_rss_bytes,
-    resolved_threads,
-    results_header,
-    runner,
-    start_measurement,
-    thread_counts,
-    threads_text,
-)
+from mapnet_experiments.bench import harness
 from mapnet_experiments.bench.peak_memory import current_rss_bytes, reset_peak_rss
 from mapnet_experiments.bench.text import mib, ms, run_header
 
@@ -284,7 +269,7 @@ def measure_finetune(
 ) -> dict[str, Any]:
     """Build `model` for `method` and time `warmup + steps` Adam steps on a fixed batch; the
     process's peak RSS, and the peak since the first step (subprocess)."""
-    conditions = start_measurement(threads)
+    conditions = harness.start_measurement(threads)
     import peft  # noqa: F401  every process loads the same libraries, used or not
     import transformers  # noqa: F401
 
@@ -300,7 +285,7 @@ def measure_finetune(
     trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
     optimizer = torch.optim.Adam(trainable.values(), lr=1e-3)
     rss_before = current_rss_bytes()
-    build_peak = peak_rss_bytes()  # imports and building: before VmHWM is reset
+    build_peak = harness.peak_rss_bytes()  # imports and building: before VmHWM is reset
     peak_reset = reset_peak_rss()
     seconds, losses = [], []
     for _ in range(warmup + steps):
@@ -326,9 +311,9 @@ def measure_finetune(
         "step_seconds": seconds[warmup:],
         "losses": losses,
         "rss_before_training_bytes": rss_before,
-        "training_peak_rss_bytes": peak_rss_bytes() if peak_reset else None,
-        "peak_rss_bytes": max(build_peak, peak_rss_bytes()),
-        "malloc_env": malloc_env(),
+        "training_peak_rss_bytes": harness.peak_rss_bytes() if peak_reset else None,
+        "peak_rss_bytes": max(build_peak, harness.peak_rss_bytes()),
+        "malloc_env": harness.malloc_env(),
         "fusion": fused.fusion_mode(),
         "compiled_kernels": len(fused._compiled),
         **generation,
@@ -355,8 +340,8 @@ def _generation_alone(mapped: Any, repeats: int = 3) -> dict[str, Any]:
         del made
     mapped.zero_grad(set_to_none=True)
     return {
-        "generation_ms": median(alone) * 1e3,
-        "generation_and_adjoint_ms": median(with_adjoint) * 1e3,
+        "generation_ms": harness.median(alone) * 1e3,
+        "generation_and_adjoint_ms": harness.median(with_adjoint) * 1e3,
     }
 
 
@@ -376,17 +361,17 @@ def finetune_bench(
 ) -> dict[str, Any]:
     """Every (thread count, method) of each model in a fresh process, `rounds` times in
     alternating order; write `out`."""
-    counts = thread_counts(list(threads))
+    counts = harness.thread_counts(list(threads))
     chosen = [m for m in FINETUNE_METHODS if (m.default if methods is None else m.name in methods)]
-    run = runner(smoke, MALLOC_TUNED_ENV if malloc_tuned else None)
+    run = harness.runner(smoke, harness.MALLOC_TUNED_ENV if malloc_tuned else None)
     skipped = {m.name: reason for m in chosen if (reason := refusal(m, budget))}
     data: dict[str, Any] = {
-        **results_header("finetune", command, smoke, counts),
+        **harness.results_header("finetune", command, smoke, counts),
         "settings": {
             "budget": budget,
-            "threads": resolved_threads(counts),
+            "threads": harness.resolved_threads(counts),
             "methods": [m.name for m in chosen],
-            "malloc_env": MALLOC_TUNED_ENV if malloc_tuned else {},
+            "malloc_env": harness.MALLOC_TUNED_ENV if malloc_tuned else {},
             "optimizer": "Adam, lr 1e-3, on what trains",
             "models": {name: dataclasses.asdict(FINETUNE_MODELS[name]) for name in models},
         },
@@ -402,11 +387,12 @@ def finetune_bench(
         pairs = [(c, m.name) for c in counts for m in chosen if m.name not in skipped]
         runs: dict[tuple[int | None, str], list[dict[str, Any]]] = {p: [] for p in pairs}
         for round_index in range(spec.rounds):
-            for count, method in in_round_order(pairs, round_index):
-                result = measure(
+            for count, method in harness.in_round_order(pairs, round_index):
+                result = harness.measure(
                     run,
                     started,
-                    f"{model} {method} {threads_text(count)} round {round_index + 1}/{spec.rounds}",
+                    f"{model} {method} {harness.threads_text(count)} "
+                    f"round {round_index + 1}/{spec.rounds}",
                     measure_finetune,
                     _figures,
                     model=model,
@@ -421,12 +407,12 @@ def finetune_bench(
         for count in counts:
             done = {m.name: runs.get((count, m.name), []) for m in chosen}
             data["rows"] += _summarise(model, count, chosen, done, skipped)
-    return finish(data, out, started)
+    return harness.finish(data, out, started)
 
 
 def _figures(result: dict[str, Any]) -> str:
     return (
-        f"step {median(result['step_seconds']) * 1e3:.0f} ms, peak RSS "
+        f"step {harness.median(result['step_seconds']) * 1e3:.0f} ms, peak RSS "
         f"{mib(result['peak_rss_bytes'])} MiB, {result['trainable']:,} trainable, load "
         f"{result['loadavg'][0]:.1f}"
     )
@@ -455,9 +441,9 @@ def _summarise(
             "trainable": done[0]["trainable"],
             "head_numbers": done[0]["head_numbers"],
             "count": done[0]["count"],
-            "step_ms_median": median([s for r in done for s in r["step_seconds"]]) * 1e3,
-            "step_ms_process_medians": [median(r["step_seconds"]) * 1e3 for r in done],
-            "peak_rss_bytes": median([r["peak_rss_bytes"] for r in done]),
+            "step_ms_median": harness.median([s for r in done for s in r["step_seconds"]]) * 1e3,
+            "step_ms_process_medians": [harness.median(r["step_seconds"]) * 1e3 for r in done],
+            "peak_rss_bytes": harness.median([r["peak_rss_bytes"] for r in done]),
             "training_peak_rss_bytes": _median_or_none(done, "training_peak_rss_bytes"),
             "generation_ms": _median_or_none(done, "generation_ms"),
             "generation_and_adjoint_ms": _median_or_none(done, "generation_and_adjoint_ms"),
@@ -467,10 +453,10 @@ def _summarise(
             other = runs.get(reference) or []
             if not other:
                 continue
-            compared = compared_to_plain(done, other, "step_seconds", "step")
+            compared = harness.compared_to_plain(done, other, "step_seconds", "step")
             row[f"ratio_to_{reference}"] = compared["ratio_to_plain"]
             row[f"ratio_to_{reference}_per_round"] = compared["ratio_per_round"]
-            row[f"rss_ratio_to_{reference}"] = row["peak_rss_bytes"] / median(
+            row[f"rss_ratio_to_{reference}"] = row["peak_rss_bytes"] / harness.median(
                 [r["peak_rss_bytes"] for r in other]
             )
         rows.append(row)
@@ -479,7 +465,7 @@ def _summarise(
 
 def _median_or_none(done: list[dict[str, Any]], key: str) -> float | None:
     values = [r[key] for r in done if r.get(key) is not None]
-    return median(values) if values else None
+    return harness.median(values) if values else None
 
 
 # ------------------------------------------------------------------------------ the targets
@@ -609,7 +595,7 @@ def report_section(data: dict[str, Any]) -> list[str]:
 
 def _model_table(data: dict[str, Any], model: str, spec: dict[str, Any], threads: int) -> list:
     lines = [
-        f"### {spec['label']}, batch {spec['batch']}, {threads_text(threads)}",
+        f"### {spec['label']}, batch {spec['batch']}, {harness.threads_text(threads)}",
         "",
         "| method | trainable | count | step (ms) | × LoRA | × full | generation + adjoint "
         "(ms, share of the step) | peak RSS (MiB) | × LoRA | × full |",

@@ -48,19 +48,7 @@ import torch
 from torch import nn
 
 from mapnet import files
-from mapnet_experiments.bench.harness import (
-    finish,
-    in_round_order,
-    measure,
-    median,
-    memory_total_bytes,
-    peak_rss_bytes,
-    resolved_threads,
-    results_header,
-    runner,
-    start_measurement,
-    thread_counts,
-)
+from mapnet_experiments.bench import harness
 from mapnet_experiments.bench.peak_memory import current_rss_bytes, reset_peak_rss
 from mapnet_experiments.bench.text import mib
 
@@ -288,7 +276,7 @@ def measure_gpt2(
     """Build GPT-2 for `variant` and time `warmup + steps` Adam steps on one fixed batch; peak
     RSS (VmHWM) of the process and since the first step; trainable numbers; checkpoint bytes. A
     MemoryError anywhere is a result too: where it happened and the peak reached."""
-    conditions = start_measurement(threads)
+    conditions = harness.start_measurement(threads)
     _imports()
     result: dict[str, Any] = {"variant": variant, **conditions, "stage": "data"}
     try:
@@ -306,7 +294,7 @@ def measure_gpt2(
         optimizer = torch.optim.Adam(trainable, lr=1e-3)
         result |= {
             "rss_before_training_bytes": current_rss_bytes(),
-            "build_peak_rss_bytes": peak_rss_bytes(),
+            "build_peak_rss_bytes": harness.peak_rss_bytes(),
             "stage": "training",
         }
         peak_reset = reset_peak_rss()
@@ -315,14 +303,14 @@ def measure_gpt2(
             started = time.perf_counter()
             losses.append(_train_step(module, optimizer, ids))
             seconds.append(time.perf_counter() - started)
-        training_peak = peak_rss_bytes() if peak_reset else None
+        training_peak = harness.peak_rss_bytes() if peak_reset else None
         result["stage"] = "checkpoint"
         saved = checkpoint_bytes(variant, module)
     except MemoryError as error:
         return result | {
             "failed": f"MemoryError while {result['stage']}: {error}",
-            "peak_rss_bytes": peak_rss_bytes(),
-            "memory_bytes": memory_total_bytes(),
+            "peak_rss_bytes": harness.peak_rss_bytes(),
+            "memory_bytes": harness.memory_total_bytes(),
         }
     count = sum(p.numel() for p in trainable)
     adam_bytes = sum(
@@ -347,8 +335,8 @@ def measure_gpt2(
             "step_seconds": seconds[warmup:],
             "losses": losses,
             "training_peak_rss_bytes": training_peak,
-            "peak_rss_bytes": peak_rss_bytes(),
-            "memory_bytes": memory_total_bytes(),
+            "peak_rss_bytes": harness.peak_rss_bytes(),
+            "memory_bytes": harness.memory_total_bytes(),
         }
     )
 
@@ -375,13 +363,13 @@ def gpt2_bench(
 ) -> dict[str, Any]:
     """Every variant in a fresh process, `shape.rounds` rounds in alternating order; write
     `out`. A process that dies (the kernel's OOM killer) is recorded as failed, with why."""
-    counts = thread_counts([threads])
-    run = runner(smoke, None)
+    counts = harness.thread_counts([threads])
+    run = harness.runner(smoke, None)
     data: dict[str, Any] = {
-        **results_header("gpt2", command, smoke, counts),
+        **harness.results_header("gpt2", command, smoke, counts),
         "settings": {
             "budget": budget,
-            "threads": resolved_threads(counts),
+            "threads": harness.resolved_threads(counts),
             "variants": list(variants),
             "shape": dataclasses.asdict(shape),
             "model": "tiny GPT2Config (smoke)" if smoke else "GPT-2 small, random init",
@@ -393,7 +381,7 @@ def gpt2_bench(
     started = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for round_index in range(shape.rounds):
-        for variant in in_round_order(list(variants), round_index):
+        for variant in harness.in_round_order(list(variants), round_index):
             what = f"gpt2 {variant} round {round_index + 1}/{shape.rounds}"
             kwargs = {
                 "variant": variant, "smoke": smoke, "batch": shape.batch,
@@ -401,22 +389,23 @@ def gpt2_bench(
                 "budget": budget, "threads": counts[0],
             }  # fmt: skip
             try:
-                result = measure(run, started, what, measure_gpt2, _figures, **kwargs)
+                result = harness.measure(run, started, what, measure_gpt2, _figures, **kwargs)
             except RuntimeError as error:  # killed: most likely out of memory
                 print(f"failed: {str(error)[-300:]}", flush=True)
                 result = {"variant": variant, "failed": str(error)[-2000:], "stage": "unknown"}
             result["round"] = round_index
             runs[variant].append(result)
     data["rows"] = [_summary(v, runs[v], smoke) for v in variants]
-    return finish(data, out, started)
+    return harness.finish(data, out, started)
 
 
 def _figures(result: dict[str, Any]) -> str:
     if result.get("failed"):
         return f"failed: {result['failed']}"
     return (
-        f"step {median(result['step_seconds']):.2f} s, build {result['build_seconds']:.1f} s, "
-        f"peak RSS {mib(result['peak_rss_bytes'])} MiB, {result['trainable']:,} trainable"
+        f"step {harness.median(result['step_seconds']):.2f} s, "
+        f"build {result['build_seconds']:.1f} s, peak RSS {mib(result['peak_rss_bytes'])} MiB, "
+        f"{result['trainable']:,} trainable"
     )
 
 
@@ -431,7 +420,7 @@ def _summary(variant: str, done: list[dict[str, Any]], smoke: bool) -> dict[str,
             "failed": failed.get("failed", "not run"),
             "failed_stage": failed.get("stage"),
             "peak_rss_bytes": failed.get("peak_rss_bytes"),
-            "memory_bytes": memory_total_bytes(),
+            "memory_bytes": harness.memory_total_bytes(),
             "estimated_floor_bytes": floor if variant == "full" else None,
         }
     first = good[0]
@@ -444,11 +433,11 @@ def _summary(variant: str, done: list[dict[str, Any]], smoke: bool) -> dict[str,
         | {
             "failed": None,
             "processes": len(good),
-            "step_seconds_median": median([s for r in good for s in r["step_seconds"]]),
-            "step_seconds_process_medians": [median(r["step_seconds"]) for r in good],
-            "build_seconds_median": median([r["build_seconds"] for r in good]),
-            "peak_rss_bytes": median([r["peak_rss_bytes"] for r in good]),
-            "training_peak_rss_bytes": median(
+            "step_seconds_median": harness.median([s for r in good for s in r["step_seconds"]]),
+            "step_seconds_process_medians": [harness.median(r["step_seconds"]) for r in good],
+            "build_seconds_median": harness.median([r["build_seconds"] for r in good]),
+            "peak_rss_bytes": harness.median([r["peak_rss_bytes"] for r in good]),
+            "training_peak_rss_bytes": harness.median(
                 [r["training_peak_rss_bytes"] for r in good if r.get("training_peak_rss_bytes")]
             ),
         }
@@ -502,7 +491,7 @@ def train_loss_curve(
     locked while this runs: a second process on the same variant fails at once."""
     from safetensors.torch import save
 
-    conditions = start_measurement(threads)
+    conditions = harness.start_measurement(threads)
     _imports()
     settings = {"variant": variant, "smoke": smoke, "batch": batch, "seq_len": seq_len,
                 "lr": lr, "budget": budget}  # fmt: skip
@@ -538,7 +527,7 @@ def train_loss_curve(
         "resumed_from": resumed_from,
         "losses": losses[:steps],
         "step_seconds": seconds[:steps],
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": harness.peak_rss_bytes(),
     }
 
 
@@ -558,14 +547,14 @@ def gpt2_loss_bench(
     after every variant, keeping the curves of earlier runs with the same settings, so the run
     can be split (--variants lora, later --variants mapnet-row) and a cut one goes on from its
     last saved step (the state folders beside `out`)."""
-    counts = thread_counts([threads])
-    settings = {"budget": budget, "threads": resolved_threads(counts), "batch": shape.batch,
+    counts = harness.thread_counts([threads])
+    settings = {"budget": budget, "threads": harness.resolved_threads(counts), "batch": shape.batch,
                 "seq_len": shape.seq_len, "lr": lr, "steps": steps,
                 "optimizer": f"Adam, lr {lr:g}, on what trains",
                 "data": "random ids (smoke)" if smoke else "the tweets (train split), in order, "
                 "cycling"}  # fmt: skip
     data: dict[str, Any] = {
-        **results_header("gpt2-loss", command, smoke, counts),
+        **harness.results_header("gpt2-loss", command, smoke, counts),
         "settings": settings,
         "curves": {},
     }
@@ -573,14 +562,14 @@ def gpt2_loss_bench(
         earlier = json.loads(out.read_text())
         if earlier.get("settings") == settings:
             data["curves"] = earlier.get("curves", {})
-    run = runner(smoke, None)
+    run = harness.runner(smoke, None)
     started = time.perf_counter()
     for variant in variants:
         if len(data["curves"].get(variant, {}).get("losses", [])) >= steps:
             print(f"gpt2 loss curve {variant}: done already in {out}", flush=True)
             continue
         state = out.with_name(f"{out.stem}-{variant}.state")
-        data["curves"][variant] = measure(
+        data["curves"][variant] = harness.measure(
             run, started, f"gpt2 loss curve {variant}, {steps} steps", train_loss_curve,
             _curve_figures, variant=variant, smoke=smoke, steps=steps, batch=shape.batch,
             seq_len=shape.seq_len, lr=lr, budget=budget, state=str(state),
@@ -588,12 +577,12 @@ def gpt2_loss_bench(
         )  # fmt: skip
         data["curves"][variant]["command"] = command  # a split run: each curve's own command
         files.write_json(out, data | {"wall_seconds": time.perf_counter() - started})
-    return finish(data, out, started)
+    return harness.finish(data, out, started)
 
 
 def _curve_figures(result: dict[str, Any]) -> str:
     losses = result["losses"]
     return (
         f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, median step "
-        f"{median(result['step_seconds']):.2f} s (resumed at step {result['resumed_from']})"
+        f"{harness.median(result['step_seconds']):.2f} s (resumed at step {result['resumed_from']})"
     )

@@ -20,21 +20,7 @@ import torch
 from torch import nn
 
 from mapnet import MappingConfig, wrap
-from mapnet_experiments.bench.harness import (
-    MALLOC_TUNED_ENV,
-    compared_to_plain,
-    finish,
-    in_round_order,
-    measure,
-    median,
-    peak_rss_bytes,
-    resolved_threads,
-    results_header,
-    runner,
-    start_measurement,
-    thread_counts,
-    threads_text,
-)
+from mapnet_experiments.bench import harness
 from mapnet_experiments.bench.subjects import STEP_MODELS, fixed_batch, with_input_size
 from mapnet_experiments.bench.text import ms, run_header, shape_text
 
@@ -72,7 +58,7 @@ def measure_inference(
     """Time eval-mode forwards under torch.no_grad() of the plain or mapped model (subprocess)."""
     if variant not in INFERENCE_VARIANTS:
         raise ValueError(f"variant must be one of {INFERENCE_VARIANTS}, got {variant!r}")
-    conditions = start_measurement(threads)
+    conditions = harness.start_measurement(threads)
     spec = with_input_size(STEP_MODELS[model], input_size)
     x, _ = fixed_batch(spec, batch)
     started = time.perf_counter()
@@ -105,7 +91,7 @@ def measure_inference(
         "first_call_seconds": first_seconds,
         "call_seconds": seconds,
         "repeat_output_equal": bool(torch.equal(first, second)),
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": harness.peak_rss_bytes(),
     }
 
 
@@ -122,15 +108,15 @@ def inference_bench(
 ) -> dict[str, Any]:
     """(d) for `models` at every thread count: rounds of fresh processes, each running one
     (variant, thread count), in alternating order; write `out`. `batch` overrides the models'."""
-    counts = thread_counts(threads)
-    run = runner(smoke, MALLOC_TUNED_ENV if malloc_tuned else None)
+    counts = harness.thread_counts(threads)
+    run = harness.runner(smoke, harness.MALLOC_TUNED_ENV if malloc_tuned else None)
     data: dict[str, Any] = {
-        **results_header("inference", command, smoke, counts),
+        **harness.results_header("inference", command, smoke, counts),
         "settings": {
             "latent_dim": latent_dim,
             "projection": "structured",
             "malloc_tuned": malloc_tuned,
-            "threads": resolved_threads(counts),
+            "threads": harness.resolved_threads(counts),
             "models": {
                 name: dataclasses.asdict(INFERENCE_MODELS[name])
                 | {
@@ -154,11 +140,11 @@ def inference_bench(
             (c, v): [] for c in counts for v in INFERENCE_VARIANTS
         }
         for round_index in range(plan.rounds):
-            for count, variant in in_round_order(list(runs), round_index):
-                result = measure(
+            for count, variant in harness.in_round_order(list(runs), round_index):
+                result = harness.measure(
                     run,
                     started,
-                    f"{model} {variant} {threads_text(count)} "
+                    f"{model} {variant} {harness.threads_text(count)} "
                     f"round {round_index + 1}/{plan.rounds}",
                     measure_inference,
                     _figures,
@@ -177,12 +163,12 @@ def inference_bench(
             data["rows"].extend(
                 _summarise_inference(model, {v: runs[(count, v)] for v in INFERENCE_VARIANTS})
             )
-    return finish(data, out, started)
+    return harness.finish(data, out, started)
 
 
 def _figures(result: dict[str, Any]) -> str:
     return (
-        f"forward {median(result['call_seconds']) * 1e3:.2f} ms, first call "
+        f"forward {harness.median(result['call_seconds']) * 1e3:.2f} ms, first call "
         f"{result['first_call_seconds'] * 1e3:.1f} ms, load {result['loadavg'][0]:.1f}"
     )
 
@@ -198,9 +184,10 @@ def _summarise_inference(model: str, runs: dict[str, list[dict[str, Any]]]) -> l
                 "batch": done[0]["batch"],
                 "input_shape": done[0]["input_shape"],
                 "processes": len(done),
-                **compared_to_plain(done, runs["plain"], "call_seconds", "forward"),
-                "first_call_ms_median": median([r["first_call_seconds"] for r in done]) * 1e3,
-                "build_seconds_median": median([r["build_seconds"] for r in done]),
+                **harness.compared_to_plain(done, runs["plain"], "call_seconds", "forward"),
+                "first_call_ms_median": harness.median([r["first_call_seconds"] for r in done])
+                * 1e3,
+                "build_seconds_median": harness.median([r["build_seconds"] for r in done]),
                 "repeat_output_equal": all(r["repeat_output_equal"] for r in done),
                 "peak_rss_bytes": max(r["peak_rss_bytes"] for r in done),
                 "runs": done,

@@ -18,26 +18,8 @@ import torch
 from torch import nn
 
 from mapnet import MappedModule, wrap
+from mapnet_experiments.bench import harness
 from mapnet_experiments.bench.breakdown import measure_breakdown
-from mapnet_experiments.bench.harness import (
-    MALLOC_TUNED_ENV,
-    compared_to_plain,
-    finish,
-    in_round_order,
-    malloc_env,
-    measure,
-    median,
-    memory_total_bytes,
-    minor_faults,
-    peak_rss_bytes,
-    resolved_threads,
-    results_header,
-    row_threads,
-    runner,
-    start_measurement,
-    thread_counts,
-    threads_text,
-)
 from mapnet_experiments.bench.subjects import (
     STEP_MODELS,
     STEP_VARIANTS,
@@ -63,13 +45,13 @@ def measure_step(
     """Build one variant and time `warmup + steps` training steps on a fixed batch (subprocess)."""
     from mapnet.projections import fused
 
-    conditions = start_measurement(threads)
+    conditions = harness.start_measurement(threads)
     spec, kind = STEP_MODELS[model], VARIANTS_BY_NAME[variant]
     fused.set_fusion(kind.fusion)
     torch.manual_seed(0)
     target = spec.factory()
     x, y = fixed_batch(spec, batch)
-    rss_before = peak_rss_bytes()
+    rss_before = harness.peak_rss_bytes()
     construction: float | None = None
     module: nn.Module = target
     lr = spec.lr_plain
@@ -83,14 +65,14 @@ def measure_step(
     optimizer = torch.optim.Adam(trainable, lr=lr)
     seconds, losses, faults = [], [], []
     for _ in range(warmup + steps):
-        faults_before = minor_faults()
+        faults_before = harness.minor_faults()
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(module(x), y)
         loss.backward()
         optimizer.step()
         seconds.append(time.perf_counter() - started)
-        faults.append(minor_faults() - faults_before)
+        faults.append(harness.minor_faults() - faults_before)
         losses.append(loss.item())
     with torch.no_grad():
         loss_after = nn.functional.cross_entropy(module(x), y).item()
@@ -113,14 +95,14 @@ def measure_step(
         "optimizer_state_bytes": tensor_bytes(optimizer_state),
         "warmup_seconds": seconds[:warmup],
         "step_seconds": seconds[warmup:],
-        "minor_faults_per_step": median(faults[warmup:]),
-        "malloc_env": malloc_env(),
+        "minor_faults_per_step": harness.median(faults[warmup:]),
+        "malloc_env": harness.malloc_env(),
         "fusion": fused.fusion_mode(),
         "compiled_kernels": len(fused._compiled),
         "losses": losses,
         "loss_after": loss_after,
         "rss_before_bytes": rss_before,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": harness.peak_rss_bytes(),
     }
 
 
@@ -148,9 +130,9 @@ def _summarise(
         row |= {
             "skipped": False,
             "processes": len(done),
-            **compared_to_plain(done, plain_runs, "step_seconds", "step"),
-            "construction_seconds": median(builds) if builds else None,
-            "minor_faults_per_step": median([r["minor_faults_per_step"] for r in done]),
+            **harness.compared_to_plain(done, plain_runs, "step_seconds", "step"),
+            "construction_seconds": harness.median(builds) if builds else None,
+            "minor_faults_per_step": harness.median([r["minor_faults_per_step"] for r in done]),
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in done),
             "rss_before_bytes": first["rss_before_bytes"],
             "projection_bytes": first["projection_bytes"],
@@ -173,7 +155,7 @@ def _summarise(
 def _dense_skip_reason(parameters: int, latent_dim: int) -> str | None:
     """Why a dense W cannot be built here, or None: it needs P·d float32 numbers in memory."""
     needed = parameters * latent_dim * 4
-    memory = memory_total_bytes()
+    memory = harness.memory_total_bytes()
     if memory and needed > memory / 2:
         return (
             f"dense W needs P·d·4 B = {parameters:,} × {latent_dim} × 4 B = {needed / 1e9:.0f} GB; "
@@ -207,23 +189,23 @@ def step_bench(
     path itself is exercised by the construction smoke test). Its peak RSS is then shared.
     `malloc_tuned` runs the measurements with MALLOC_TUNED_ENV (subprocesses only).
     """
-    env = MALLOC_TUNED_ENV if malloc_tuned else None
-    counts = thread_counts(threads)
+    env = harness.MALLOC_TUNED_ENV if malloc_tuned else None
+    counts = harness.thread_counts(threads)
     unknown = sorted(set(variants or ()) - set(VARIANTS_BY_NAME))
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS_BY_NAME)}")
     chosen = [
         v for v in STEP_VARIANTS if variants is None or v.name in variants or v.kind == "plain"
     ]
-    run = runner(smoke, env)
+    run = harness.runner(smoke, env)
 
     data: dict[str, Any] = {
-        **results_header("step", command, smoke, counts),
+        **harness.results_header("step", command, smoke, counts),
         "settings": {
             "batch": batch,
             "latent_dim": latent_dim,
             "strategy": "single",
-            "threads": resolved_threads(counts),
+            "threads": harness.resolved_threads(counts),
             "variants": [v.name for v in chosen],
             "loss": "cross-entropy, fixed synthetic batch",
             "optimizer": "Adam",
@@ -262,12 +244,12 @@ def step_bench(
                 for v in chosen
                 if v.name not in skipped and (v.projection != "dense" or round_index < dense_rounds)
             ]
-            for count, variant in in_round_order(pairs, round_index):
-                result = measure(
+            for count, variant in harness.in_round_order(pairs, round_index):
+                result = harness.measure(
                     run,
                     started,
                     f"{model} {variant.name}"
-                    + (f" {threads_text(count)}" if len(counts) > 1 else "")
+                    + (f" {harness.threads_text(count)}" if len(counts) > 1 else "")
                     + f" round {round_index + 1}/{spec.rounds}",
                     measure_step,
                     _step_figures,
@@ -281,11 +263,11 @@ def step_bench(
             data["rows"].extend(_summarise(model, runs[count], skipped, chosen, count))
     for model in breakdown or []:
         for count in counts:
-            result = measure(
+            result = harness.measure(
                 run,
                 started,
                 f"{model} breakdown (structured"
-                + (f", {threads_text(count)}" if len(counts) > 1 else "")
+                + (f", {harness.threads_text(count)}" if len(counts) > 1 else "")
                 + ")",
                 measure_breakdown,
                 _breakdown_figures,
@@ -294,7 +276,7 @@ def step_bench(
             )
             data["breakdown"].append(result)
     data["targets"] = targets_status(data, None)
-    return finish(data, out, started)
+    return harness.finish(data, out, started)
 
 
 def _schedule(model: str, latent_dim: int, batch: int) -> dict[str, Any]:
@@ -312,7 +294,7 @@ def _schedule(model: str, latent_dim: int, batch: int) -> dict[str, Any]:
 def _step_figures(result: dict[str, Any]) -> str:
     build = result["construction_seconds"]
     return (
-        f"step {median(result['step_seconds']) * 1e3:.1f} ms"
+        f"step {harness.median(result['step_seconds']) * 1e3:.1f} ms"
         + (f", built in {build:.2f} s" if build is not None else "")
         + f", peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB, loss "
         f"{result['losses'][0]:.3f} -> {result['loss_after']:.3f}, "
@@ -459,7 +441,7 @@ def report_section(step: dict[str, Any], name: str) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in step["rows"]:
-        threads = row_threads(step, row) or "–"
+        threads = harness.row_threads(step, row) or "–"
         if row.get("skipped"):
             lines.append(
                 f"| {row['model']} | {threads} | {row['label']} | – | – | – | – | – | – | – "
