@@ -11,6 +11,7 @@ ordinary differentiable operations, for the mapping loss and for tests.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 from typing import Any
@@ -75,6 +76,8 @@ def modulate_group(
     group_size: int,
     shapes: tuple[tuple[int, ...], ...],
     dtypes: tuple[torch.dtype, ...],
+    *,
+    composed: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Fine-tuning (eq. 25): θ = θ_pre ⊙ (1 + m_⌈j/L⌉), m = σ(W(z + α z⊙z)) (⌈P/L⌉,); the
     group's tensors in `shapes` and `dtypes` order.
@@ -83,9 +86,11 @@ def modulate_group(
     computes every tensor in storage of its own, so a tensor nothing saves for backward (an
     embedding table's) is freed after the forward; with L > 1 each tensor also carries the
     recipe that regenerates it from the few factors (`mapnet.recompute`), so the target's
-    layers need not keep it for backward. Otherwise the composed path (`_modulate_composed`).
+    layers need not keep it for backward. Otherwise, or with `composed`, the composed path:
+    the projection's node and ordinary operations (any σ, a base that trains, forward-mode AD,
+    torch.func transforms and torch.compile).
     """
-    if activation == "identity" and plain_autograd(z, base):
+    if not composed and activation == "identity" and plain_autograd(z, base):
         *tensors, factors = _ModulatedTensors.apply(
             z.to(compute_dtype(z)), projection, base, alpha, group_size, shapes
         )
@@ -96,21 +101,6 @@ def modulate_group(
                 recipe = _GroupRecipe(z, projection, base, alpha, factors, group_size, begin)
                 attach_recipe(tensor, recipe.of(tensor))
         return out
-    return _modulate_composed(z, projection, base, alpha, activation, group_size, shapes, dtypes)
-
-
-def _modulate_composed(
-    z: torch.Tensor,
-    projection: Projection,
-    base: torch.Tensor,
-    alpha: float,
-    activation: str,
-    group_size: int,
-    shapes: tuple[tuple[int, ...], ...],
-    dtypes: tuple[torch.dtype, ...],
-) -> tuple[torch.Tensor, ...]:
-    """modulate_group through the projection's node and ordinary operations: any σ, a base that
-    trains, forward-mode AD, torch.func transforms and torch.compile."""
     function = _GeneratedTensorsCore if torch.compiler.is_compiling() else _GeneratedTensors
     shape = (projection.out_features,)
     (m,) = function.apply(z.to(compute_dtype(z)), projection, None, alpha, (shape,))  # (M,)
@@ -124,6 +114,10 @@ def _modulate_composed(
         piece.view(shape).to(dtype)
         for piece, shape, dtype in zip(theta.split(sizes), shapes, dtypes)
     )
+
+
+# modulate_group by the composed path alone: the reference the one-node path is tested against.
+_modulate_composed = functools.partial(modulate_group, composed=True)
 
 
 def group_sums(flat: torch.Tensor, group_size: int) -> torch.Tensor:
