@@ -54,6 +54,21 @@ def _save(plt, fig, out: Path) -> Path:  # type: ignore[no-untyped-def]
     return out
 
 
+def _save_line_chart(  # type: ignore[no-untyped-def]
+    plt, fig, ax, out: Path, labels: tuple[str, str, str], size: int
+) -> Path:
+    """A one-axes line chart's (x label, y label, title), grid and legend (the title at `size`
+    points, the legend 2 smaller), laid out and saved."""
+    xlabel, ylabel, title = labels
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=size)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=size - 2)
+    fig.tight_layout()
+    return _save(plt, fig, out)
+
+
 def _pyplot():  # type: ignore[no-untyped-def]
     try:
         import matplotlib
@@ -166,13 +181,8 @@ def forecast_example(lines: dict[str, Sequence[float]], out: Path, title: str) -
     for index, (name, values) in enumerate(lines.items()):
         ax.plot(values, linewidth=1.6 if index == 0 else 0.9, label=name,
                 color="black" if index == 0 else None)  # fmt: skip
-    ax.set_xlabel("scored test hour (hours whose PM2.5 was not measured are skipped)")
-    ax.set_ylabel("PM2.5 (µg/m³)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return _save(plt, fig, out)
+    xlabel = "scored test hour (hours whose PM2.5 was not measured are skipped)"
+    return _save_line_chart(plt, fig, ax, out, (xlabel, "PM2.5 (µg/m³)", title), 9)
 
 
 def segmentation_examples(
@@ -211,13 +221,8 @@ def interpolation_paths(paths: dict[str, Sequence[float]], out: Path, title: str
     for name, values in paths.items():
         steps = len(values)
         ax.plot([i / (steps - 1) for i in range(steps)], values, marker="o", label=name)
-    ax.set_xlabel("t (0: first model, 1: second)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _save(plt, fig, out)
+    labels = ("t (0: first model, 1: second)", "test accuracy (%)", title)
+    return _save_line_chart(plt, fig, ax, out, labels, 10)
 
 
 def latent_scatter(
