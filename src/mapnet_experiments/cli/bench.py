@@ -288,12 +288,12 @@ GPT-2 small (124,439,808 parameters, random init, transformers' GPT2LMHeadModel)
 causal-LM batches of the tweets (batch 4 × 128 tokens): full fine-tuning, peft LoRA (the rank
 and Conv1D projections nearest the budget: rank 1 on the last mlp.c_fc, 3,840 numbers), mapnet
 θ_pre ⊙ (1 + m) with d = 4,096 at L = 1 (the weight path) and with group_size="row" (the
-activation path; GPT-2's Conv1D projections fall back to the weight path, the results say
-which modules took which). Every variant runs in its own fresh process, --rounds rounds in
-alternating order: build time (wrap / get_peft_model), the median step (zero_grad, forward with
-labels, backward, Adam) over --steps steps after --warmup, peak RSS (VmHWM), trainable count,
-checkpoint bytes per generated parameter. A variant that runs out of memory is recorded as
-failed, with the peak it reached.
+activation path for the Conv1D projections and the embeddings; the LayerNorms fall back to the
+weight path, and the results say which modules took which). Every variant runs in its own fresh
+process, --rounds rounds in alternating order: build time (wrap / get_peft_model), the median
+step (zero_grad, forward with labels, backward, Adam) over --steps steps after --warmup, peak
+RSS (VmHWM), trainable count, checkpoint bytes per generated parameter. A variant that runs out
+of memory is recorded as failed, with the peak it reached.
 
 --loss-curve instead trains mapnet row and LoRA for --loss-steps steps each (one fresh process
 each) and records the loss of every step in results/bench/gpt2-loss.json; the state is committed
@@ -302,8 +302,8 @@ every 10 steps beside it, so a cut run goes on where it stopped, and --variants 
 examples:
   mapnet bench gpt2 --smoke                     # seconds: a tiny GPT2Config, in this process
   mapnet bench gpt2                             # 4 variants × 2 rounds, 2 threads, ~10 min
-  mapnet bench gpt2 --loss-curve --variants lora          # 200 steps, ~25 min
-  mapnet bench gpt2 --loss-curve --variants mapnet-row    # 200 steps, ~50 min
+  mapnet bench gpt2 --loss-curve --variants lora          # 200 steps, tens of minutes
+  mapnet bench gpt2 --loss-curve --variants mapnet-row    # 200 steps, tens of minutes
   mapnet bench report""",
     )
     _add_report_options(q, "results/bench/gpt2.json; --loss-curve: results/bench/gpt2-loss.json")
