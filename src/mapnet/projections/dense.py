@@ -9,7 +9,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mapnet.projections.protocol import PiecewiseScale, RowScale, concat_pieces
+from mapnet.projections.protocol import (
+    Pieces,
+    PieceWeights,
+    PiecewiseScale,
+    RowScale,
+    concat_pieces,
+)
 
 # Rows of the random matrix are drawn and orthonormalised in blocks of this many, so peak memory
 # stays at one P×d matrix plus a block. Part of the seed contract: changing it changes W.
@@ -107,10 +113,7 @@ class DenseProjection(nn.Module):
         return self.forward(u, offset)
 
     def _rmatvec_pieces(
-        self,
-        pieces: Sequence[torch.Tensor | None],
-        sizes: Sequence[int],
-        weights: Sequence[torch.Tensor] | None = None,
+        self, pieces: Pieces, sizes: Sequence[int], weights: PieceWeights | None = None
     ) -> torch.Tensor:
         """Wᵀ (g ⊙ w) for g given as consecutive pieces (N, k) of its P entries (None: zeros)
         and `weights` w one (k,) per piece (None: ones): (N, d)."""

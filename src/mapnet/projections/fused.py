@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from mapnet.projections.protocol import Pieces, PieceWeights
 from mapnet.projections.structured import StructuredProjection
 
 MODES = ("auto", "compiled", "eager")
@@ -196,10 +197,7 @@ def matvec(projection: Any, u: torch.Tensor, offset: torch.Tensor | None = None)
 
 
 def rmatvec_pieces(
-    projection: Any,
-    pieces: Sequence[torch.Tensor | None],
-    sizes: Sequence[int],
-    weights: Sequence[torch.Tensor] | None = None,
+    projection: Any, pieces: Pieces, sizes: Sequence[int], weights: PieceWeights | None = None
 ) -> torch.Tensor:
     """Wᵀ (g ⊙ w) from g's pieces (1, k) (None: zeros): (1, d), `_rmatvec_pieces`' bits."""
     present = next(p for p in pieces if p is not None)

@@ -37,6 +37,11 @@ class PiecewiseScale:
 
 RowScale = torch.Tensor | PiecewiseScale
 
+# A transposed pass's input: g as consecutive pieces (N, k) of its P entries, a None standing for
+# zeros (an unused parameter's gradient), and the weights w that multiply them, one (k,) a piece.
+Pieces = Sequence[torch.Tensor | None]
+PieceWeights = Sequence[torch.Tensor]
+
 
 @runtime_checkable
 class Projection(Protocol):
@@ -64,10 +69,7 @@ class Projection(Protocol):
     def _matvec(self, u: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def _rmatvec_pieces(
-        self,
-        pieces: Sequence[torch.Tensor | None],
-        sizes: Sequence[int],
-        weights: Sequence[torch.Tensor] | None = None,
+        self, pieces: Pieces, sizes: Sequence[int], weights: PieceWeights | None = None
     ) -> torch.Tensor: ...
 
     def weighted_row_sq_norms(self, c: torch.Tensor) -> torch.Tensor: ...
@@ -77,7 +79,7 @@ class Projection(Protocol):
     def column_means(self) -> torch.Tensor: ...
 
 
-def concat_pieces(pieces: Sequence[torch.Tensor | None], sizes: Sequence[int]) -> torch.Tensor:
+def concat_pieces(pieces: Pieces, sizes: Sequence[int]) -> torch.Tensor:
     """(N, Σk) from consecutive pieces (N, k), a None standing for zeros (an unused parameter's
     gradient). At least one piece must be a tensor."""
     present = next(p for p in pieces if p is not None)

@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 from mapnet.checks import positive_int
-from mapnet.projections.protocol import PiecewiseScale, RowScale
+from mapnet.projections.protocol import Pieces, PieceWeights, PiecewiseScale, RowScale
 from mapnet.projections.seeding import hash64, hash_signs, stream_key
 
 # Index elements per scatter/gather call: bounds the transient int64 copy of the slot table.
@@ -493,10 +493,7 @@ class StructuredProjection(nn.Module):
         return self._rmatvec_pieces([flat], [self._out]).view(*lead, self._in)
 
     def _rmatvec_pieces(
-        self,
-        pieces: Sequence[torch.Tensor | None],
-        sizes: Sequence[int],
-        weights: Sequence[torch.Tensor] | None = None,
+        self, pieces: Pieces, sizes: Sequence[int], weights: PieceWeights | None = None
     ) -> torch.Tensor:
         """Wᵀ g for g given as consecutive pieces (N, k) of its P entries (None: zeros): (N, d).
 
@@ -511,10 +508,7 @@ class StructuredProjection(nn.Module):
         return self._adjoint_output(y.view(count, -1))
 
     def _adjoint_input(
-        self,
-        pieces: Sequence[torch.Tensor | None],
-        sizes: Sequence[int],
-        weights: Sequence[torch.Tensor] | None = None,
+        self, pieces: Pieces, sizes: Sequence[int], weights: PieceWeights | None = None
     ) -> torch.Tensor:
         """The transposed pass's buffer (N, Bn) before its transform: (g ⊙ w) times each row's
         gain, in output order, zero past P (see `_rmatvec_pieces`)."""
