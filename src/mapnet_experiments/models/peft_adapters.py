@@ -447,9 +447,7 @@ def apply_lora(
         modules_to_save=[head],
         bias="none",
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _peft_model(model, config)
+    return _peft_model(model, config, seed)
 
 
 def apply_vera(
@@ -488,9 +486,7 @@ def apply_vera(
             modules_to_save=[head],
             bias="none",
         )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _peft_model(model, config)
+    return _peft_model(model, config, seed)
 
 
 def apply_ia3(
@@ -528,15 +524,18 @@ def train_biases(model: nn.Module, head: str) -> int:
     return count
 
 
-def _peft_model(model: nn.Module, config: object) -> PeftModel:
+def _peft_model(model: nn.Module, config: object, seed: int | None = None) -> PeftModel:
     """get_peft_model, with the one warning it gives about gradient checkpointing (not used
-    here) filtered, and nothing else."""
+    here) filtered, and nothing else; with `seed`, its draws come from a generator seeded so,
+    the caller's random state untouched."""
     from peft import get_peft_model
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[], enabled=seed is not None):
         warnings.filterwarnings(
             "ignore", message=".*gradient.checkpointing", category=FutureWarning
         )
+        if seed is not None:
+            torch.manual_seed(seed)
         return get_peft_model(model, config)
 
 
