@@ -79,7 +79,7 @@ class Projection(Protocol):
     def column_means(self) -> torch.Tensor: ...
 
 
-def concat_pieces(pieces: Pieces, sizes: Sequence[int]) -> torch.Tensor:
+def concat_pieces(pieces: Sequence[torch.Tensor | None], sizes: Sequence[int]) -> torch.Tensor:
     """(N, Σk) from consecutive pieces (N, k), a None standing for zeros (an unused parameter's
     gradient). At least one piece must be a tensor."""
     present = next(p for p in pieces if p is not None)
