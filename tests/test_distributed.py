@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -119,6 +120,19 @@ def _children(pid: int) -> list[int]:
     return children
 
 
+def _ranks_of(out: Path) -> list[int]:
+    """This process's children that run the job writing to `out`, in start order."""
+    ranks = []
+    for pid in _children(os.getpid()):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # ended meanwhile
+            continue
+        if str(out).encode() in command:
+            ranks.append(pid)
+    return ranks
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the ranks through /proc")
 @pytest.mark.parametrize(
     ("model", "resume_with"),
@@ -128,24 +142,34 @@ def _children(pid: int) -> list[int]:
     ],
 )
 def test_killing_a_rank_stops_the_job_clearly_and_resume_finishes_it(
-    tmp_path: Path, model: str, resume_with: int
+    tmp_path: Path,
+    model: str,
+    resume_with: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     data = write_tiny_dataset(tmp_path / "data", train=2000)  # 18 steps of 100 per epoch
     out = tmp_path / "run"
     base = [*run_args(data, out, epochs=3), "--model", model]
-    args = [*base, "--nproc", "2"]
-    command = [sys.executable, "-m", "mapnet_experiments.cli", *args]
-    launcher = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # `mapnet train --nproc 2` runs its launcher in a thread of this process (an interpreter
+    # startup less than a launcher process); the ranks are this process's children, and what
+    # they and the launcher write to stderr is captured here.
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+    codes: list[int] = []
+    launcher = threading.Thread(target=lambda: codes.append(main([*base, "--nproc", "2"])))
+    launcher.daemon = True
+    launcher.start()
     deadline = time.monotonic() + 120
     while not (out / "metrics.jsonl").exists():  # rank 0 has saved epoch 1
-        assert launcher.poll() is None and time.monotonic() < deadline, "no epoch finished"
+        assert launcher.is_alive() and time.monotonic() < deadline, "no epoch finished"
         time.sleep(0.05)
-    ranks = _children(launcher.pid)
+    ranks = _ranks_of(out)
     assert len(ranks) == 2
     os.kill(ranks[1], signal.SIGKILL)  # the children start in rank order
-    _, stderr = launcher.communicate(timeout=60)
-    message = stderr.decode()
-    assert launcher.returncode == 1, message
+    launcher.join(timeout=60)
+    message = capfd.readouterr().err
+    assert not launcher.is_alive(), f"the launcher still waits 60 s after the kill: {message}"
+    assert codes == [1], message
     # Rank 0 names the loss (not a gloo traceback); the launcher names the rank killed.
     assert "rank 0 of 2 lost the other ranks" in message, message
     assert "Traceback" not in message, message
