@@ -8,6 +8,8 @@ and --resume finishes the run; the shard, loss-weighting and error paths.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -72,9 +74,38 @@ def two_processes(
     data: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, subprocess.CompletedProcess]:
     """`mapnet train --nproc 2` at batch 47 with SGD, run once: the one-process comparison and
-    the torchrun comparison both check it (each launch costs three interpreter startups)."""
-    two = tmp_path_factory.mktemp("nproc") / "two"
-    return two, mapnet(*run_args(data, two, batch=47), *SGD, "--nproc", "2")
+    the torchrun comparison both check it (each launch costs interpreter startups)."""
+    folder = tmp_path_factory.mktemp("nproc")
+    two = folder / "two"
+    return two, launched_here([*run_args(data, two, batch=47), *SGD, "--nproc", "2"], folder)
+
+
+def launched_here(args: list[str], logs: Path) -> subprocess.CompletedProcess:
+    """`mapnet *args` with this process as the launcher (an interpreter startup less than a
+    `mapnet` subprocess): its exit code, and what it and its ranks wrote to stdout and stderr."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    own = {1: io.StringIO(), 2: io.StringIO()}
+    try:
+        with (
+            open(logs / "stdout", "w+") as out,
+            open(logs / "stderr", "w+") as err,
+            pytest.MonkeyPatch.context() as patch,
+            contextlib.redirect_stdout(own[1]),
+            contextlib.redirect_stderr(own[2]),
+        ):
+            patch.setenv("PYTHONUNBUFFERED", "1")
+            os.dup2(out.fileno(), 1)  # the ranks inherit these
+            os.dup2(err.fileno(), 2)
+            code = main(args)
+    finally:
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+    stdout = own[1].getvalue() + (logs / "stdout").read_text()
+    stderr = own[2].getvalue() + (logs / "stderr").read_text()
+    return subprocess.CompletedProcess(["mapnet", *args], code, stdout, stderr)
 
 
 def test_two_processes_reach_the_one_process_latent_and_send_only_the_latent(
