@@ -511,8 +511,9 @@ def test_finetune_smoke_writes_every_figure(tmp_path: Path) -> None:
         assert row["count"], method
         mapnet_method = method.startswith("mapnet")
         assert (row["generation_and_adjoint_ms"] is not None) == mapnet_method, method
-        if mapnet_method:  # the generator alone, with and without its adjoint
-            assert row["generation_and_adjoint_ms"] > row["generation_ms"] > 0, method
+        if mapnet_method:  # the generator alone, with and without its adjoint (at this size
+            # their order is noise: a busy machine has timed the adjoint the faster)
+            assert _positive(row["generation_and_adjoint_ms"]) and _positive(row["generation_ms"])
     assert rows[("tiny-cnn", "mapnet-l1")]["trainable"] == 64 + 170  # latent + the head
     eager = tmp_path / "results" / "finetune-eager-smoke.json"
     args = ["bench", "finetune", "--smoke", "--threads", "1", "--methods", "lora", "full"]

@@ -158,7 +158,7 @@ def _captured(monkeypatch: pytest.MonkeyPatch) -> list:
     from mapnet_experiments.studies import plots
 
     kept: list = []
-    monkeypatch.setattr(plots, "_save", lambda plt, fig, out: kept.append(fig) or out)
+    monkeypatch.setattr(plots, "save", lambda plt, fig, out: kept.append(fig) or out)
     return kept
 
 

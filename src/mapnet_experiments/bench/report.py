@@ -174,22 +174,17 @@ def gpt2_section(data: dict[str, Any]) -> list[str]:
 def gpt2_loss_section(data: dict[str, Any], figures: Path) -> list[str]:
     """The newest `mapnet bench gpt2 --loss-curve` run: its figure (written beside the report)
     and the first and last losses."""
-    from mapnet_experiments.studies.plots import _pyplot, _save
+    from mapnet_experiments.figures import line_chart, pyplot
 
     settings, curves = data["settings"], data["curves"]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.4), dpi=110)
     for variant, curve in curves.items():
         label = f"{gpt2.LABELS.get(variant, variant)} ({curve['trainable']:,} trainable)"
         ax.plot(range(1, len(curve["losses"]) + 1), curve["losses"], linewidth=0.9, label=label)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("causal-LM loss (cross-entropy, nats)")
-    ax.set_title(f"GPT-2 small, causal LM, batch {settings['batch']} × {settings['seq_len']}",
-                 fontsize=9)  # fmt: skip
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    _save(plt, fig, figures / GPT2_LOSS_FIGURE)
+    title = f"GPT-2 small, causal LM, batch {settings['batch']} × {settings['seq_len']}"
+    labels = ("training step", "causal-LM loss (cross-entropy, nats)", title)
+    line_chart(plt, fig, ax, figures / GPT2_LOSS_FIGURE, labels, size=9)
     lines = [
         *run_header(data, "GPT-2 small loss curves"),
         f"{settings['steps']} steps of {settings['optimizer']}, batch {settings['batch']} × "

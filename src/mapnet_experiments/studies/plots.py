@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mapnet_experiments.figures import line_chart, pyplot, save
+
 
 @dataclass(frozen=True)
 class Point:
@@ -24,7 +26,7 @@ def accuracy_vs_budget(
 ) -> Path:
     """Test accuracy against trainable numbers (log scale), one line per series; `baselines`
     (name -> accuracy) are drawn as horizontal lines (e.g. full fine-tuning)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9.5, 4.2), dpi=120)
     for series in dict.fromkeys(p.series for p in points):
         mine = sorted((p for p in points if p.series == series), key=lambda p: p.x)
@@ -44,43 +46,7 @@ def accuracy_vs_budget(
     # Beside the axes, not on them: inside, it hid lines and points (the MobileNetV2 fine-tune).
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     fig.tight_layout()
-    return _save(plt, fig, out)
-
-
-def _save(plt, fig, out: Path) -> Path:  # type: ignore[no-untyped-def]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
-
-
-def _save_line_chart(  # type: ignore[no-untyped-def]
-    plt, fig, ax, out: Path, labels: tuple[str, str, str], size: int
-) -> Path:
-    """A one-axes line chart's (x label, y label, title), grid and legend (the title at `size`
-    points, the legend 2 smaller), laid out and saved."""
-    xlabel, ylabel, title = labels
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=size)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=size - 2)
-    fig.tight_layout()
-    return _save(plt, fig, out)
-
-
-def _pyplot():  # type: ignore[no-untyped-def]
-    try:
-        import matplotlib
-    except ImportError:
-        raise ValueError(
-            "the figures need matplotlib: pip install 'mapnet[plots]' (make venv installs it)"
-        ) from None
-
-    matplotlib.use("Agg")  # no display on CI machines
-    import matplotlib.pyplot as plt
-
-    return plt
+    return save(plt, fig, out)
 
 
 @dataclass(frozen=True)
@@ -95,7 +61,7 @@ class Curve:
 def training_curves(panels: dict[str, Sequence[Curve]], out: Path, title: str) -> Path:
     """A grid of panels, one per table row: training (dashed) and validation (solid) accuracy
     per epoch for each curve of the row."""
-    plt = _pyplot()
+    plt = pyplot()
     count = max(len(panels), 1)
     columns = min(4, count)
     rows = (count + columns - 1) // columns
@@ -130,7 +96,7 @@ def training_curves(panels: dict[str, Sequence[Curve]], out: Path, title: str) -
         ax.set_xlabel("epoch", fontsize=7)
     fig.supylabel("accuracy (%)", fontsize=8)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    return _save(plt, fig, out)
+    return save(plt, fig, out)
 
 
 @dataclass(frozen=True)
@@ -147,7 +113,7 @@ def trajectories(panels: Sequence[Panel], out: Path, title: str) -> Path:
     """Weight-space trajectories in 2-D (paper Figure 2): one panel each (the whole weight
     vector, then each layer), one line per method, start marked with a circle, end with a cross;
     the legend, below the panels, names the methods and the two markers."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.lines import Line2D
 
     count = len(panels)
@@ -171,18 +137,18 @@ def trajectories(panels: Sequence[Panel], out: Path, title: str) -> Path:
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    return _save(plt, fig, out)
+    return save(plt, fig, out)
 
 
 def forecast_example(lines: dict[str, Sequence[float]], out: Path, title: str) -> Path:
     """Hourly series over the same hours, one line each (the truth first)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.2), dpi=110)
     for index, (name, values) in enumerate(lines.items()):
         ax.plot(values, linewidth=1.6 if index == 0 else 0.9, label=name,
                 color="black" if index == 0 else None)  # fmt: skip
     xlabel = "scored test hour (hours whose PM2.5 was not measured are skipped)"
-    return _save_line_chart(plt, fig, ax, out, (xlabel, "PM2.5 (µg/m³)", title), 9)
+    return line_chart(plt, fig, ax, out, (xlabel, "PM2.5 (µg/m³)", title), 9)
 
 
 def segmentation_examples(
@@ -193,7 +159,7 @@ def segmentation_examples(
 ) -> Path:
     """One row per example: image | truth | prediction (uint8 (H, W, 3) or (H, W) arrays);
     `key` (class name, RGB 0–255), when given, is drawn beside them as the colours' legend."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Patch
 
     width = 6 + (1.7 if key else 0)
@@ -211,18 +177,18 @@ def segmentation_examples(
         fig.tight_layout(rect=(0, 0, 6 / width, 1))
     else:
         fig.tight_layout()
-    return _save(plt, fig, out)
+    return save(plt, fig, out)
 
 
 def interpolation_paths(paths: dict[str, Sequence[float]], out: Path, title: str) -> Path:
     """Accuracy along straight paths between two models, t = 0 … 1, one line per pair."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
     for name, values in paths.items():
         steps = len(values)
         ax.plot([i / (steps - 1) for i in range(steps)], values, marker="o", label=name)
     labels = ("t (0: first model, 1: second)", "test accuracy (%)", title)
-    return _save_line_chart(plt, fig, ax, out, labels, 10)
+    return line_chart(plt, fig, ax, out, labels, 10)
 
 
 def latent_scatter(
@@ -235,7 +201,7 @@ def latent_scatter(
     """2-D embeddings of points (one panel each: `Panel.lines` holds one series, all points),
     coloured by group (the legend's names, beside the panels); `shade` in [0, 1] per point, if
     given, sets its opacity (e.g. later epochs darker)."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.lines import Line2D
 
     count = len(panels)
@@ -260,13 +226,13 @@ def latent_scatter(
     fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0, (4.5 * count) / (4.5 * count + 2.2), 1))
-    return _save(plt, fig, out)
+    return save(plt, fig, out)
 
 
 def image_rows(rows: Sequence[tuple[str, Sequence[object]]], out: Path, title: str) -> Path:
     """One labelled row of grey images per entry (arrays (H, W) with values in [0, 1]), e.g. the
     originals and each variant's reconstructions of them."""
-    plt = _pyplot()
+    plt = pyplot()
     width = max(len(images) for _, images in rows)
     fig, axes = plt.subplots(
         len(rows), width, figsize=(1.1 * width + 1, 1.15 * len(rows)), dpi=110, squeeze=False
@@ -282,4 +248,4 @@ def image_rows(rows: Sequence[tuple[str, Sequence[object]]], out: Path, title: s
         row_axes[0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return _save(plt, fig, out)
+    return save(plt, fig, out)
