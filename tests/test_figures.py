@@ -155,10 +155,12 @@ def test_trajectories_with_tsne(tmp_path: Path) -> None:
 
 def _captured(monkeypatch: pytest.MonkeyPatch) -> list:
     """The figures plots.py draws, kept open instead of saved."""
+    from mapnet_experiments import figures
     from mapnet_experiments.studies import plots
 
     kept: list = []
-    monkeypatch.setattr(plots, "save", lambda plt, fig, out: kept.append(fig) or out)
+    for module in (plots, figures):  # line_chart saves through figures' own name
+        monkeypatch.setattr(module, "save", lambda plt, fig, out: kept.append(fig) or out)
     return kept
 
 
