@@ -446,31 +446,6 @@ def _summary(variant: str, done: list[dict[str, Any]], smoke: bool) -> dict[str,
 
 # ------------------------------------------------------------------------------ the loss curve
 
-STATE_MANIFEST = "state.json"
-STATE_TENSORS = "tensors.safetensors"
-
-
-def _state_tensors(trainable: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> dict:
-    tensors = {f"param.{i}": p.detach().contiguous() for i, p in enumerate(trainable)}
-    for i, p in enumerate(trainable):
-        for key, value in optimizer.state.get(p, {}).items():
-            tensors[f"adam.{i}.{key}"] = torch.as_tensor(value).detach().contiguous()
-    return tensors
-
-
-def _restore(trainable: list[nn.Parameter], optimizer: torch.optim.Optimizer, blob: bytes) -> None:
-    from safetensors.torch import load
-
-    tensors = load(blob)
-    with torch.no_grad():
-        for i, p in enumerate(trainable):
-            p.copy_(tensors[f"param.{i}"])
-            state = {
-                k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"adam.{i}.")
-            }
-            if state:
-                optimizer.state[p] = state
-
 
 def train_loss_curve(
     variant: str,
@@ -485,11 +460,14 @@ def train_loss_curve(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """`steps` Adam steps of causal-LM training (the tweets' batches in order, cycling), the loss
-    of every step. Every `save_every` steps the trained numbers, Adam's state and the losses so
-    far are committed to the folder `state` (mapnet.files.commit: the old or the new, never a
-    mix); a process started again with the same settings goes on from there. The folder is
-    locked while this runs: a second process on the same variant fails at once."""
-    from safetensors.torch import save
+    of every step, through the one training loop (recipe.loop): an "epoch" is `save_every`
+    steps (one step when `steps` is not a multiple of it), after which the trained numbers, Adam's
+    state and the losses so far are committed to the run state `state`; a process started again
+    with the same settings goes on from there, and one with other settings is refused. The
+    folder is locked while this runs: a second process on the same variant fails at once. The
+    state stays (a few KB), so a longer run with the same settings extends the curve."""
+    from mapnet_experiments.recipe.loop import Loop
+    from mapnet_experiments.recipe.state import Saved, take
 
     conditions = harness.start_measurement(threads)
     _imports()
@@ -500,24 +478,46 @@ def train_loss_curve(
     module.train()
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=lr)
+    chunk = save_every if steps % save_every == 0 else 1
+    folder = Path(state)
+    config = settings | {"steps_per_epoch": chunk}  # resumed only with the same epochs
+    loop = Loop(optimizer, epochs=steps // chunk, steps=chunk, config=config, state_dir=folder,
+                label=f"gpt2 {variant}", show_progress=False, loss_key="loss")  # fmt: skip
     losses: list[float] = []
     seconds: list[float] = []
-    with files.lock(state):
-        if (files.current(state) / STATE_MANIFEST).exists():
-            saved = files.read_verified(state, STATE_MANIFEST, what="a loss-curve state")
-            if saved.manifest["settings"] == settings:
-                _restore(trainable, optimizer, saved.contents[STATE_TENSORS])
-                losses, seconds = saved.manifest["losses"], saved.manifest["seconds"]
-        resumed_from = len(losses)
-        for index in range(len(losses), steps):
-            started = time.perf_counter()
-            losses.append(_train_step(module, optimizer, batches[index % len(batches)]))
-            seconds.append(time.perf_counter() - started)
-            if len(losses) % save_every == 0 or len(losses) == steps:
-                fields = {"settings": settings, "losses": losses, "seconds": seconds}
-                with files.commit(state, STATE_MANIFEST, fields) as staging:
-                    blob = save(_state_tensors(trainable, optimizer))
-                    (staging / STATE_TENSORS).write_bytes(blob)
+    tick = [0.0]
+
+    def restore(saved: Saved) -> None:
+        with torch.no_grad():
+            for i, parameter in enumerate(trainable):
+                parameter.copy_(take(saved.tensors, f"param.{i}", folder))
+        for row in saved.history:
+            losses.extend(row["losses"])
+            seconds.extend(row["seconds"])
+
+    def step(i: int) -> dict[str, float]:
+        tick[0] = time.perf_counter()
+        ids = batches[(loop.epoch * chunk + i) % len(batches)]
+        loss = module(input_ids=ids, labels=ids).loss  # (B, T) ids; the model shifts labels
+        loss.backward()
+        losses.append(loss.item())
+        return {"loss": losses[-1]}
+
+    def after_step() -> None:  # the optimiser's step included, as in the bench's step
+        seconds.append(time.perf_counter() - tick[0])
+
+    def end_epoch(epoch: int) -> dict[str, Any]:
+        done = slice((epoch - 1) * chunk, epoch * chunk)
+        return {"epoch": epoch, "loss": losses[-1], "losses": losses[done],
+                "seconds": seconds[done]}  # fmt: skip
+
+    def state_tensors() -> dict[str, torch.Tensor]:
+        return {f"param.{i}": p.detach().contiguous() for i, p in enumerate(trainable)}
+
+    with files.lock(folder):
+        resumed = loop.resume(restore)
+        resumed_from = len(losses) if resumed else 0
+        loop.run(step, end_epoch, state_tensors, lambda model: None, after_step=after_step)
     return {
         **conditions,
         **settings,
