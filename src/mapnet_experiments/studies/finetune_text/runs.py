@@ -56,14 +56,14 @@ BUDGETS = (2048, 10240, 51200)
 SEEDS = (0, 1, 2)
 HEAD_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 # Where a grid's edge won, the grid went one step further that way (full: 1e-4 of the first
-# three; LoRA and additive: their smallest; mapnet: its largest, at every group size).
+# three; LoRA and additive: their smallest; mapnet: its largest, at every group size, twice).
 LRS = {
     "full": (1e-5, 3e-5, 1e-4, 3e-4),
     "bitfit": (1e-4, 1e-3, 1e-2),
     "lora": (3e-4, 1e-3, 3e-3, 1e-2),
     "vera": (3e-3, 1e-2, 3e-2),
     "ia3": (3e-3, 1e-2, 3e-2),
-    "mapnet": (1e-3, 3e-3, 1e-2, 3e-2),
+    "mapnet": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
     "additive": (3e-4, 1e-3, 3e-3, 1e-2),
 }
 
