@@ -222,3 +222,11 @@ def test_a_saved_fine_tune_predicts_the_same_in_a_fresh_process_and_refuses_othe
     assert predicted + "]" == str(logits.argmax(1).tolist())
     assert json.loads(first) == logits[0].tolist()  # bit for bit
     assert refused.startswith("refused:") and "layer.2.attention.self.query.weight" in refused
+
+
+def test_natural_counts_sit_at_the_nearest_budget_and_full_fine_tuning_at_none() -> None:
+    assert page._budget_of(Method("full"), 22_565_376) is None
+    assert page._budget_of(Method("head"), 0) is None
+    assert page._budget_of(Method("ia3"), 16_128) == 10240
+    assert page._budget_of(Method("bitfit"), 25_728) == 51200
+    assert page._budget_of(Method("lora", 2048), 1_536) == 2048

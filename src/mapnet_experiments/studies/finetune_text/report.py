@@ -58,10 +58,11 @@ def _finals(final: dict[str, dict[str, Any]], method: Method) -> list[dict[str, 
 
 
 def _budget_of(method: Method, count: int | None) -> int | None:
-    """The budget a row is reported at: its own, or for a natural count the nearest (log)."""
+    """The budget a row is reported at: its own, or for a natural count the nearest (log); the
+    head alone and full fine-tuning sit at none (they are the two ends)."""
     if method.budget is not None:
         return method.budget
-    if not count:
+    if not count or method.name == "full":
         return None
     return min(BUDGETS, key=lambda b: abs((count / b) - 1) if count < b else abs((b / count) - 1))
 
