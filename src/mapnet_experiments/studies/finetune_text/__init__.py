@@ -29,7 +29,9 @@ STUDY = Study(
     stages=("select", "levers", "final"),
     default=("select", "final"),
     run=_run,
-    report=lambda options: page.report(options.root_or(RESULTS_DIR), options.report_or(REPORT)),
+    report=lambda options: page.report(
+        options.root_or(RESULTS_DIR), options.report_or(REPORT), figures=options.figures
+    ),
     example="mapnet repro finetune-text --stages select --threads 1",
     page=REPORT.name,
     facts=page.facts,
