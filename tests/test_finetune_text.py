@@ -230,3 +230,36 @@ def test_natural_counts_sit_at_the_nearest_budget_and_full_fine_tuning_at_none()
     assert page._budget_of(Method("ia3"), 16_128) == 10240
     assert page._budget_of(Method("bitfit"), 25_728) == 51200
     assert page._budget_of(Method("lora", 2048), 1_536) == 2048
+
+
+def test_the_verdict_at_each_budget_is_computed_from_the_seeds(tmp_path: Path) -> None:
+    def runs_of(method: Method, accuracies: list[float], count: int) -> dict[str, dict]:
+        return {
+            f"{runs._label(method)}-s{seed}": {"test_accuracy": a, "trainable_besides_head": count}
+            for seed, a in enumerate(accuracies)
+        }
+
+    final = (
+        runs_of(Method("lora", 2048), [70.0, 70.5, 71.0], 1_536)
+        | runs_of(Method("mapnet", 2048, "row"), [72.0, 72.5, 73.0], 2_048)
+        | runs_of(Method("lora", 10240), [73.0, 73.5, 74.0], 9_216)
+        | runs_of(Method("mapnet", 10240, 1), [73.0, 73.2, 73.4], 10_240)
+        | runs_of(Method("ia3"), [71.0, 71.0, 71.0], 16_128)
+    )
+    at_2k, at_10k = page.comparisons(final)
+    assert (at_2k.budget, at_2k.theirs, at_2k.verdict) == (
+        2048, "peft LoRA", "ahead by more than the seed spread")  # fmt: skip
+    assert at_2k.gap == pytest.approx(2.0)
+    # IA3's 16,128 sits at ~10k, below LoRA there; mapnet is 0.3 behind LoRA, within 0.5
+    assert (at_10k.theirs, at_10k.verdict) == ("peft LoRA", "within the seed spread")
+    assert at_10k.gap == pytest.approx(-0.3)
+
+    (tmp_path / "finetune_text" / "final").mkdir(parents=True)
+    for name, result in final.items():
+        (tmp_path / "finetune_text" / "final" / f"{name}.json").write_text(json.dumps(result))
+    facts = page.facts(tmp_path)
+    assert facts is not None
+    assert [p.verdict for p in facts.picks] == [
+        "mapnet: 2.00 points, more than the seed spread",
+        "either: 0.30 points, within the seed spread",
+    ]

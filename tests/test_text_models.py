@@ -180,3 +180,18 @@ def test_tweets_encode_to_fixed_shapes_and_mostly_untruncated(tokenizer) -> None
     assert 0.85 < untruncated < 0.95  # "about nine tweets in ten" (the module docstring)
     batches = causal_lm_batches(splits.validation.texts[:200], tokenizer, batch_size=2)
     assert batches.shape[1:] == (2, 128) and batches.max() < 50257
+
+
+def test_the_encoder_with_every_tensor_generated_switches_train_and_eval(minilm: None) -> None:
+    """transformers' kernel mode re-reads `model.device` from the parameters at every switch;
+    mapnet leaves none when it generates every tensor, so the loader turns it off."""
+    import mapnet
+
+    encoder = load_minilm_encoder(progress=False)
+    mapped = mapnet.wrap(
+        encoder, latent_dim=64, base="model", update="multiplicative", group_size=250
+    )
+    assert not list(mapped.target.parameters())  # nothing left for `.device` to read
+    mapped.train()
+    mapped.eval()
+    assert not mapped.target.training

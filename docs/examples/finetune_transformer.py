@@ -27,7 +27,7 @@ config = mapnet.MappingConfig(latent_dim=256, update="multiplicative", group_siz
                               train_directly=["head"])  # fmt: skip
 mapped = mapnet.wrap(Classifier(), config)  # θ_pre: the encoder's weights, left untouched
 groups = mapped.parameter_groups()  # the latent and the head, each at its own rate
-optimizer = torch.optim.Adam([{"params": groups["latents"], "lr": 3e-3},
+optimizer = torch.optim.Adam([{"params": groups["latents"], "lr": 3e-2},
                               {"params": groups["direct"], "lr": 1e-2}])  # fmt: skip
 ids = torch.randint(0, 100, (64, 12))  # your tokens here, and your labels
 for _ in range(30):

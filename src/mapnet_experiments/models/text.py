@@ -123,6 +123,10 @@ def load_minilm_encoder(folder: Path | str | None = None, *, progress: bool = Tr
             use_safetensors=True,
             dtype=torch.float32,
             output_loading_info=True,
+            # transformers kernelizes by default and again at every train/eval switch, which
+            # reads `model.device` off the parameters: an encoder whose every tensor mapnet
+            # generates has none left (StopIteration). Off, the forward is bit-identical here.
+            use_kernels=False,
         )
     problems = {kind: sorted(keys) for kind, keys in info.items() if keys}
     if problems:
