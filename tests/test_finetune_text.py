@@ -263,3 +263,19 @@ def test_the_verdict_at_each_budget_is_computed_from_the_seeds(tmp_path: Path) -
         "mapnet: 2.00 points, more than the seed spread",
         "either: 0.30 points, within the seed spread",
     ]
+
+
+@pytest.mark.parametrize("method", [Method("mapnet", 48, "row"), Method("additive", 48)])
+def test_a_rows_seed_draws_mapnets_projection(method: Method) -> None:
+    def first_output(seed: int) -> torch.Tensor:
+        torch.manual_seed(0)  # the same encoder and head every time
+        built = build(tiny_classifier(), method, seed)
+        built.model.eval()
+        assert built.details["mapping"]["seed"] == seed
+        with torch.no_grad():
+            for latent in built.model.parameter_groups()["latents"]:
+                latent.fill_(0.5)  # z = 0 would hide W
+            return built.model(torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4))
+
+    assert torch.equal(first_output(1), first_output(1))
+    assert not torch.equal(first_output(0), first_output(1))

@@ -104,7 +104,7 @@ def build(classifier: nn.Module, method: Method, seed: int = 0) -> Built:
         return Built(classifier, method, {})
     if name in PEFT_METHODS:
         return _peft(classifier, method, seed)
-    return _mapnet(classifier, method)
+    return _mapnet(classifier, method, seed)
 
 
 # ---------------------------------------------------------------------------------- mapnet
@@ -126,8 +126,8 @@ def mapping_config(method: Method, seed: int = 0) -> MappingConfig:
                          groups_within_tensors=method.within_tensors, **scope)  # fmt: skip
 
 
-def _mapnet(classifier: nn.Module, method: Method) -> Built:
-    config = mapping_config(method)
+def _mapnet(classifier: nn.Module, method: Method, seed: int) -> Built:
+    config = mapping_config(method, seed)  # the seed draws W: the method's random part
     with warnings.catch_warnings():  # a group size leaving fewer elements than latent numbers
         warnings.filterwarnings("ignore", "latent larger than")
         mapped = mapnet.wrap(lambda: classifier, config)  # a factory: no second copy of θ_pre
