@@ -497,8 +497,8 @@ def apply_ia3(
 ) -> PeftModel:
     """Wrap `model` (modified in place) with peft's IA3: a learned vector scales each target's
     output, or its input for the `feedforward_modules` among them; only those vectors and the
-    head train. Names follow peft's rules (exact or dotted suffix); `IA3_BERT` holds peft's
-    own defaults for BERT."""
+    head train. Names follow peft's rules (exact or dotted suffix); the text study's rows
+    (models.text_methods) pass peft's own defaults for BERT."""
     from peft import IA3Config
 
     names = [n for n, _ in model.named_modules() if n and _matches(n, list(target_modules))]

@@ -179,11 +179,14 @@ def _score(result: dict[str, Any]) -> float:
 def rate_source(method: Method) -> Method:
     """The main row at ~2k whose chosen rate `method` trains at: itself for a row select
     searched; the same method at ~2k for ~10k and ~50k; for a mapnet lever, the main row with
-    its group size (the row mode for group sizes select did not search)."""
+    its group size, or for one select did not search, L = 250 (another L) or the row mode
+    (columns)."""
     if method.budget is not None and method.budget != BUDGETS[0]:
         method = dataclasses.replace(method, budget=BUDGETS[0])
     if method.name == "mapnet":
-        group = method.group_size if method.group_size in (1, 250, "row") else "row"
+        group = method.group_size
+        if group not in (1, 250, "row"):
+            group = "row" if isinstance(group, str) else 250
         method = Method("mapnet", method.budget, group)
     return method
 
