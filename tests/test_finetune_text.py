@@ -92,8 +92,9 @@ def fake_data(n: int = 64) -> dict[str, Batches]:
     labels = torch.randint(0, 3, (n,), generator=generator)
     ids = torch.randint(5, 50, (n, 8), generator=generator)
     ids[:, 1] = labels  # the label is visible in the text: learnable in a few steps
-    return {split: Batches(ids, torch.ones_like(ids), labels)
-            for split in ("train", "validation", "test")}  # fmt: skip
+    data = {split: Batches(ids, torch.ones_like(ids), labels) for split in ("train", "validation")}
+    # test: the rule inverted, so that a choice made on test would differ from one on validation
+    return data | {"test": Batches(ids, torch.ones_like(ids), (labels + 1) % 3)}
 
 
 @pytest.fixture
@@ -130,6 +131,8 @@ def test_rates_are_chosen_on_validation_and_final_seed_0_is_that_run(
     heads = ("head-lr0.001", "head-lr0.01")
     best = max(heads, key=lambda k: (results[k]["val_accuracy"], -results[k]["row"]["lr"]))
     assert runs.head_lr(tmp_path) == results[best]["row"]["lr"]
+    by_test = max(heads, key=lambda k: (results[k]["test_accuracy"], -results[k]["row"]["lr"]))
+    assert by_test != best  # so the line above tells a choice on validation from one on test
     final = runs.final_rows()
     assert [r.id for r in final] == ["head-s0", "lora-64-s0", "head-s1", "lora-64-s1",
                                      "lora-256-s0", "lora-256-s1"]  # ~2k first  # fmt: skip

@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from ci import in_ci
 from mapnet_experiments.data import registries
 from mapnet_experiments.data.artifacts import ARTIFACTS
 from mapnet_experiments.data.fetch import Member, Package
@@ -374,10 +375,6 @@ def test_preprocess_rejects_what_it_cannot_read() -> None:
 
 
 # --- the converted weights on real photographs ------------------------------------------------
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ cache): without them they skip, except in CI (CI=true), which reaches PyPI and m
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from ci import in_ci
 from mapnet_experiments.data.fetch import DataUnavailableError
 from mapnet_experiments.data.tweets import (
     MAX_LENGTH,
@@ -99,10 +99,6 @@ def test_gpt2_small_has_its_parameter_count_with_the_output_layer_tied(
 
 
 # --- the real weights ----------------------------------------------------------------------------
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 @pytest.fixture(scope="module")

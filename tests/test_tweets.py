@@ -8,13 +8,13 @@ it they skip, except in CI (CI=true), which reaches PyPI and must run them.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
+from ci import in_ci
 from mapnet_experiments.data.fetch import DataUnavailableError
 from mapnet_experiments.data.tweets import (
     DEFAULT_SIZES,
@@ -159,10 +159,6 @@ DEFAULT_CLASS_COUNTS = {
     "validation": {"negative": 429, "neutral": 388, "positive": 183},
     "test": {"negative": 858, "neutral": 776, "positive": 366},
 }
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 @pytest.fixture(scope="module")

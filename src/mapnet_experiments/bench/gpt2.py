@@ -34,13 +34,12 @@ and their Adam state are recorded beside it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ from mapnet import files
 from mapnet_experiments.bench import harness
 from mapnet_experiments.bench.peak_memory import current_rss_bytes, reset_peak_rss
 from mapnet_experiments.bench.text import mib
+from mapnet_experiments.models.peft_adapters import quiet_peft
 
 BUDGET = 4096
 VARIANTS = ("full", "lora", "mapnet-l1", "mapnet-row")
@@ -153,13 +153,6 @@ def lora_plan(model: nn.Module, budget: int) -> tuple[list[str], int, int]:
     return names, rank, count
 
 
-@contextlib.contextmanager
-def _quiet_peft() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        yield
-
-
 def prepare(variant: str, model: nn.Module, budget: int) -> tuple[nn.Module, dict[str, Any]]:
     """`model` made ready for `variant`, and what that took (the plan, mapnet's warnings)."""
     if variant == "full":
@@ -172,7 +165,7 @@ def prepare(variant: str, model: nn.Module, budget: int) -> tuple[nn.Module, dic
             r=rank, lora_alpha=LORA_ALPHA, target_modules=targets, fan_in_fan_out=True,
             bias="none",
         )  # fmt: skip
-        with _quiet_peft(), torch.random.fork_rng(devices=[]):
+        with quiet_peft(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             built = get_peft_model(model, config)
         note = f"rank {rank} on {', '.join(targets)} ({count:,}: the nearest {budget:,})"
@@ -233,7 +226,7 @@ def checkpoint_bytes(variant: str, module: nn.Module) -> int:
         if isinstance(module, mapnet.MappedModule):
             mapnet.save(module, where)
         elif variant == "lora":
-            with _quiet_peft():
+            with quiet_peft():
                 module.save_pretrained(where)  # type: ignore[operator]
             (where / "README.md").unlink(missing_ok=True)
         else:

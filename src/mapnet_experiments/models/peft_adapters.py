@@ -39,10 +39,11 @@ torchvision layouts is forward order except that a block's `downsample` is regis
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -524,16 +525,24 @@ def train_biases(model: nn.Module, head: str) -> int:
     return count
 
 
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft's notes that no caller here can act on, filtered for the duration, and nothing
+    else: that `is_gradient_checkpointing` (transformers' attribute peft reads on every
+    get_peft_model and save) is deprecated, and that VeRA's A and B are not saved (they are
+    regenerated from their key on load, as mapnet's W is: on purpose)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*gradient.checkpointing")
+        warnings.filterwarnings("ignore", message="Specified to not save vera_A and vera_B")
+        yield
+
+
 def _peft_model(model: nn.Module, config: object, seed: int | None = None) -> PeftModel:
-    """get_peft_model, with the one warning it gives about gradient checkpointing (not used
-    here) filtered, and nothing else; with `seed`, its draws come from a generator seeded so,
-    the caller's random state untouched."""
+    """get_peft_model under `quiet_peft`; with `seed`, its draws come from a generator seeded
+    so, the caller's random state untouched."""
     from peft import get_peft_model
 
-    with warnings.catch_warnings(), torch.random.fork_rng(devices=[], enabled=seed is not None):
-        warnings.filterwarnings(
-            "ignore", message=".*gradient.checkpointing", category=FutureWarning
-        )
+    with quiet_peft(), torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
         return get_peft_model(model, config)

@@ -21,10 +21,8 @@ save_pretrained; the trained tensors), `checkpoint_bytes` measures it.
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from torch import nn
 
 import mapnet
 from mapnet import MappingConfig
+from mapnet_experiments.models.peft_adapters import quiet_peft
 
 HEAD = "head"
 METHODS = ("head", "bitfit", "full", "lora", "vera", "ia3", "mapnet", "additive")
@@ -207,26 +206,14 @@ def _peft(classifier: nn.Module, method: Method, seed: int) -> Built:
             config = LoraConfig(r=rank, lora_alpha=8, target_modules=pattern,
                                 modules_to_save=[HEAD], bias="none")  # fmt: skip
         else:
-            with _quiet_peft():
+            with quiet_peft():
                 config = VeraConfig(r=rank, target_modules=pattern, projection_prng_key=seed,
                                     save_projection=False, modules_to_save=[HEAD],
                                     bias="none")  # fmt: skip
-    with _quiet_peft(), torch.random.fork_rng(devices=[]):
+    with quiet_peft(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = get_peft_model(classifier, config)
     return Built(model, method, details)
-
-
-@contextlib.contextmanager
-def _quiet_peft() -> Iterator[None]:
-    """peft 0.21 warns on every get_peft_model / save that `is_gradient_checkpointing` is
-    deprecated (transformers' attribute it reads): nothing a user of this study can change.
-    VeRA's A and B are regenerated from their key on load, as mapnet's W is: not saving them
-    is on purpose."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        warnings.filterwarnings("ignore", message="Specified to not save vera_A and vera_B")
-        yield
 
 
 def checkpoint_bytes(built: Built) -> int:
@@ -243,7 +230,7 @@ def save(built: Built, folder: Path) -> None:
     if isinstance(model, mapnet.MappedModule):
         mapnet.save(model, folder)
     elif built.method.name in PEFT_METHODS:
-        with _quiet_peft():
+        with quiet_peft():
             model.save_pretrained(folder)  # type: ignore[operator]
         (folder / "README.md").unlink(missing_ok=True)
     else:
