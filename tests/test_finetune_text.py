@@ -167,6 +167,12 @@ def test_levers_train_at_the_rate_of_the_main_row_they_change() -> None:
     ids = [row.id for row in runs.lever_rows()]
     assert len(ids) == len(set(ids)) == len(runs.lever_methods()) + len(runs.TRAINING_LEVERS)
     assert all(row.lr is None for row in runs.lever_rows())
+    # select searches only the rows whose rate is their own; the lever carried to the final
+    # stage (groups inside tensors) trains at L = 250's
+    searched = {row.method for row in runs.select_rows() if row.method.name != "head"}
+    assert all(runs.rate_source(method) == method for method in searched)
+    carried = Method("mapnet", 2048, 250, within_tensors=True)
+    assert carried not in searched and carried in runs.main_methods()
 
 
 def test_a_missing_choice_names_the_stage_to_run(small_study: None, tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ in a fresh process, locked, so two processes started with the same command share
     levers  mapnet variants at ~2k, validation only, each at the rate select chose for the
             main row it changes (`rate_source`): what is modulated, the group size, groups
             inside tensors, columns, twice the steps, a cosine schedule
-    final   every row at its chosen rate, seeds 0 (the select run where there is one), 1, 2;
+    final   every row at its chosen rate (with, at ~2k, the lever that led on validation),
+            seeds 0 (the select run where there is one), 1, 2;
             the rows at ~2k and with a natural count first, so a stage cut short by --hours
             has the headline comparison whole
 """
@@ -104,13 +105,17 @@ def _label(method: Method) -> str:
 
 
 def main_methods() -> list[Method]:
-    """The rows of the tables: every method at the budgets it can reach."""
+    """The rows of the tables: every method at the budgets it can reach, and at ~2k the lever
+    that led the levers stage on validation (L = 250 with groups inside tensors), carried to
+    the test split at every seed. It trains at L = 250's rate (`rate_source`)."""
     methods = [Method("head"), Method("full"), Method("bitfit"), Method("ia3")]
     for budget in BUDGETS:
         methods += [Method("lora", budget), Method("vera", budget), Method("additive", budget)]
         methods += [Method("mapnet", budget, 1), Method("mapnet", budget, 250)]
         if budget < 20736:  # a latent wider than the 20,736 rows it modulates has no use
             methods.append(Method("mapnet", budget, "row"))
+        if budget == BUDGETS[0]:
+            methods.append(Method("mapnet", budget, 250, within_tensors=True))
     return methods
 
 
@@ -140,8 +145,8 @@ def _headline(method: Method) -> bool:
 
 def select_rows() -> list[TextRow]:
     rows = [TextRow(f"head-lr{lr:g}", Method("head"), lr) for lr in HEAD_LRS]
-    for method in main_methods():
-        if method.name != "head" and _headline(method):
+    for method in main_methods():  # the rows whose rate is their own (see rate_source)
+        if method.name != "head" and _headline(method) and rate_source(method) == method:
             rows += [TextRow(f"{_label(method)}-lr{lr:g}", method, lr) for lr in LRS[method.name]]
     return rows
 
