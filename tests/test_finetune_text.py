@@ -245,7 +245,7 @@ def test_natural_counts_sit_at_the_nearest_budget_and_full_fine_tuning_at_none()
 def test_the_verdict_at_each_budget_is_computed_from_the_seeds(tmp_path: Path) -> None:
     def runs_of(method: Method, accuracies: list[float], count: int, val: float = 70.0):
         return {
-            f"{runs._label(method)}-s{seed}": {"test_accuracy": a, "val_accuracy": val,
+            f"{runs.row_label(method)}-s{seed}": {"test_accuracy": a, "val_accuracy": val,
                                                "trainable_besides_head": count}
             for seed, a in enumerate(accuracies)
         }  # fmt: skip

@@ -17,12 +17,12 @@ from mapnet_experiments.studies.finetune_text.runs import (
     LRS,
     SEEDS,
     TRAINING_LEVERS,
-    _headline,
-    _label,
     budget_text,
+    headline,
     lever_methods,
     main_methods,
     rate_source,
+    row_label,
 )
 from mapnet_experiments.studies.report import mean_std, write_page
 
@@ -54,7 +54,7 @@ def method_name(method: Method) -> str:
 
 
 def _finals(final: dict[str, dict[str, Any]], method: Method) -> list[dict[str, Any]]:
-    return [r for seed in SEEDS if (r := final.get(f"{_label(method)}-s{seed}")) is not None]
+    return [r for seed in SEEDS if (r := final.get(f"{row_label(method)}-s{seed}")) is not None]
 
 
 def _budget_of(method: Method, count: int | None) -> int | None:
@@ -323,10 +323,10 @@ def _choices(select: dict[str, dict[str, Any]]) -> list[str]:
         return []
     lines = ["", "## Learning rates, chosen on validation (seed 0)", "",
              "| row | validation accuracy by rate | chosen |", "|---|---|---|"]  # fmt: skip
-    methods = [Method("head"), *[m for m in main_methods() if m.name != "head" and _headline(m)]]
+    methods = [Method("head"), *[m for m in main_methods() if m.name != "head" and headline(m)]]
     for method in methods:
         grid = HEAD_LRS if method.name == "head" else LRS[method.name]
-        found = {lr: select.get(f"{_label(method)}-lr{lr:g}") for lr in grid}
+        found = {lr: select.get(f"{row_label(method)}-lr{lr:g}") for lr in grid}
         if not any(found.values()):
             continue
         cells = ", ".join(
@@ -350,12 +350,12 @@ def _levers(levers: dict[str, dict[str, Any]], select: dict[str, dict[str, Any]]
              "", "| variant | rate | validation accuracy | the main row it changes | Δ |",
              "|---|---|---|---|---|"]  # fmt: skip
     row_mode = Method("mapnet", BUDGETS[0], "row")
-    variants = [(_label(m), m, method_name(m)) for m in lever_methods()]
+    variants = [(row_label(m), m, method_name(m)) for m in lever_methods()]
     for change in TRAINING_LEVERS:
         tag = "-".join(f"{k}{v}" for k, v in change.items())
         words = ", ".join(f"{k} {v}" for k, v in change.items())
         variants.append(
-            (f"{_label(row_mode)}-{tag}", row_mode, f"{method_name(row_mode)}, {words}")
+            (f"{row_label(row_mode)}-{tag}", row_mode, f"{method_name(row_mode)}, {words}")
         )
     for key, method, name in variants:
         result = levers.get(key)
@@ -363,7 +363,7 @@ def _levers(levers: dict[str, dict[str, Any]], select: dict[str, dict[str, Any]]
             continue
         lr = result["row"]["lr"]
         source = rate_source(method)
-        main = select.get(f"{_label(source)}-lr{lr:g}")
+        main = select.get(f"{row_label(source)}-lr{lr:g}")
         base = "–" if main is None else f"{method_name(source)}: {main['val_accuracy']:.2f}"
         delta = "–" if main is None else f"{result['val_accuracy'] - main['val_accuracy']:+.2f}"
         lines.append(f"| {name} | {lr:g} | {result['val_accuracy']:.2f} | {base} | {delta} |")

@@ -90,7 +90,7 @@ def budget_text(budget: int) -> str:
     return f"~{budget // 1024}k" if budget >= 1024 else f"~{budget}"
 
 
-def _label(method: Method) -> str:
+def row_label(method: Method) -> str:
     """A method's short name in row ids: mapnet-L1-2k, lora-10k, ia3, …"""
     name = method.name
     if name == "mapnet":
@@ -138,7 +138,7 @@ def lever_methods() -> list[Method]:
 TRAINING_LEVERS = ({"epochs": 2 * EPOCHS}, {"schedule": "cosine"})
 
 
-def _headline(method: Method) -> bool:
+def headline(method: Method) -> bool:
     """A row of the headline comparison: at ~2k, or at a method's natural count."""
     return method.budget is None or method.budget == BUDGETS[0]
 
@@ -146,25 +146,26 @@ def _headline(method: Method) -> bool:
 def select_rows() -> list[TextRow]:
     rows = [TextRow(f"head-lr{lr:g}", Method("head"), lr) for lr in HEAD_LRS]
     for method in main_methods():  # the rows whose rate is their own (see rate_source)
-        if method.name != "head" and _headline(method) and rate_source(method) == method:
-            rows += [TextRow(f"{_label(method)}-lr{lr:g}", method, lr) for lr in LRS[method.name]]
+        if method.name != "head" and headline(method) and rate_source(method) == method:
+            grid = LRS[method.name]
+            rows += [TextRow(f"{row_label(method)}-lr{lr:g}", method, lr) for lr in grid]
     return rows
 
 
 def lever_rows() -> list[TextRow]:
-    rows = [TextRow(_label(method), method) for method in lever_methods()]
+    rows = [TextRow(row_label(method), method) for method in lever_methods()]
     row_mode = Method("mapnet", BUDGETS[0], "row")
     for change in TRAINING_LEVERS:
         tag = "-".join(f"{k}{v}" for k, v in change.items())
-        rows.append(TextRow(f"{_label(row_mode)}-{tag}", row_mode, **change))
+        rows.append(TextRow(f"{row_label(row_mode)}-{tag}", row_mode, **change))
     return rows
 
 
 def final_rows() -> list[TextRow]:
     rows = [
-        TextRow(f"{_label(m)}-s{seed}", m, None, seed) for seed in SEEDS for m in main_methods()
+        TextRow(f"{row_label(m)}-s{seed}", m, None, seed) for seed in SEEDS for m in main_methods()
     ]
-    return sorted(rows, key=lambda row: not _headline(row.method))  # stable: seeds stay in order
+    return sorted(rows, key=lambda row: not headline(row.method))  # stable: seeds stay in order
 
 
 STAGES: dict[str, Callable[[], list[TextRow]]] = {
@@ -203,7 +204,7 @@ def chosen_lr(method: Method, root: Path, stage: str = "select") -> float:
     grid = HEAD_LRS if method.name == "head" else LRS[method.name]
     scores = {}
     for lr in grid:
-        file = root / stage / f"{_label(method)}-lr{lr:g}.json"
+        file = root / stage / f"{row_label(method)}-lr{lr:g}.json"
         if not file.exists():
             raise ValueError(
                 f"{file} is missing: run `mapnet repro finetune-text --stages {stage}` first "
@@ -277,7 +278,7 @@ def run_row(stage: str, row: TextRow, root: Path, progress: bool = True) -> dict
     from mapnet_experiments.models.text import load_sentence_classifier
 
     lr = row.lr if row.lr is not None else chosen_lr(row.method, root)
-    chosen = root / "select" / f"{_label(row.method)}-lr{lr:g}.json"
+    chosen = root / "select" / f"{row_label(row.method)}-lr{lr:g}.json"
     if stage == "final" and row.seed == 0 and chosen.exists():  # select's run at this rate
         return json.loads(chosen.read_text()) | {"stage": stage, "reused": str(chosen)}
     data = tweet_data()
@@ -330,7 +331,7 @@ def run_row(stage: str, row: TextRow, root: Path, progress: bool = True) -> dict
         "stage": stage,
         "row": dataclasses.asdict(row) | {"lr": lr},
         "head_lr": head_rate,
-        "label": _label(row.method),
+        "label": row_label(row.method),
         "trainable_besides_head": besides_head,
         "head_parameters": head_numbers,
         "details": built.details,
