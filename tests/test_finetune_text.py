@@ -87,6 +87,19 @@ def test_mapnet_rows_modulate_the_linear_weights_only() -> None:
     assert built.details["generated_rows"] == [2 * (3 * 32 + 32 + 64 + 32)]
 
 
+def test_a_mapnet_row_on_the_last_layers_leaves_the_earlier_layers_alone() -> None:
+    torch.manual_seed(0)
+    built = build(tiny_classifier(), Method("mapnet", 48, "row", last_layers=1))
+    assert built.details["mapping"]["target_modules"] == ["encoder.encoder.layer.1"]
+    assert built.details["generated_rows"] == [3 * 32 + 32 + 64 + 32]  # one layer's rows
+    ids = torch.randint(0, 50, (2, 8))
+    built.model(ids, torch.ones_like(ids)).sum().backward()
+    (latent,) = built.model.parameter_groups()["latents"]
+    assert latent.grad is not None and latent.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="last_layers=0"):
+        Method("mapnet", 48, "row", last_layers=0)
+
+
 def fake_data(n: int = 64) -> dict[str, Batches]:
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 3, (n,), generator=generator)

@@ -123,6 +123,7 @@ class FinetuneMethod:
     group_size: int | str | None = None  # mapnet's L (None: not mapnet)
     fusion: str | None = None  # mapnet.projections.fused's mode (None: the default, "auto")
     default: bool = True  # measured unless --methods names others
+    last_layers: int | None = None  # text models: mapnet on the encoder's last k layers only
 
 
 FINETUNE_METHODS: tuple[FinetuneMethod, ...] = (
@@ -137,6 +138,13 @@ FINETUNE_METHODS: tuple[FinetuneMethod, ...] = (
     FinetuneMethod("mapnet-l1-eager", "mapnet L = 1, eager passes", 1, "eager", False),
     FinetuneMethod("mapnet-l250-eager", "mapnet L = 250, eager passes", 250, "eager", False),
     FinetuneMethod("mapnet-row", 'mapnet, group_size="row" (activation path)', "row"),
+    FinetuneMethod(
+        "mapnet-row-last2",
+        'mapnet, group_size="row", the last 2 layers (as LoRA)',
+        "row",
+        default=False,
+        last_layers=2,
+    ),
 )
 METHODS_BY_NAME = {m.name: m for m in FINETUNE_METHODS}
 
@@ -238,8 +246,10 @@ def _text_method(
     from mapnet_experiments.models.text_methods import Method, build
 
     if chosen.group_size is not None:
-        built = build(net, Method("mapnet", budget, chosen.group_size))
-        return built.model, {"count": f"latent d = {budget} over the encoder's Linear weights"}
+        built = build(net, Method("mapnet", budget, chosen.group_size,
+                                  last_layers=chosen.last_layers))  # fmt: skip
+        where = f"the last {chosen.last_layers} layers'" if chosen.last_layers else "the encoder's"
+        return built.model, {"count": f"latent d = {budget} over {where} Linear weights"}
     natural = chosen.name in ("head", "full", "bitfit", "ia3")
     built = build(net, Method(chosen.name, None if natural else budget))
     if "targets" in built.details:
@@ -384,7 +394,9 @@ def finetune_bench(
         print(f"{name}: skipped ({reason})", flush=True)
     for model in models:
         spec = FINETUNE_MODELS[model]
-        pairs = [(c, m.name) for c in counts for m in chosen if m.name not in skipped]
+        here = skipped | {m.name: "a transformer's last layers: text models only"
+                          for m in chosen if m.last_layers and spec.kind != "text"}  # fmt: skip
+        pairs = [(c, m.name) for c in counts for m in chosen if m.name not in here]
         runs: dict[tuple[int | None, str], list[dict[str, Any]]] = {p: [] for p in pairs}
         for round_index in range(spec.rounds):
             for count, method in harness.in_round_order(pairs, round_index):
@@ -406,7 +418,7 @@ def finetune_bench(
                 runs[(count, method)].append(result)
         for count in counts:
             done = {m.name: runs.get((count, m.name), []) for m in chosen}
-            data["rows"] += _summarise(model, count, chosen, done, skipped)
+            data["rows"] += _summarise(model, count, chosen, done, here)
     return harness.finish(data, out, started)
 
 

@@ -11,7 +11,8 @@ itself. The text study trains them; `mapnet bench finetune` times the same build
               regenerates W), the rank and the layers closest to the budget
     ia3       peft IA3 with its BERT defaults (key, value, output.dense; its natural count)
     mapnet    θ = θ_pre ⊙ (1 + m), eq. 25, over the encoder: a group size L, or "row" (one
-              element per output row of every Linear weight: the activation path)
+              element per output row of every Linear weight: the activation path); or over
+              its last k layers only
     additive  θ = θ_pre + W z (intrinsic-dimension style, base="model", α = 0)
 
 The head trains directly in every row. `build` returns the model and what it is; `save` writes
@@ -51,6 +52,7 @@ class Method:
     group_size: int | str = 1
     selection: str = "linear-weights"  # mapnet: "linear-weights" or "encoder" (every tensor)
     within_tensors: bool = False  # mapnet, numeric L: groups restart at every tensor
+    last_layers: int | None = None  # mapnet: the encoder's last k layers only (None: all)
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
@@ -59,6 +61,8 @@ class Method:
             raise ValueError(f"method {self.name!r} needs a budget")
         if self.selection not in ("linear-weights", "encoder"):
             raise ValueError(f"unknown selection {self.selection!r}")
+        if self.last_layers is not None and (self.name != "mapnet" or self.last_layers < 1):
+            raise ValueError(f"last_layers={self.last_layers} needs a mapnet row and k >= 1")
 
 
 @dataclass
@@ -109,13 +113,13 @@ def build(classifier: nn.Module, method: Method, seed: int = 0) -> Built:
 # ---------------------------------------------------------------------------------- mapnet
 
 
-def mapping_config(method: Method, seed: int = 0) -> MappingConfig:
-    """The MappingConfig of a mapnet or additive row."""
+def mapping_config(
+    method: Method, seed: int = 0, modules: list[str] | None = None
+) -> MappingConfig:
+    """The MappingConfig of a mapnet or additive row, over `modules` (default: the encoder)."""
+    scope: dict[str, Any] = {"target_modules": modules or ["encoder"]}
     if method.selection == "linear-weights":
-        scope: dict[str, Any] = {"target_modules": ["encoder"], "target_types": ["Linear"],
-                                 "parameter_names": ["weight"]}  # fmt: skip
-    else:
-        scope = {"target_modules": ["encoder"]}
+        scope |= {"target_types": ["Linear"], "parameter_names": ["weight"]}
     assert method.budget is not None
     if method.name == "additive":
         return MappingConfig(latent_dim=method.budget, base="model", alpha=0.0,
@@ -126,7 +130,14 @@ def mapping_config(method: Method, seed: int = 0) -> MappingConfig:
 
 
 def _mapnet(classifier: nn.Module, method: Method, seed: int) -> Built:
-    config = mapping_config(method, seed)  # the seed draws W: the method's random part
+    modules = None
+    if method.last_layers is not None:  # where LoRA sits at ~2k: its backward stops there too
+        layers = [n for n, m in classifier.named_modules() if isinstance(m, nn.ModuleList)]
+        if not layers:
+            raise ValueError(f"last_layers={method.last_layers}: the model has no layer list")
+        blocks = [f"{layers[0]}.{i}" for i in range(len(classifier.get_submodule(layers[0])))]
+        modules = blocks[-method.last_layers :]
+    config = mapping_config(method, seed, modules)  # the seed draws W: the method's random part
     with warnings.catch_warnings():  # a group size leaving fewer elements than latent numbers
         warnings.filterwarnings("ignore", "latent larger than")
         mapped = mapnet.wrap(lambda: classifier, config)  # a factory: no second copy of θ_pre

@@ -50,6 +50,7 @@ def method_name(method: Method) -> str:
         name += ", " + (f"{group} (activation path)" if isinstance(group, str) else f"L = {group}")
         name += "" if method.selection == "linear-weights" else ", every tensor"
         name += ", groups inside tensors" if method.within_tensors else ""
+        name += f", last {method.last_layers} layers" if method.last_layers else ""
     return name
 
 

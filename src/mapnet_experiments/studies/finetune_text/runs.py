@@ -99,6 +99,8 @@ def row_label(method: Method) -> str:
             name += f"-{method.selection}"
         if method.within_tensors:
             name += "-within"
+        if method.last_layers is not None:
+            name += f"-last{method.last_layers}"
     if method.budget is not None:
         name += f"-{method.budget // 1024}k" if method.budget >= 1024 else f"-{method.budget}"
     return name
@@ -122,7 +124,8 @@ def main_methods() -> list[Method]:
 def lever_methods() -> list[Method]:
     """mapnet at ~2k, one change from the main rows each: every tensor of the encoder (its
     LayerNorms, biases and embeddings too) instead of the Linear weights, other group sizes,
-    groups that stay inside one tensor, and columns instead of rows."""
+    groups that stay inside one tensor, columns instead of rows, and rows of the last two
+    layers only (where LoRA sits at ~2k)."""
     budget = BUDGETS[0]
     return [
         Method("mapnet", budget, 1, "encoder"),
@@ -131,6 +134,7 @@ def lever_methods() -> list[Method]:
         Method("mapnet", budget, 250, within_tensors=True),
         Method("mapnet", budget, 4096),
         Method("mapnet", budget, "column"),
+        Method("mapnet", budget, "row", last_layers=2),
     ]
 
 
