@@ -311,3 +311,20 @@ def test_a_rows_seed_draws_mapnets_projection(method: Method) -> None:
 
     assert torch.equal(first_output(1), first_output(1))
     assert not torch.equal(first_output(0), first_output(1))
+
+
+def test_the_placement_sentence_is_computed_from_the_bench_and_the_lever(tmp_path: Path) -> None:
+    root = tmp_path / "finetune_text"
+    (tmp_path / "bench").mkdir(parents=True)
+    rows = [{"model": "minilm", "threads": 1, "method": name, "step_ms_median": ms}
+            for name, ms in (("lora", 600.0), ("mapnet-row", 1000.0),
+                             ("mapnet-row-last2", 660.0))]  # fmt: skip
+    command = "mapnet bench finetune --models minilm"
+    (tmp_path / "bench" / page.PLACEMENT).write_text(json.dumps({"rows": rows, "command": command}))
+    lever = {"val_accuracy": 70.5, "row": {"lr": 0.03}}
+    main = {"val_accuracy": 71.9}
+    (line,) = page._placement(root, {"mapnet-Lrow-last2-2k": lever},
+                              {"mapnet-Lrow-2k-lr0.03": main})  # fmt: skip
+    assert "takes 660 ms against LoRA's 600 ms (1.10×) and 1000 ms over every layer" in line
+    assert f"(`{command}`, 1 thread)" in line and "70.50, against 71.90" in line
+    assert page._placement(root, {}, {}) == []  # the lever not run yet: nothing said

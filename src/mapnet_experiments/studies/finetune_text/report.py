@@ -79,10 +79,14 @@ def _bench_name(method: Method) -> str | None:
     return method.name
 
 
-def _bench(root: Path) -> dict[str, dict[str, Any]]:
+PLACEMENT = "finetune-placement.json"  # mapnet bench finetune --out …: LoRA's placement timed
+PLACED_LEVER = Method("mapnet", BUDGETS[0], "row", last_layers=2)
+
+
+def _bench(root: Path, name: str = "finetune.json") -> dict[str, dict[str, Any]]:
     """`mapnet bench finetune`'s rows for the MiniLM-shaped encoder at 1 thread, by method, if
-    it has run (results/bench/finetune.json)."""
-    file = root.parent / "bench" / "finetune.json"
+    it has run (results/bench/<name>)."""
+    file = root.parent / "bench" / name
     if not file.exists():
         return {}
     data = json.loads(file.read_text())
@@ -122,7 +126,8 @@ def report(root: Path, out: Path, figures: bool = True) -> str:
             "the method's random parts). Trainable numbers are given besides the head's "
             f"{any_row['head_parameters']:,}, as the PEFT papers count.",
         ]
-    lines += ["", *_main_table(final, bench), *_targets(final, bench), *_choices(select),
+    lines += ["", *_main_table(final, bench), *_targets(final, bench),
+              *_placement(root, levers, select), *_choices(select),
               *_levers(levers, select)]  # fmt: skip
     figure = out.with_name("finetune-text.png")
     if final and (not figures or _figure(final, figure)):
@@ -255,6 +260,30 @@ def _targets(final: dict[str, dict[str, Any]], bench: dict[str, dict[str, Any]])
     if step:
         lines.append(f"- Cost: {step}")
     return lines
+
+
+def _placement(root: Path, levers: dict[str, Any], select: dict[str, Any]) -> list[str]:
+    """The row path placed where LoRA sits at ~2k (the last two layers): its step against
+    LoRA's and the row path's over every layer (results/bench/finetune-placement.json), and its
+    validation accuracy against that row's (the levers stage)."""
+    timed = _bench(root, PLACEMENT)
+    lever = levers.get(row_label(PLACED_LEVER))
+    if not {"lora", "mapnet-row", "mapnet-row-last2"} <= timed.keys() or lever is None:
+        return []
+    source = rate_source(PLACED_LEVER)
+    main = select.get(f"{row_label(source)}-lr{lever['row']['lr']:g}")
+    lora, row, placed = (timed[k]["step_ms_median"] for k in ("lora", "mapnet-row",
+                                                              "mapnet-row-last2"))  # fmt: skip
+    command = json.loads((root.parent / "bench" / PLACEMENT).read_text())["command"]
+    text = (
+        f"- Placed where LoRA sits (rows of the last two layers), a row-aligned step takes "
+        f"{placed:.0f} ms against LoRA's {lora:.0f} ms ({placed / lora:.2f}×) and {row:.0f} ms "
+        f"over every layer (`{command}`, 1 thread); its validation accuracy is "
+        f"{lever['val_accuracy']:.2f}"
+    )
+    if main is not None:
+        text += f", against {main['val_accuracy']:.2f} over every layer (seed 0)"
+    return [text + "."]
 
 
 def _step_against_lora(bench: dict[str, dict[str, Any]]) -> str | None:
