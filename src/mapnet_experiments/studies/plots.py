@@ -39,6 +39,12 @@ def accuracy_vs_budget(
     for (name, value), style in zip((baselines or {}).items(), ("--", ":", "-.")):
         ax.axhline(value, linestyle=style, linewidth=1, color="grey", label=name)
     ax.set_xscale("log")
+    # Plain numbers at 1, 2 and 5 × 10^k: matplotlib's own labels overlapped within a decade.
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=10)
