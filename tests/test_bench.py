@@ -524,14 +524,14 @@ def test_finetune_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert all(r["runs"][0]["compiled_kernels"] == 0 for r in done)
     placed = tmp_path / "results" / "finetune-placement-smoke.json"
     args = ["bench", "finetune", "--smoke", "--threads", "1", "--methods", "mapnet-row"]
-    assert main([*args, "mapnet-row-last2", "--out", str(placed)]) == 0
+    assert main([*args, "mapnet-row-last1", "--out", str(placed)]) == 0
     by = {(r["model"], r["method"]): r for r in json.loads(placed.read_text())["rows"]}
-    assert by[("tiny-cnn", "mapnet-row-last2")]["skipped"]  # a CNN has no transformer layers
-    assert "last 2 layers'" in by[("tiny-bert", "mapnet-row-last2")]["count"]
+    assert by[("tiny-cnn", "mapnet-row-last1")]["skipped"]  # a CNN has no transformer layers
+    assert "the last layer's" in by[("tiny-bert", "mapnet-row-last1")]["count"]
     assert (
-        by[("tiny-bert", "mapnet-row-last2")]["trainable"]
+        by[("tiny-bert", "mapnet-row-last1")]["trainable"]
         == by[("tiny-bert", "mapnet-row")]["trainable"]
-    )  # the same latent, placed elsewhere
+    )  # the same latent, placed elsewhere (which rows: test_finetune_text)
     assert rows[("tiny-cnn", "full")]["ratio_to_full"] == 1.0
     # Every target is judged from the rows (or says why it is not measured).
     targets = finetune_targets(data)

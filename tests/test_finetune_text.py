@@ -98,6 +98,8 @@ def test_a_mapnet_row_on_the_last_layers_leaves_the_earlier_layers_alone() -> No
     assert latent.grad is not None and latent.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="last_layers=0"):
         Method("mapnet", 48, "row", last_layers=0)
+    with pytest.raises(ValueError, match="last_layers=3: the encoder has 2 layers"):
+        build(tiny_classifier(), Method("mapnet", 48, "row", last_layers=3))
 
 
 def fake_data(n: int = 64) -> dict[str, Batches]:
@@ -318,12 +320,12 @@ def test_the_placement_sentence_is_computed_from_the_bench_and_the_lever(tmp_pat
     (tmp_path / "bench").mkdir(parents=True)
     rows = [{"model": "minilm", "threads": 1, "method": name, "step_ms_median": ms}
             for name, ms in (("lora", 600.0), ("mapnet-row", 1000.0),
-                             ("mapnet-row-last2", 660.0))]  # fmt: skip
+                             ("mapnet-row-last1", 660.0))]  # fmt: skip
     command = "mapnet bench finetune --models minilm"
     (tmp_path / "bench" / page.PLACEMENT).write_text(json.dumps({"rows": rows, "command": command}))
     lever = {"val_accuracy": 70.5, "row": {"lr": 0.03}}
     main = {"val_accuracy": 71.9}
-    (line,) = page._placement(root, {"mapnet-Lrow-last2-2k": lever},
+    (line,) = page._placement(root, {"mapnet-Lrow-last1-2k": lever},
                               {"mapnet-Lrow-2k-lr0.03": main})  # fmt: skip
     assert "takes 660 ms against LoRA's 600 ms (1.10×) and 1000 ms over every layer" in line
     assert f"(`{command}`, 1 thread)" in line and "70.50, against 71.90" in line

@@ -139,8 +139,15 @@ FINETUNE_METHODS: tuple[FinetuneMethod, ...] = (
     FinetuneMethod("mapnet-l250-eager", "mapnet L = 250, eager passes", 250, "eager", False),
     FinetuneMethod("mapnet-row", 'mapnet, group_size="row" (activation path)', "row"),
     FinetuneMethod(
+        "mapnet-row-last1",
+        'mapnet, group_size="row", the last layer (where LoRA sits at ~2k)',
+        "row",
+        default=False,
+        last_layers=1,
+    ),
+    FinetuneMethod(
         "mapnet-row-last2",
-        'mapnet, group_size="row", the last 2 layers (as LoRA)',
+        'mapnet, group_size="row", the last 2 layers',
         "row",
         default=False,
         last_layers=2,
@@ -248,7 +255,14 @@ def _text_method(
     if chosen.group_size is not None:
         built = build(net, Method("mapnet", budget, chosen.group_size,
                                   last_layers=chosen.last_layers))  # fmt: skip
-        where = f"the last {chosen.last_layers} layers'" if chosen.last_layers else "the encoder's"
+        last = chosen.last_layers
+        where = (
+            "the encoder's"
+            if not last
+            else "the last layer's"
+            if last == 1
+            else f"the last {last} layers'"
+        )
         return built.model, {"count": f"latent d = {budget} over {where} Linear weights"}
     natural = chosen.name in ("head", "full", "bitfit", "ia3")
     built = build(net, Method(chosen.name, None if natural else budget))

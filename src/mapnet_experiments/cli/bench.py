@@ -267,7 +267,8 @@ examples:
         metavar="METHOD",
         help="methods to measure (default: head bitfit full lora vera ia3 mapnet-l1 "
         "mapnet-l250 mapnet-row; also mapnet-l1-eager mapnet-l250-eager: mapnet with "
-        "MAPNET_FUSION=eager; mapnet-row-last2, minilm only: rows of the last 2 layers)",
+        "MAPNET_FUSION=eager; mapnet-row-last1, mapnet-row-last2, minilm only: rows of the "
+        "last 1 or 2 layers)",
     )
     q.add_argument(
         "--threads",

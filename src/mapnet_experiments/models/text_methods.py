@@ -131,11 +131,17 @@ def mapping_config(
 
 def _mapnet(classifier: nn.Module, method: Method, seed: int) -> Built:
     modules = None
-    if method.last_layers is not None:  # where LoRA sits at ~2k: its backward stops there too
-        layers = [n for n, m in classifier.named_modules() if isinstance(m, nn.ModuleList)]
-        if not layers:
-            raise ValueError(f"last_layers={method.last_layers}: the model has no layer list")
-        blocks = [f"{layers[0]}.{i}" for i in range(len(classifier.get_submodule(layers[0])))]
+    if method.last_layers is not None:  # LoRA's ~2k placement: its backward stops there too
+        lists = [n for n, m in classifier.named_modules() if isinstance(m, nn.ModuleList)]
+        blocks = (
+            [f"{lists[0]}.{i}" for i in range(len(classifier.get_submodule(lists[0])))]
+            if lists
+            else []
+        )
+        if not 1 <= method.last_layers <= len(blocks):
+            raise ValueError(
+                f"last_layers={method.last_layers}: the encoder has {len(blocks)} layers"
+            )
         modules = blocks[-method.last_layers :]
     config = mapping_config(method, seed, modules)  # the seed draws W: the method's random part
     with warnings.catch_warnings():  # a group size leaving fewer elements than latent numbers

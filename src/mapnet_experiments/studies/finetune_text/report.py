@@ -50,7 +50,8 @@ def method_name(method: Method) -> str:
         name += ", " + (f"{group} (activation path)" if isinstance(group, str) else f"L = {group}")
         name += "" if method.selection == "linear-weights" else ", every tensor"
         name += ", groups inside tensors" if method.within_tensors else ""
-        name += f", last {method.last_layers} layers" if method.last_layers else ""
+        last = method.last_layers
+        name += "" if not last else ", last layer" if last == 1 else f", last {last} layers"
     return name
 
 
@@ -80,7 +81,7 @@ def _bench_name(method: Method) -> str | None:
 
 
 PLACEMENT = "finetune-placement.json"  # mapnet bench finetune --out …: LoRA's placement timed
-PLACED_LEVER = Method("mapnet", BUDGETS[0], "row", last_layers=2)
+PLACED_LEVER = Method("mapnet", BUDGETS[0], "row", last_layers=1)  # LoRA at ~2k: layer 6
 
 
 def _bench(root: Path, name: str = "finetune.json") -> dict[str, dict[str, Any]]:
@@ -263,20 +264,21 @@ def _targets(final: dict[str, dict[str, Any]], bench: dict[str, dict[str, Any]])
 
 
 def _placement(root: Path, levers: dict[str, Any], select: dict[str, Any]) -> list[str]:
-    """The row path placed where LoRA sits at ~2k (the last two layers): its step against
+    """The row path placed where LoRA sits at ~2k (the last layer): its step against
     LoRA's and the row path's over every layer (results/bench/finetune-placement.json), and its
     validation accuracy against that row's (the levers stage)."""
     timed = _bench(root, PLACEMENT)
     lever = levers.get(row_label(PLACED_LEVER))
-    if not {"lora", "mapnet-row", "mapnet-row-last2"} <= timed.keys() or lever is None:
+    if not {"lora", "mapnet-row", "mapnet-row-last1"} <= timed.keys() or lever is None:
         return []
     source = rate_source(PLACED_LEVER)
     main = select.get(f"{row_label(source)}-lr{lever['row']['lr']:g}")
     lora, row, placed = (timed[k]["step_ms_median"] for k in ("lora", "mapnet-row",
-                                                              "mapnet-row-last2"))  # fmt: skip
+                                                              "mapnet-row-last1"))  # fmt: skip
     command = json.loads((root.parent / "bench" / PLACEMENT).read_text())["command"]
     text = (
-        f"- Placed where LoRA sits (rows of the last two layers), a row-aligned step takes "
+        f"- Placed where LoRA sits at ~2k (rows of the last layer; LoRA: its query and value), "
+        f"a row-aligned step takes "
         f"{placed:.0f} ms against LoRA's {lora:.0f} ms ({placed / lora:.2f}×) and {row:.0f} ms "
         f"over every layer (`{command}`, 1 thread); its validation accuracy is "
         f"{lever['val_accuracy']:.2f}"

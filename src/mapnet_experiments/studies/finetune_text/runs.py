@@ -124,8 +124,8 @@ def main_methods() -> list[Method]:
 def lever_methods() -> list[Method]:
     """mapnet at ~2k, one change from the main rows each: every tensor of the encoder (its
     LayerNorms, biases and embeddings too) instead of the Linear weights, other group sizes,
-    groups that stay inside one tensor, columns instead of rows, and rows of the last two
-    layers only (where LoRA sits at ~2k)."""
+    groups that stay inside one tensor, columns instead of rows, and rows of the last layer
+    only (where LoRA sits at ~2k: the last layer's query and value) or of the last two."""
     budget = BUDGETS[0]
     return [
         Method("mapnet", budget, 1, "encoder"),
@@ -134,6 +134,7 @@ def lever_methods() -> list[Method]:
         Method("mapnet", budget, 250, within_tensors=True),
         Method("mapnet", budget, 4096),
         Method("mapnet", budget, "column"),
+        Method("mapnet", budget, "row", last_layers=1),
         Method("mapnet", budget, "row", last_layers=2),
     ]
 
