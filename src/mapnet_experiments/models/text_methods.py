@@ -129,20 +129,19 @@ def mapping_config(
                          groups_within_tensors=method.within_tensors, **scope)  # fmt: skip
 
 
+def _last_blocks(classifier: nn.Module, count: int) -> list[str]:
+    """The names of the last `count` blocks of the encoder's layer list (its first ModuleList)."""
+    layers = next((n for n, m in classifier.named_modules() if isinstance(m, nn.ModuleList)), None)
+    size = 0 if layers is None else len(classifier.get_submodule(layers))
+    if not 1 <= count <= size:
+        raise ValueError(f"last_layers={count}: the encoder has {size} layers")
+    return [f"{layers}.{i}" for i in range(size - count, size)]
+
+
 def _mapnet(classifier: nn.Module, method: Method, seed: int) -> Built:
-    modules = None
-    if method.last_layers is not None:  # LoRA's ~2k placement: its backward stops there too
-        lists = [n for n, m in classifier.named_modules() if isinstance(m, nn.ModuleList)]
-        blocks = (
-            [f"{lists[0]}.{i}" for i in range(len(classifier.get_submodule(lists[0])))]
-            if lists
-            else []
-        )
-        if not 1 <= method.last_layers <= len(blocks):
-            raise ValueError(
-                f"last_layers={method.last_layers}: the encoder has {len(blocks)} layers"
-            )
-        modules = blocks[-method.last_layers :]
+    modules = None  # LoRA's ~2k placement (the last layer): its backward stops there too
+    if method.last_layers is not None:
+        modules = _last_blocks(classifier, method.last_layers)
     config = mapping_config(method, seed, modules)  # the seed draws W: the method's random part
     with warnings.catch_warnings():  # a group size leaving fewer elements than latent numbers
         warnings.filterwarnings("ignore", "latent larger than")

@@ -84,18 +84,24 @@ PLACEMENT = "finetune-placement.json"  # mapnet bench finetune --out …: LoRA's
 PLACED_LEVER = Method("mapnet", BUDGETS[0], "row", last_layers=1)  # LoRA at ~2k: layer 6
 
 
-def _bench(root: Path, name: str = "finetune.json") -> dict[str, dict[str, Any]]:
-    """`mapnet bench finetune`'s rows for the MiniLM-shaped encoder at 1 thread, by method, if
-    it has run (results/bench/<name>)."""
+def _bench_run(root: Path, name: str = "finetune.json") -> dict[str, Any]:
+    """A `mapnet bench finetune` results file (results/bench/<name>), or {} if it has not run."""
     file = root.parent / "bench" / name
-    if not file.exists():
-        return {}
-    data = json.loads(file.read_text())
+    return json.loads(file.read_text()) if file.exists() else {}
+
+
+def _minilm_rows(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A bench run's rows for the MiniLM-shaped encoder at 1 thread, by method."""
     return {
         row["method"]: row
-        for row in data.get("rows", [])
+        for row in run.get("rows", [])
         if row.get("model") == "minilm" and row.get("threads") == 1 and not row.get("skipped")
     }
+
+
+def _bench(root: Path) -> dict[str, dict[str, Any]]:
+    """`mapnet bench finetune`'s MiniLM rows at 1 thread, by method, if it has run."""
+    return _minilm_rows(_bench_run(root))
 
 
 def _kb(value: float) -> str:
@@ -246,15 +252,15 @@ def _targets(final: dict[str, dict[str, Any]], bench: dict[str, dict[str, Any]])
             f"{c.gap:+.2f} points, {c.verdict} "
             f"({c.spread:.2f}" + (", one seed: no spread yet)." if seeds < 2 else ").")
         )
-    means = {m: _mean_accuracy(runs) for m in main_methods() if (runs := _finals(final, m))}
-    ours = [a for m, a in means.items() if m.name in MAPNET_ROWS]
-    above = [(m, a) for m, a in means.items() if m.name not in MAPNET_ROWS and ours
-             and a > max(ours)]  # fmt: skip
+    ran = {m: runs for m in main_methods() if (runs := _finals(final, m))}
+    ours = [_mean_accuracy(runs) for m, runs in ran.items() if m.name in MAPNET_ROWS]
+    above = [(m, runs) for m, runs in ran.items() if m.name not in MAPNET_ROWS and ours
+             and _mean_accuracy(runs) > max(ours)]  # fmt: skip
     if above:
         named = "; ".join(
-            f"{method_name(m)} ({_finals(final, m)[0]['trainable_besides_head']:,} numbers, "
-            f"{a:.2f})"
-            for m, a in sorted(above, key=lambda item: -item[1])
+            f"{method_name(m)} ({runs[0]['trainable_besides_head']:,} numbers, "
+            f"{_mean_accuracy(runs):.2f})"
+            for m, runs in sorted(above, key=lambda item: -_mean_accuracy(item[1]))
         )
         lines.append(f"- Above every mapnet row (best {max(ours):.2f}), any count: {named}.")
     step = _step_against_lora(bench)
@@ -267,15 +273,15 @@ def _placement(root: Path, levers: dict[str, Any], select: dict[str, Any]) -> li
     """The row path placed where LoRA sits at ~2k (the last layer): its step against
     LoRA's and the row path's over every layer (results/bench/finetune-placement.json), and its
     validation accuracy against that row's (the levers stage)."""
-    timed = _bench(root, PLACEMENT)
+    run = _bench_run(root, PLACEMENT)
+    timed = _minilm_rows(run)
     lever = levers.get(row_label(PLACED_LEVER))
-    if not {"lora", "mapnet-row", "mapnet-row-last1"} <= timed.keys() or lever is None:
+    compared = ("lora", "mapnet-row", "mapnet-row-last1")
+    if not set(compared) <= timed.keys() or lever is None:
         return []
-    source = rate_source(PLACED_LEVER)
-    main = select.get(f"{row_label(source)}-lr{lever['row']['lr']:g}")
-    lora, row, placed = (timed[k]["step_ms_median"] for k in ("lora", "mapnet-row",
-                                                              "mapnet-row-last1"))  # fmt: skip
-    command = json.loads((root.parent / "bench" / PLACEMENT).read_text())["command"]
+    main = select.get(f"{row_label(rate_source(PLACED_LEVER))}-lr{lever['row']['lr']:g}")
+    lora, row, placed = (timed[name]["step_ms_median"] for name in compared)
+    command = run["command"]
     text = (
         f"- Placed where LoRA sits at ~2k (rows of the last layer; LoRA: its query and value), "
         f"a row-aligned step takes "
@@ -329,16 +335,15 @@ def facts(results: Path) -> Facts | None:
     bench = _bench(root)
     step = _step_against_lora(bench)
     if step:
-        row, lora = bench["mapnet-row"], bench["lora"]
+        row, lora = bench["mapnet-row"]["step_ms_median"], bench["lora"]["step_ms_median"]
         sentences.append(step[0].upper() + step[1:])
         picks.append(
             Pick(
                 "Fine-tuning step, MiniLM-shaped BERT, batch 32 × 48 tokens, 1 thread",
-                f'{row["step_ms_median"]:.0f} ms (group_size="row")',
-                f"{lora['step_ms_median']:.0f} ms (LoRA)",
-                f"{better(row['step_ms_median'], lora['step_ms_median'], higher_is_better=False)}"
-                f": {times(*sorted((row['step_ms_median'], lora['step_ms_median']), reverse=True))}"
-                " faster",
+                f'{row:.0f} ms (group_size="row")',
+                f"{lora:.0f} ms (LoRA)",
+                f"{better(row, lora, higher_is_better=False)}: "
+                f"{times(max(row, lora), min(row, lora))} faster",
             )
         )
     return Facts(
